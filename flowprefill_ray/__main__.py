@@ -1,0 +1,69 @@
+"""Command line: ``python -m flowprefill_ray <command>`` (also installed as ``flowprefill``).
+
+Commands:
+  demo           the main job: a local Ray cluster, the Serve app with the embedded default
+                 model, a short replay of a real trace with mixed SLO classes, a report and plots
+  preempt-demo   one long prefill preempted by an urgent short request, on one model in-process
+  bench          the full policy comparison on the live system (see docs/BENCHMARKS.md)
+  prepare-model  convert the embedded SmolLM2 checkpoint once (later runs reuse the cache)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import runpy
+import sys
+from pathlib import Path
+
+# Ray must listen on loopback only, and nothing may be fetched from a model hub. Set before any
+# command imports ray or transformers.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+_MODULE_COMMANDS = {
+    "demo": "flowprefill_ray.demos.serving",
+    "preempt-demo": "flowprefill_ray.demos.preemption",
+}
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _prepare_model(argv: list[str]) -> int:
+    from flowprefill_ray.model.checkpoints import default_checkpoint
+
+    print(default_checkpoint())
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    # The benchmark scripts live beside the package in the repository (they are not installed).
+    script = _REPO / "benchmarks" / "live_policies.py"
+    if not script.exists():
+        print(f"error: {script} not found; run `bench` from a source checkout", file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *argv]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "prepare-model":
+        return _prepare_model(rest)
+    if command == "bench":
+        return _bench(rest)
+    if command not in _MODULE_COMMANDS:
+        print(f"error: unknown command {command!r}\n{__doc__}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(_MODULE_COMMANDS[command])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
