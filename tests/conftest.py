@@ -13,7 +13,7 @@ except ImportError:  # pragma: no cover
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Ray binds every listener to 127.0.0.1 with this set (see docs/OPERATIONS.md, Networking).
+# Ray binds every listener to 127.0.0.1 with this set (see README.md, "Networking").
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # No hub downloads: every model in the tests is generated or shipped in a wheel.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
