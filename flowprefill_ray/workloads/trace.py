@@ -1,0 +1,147 @@
+"""A request trace: when requests arrive and how long their prompts and answers are.
+
+Every loader and generator in this package returns a ``Workload``; the simulator, the Ray
+runtime and the load generator all consume it. Arrival times are seconds from the start of
+the trace (the first request arrives at 0 unless a window was cut out of a longer trace).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flowprefill_ray.scheduling import Request, SLOConfig
+
+
+class TraceFormatError(ValueError):
+    """A trace file has a row that cannot be read; the message names the file and line."""
+
+    def __init__(self, path: str, line: int, problem: str) -> None:
+        super().__init__(f"{path}:{line}: {problem}")
+        self.path = path
+        self.line = line
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRecord:
+    """One request of a trace.
+
+    ``arrival_s``: seconds since the trace start. ``prompt_tokens``/``output_tokens``: token
+    counts. ``slo_class``: the TTFT SLO class name (``text``, ``image``, ...) or None when the
+    trace does not say (see ``slo_assignment``). ``hash_ids``: Mooncake-style prompt block
+    hashes when the trace has them (kept for replay; the simulator ignores them).
+    """
+
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    slo_class: str | None = None
+    hash_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Workload:
+    """An ordered, immutable sequence of ``TraceRecord`` (sorted by arrival).
+
+    Transformations (``scale_rate``, ``window``, ``head``, ``with_slo_classes``) return new
+    workloads; ``name`` records where it came from and what was done to it.
+    """
+
+    name: str
+    records: tuple[TraceRecord, ...]
+    skipped_rows: int = 0  # rows a loader dropped on purpose (e.g. failed requests)
+
+    def __post_init__(self) -> None:
+        records = tuple(self.records)
+        if any(b.arrival_s < a.arrival_s for a, b in zip(records, records[1:], strict=False)):
+            records = tuple(sorted(records, key=lambda r: r.arrival_s))
+        object.__setattr__(self, "records", records)
+
+    # ------------------------------------------------------------------ basic views
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[TraceRecord]:
+        return iter(self.records)
+
+    def __getitem__(self, index: int) -> TraceRecord:
+        return self.records[index]
+
+    @property
+    def duration_s(self) -> float:
+        """Seconds from the first to the last arrival (0 for fewer than two requests)."""
+        if len(self.records) < 2:
+            return 0.0
+        return self.records[-1].arrival_s - self.records[0].arrival_s
+
+    @property
+    def mean_rate_per_s(self) -> float:
+        """Average arrival rate in requests per second over the trace's span."""
+        if self.duration_s <= 0:
+            return 0.0
+        return (len(self.records) - 1) / self.duration_s
+
+    @property
+    def total_prompt_tokens(self) -> int:
+        return sum(r.prompt_tokens for r in self.records)
+
+    @property
+    def slo_classes(self) -> dict[str, int]:
+        """Request count per SLO class (``None`` counted under ``"unassigned"``)."""
+        counts: dict[str, int] = {}
+        for r in self.records:
+            key = r.slo_class if r.slo_class is not None else "unassigned"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    # ------------------------------------------------------------------ transformations
+
+    def scale_rate(self, scale: float) -> Workload:
+        """Compress inter-arrival gaps by ``scale``: scale 2 gives twice the arrival rate.
+
+        The first arrival stays where it is; every gap is divided by ``scale``. Lengths and
+        classes are unchanged, so the load rises without changing what is asked.
+        """
+        if not scale > 0:
+            raise ValueError(f"rate scale must be > 0, got {scale}")
+        if not self.records:
+            return self
+        t0 = self.records[0].arrival_s
+        scaled = tuple(replace(r, arrival_s=t0 + (r.arrival_s - t0) / scale) for r in self.records)
+        return Workload(f"{self.name}@x{scale:g}", scaled, self.skipped_rows)
+
+    def window(self, start_s: float, end_s: float, rebase: bool = True) -> Workload:
+        """Requests arriving in ``[start_s, end_s)`` seconds; with ``rebase`` the window's
+        start becomes time 0."""
+        if end_s <= start_s:
+            raise ValueError(f"empty window: end_s={end_s} <= start_s={start_s}")
+        shift = start_s if rebase else 0.0
+        kept = tuple(
+            replace(r, arrival_s=r.arrival_s - shift)
+            for r in self.records
+            if start_s <= r.arrival_s < end_s
+        )
+        return Workload(f"{self.name}[{start_s:g}s,{end_s:g}s)", kept, self.skipped_rows)
+
+    def head(self, n: int) -> Workload:
+        """The first ``n`` requests."""
+        if n < 0:
+            raise ValueError(f"head needs n >= 0, got {n}")
+        return Workload(f"{self.name}[:{n}]", self.records[:n], self.skipped_rows)
+
+    def with_slo_classes(self, classes: Sequence[str | None]) -> Workload:
+        """A copy whose records carry the given SLO classes (one per record, in order)."""
+        if len(classes) != len(self.records):
+            raise ValueError(f"got {len(classes)} SLO classes for {len(self.records)} requests")
+        recs = tuple(replace(r, slo_class=c) for r, c in zip(self.records, classes, strict=True))
+        return Workload(self.name, recs, self.skipped_rows)
+
+    def to_requests(self, slo_config: SLOConfig | None = None, id_prefix: str | None = None) -> list[Request]:
+        """Scheduling requests for this trace; see ``flowprefill_ray.workloads.requests``."""
+        from .requests import to_requests
+
+        return to_requests(self, slo_config=slo_config, id_prefix=id_prefix)
