@@ -1,0 +1,225 @@
+"""Decode path on small models: paged KV cache bookkeeping, sampling, batched decode and generate.
+
+The batched-decode checks compare against transformers' own greedy ``generate`` on the same
+random-weight tiny Llama, so they test the real forward, not a re-derivation of it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from flowprefill_ray.model.config import ModelConfig, RopeConfig
+from flowprefill_ray.model.errors import KVCacheFullError
+from flowprefill_ray.model.kv import KVCache
+from flowprefill_ray.model.paged_kv import PagedKVCache
+from flowprefill_ray.model.sampling import SamplingParams, sample, top_p_filter
+
+# ----------------------------------------------------------------------------- paged KV cache
+
+
+@pytest.fixture
+def small_config() -> ModelConfig:
+    return ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=4,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        rope=RopeConfig(),
+    )
+
+
+def _random_kv(config: ModelConfig, tokens: int, seed: int) -> KVCache:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (config.num_hidden_layers, tokens, config.num_key_value_heads, config.head_dim)
+    return KVCache(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+
+
+def test_added_kv_reads_back_exactly_across_block_boundaries(small_config):
+    cache = PagedKVCache(small_config, num_blocks=16, block_size=4)
+    kvs = {
+        name: _random_kv(small_config, n, seed)
+        for seed, (name, n) in enumerate([("a", 1), ("b", 4), ("c", 9), ("empty", 0)])
+    }
+    for name, kv in kvs.items():
+        cache.add(name, kv)
+    assert cache.used_blocks == 1 + 1 + 3 + 0
+    for name, kv in kvs.items():
+        back = cache.get_kv(name)
+        assert cache.seq_len(name) == kv.num_tokens
+        assert torch.equal(back.k, kv.k) and torch.equal(back.v, kv.v)
+
+
+def test_decode_slots_grow_a_block_only_when_the_last_one_is_full(small_config):
+    cache = PagedKVCache(small_config, num_blocks=8, block_size=4)
+    cache.add("three", _random_kv(small_config, 3, 0))
+    cache.add("four", _random_kv(small_config, 4, 1))
+    assert cache.used_blocks == 2
+    slots = cache.append_slots(["three", "four"])
+    # "three" fills its last slot (offset 3); "four" needs a second block (offset 0).
+    assert slots.offsets.tolist() == [3, 0]
+    assert slots.seq_lens.tolist() == [4, 5]
+    assert cache.used_blocks == 3
+    assert slots.block_tables.dtype == torch.int32 and slots.block_tables.shape == (2, 2)
+    assert slots.block_ids[1].item() == slots.block_tables[1, 1].item()
+    # Writing through the slots lands at the sequence's next position.
+    new_k = torch.full((2, 2, 4), 7.0)
+    for layer in range(small_config.num_hidden_layers):
+        cache.write(layer, slots, new_k, -new_k)
+    assert torch.all(cache.get_kv("four").k[:, 4] == 7.0)
+    assert torch.all(cache.get_kv("three").v[:, 3] == -7.0)
+
+
+def test_freeing_returns_every_block_after_many_cycles(small_config):
+    cache = PagedKVCache(small_config, num_blocks=10, block_size=4)
+    for round_ in range(5):
+        ids = [f"r{round_}s{i}" for i in range(3)]
+        for i, seq_id in enumerate(ids):
+            cache.add(seq_id, _random_kv(small_config, 2 + 3 * i, i))
+        for _ in range(6):
+            cache.append_slots(ids)
+        assert cache.usage > 0
+        freed = sum(cache.free(seq_id) for seq_id in ids)
+        assert freed == sum(cache.blocks_for(2 + 3 * i + 6) for i in range(3))
+        assert cache.used_blocks == 0 and cache.free_blocks == 10 and cache.usage == 0.0
+        assert cache.num_sequences == 0
+
+
+def test_full_cache_raises_with_numbers_and_changes_nothing(small_config):
+    cache = PagedKVCache(small_config, num_blocks=3, block_size=4)
+    cache.add("a", _random_kv(small_config, 4, 0))
+    cache.add("b", _random_kv(small_config, 8, 1))
+    assert cache.free_blocks == 0
+    with pytest.raises(KVCacheFullError, match=r"needs 1 block.*only 0 of 3 are free"):
+        cache.add("c", _random_kv(small_config, 1, 2))
+    assert "c" not in cache
+    # A decode step that needs new blocks for both sequences is refused as a whole.
+    with pytest.raises(KVCacheFullError) as info:
+        cache.append_slots(["a", "b"])
+    assert info.value.blocks_needed == 2 and info.value.free_blocks == 0
+    assert cache.seq_len("a") == 4 and cache.seq_len("b") == 8
+    assert cache.free("a") == 1 and cache.can_add(4) and not cache.can_add(5)
+
+
+def test_paged_cache_rejects_misuse_with_clear_errors(small_config):
+    cache = PagedKVCache(small_config, num_blocks=4, block_size=4)
+    cache.add("a", _random_kv(small_config, 2, 0))
+    with pytest.raises(ValueError, match="already in the KV cache"):
+        cache.add("a", _random_kv(small_config, 2, 0))
+    wrong = KVCache(torch.zeros(3, 2, 2, 4), torch.zeros(3, 2, 2, 4))
+    with pytest.raises(ValueError, match="layers=2"):
+        cache.add("b", wrong)
+    with pytest.raises(KeyError, match="'nope' is not in the KV cache"):
+        cache.free("nope")
+    with pytest.raises(ValueError, match="must not repeat"):
+        cache.append_slots(["a", "a"])
+
+
+def test_pool_size_matches_bytes_per_block(small_config):
+    cache = PagedKVCache(small_config, num_blocks=5, block_size=8, dtype=torch.float16)
+    per_block = PagedKVCache.bytes_per_block(small_config, 8, torch.float16)
+    assert cache.nbytes == 5 * per_block == 5 * 2 * 2 * 8 * 2 * 4 * 2
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def test_temperature_zero_is_argmax_for_every_row():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    tokens = sample(logits, [0.0] * 6, [0.3, 1.0, 0.5, 1.0, 0.9, 0.1])
+    assert torch.equal(tokens, logits.argmax(-1))
+
+
+def test_seeded_rows_are_reproducible_whatever_else_is_in_the_batch():
+    logits = torch.zeros(3, 1000)  # uniform: every draw is pure randomness
+
+    def draws(batch_rows: list[int], seed: int) -> list[int]:
+        out = []
+        gens = [torch.Generator().manual_seed(seed + r) for r in batch_rows]
+        for _ in range(5):
+            rows = logits[batch_rows]
+            out.append(sample(rows, [1.0] * len(batch_rows), [1.0] * len(batch_rows), gens))
+        return torch.stack(out)[:, 0].tolist()
+
+    alone = draws([0], seed=11)
+    in_batch = draws([0, 1, 2], seed=11)
+    assert alone == in_batch
+    assert draws([0], seed=12) != alone
+
+
+def test_sampled_frequencies_follow_the_tempered_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(3)
+    for _ in range(3000):
+        counts[sample(logits, [1.0], [1.0], [gen])[0]] += 1
+    assert torch.allclose(counts / counts.sum(), torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
+    # Temperature 2 flattens: p ~ sqrt(p) renormalised.
+    flat = torch.tensor([0.5, 0.3, 0.2]).sqrt()
+    flat /= flat.sum()
+    counts.zero_()
+    for _ in range(3000):
+        counts[sample(logits, [2.0], [1.0], [gen])[0]] += 1
+    assert torch.allclose(counts / counts.sum(), flat, atol=0.03)
+
+
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+    probs = torch.tensor([0.125, 0.5, 0.125, 0.25])  # exact in binary floating point
+    expected = torch.tensor([0.0, 2 / 3, 0.0, 1 / 3])
+    assert torch.allclose(top_p_filter(probs, 0.75), expected)
+    # Just above 0.75 one of the two 0.125 tokens joins the nucleus (ties: either one).
+    kept = top_p_filter(probs, 0.76)
+    assert (kept > 0).sum() == 3 and kept[1] > 0 and kept[3] > 0
+    assert math.isclose(kept.sum().item(), 1.0, rel_tol=1e-6)
+    assert top_p_filter(probs, 1.0) is probs
+    # A tiny top_p still keeps the most likely token.
+    assert top_p_filter(probs, 1e-6).tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_tiny_top_p_samples_the_argmax_even_when_hot():
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    tokens = sample(logits, [5.0] * 4, [1e-4] * 4, gens)
+    assert torch.equal(tokens, logits.argmax(-1))
+
+
+def test_sample_rejects_mismatched_batch_sizes():
+    with pytest.raises(ValueError, match="2 rows of logits but 1 temperatures"):
+        sample(torch.zeros(2, 5), [0.0], [1.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("temperature", float("nan"), "temperature"),
+        ("temperature", float("inf"), "temperature"),
+        ("temperature", -0.1, "greater than or equal to 0"),
+        ("top_p", 0.0, "greater than 0"),
+        ("top_p", 1.5, "less than or equal to 1"),
+        ("top_p", float("nan"), "top_p"),
+        ("max_tokens", 0, "greater than or equal to 1"),
+        ("stop", [""], "stop strings must not be empty"),
+        ("best_of", 2, "Extra inputs are not permitted"),
+    ],
+)
+def test_sampling_params_reject_invalid_values(field, value, message):
+    with pytest.raises(ValidationError, match=message) as info:
+        SamplingParams(**{field: value})
+    assert field in str(info.value)
+
+
+def test_sampling_params_accept_a_single_stop_string_and_seed():
+    params = SamplingParams(stop="\n\n", seed=3, temperature=0.0)
+    assert params.stop == ["\n\n"] and params.greedy
+    a, b = params.make_generator(), params.make_generator()
+    assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))
+    assert SamplingParams().make_generator() is None
