@@ -1,0 +1,173 @@
+"""``python -m loadgen``: replay a trace against an endpoint, or search its goodput.
+
+    python -m loadgen run --url http://127.0.0.1:8000 --model M --trace azure-conv \
+        --rate-scale 2 --max-requests 200 --duration 120 --out results/run1
+    python -m loadgen goodput --url ... --model M --trace azure-code --out results/goodput
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from flowprefill_ray.scheduling.slo import SLOConfig
+
+from .config import EndpointConfig, ReplayConfig
+
+
+def _common_args(parser: argparse.ArgumentParser) -> None:
+    end = parser.add_argument_group("endpoint")
+    end.add_argument(
+        "--url", required=True, help="base URL, e.g. http://127.0.0.1:8000 (with or without /v1)"
+    )
+    end.add_argument("--model", required=True, help="model name the server expects")
+    end.add_argument(
+        "--api",
+        choices=["completions", "chat"],
+        default="completions",
+        help="completions sends token-id prompts (exact lengths); chat sends text",
+    )
+    end.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding a Bearer key (unset: no key sent)",
+    )
+    end.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    end.add_argument("--no-slo", action="store_true", help="do not send slo_class / X-SLO-Class")
+    end.add_argument("--ignore-eos", action="store_true", help="send vLLM's ignore_eos extension")
+
+    rep = parser.add_argument_group("replay")
+    rep.add_argument(
+        "--trace", default="azure-conv", help="azure-conv, azure-code or a normalized CSV path"
+    )
+    rep.add_argument("--start", type=float, default=0.0, help="skip the trace's first seconds")
+    rep.add_argument("--rate-scale", type=float, default=1.0, help="arrival-rate multiplier")
+    rep.add_argument("--prompt-scale", type=float, default=1.0, help="prompt-length multiplier")
+    rep.add_argument("--max-prompt-tokens", type=int, default=None)
+    rep.add_argument("--max-output-tokens", type=int, default=None)
+    rep.add_argument("--max-requests", type=int, default=1000)
+    rep.add_argument(
+        "--duration", type=float, default=600.0, help="seconds during which requests are sent"
+    )
+    rep.add_argument(
+        "--drain", type=float, default=60.0, help="seconds in-flight requests get after --duration"
+    )
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument(
+        "--token-id-range",
+        type=int,
+        nargs=2,
+        default=(16, 256),
+        metavar=("LOW", "HIGH"),
+        help="prompt token ids are drawn from [LOW, HIGH)",
+    )
+    rep.add_argument(
+        "--slo-scale",
+        type=float,
+        default=1.0,
+        help="multiplies the TTFT targets of the four classes (text 0.25 s, image 0.5 s, "
+        "search 4 s, file 6 s)",
+    )
+    parser.add_argument("--out", default="results/loadgen", help="output directory")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadgen",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _common_args(sub.add_parser("run", help="replay a trace once"))
+    goodput = sub.add_parser("goodput", help="bisect the rate scale for >= target TTFT attainment")
+    _common_args(goodput)
+    goodput.add_argument("--target", type=float, default=0.9, help="attainment to hold (0..1)")
+    goodput.add_argument("--low", type=float, default=0.25, help="first rate scale tried")
+    goodput.add_argument("--high", type=float, default=8.0, help="upper bound of the bracket")
+    goodput.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.1,
+        help="stop when the bracket is this narrow (relative)",
+    )
+    return parser
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[EndpointConfig, ReplayConfig, SLOConfig]:
+    """Validate the CLI's values into the three configs (pydantic errors name the field)."""
+    endpoint = EndpointConfig(
+        base_url=args.url,
+        model=args.model,
+        api=args.api,
+        api_key=os.environ.get(args.api_key_env) or None,
+        request_timeout_s=args.timeout,
+        send_slo=not args.no_slo,
+        ignore_eos=args.ignore_eos,
+    )
+    replay = ReplayConfig(
+        trace=args.trace,
+        start_s=args.start,
+        rate_scale=args.rate_scale,
+        prompt_scale=args.prompt_scale,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output_tokens=args.max_output_tokens,
+        max_requests=args.max_requests,
+        duration_s=args.duration,
+        drain_s=args.drain,
+        seed=args.seed,
+        token_id_low=args.token_id_range[0],
+        token_id_high=args.token_id_range[1],
+    )
+    return endpoint, replay, SLOConfig(scale=args.slo_scale)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .output import write_results
+    from .replay import replay_trace
+    from .summary import format_report
+
+    endpoint, replay, slo = configs_from_args(args)
+    result = asyncio.run(replay_trace(endpoint, replay, slo, progress=not args.no_progress))
+    paths = write_results(result, args.out, extra={"slo": slo.model_dump()})
+    from .summary import summarize
+
+    print(format_report(summarize(result)))
+    print(f"wrote {paths['json']} and {paths['csv']}")
+    return 0
+
+
+def _goodput(args: argparse.Namespace) -> int:
+    from .goodput import live_goodput_search
+
+    endpoint, replay, slo = configs_from_args(args)
+    report = live_goodput_search(
+        endpoint,
+        replay,
+        slo,
+        Path(args.out),
+        target=args.target,
+        low=args.low,
+        high=args.high,
+        tolerance=args.tolerance,
+        progress=not args.no_progress,
+    )
+    print(json.dumps({k: report[k] for k in ("goodput_rate_scale", "goodput_rps")}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        return _goodput(args)
+    except (ValidationError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

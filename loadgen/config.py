@@ -1,0 +1,102 @@
+"""What the load generator talks to and how hard it pushes: one pydantic model per concern.
+
+``EndpointConfig``: where the OpenAI-compatible server is and how to call it.
+``ReplayConfig``: which trace, how it is reshaped (rate scale, prompt scale) and the bounds of
+a run (request count, wall-clock duration). Both are validated once, at the CLI or API edge.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Built-in trace names the CLI accepts besides a file path, mapped to the shipped trace names
+# of ``flowprefill_ray.workloads.load_builtin``.
+BUILTIN_TRACE_ALIASES = {
+    "azure-conv": "azure_2023_conv",
+    "azure-code": "azure_2023_code",
+}
+
+
+class EndpointConfig(BaseModel):
+    """An OpenAI-compatible HTTP endpoint (ours, vLLM, SGLang...).
+
+    ``base_url``: scheme, host and port, with or without a trailing ``/v1``.
+    ``api``: ``completions`` sends the prompt as a list of token ids, so its length in tokens is
+    exact whatever the tokenizer; ``chat`` sends text and its token count is approximate.
+    ``api_key``: sent as ``Authorization: Bearer`` when set.
+    ``request_timeout_s``: seconds one request may take end to end before it counts as failed.
+    ``send_slo``: send the SLO class as the ``slo_class`` body field and ``X-SLO-Class`` header
+    (servers that do not know them ignore both).
+    ``ignore_eos``: ask the server to generate exactly ``max_tokens`` (vLLM's extension field;
+    others ignore it).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str
+    model: str
+    api: Literal["completions", "chat"] = "completions"
+    api_key: str | None = None
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    send_slo: bool = True
+    ignore_eos: bool = False
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {url!r}")
+        url = url.rstrip("/")
+        return url[: -len("/v1")] if url.endswith("/v1") else url
+
+    @property
+    def path(self) -> str:
+        return "/v1/completions" if self.api == "completions" else "/v1/chat/completions"
+
+
+class ReplayConfig(BaseModel):
+    """A trace replay.
+
+    ``trace``: ``azure-conv``, ``azure-code`` (the shipped Azure 2023 traces), or a path to a
+    normalized CSV (``arrival_s,input_tokens,output_tokens``).
+    ``start_s``: skip the trace's first seconds (a later slice of the day).
+    ``rate_scale``: arrival-gap compression (2 = twice the trace's request rate).
+    ``prompt_scale``: multiplies every prompt length (e.g. 0.1 to fit a CPU), then
+    ``min_prompt_tokens`` / ``max_prompt_tokens`` clamp it; ``max_output_tokens`` caps answers.
+    ``max_requests`` and ``duration_s``: the run sends at most that many requests and none
+    after ``duration_s`` seconds; in-flight requests then get ``drain_s`` more seconds before
+    they are cancelled and recorded as unfinished, so a run always ends by itself.
+    ``seed``: fixes the prompt token ids and the SLO classes given to a trace without classes.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    trace: str = "azure-conv"
+    start_s: float = Field(default=0.0, ge=0.0)
+    rate_scale: float = Field(default=1.0, gt=0)
+    prompt_scale: float = Field(default=1.0, gt=0)
+    min_prompt_tokens: int = Field(default=1, ge=1)
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    max_requests: int = Field(default=1000, ge=1)
+    duration_s: float = Field(default=600.0, gt=0)
+    drain_s: float = Field(default=60.0, ge=0)
+    seed: int = 0
+    # Token ids are drawn from this half-open range: high enough to skip the special tokens
+    # most vocabularies put first, low enough to exist in small test vocabularies.
+    token_id_low: int = Field(default=16, ge=0)
+    token_id_high: int = Field(default=256, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent_bounds(self) -> ReplayConfig:
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < self.min_prompt_tokens:
+            raise ValueError(
+                f"max_prompt_tokens ({self.max_prompt_tokens}) < min_prompt_tokens "
+                f"({self.min_prompt_tokens})"
+            )
+        if self.token_id_high <= self.token_id_low:
+            raise ValueError(f"token id range [{self.token_id_low}, {self.token_id_high}) is empty")
+        return self

@@ -1,0 +1,359 @@
+"""The load generator against a real local HTTP server that streams like an OpenAI endpoint.
+
+The server (FastAPI + uvicorn on 127.0.0.1, a free port) answers /v1/completions with SSE
+chunks. Its timing is known: the first token comes after ``PREFILL_S_PER_TOKEN`` seconds per
+prompt token, then one token every ``ITL_S`` seconds, ``max_tokens`` tokens in all. Two model
+names change its behaviour: ``busy`` answers 429, ``endless`` streams until the client leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from flowprefill_ray.scheduling.slo import SLOConfig
+from loadgen import (
+    EndpointConfig,
+    PlannedRequest,
+    ReplayConfig,
+    run_open_loop,
+    summarize,
+    write_results,
+)
+from loadgen.cli import main as loadgen_main
+from loadgen.client import sse_payloads
+from loadgen.plan import load_trace_workload, plan_requests, ttft_targets
+from loadgen.summary import percentile
+
+PREFILL_S_PER_TOKEN = 0.002
+ITL_S = 0.02
+
+
+class StreamingServer:
+    """What the fake endpoint saw: (perf_counter arrival, prompt tokens, slo_class field,
+    X-SLO-Class header) per request."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[tuple[float, int, str | None, str | None]] = []
+        self.lock = threading.Lock()
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            body = await request.json()
+            with self.lock:
+                self.arrivals.append(
+                    (
+                        time.perf_counter(),
+                        len(body["prompt"]),
+                        body.get("slo_class"),
+                        request.headers.get("x-slo-class"),
+                    )
+                )
+            if body["model"] == "busy":
+                return JSONResponse(
+                    {
+                        "error": {
+                            "message": "overloaded",
+                            "type": "rate_limit",
+                            "param": None,
+                            "code": 429,
+                        }
+                    },
+                    status_code=429,
+                )
+            n_tokens = body["max_tokens"]
+            endless = body["model"] == "endless"
+
+            async def stream():
+                await asyncio.sleep(PREFILL_S_PER_TOKEN * len(body["prompt"]))
+                i = 0
+                while endless or i < n_tokens:
+                    if i:
+                        await asyncio.sleep(ITL_S)
+                    chunk = {
+                        "object": "text_completion",
+                        "choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}],
+                    }
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                    i += 1
+                # The usage-only last chunk, with our server's scheduling extension.
+                tail = {
+                    "choices": [],
+                    "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": n_tokens},
+                    "flowprefill": {"preemptions": 1, "queue_s": 0.005},
+                }
+                yield ": a comment line clients must skip\n\n"
+                yield f"data: {json.dumps(tail)}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        return app
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    fake = StreamingServer()
+    port = _free_port()
+    config = uvicorn.Config(
+        fake.app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+    )
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not uv.started:
+        assert time.monotonic() < deadline, "local SSE server did not start"
+        time.sleep(0.02)
+    fake.url = f"http://127.0.0.1:{port}"
+    yield fake
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+def _plan(*specs: tuple[float, int, int, str, float]) -> list[PlannedRequest]:
+    return [
+        PlannedRequest(f"r{i}", send_at, prompt, out, cls, slo)
+        for i, (send_at, prompt, out, cls, slo) in enumerate(specs)
+    ]
+
+
+def _endpoint(server, model="fake", **kw) -> EndpointConfig:
+    return EndpointConfig(base_url=server.url + "/v1", model=model, **kw)
+
+
+def test_ttft_tpot_e2e_and_slo_verdicts_match_the_servers_known_timing(server):
+    # 50 tokens -> first token after 0.1 s (meets 0.25 s); 200 tokens -> 0.4 s (misses it).
+    plan = _plan(
+        (0.0, 50, 6, "text", 0.25), (0.0, 200, 6, "text", 0.25), (0.05, 50, 1, "file", 6.0)
+    )
+    result = asyncio.run(run_open_loop(_endpoint(server), ReplayConfig(), plan, progress=False))
+    fast, slow, single = result.records
+    assert [r.status for r in result.records] == ["ok", "ok", "ok"]
+    assert 0.1 <= fast.ttft_s < 0.2
+    assert 0.4 <= slow.ttft_s < 0.5
+    assert (fast.slo_met, slow.slo_met, single.slo_met) == (True, False, True)
+    assert fast.output_tokens == 6 and single.output_tokens == 1
+    assert ITL_S <= fast.tpot_s < ITL_S + 0.02
+    assert len(fast.itl_s) == 5 and min(fast.itl_s) >= ITL_S * 0.9
+    assert fast.e2e_s == pytest.approx(fast.ttft_s + 5 * fast.tpot_s)
+    assert single.tpot_s is None  # one token has no time per *further* token
+    # The server's extension fields reach the record.
+    assert fast.preemptions == 1 and fast.server["queue_s"] == 0.005
+
+    summary = summarize(result)
+    assert summary["overall"]["attainment"] == pytest.approx(2 / 3)
+    assert summary["per_class"]["text"]["attainment"] == pytest.approx(0.5)
+    assert summary["per_class"]["file"]["attainment"] == 1.0
+    assert summary["overall"]["preemptions"] == 3
+
+
+def test_requests_leave_on_schedule_even_while_earlier_ones_are_still_streaming(server):
+    # Each request streams for ~0.1 + 20 * 0.02 = 0.5 s; they are scheduled 0.1 s apart, so a
+    # closed-loop client would send the 5th at >= 2 s; open loop sends it at 0.4 s.
+    server.arrivals.clear()
+    plan = _plan(*[(0.1 * i, 50, 20, "text", 1.0) for i in range(5)])
+    result = asyncio.run(run_open_loop(_endpoint(server), ReplayConfig(), plan, progress=False))
+    assert all(r.status == "ok" for r in result.records)
+    arrivals = sorted(a[0] for a in server.arrivals)
+    assert len(arrivals) == 5
+    offsets = [t - arrivals[0] for t in arrivals]
+    for offset, planned in zip(offsets, plan, strict=True):
+        assert offset == pytest.approx(planned.send_at_s, abs=0.08)
+    assert max(r.send_lag_s for r in result.records) < 0.08
+    # They overlapped: the last was sent before the first finished.
+    first, last = result.records[0], result.records[-1]
+    assert last.sent_s < first.end_s
+
+
+def test_slo_class_travels_as_body_field_and_header(server):
+    server.arrivals.clear()
+    plan = _plan((0.0, 10, 1, "search", 4.0))
+    asyncio.run(run_open_loop(_endpoint(server), ReplayConfig(), plan, progress=False))
+    assert [(a[1], a[2], a[3]) for a in server.arrivals] == [(10, "search", "search")]
+
+
+def test_max_requests_and_duration_bound_what_is_sent(server):
+    plan = _plan(*[(0.05 * i, 10, 1, "text", 1.0) for i in range(10)])
+    # duration 0.22 s: only offsets 0, .05, .10, .15, .20 may go; max_requests cuts to 3.
+    result = asyncio.run(
+        run_open_loop(
+            _endpoint(server), ReplayConfig(duration_s=0.22, max_requests=3), plan, progress=False
+        )
+    )
+    assert [r.status for r in result.records] == ["ok"] * 3 + ["not_sent"] * 7
+    result = asyncio.run(
+        run_open_loop(_endpoint(server), ReplayConfig(duration_s=0.22), plan, progress=False)
+    )
+    assert sum(r.status == "ok" for r in result.records) == 5
+    assert summarize(result)["sent"] == 5
+
+
+def test_a_stream_that_never_ends_is_cut_at_duration_plus_drain(server):
+    plan = _plan((0.0, 10, 1, "text", 1.0))
+    start = time.perf_counter()
+    result = asyncio.run(
+        run_open_loop(
+            _endpoint(server, model="endless"),
+            ReplayConfig(duration_s=0.2, drain_s=0.5),
+            plan,
+            progress=False,
+        )
+    )
+    elapsed = time.perf_counter() - start
+    (record,) = result.records
+    assert record.status == "unfinished"
+    assert record.first_token_s is not None and record.slo_met  # its first token was on time
+    assert record.e2e_s is None and record.tpot_s is None  # but it never finished
+    assert 0.7 <= elapsed < 2.0
+
+
+def test_rejected_requests_count_as_slo_misses_with_the_servers_message(server):
+    plan = _plan((0.0, 10, 1, "text", 1.0), (0.0, 10, 1, "text", 1.0))
+    result = asyncio.run(
+        run_open_loop(_endpoint(server, model="busy"), ReplayConfig(), plan, progress=False)
+    )
+    assert {(r.status, r.http_status, r.error) for r in result.records} == {
+        ("http_error", 429, "overloaded")
+    }
+    summary = summarize(result)
+    assert summary["overall"]["attainment"] == 0.0
+    assert summary["overall"]["status"] == {"http_error": 2}
+
+
+def test_unreachable_endpoint_is_recorded_not_raised():
+    port = _free_port()  # nothing listens there
+    plan = _plan((0.0, 10, 1, "text", 1.0))
+    endpoint = EndpointConfig(base_url=f"http://127.0.0.1:{port}", model="m")
+    result = asyncio.run(run_open_loop(endpoint, ReplayConfig(), plan, progress=False))
+    assert result.records[0].status == "error" and "Connect" in result.records[0].error
+
+
+def test_sse_parser_skips_comments_stops_at_done_and_rejects_garbage():
+    async def collect(lines):
+        async def gen():
+            for line in lines:
+                yield line
+
+        return [p async for p in sse_payloads(gen())]
+
+    got = asyncio.run(
+        collect(
+            [
+                ": hi",
+                "",
+                'data: {"a": 1}',
+                "event: x",
+                'data:{"b":2}',
+                "data: [DONE]",
+                'data: {"c": 3}',
+            ]
+        )
+    )
+    assert got == [{"a": 1}, {"b": 2}]
+    with pytest.raises(ValueError, match="not JSON"):
+        asyncio.run(collect(["data: {broken"]))
+
+
+def test_plan_from_the_azure_trace_is_deterministic_scaled_and_classed():
+    workload = load_trace_workload("azure-code")
+    replay = ReplayConfig(
+        trace="azure-code", max_requests=50, rate_scale=2.0, prompt_scale=0.1, max_prompt_tokens=300
+    )
+    targets = ttft_targets(SLOConfig(scale=2.0))
+    plan = plan_requests(workload, replay, targets)
+    assert plan == plan_requests(workload, replay, targets)
+    assert len(plan) == 50
+    raw = workload.head(50)
+    # Rate scale 2 halves every gap.
+    assert plan[-1].send_at_s == pytest.approx((raw[49].arrival_s - raw[0].arrival_s) / 2)
+    assert all(1 <= p.prompt_tokens <= 300 for p in plan)
+    assert plan[0].prompt_tokens == min(300, -(-raw[0].prompt_tokens // 10))
+    assert {p.slo_class for p in plan} <= set(targets) and len({p.slo_class for p in plan}) > 1
+    assert all(p.ttft_slo_s == targets[p.slo_class] for p in plan)
+    assert targets["text"] == pytest.approx(0.5)
+
+
+def test_percentile_interpolates_linearly():
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([], 50) is None
+
+
+def test_cli_replays_a_csv_trace_and_writes_json_and_csv(server, tmp_path, capsys):
+    trace = tmp_path / "trace.csv"
+    trace.write_text(
+        "arrival_s,input_tokens,output_tokens\n0,40,3\n0.05,400,2\n0.1,30,2\n0.15,20,1\n"
+    )
+    out = tmp_path / "out"
+    rc = loadgen_main(
+        [
+            "run",
+            "--url",
+            server.url,
+            "--model",
+            "fake",
+            "--trace",
+            str(trace),
+            "--rate-scale",
+            "2",
+            "--max-requests",
+            "3",
+            "--duration",
+            "30",
+            "--slo-scale",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    document = json.loads((out / "results.json").read_text())
+    assert document["summary"]["sent"] == 3 and len(document["requests"]) == 3
+    assert document["replay"]["rate_scale"] == 2.0
+    sends = [r["scheduled_s"] for r in document["requests"]]
+    assert sends == pytest.approx([0.0, 0.025, 0.05])
+    with (out / "requests.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["prompt_tokens"]) for r in rows] == [40, 400, 30]
+    assert all(r["status"] == "ok" and float(r["ttft_s"]) > 0 for r in rows)
+    assert "ALL" in capsys.readouterr().out  # the printed report has its total line
+
+
+def test_cli_rejects_bad_values_with_a_clear_message(capsys):
+    rc = loadgen_main(["run", "--url", "ftp://x", "--model", "m", "--out", "/tmp/unused"])
+    assert rc == 2
+    assert "http://" in capsys.readouterr().err
+
+
+def test_results_files_carry_every_request(server, tmp_path):
+    plan = _plan((0.0, 10, 2, "text", 1.0), (10.0, 10, 2, "text", 1.0))
+    result = asyncio.run(
+        run_open_loop(
+            _endpoint(server), ReplayConfig(duration_s=1.0, drain_s=1.0), plan, progress=False
+        )
+    )
+    paths = write_results(result, tmp_path)
+    document = json.loads(paths["json"].read_text())
+    assert [r["status"] for r in document["requests"]] == ["ok", "not_sent"]
+    assert len(document["requests"][0]["token_times_s"]) == 2
+    assert "api_key" not in document["endpoint"]
