@@ -223,3 +223,187 @@ def test_sampling_params_accept_a_single_stop_string_and_seed():
     a, b = params.make_generator(), params.make_generator()
     assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))
     assert SamplingParams().make_generator() is None
+
+
+# ------------------------------------------------------------------- batched decode, tiny model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from flowprefill_ray.model.checkpoints import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny_decode"), num_layers=2, vocab=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    from flowprefill_ray.model import load_model
+
+    return load_model(tiny_dir, kernels="torch")
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+def _hf_greedy(hf_model, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' own greedy generate: new token ids and the logits of each step [N, V]."""
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, len(prompt) :].tolist()
+    assert len(tokens) == new_tokens, "transformers stopped early (EOS); pick other prompts"
+    return tokens, torch.cat(out.logits).float()
+
+
+PROMPTS = {
+    "short": [11, 12, 13, 14, 15],
+    "mid": list(range(40, 57)),
+    "long": [(7 * i + 3) % 500 + 3 for i in range(33)],
+}
+
+
+def test_batched_decode_of_separately_prefilled_sequences_matches_transformers(tiny_model, hf_tiny):
+    """Three prompts of different lengths are prefilled one by one, their KV handed to one
+    paged cache, and decoded greedily in one batch; 'long' joins two steps late, as in
+    continuous batching. Every token and every step's logits match transformers' generate."""
+    steps = 8
+    expected = {name: _hf_greedy(hf_tiny, p, steps + 1) for name, p in PROMPTS.items()}
+    cache = PagedKVCache(tiny_model.config, num_blocks=32, block_size=4)
+    produced: dict[str, list[int]] = {}
+    logits_seen: dict[str, list[torch.Tensor]] = {}
+
+    def admit(name: str) -> None:
+        result = tiny_model.prefill(PROMPTS[name])
+        cache.add(name, result.kv[0])
+        produced[name] = [int(result.last_logits[0].argmax())]
+        logits_seen[name] = [result.last_logits[0]]
+
+    admit("short")
+    admit("mid")
+    for step in range(steps + 2):
+        if step == 2:
+            admit("long")
+        running = [n for n in produced if len(produced[n]) < steps + 1]
+        if not running:
+            break
+        logits = tiny_model.decode_step(running, [produced[n][-1] for n in running], cache)
+        assert logits.shape == (len(running), tiny_model.config.vocab_size)
+        for row, name in enumerate(running):
+            produced[name].append(int(logits[row].argmax()))
+            logits_seen[name].append(logits[row])
+
+    for name, (hf_tokens, hf_logits) in expected.items():
+        assert produced[name] == hf_tokens, name
+        torch.testing.assert_close(torch.stack(logits_seen[name]), hf_logits, atol=1e-4, rtol=1e-4)
+        assert cache.seq_len(name) == len(PROMPTS[name]) + steps
+    for name in list(produced):
+        cache.free(name)
+    assert cache.used_blocks == 0 and cache.usage == 0.0
+
+
+def test_decode_with_triton_kernels_matches_torch_backend(tiny_dir, tiny_model):
+    """The same decode step through the Triton kernels (interpreter on CPU) gives the same
+    logits as the torch reference ops."""
+    from flowprefill_ray.model import load_model
+
+    triton_model = load_model(tiny_dir, kernels="triton")
+    caches = []
+    for model in (tiny_model, triton_model):
+        cache = PagedKVCache(model.config, num_blocks=8, block_size=4)
+        for name in ("short", "mid"):
+            cache.add(name, tiny_model.prefill(PROMPTS[name]).kv[0])
+        caches.append((model.decode_step(["short", "mid"], [3, 4], cache), cache))
+    (torch_logits, torch_cache), (triton_logits, triton_cache) = caches
+    torch.testing.assert_close(triton_logits, torch_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(triton_cache.get_kv("mid").k, torch_cache.get_kv("mid").k)
+
+
+def test_generate_matches_transformers_greedy_and_honours_max_tokens(tiny_model, hf_tiny):
+    from flowprefill_ray.model.generate import FinishReason, generate, generate_output
+
+    prompt = PROMPTS["mid"]
+    hf_tokens, _ = _hf_greedy(hf_tiny, prompt, 12)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    assert generate(tiny_model, prompt, params) == hf_tokens
+    assert tiny_model.generate(prompt, params) == hf_tokens
+    out = generate_output(tiny_model, prompt, params.model_copy(update={"max_tokens": 1}))
+    assert out.token_ids == hf_tokens[:1] and out.finish_reason is FinishReason.LENGTH
+
+
+def test_generate_stops_at_eos_without_emitting_it(tiny_model, hf_tiny):
+    import copy
+
+    from flowprefill_ray.model.generate import FinishReason, generate_output
+
+    prompt = PROMPTS["short"]
+    hf_tokens, _ = _hf_greedy(hf_tiny, prompt, 6)
+    # Declare the 4th greedy token to be EOS: generation must stop right before it.
+    model = copy.copy(tiny_model)
+    model.config = tiny_model.config.model_copy(update={"eos_token_id": [hf_tokens[3]]})
+    out = generate_output(model, prompt, SamplingParams(temperature=0.0, max_tokens=6))
+    assert out.finish_reason is FinishReason.STOP
+    assert out.token_ids == hf_tokens[: hf_tokens.index(hf_tokens[3])]
+
+
+def test_generate_cuts_the_text_at_a_stop_string(tiny_dir, tiny_model):
+    from flowprefill_ray.model import load_tokenizer
+    from flowprefill_ray.model.generate import FinishReason, generate_output
+
+    tokenizer = load_tokenizer(tiny_dir)
+    prompt = tokenizer.encode("The capital of France is")
+    free = generate_output(
+        tiny_model,
+        prompt,
+        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
+        tokenizer,
+    )
+    assert free.text and len(free.text) > 6
+    stop = free.text[4:6]
+    first = free.text.find(stop)
+    out = generate_output(
+        tiny_model,
+        prompt,
+        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop=[stop]),
+        tokenizer,
+    )
+    assert out.finish_reason is FinishReason.STOP
+    assert out.text == free.text[:first]
+    assert out.token_ids == free.token_ids[: len(out.token_ids)]
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        generate_output(tiny_model, prompt, SamplingParams(stop=["x"]))
+
+
+def test_seeded_generation_is_reproducible(tiny_model):
+    from flowprefill_ray.model.generate import generate
+
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=7, ignore_eos=True)
+    first = generate(tiny_model, PROMPTS["short"], params)
+    assert generate(tiny_model, PROMPTS["short"], params) == first
+    other = generate(tiny_model, PROMPTS["short"], params.model_copy(update={"seed": 8}))
+    assert other != first
+
+
+def test_decode_refuses_to_pass_the_context_length(tmp_path):
+    from flowprefill_ray.model import PromptTooLongError, load_model
+    from flowprefill_ray.model.checkpoints import tiny_checkpoint
+    from flowprefill_ray.model.generate import FinishReason, generate_output
+
+    model = load_model(tiny_checkpoint(tmp_path, max_position=8), kernels="torch")
+    out = generate_output(
+        model, [5, 6, 7, 8, 9], SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    )
+    # 5 prompt tokens + 3 new ones fill the 8 positions.
+    assert out.finish_reason is FinishReason.LENGTH and len(out.token_ids) == 3
+    cache = PagedKVCache(model.config, num_blocks=4, block_size=4)
+    cache.add("full", model.prefill(list(range(3, 11))).kv[0])
+    with pytest.raises(PromptTooLongError, match="max_position_embeddings=8"):
+        model.decode_step(["full"], [3], cache)
