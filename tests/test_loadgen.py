@@ -357,3 +357,38 @@ def test_results_files_carry_every_request(server, tmp_path):
     assert [r["status"] for r in document["requests"]] == ["ok", "not_sent"]
     assert len(document["requests"][0]["token_times_s"]) == 2
     assert "api_key" not in document["endpoint"]
+
+
+def test_busiest_window_finds_the_densest_sends():
+    from loadgen.record import RequestRecord
+
+    def rec(sent):
+        return RequestRecord("r", "text", 1.0, 1, 1, scheduled_s=sent, sent_s=sent)
+
+    records = [rec(t) for t in (0.0, 5.0, 5.2, 5.4, 5.9, 9.0)]
+    from loadgen.plots import busiest_window
+
+    assert busiest_window(records, 1.0) == (5.0, 6.0)
+
+
+def test_plots_render_from_a_real_replay(server, tmp_path):
+    from loadgen.plots import plot_attainment_vs_rate, plot_burst_timeline, plot_ttft_cdf
+
+    plan = _plan(
+        (0.0, 150, 3, "text", 0.25),
+        (0.02, 20, 3, "text", 0.25),
+        (0.04, 30, 2, "search", 4.0),
+        (0.06, 10, 2, "file", 6.0),
+    )
+    result = asyncio.run(run_open_loop(_endpoint(server), ReplayConfig(), plan, progress=False))
+    paths = [
+        plot_ttft_cdf(result.records, tmp_path / "cdf.png"),
+        plot_burst_timeline(result.records, tmp_path / "timeline.png", window_s=1.0),
+        plot_attainment_vs_rate(
+            {"flowprefill": [(1.0, 1.0), (2.0, 0.95)], "fcfs": [(1.0, 0.9), (2.0, 0.5)]},
+            tmp_path / "rate.png",
+        ),
+    ]
+    for path in paths:
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, path

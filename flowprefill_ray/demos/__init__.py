@@ -1,0 +1,1 @@
+"""Runnable demonstrations (``python -m flowprefill_ray <command>``); each module has ``main``."""

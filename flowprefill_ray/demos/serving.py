@@ -1,0 +1,197 @@
+"""The main job: FlowPrefill serving a real trace on a local Ray cluster, end to end.
+
+``python -m flowprefill_ray demo`` (or ``bash run.sh demo``):
+
+1. starts a local Ray cluster (127.0.0.1 only) and deploys the Serve app with the embedded
+   default model (SmolLM2-135M; ``--tiny`` uses the generated tiny model instead);
+2. replays a slice of the Azure 2023 conversation trace through the OpenAI-compatible HTTP
+   API with the open-loop load generator, each request carrying one of four SLO classes;
+3. prints TTFT p50/p99 and attainment per class, preemptions and a goodput estimate;
+4. writes ``results.json``, ``requests.csv``, ``ttft_cdf.png`` and ``burst_timeline.png`` to
+   the output directory (default ``out/demo``);
+5. shuts Serve and Ray down, also on Ctrl-C, SIGTERM or an error.
+
+Why the workload is reshaped. The trace was served by GPUs; on two CPU cores SmolLM2 prefills
+about 500 tokens per second, so the replay keeps the trace's arrival pattern and class mix but
+scales prompt lengths by ``--prompt-scale`` (default 0.1, capped at ``--max-prompt-tokens``),
+caps answers at ``--max-output-tokens`` (decode shares the same two cores), slows arrivals
+with ``--rate-scale`` and multiplies the paper's TTFT targets (text 0.25 s, image 0.5 s, search
+4 s, file 6 s) by ``--slo-scale``. The defaults put the prefill worker at roughly 70 %
+utilisation so that queues form in bursts: the regime where head-of-line blocking decides
+who meets the SLO. See docs/BENCHMARKS.md for the measured numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Before anything imports ray: every Ray listener on loopback, no model-hub downloads.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m flowprefill_ray demo",
+        description="Serve a real trace slice with FlowPrefill on a local Ray cluster and report.",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="the generated tiny model (tests, quick looks)"
+    )
+    parser.add_argument(
+        "--policy", default="flowprefill", choices=["flowprefill", "fcfs", "chunked", "edf"]
+    )
+    parser.add_argument("--out", default="out/demo", help="output directory")
+    parser.add_argument(
+        "--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default: a free one)"
+    )
+    parser.add_argument(
+        "--trace", default="azure-conv", help="azure-conv, azure-code or a normalized CSV"
+    )
+    parser.add_argument("--start", type=float, default=0.0, help="seconds of the trace to skip")
+    parser.add_argument("--requests", type=int, default=48, help="requests to replay")
+    parser.add_argument("--rate-scale", type=float, default=0.6, help="arrival-rate multiplier")
+    parser.add_argument("--prompt-scale", type=float, default=0.1, help="prompt-length multiplier")
+    parser.add_argument("--max-prompt-tokens", type=int, default=384)
+    parser.add_argument("--max-output-tokens", type=int, default=8)
+    parser.add_argument(
+        "--slo-scale", type=float, default=4.0, help="multiplies the four classes' TTFT targets"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=120.0, help="seconds during which requests are sent"
+    )
+    parser.add_argument("--prefill-workers", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def app_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The Serve app's args for the demo (validated by ``ServeAppArgs`` before deploying)."""
+    from flowprefill_ray.serve.config import ServeAppArgs
+
+    runtime = {
+        "model": {"path": "tiny" if args.tiny else "default"},
+        "placement": {
+            "num_prefill_workers": args.prefill_workers,
+            "num_decode_workers": 1,
+        },
+        "policy": {"name": args.policy},
+        "slo": {"scale": args.slo_scale},
+    }
+    return ServeAppArgs.model_validate({"runtime": runtime}).model_dump(mode="json")
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    # SIGTERM becomes an exception so the `with` blocks below shut Serve and Ray down.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def goodput_estimate(summary: dict[str, Any], target: float = 0.9) -> dict[str, Any]:
+    """What one run says about goodput (the highest rate with >= ``target`` TTFT attainment):
+    at or above the replayed rate if this run held the target, below it otherwise. The exact
+    value needs a rate search (``python -m loadgen goodput`` or ``bench``)."""
+    rate = summary["request_rate_rps"]
+    attainment = summary["overall"]["attainment"]
+    held = attainment is not None and attainment >= target
+    return {
+        "replayed_rate_rps": rate,
+        "attainment": attainment,
+        "slo_meeting_rps": summary["overall"]["goodput_rps"],
+        "goodput_bound": (">=" if held else "<") + (f" {rate:.2f} req/s" if rate else " (no rate)"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from flowprefill_ray.serve.config import ServeAppArgs
+    from loadgen import EndpointConfig, ReplayConfig, format_report, summarize, write_results
+    from loadgen.local_serve import LocalServe
+    from loadgen.plan import load_trace_workload, plan_requests, ttft_targets
+    from loadgen.plots import plot_burst_timeline, plot_ttft_cdf
+    from loadgen.runner import run_open_loop
+
+    deploy = app_args(args)
+    validated = ServeAppArgs.model_validate(deploy)
+    replay = ReplayConfig(
+        trace=args.trace,
+        start_s=args.start,
+        rate_scale=args.rate_scale,
+        prompt_scale=args.prompt_scale,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output_tokens=args.max_output_tokens,
+        max_requests=args.requests,
+        duration_s=args.duration,
+        drain_s=60.0,
+        seed=args.seed,
+    )
+    plan = plan_requests(
+        load_trace_workload(args.trace), replay, ttft_targets(validated.runtime.slo)
+    )
+    out = Path(args.out)
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    started = time.perf_counter()
+    try:
+        print(
+            f"[demo] starting Ray and deploying {validated.served_model_name()} "
+            f"(policy {args.policy}); first start converts the model, ~1 min",
+            flush=True,
+        )
+        with LocalServe(deploy, port=args.port) as live:
+            ready_s = time.perf_counter() - started
+            print(
+                f"[demo] serving at {live.url} after {ready_s:.0f} s; replaying {len(plan)} "
+                f"requests of {args.trace}",
+                flush=True,
+            )
+            endpoint = EndpointConfig(base_url=live.url, model=validated.served_model_name())
+            result = asyncio.run(
+                run_open_loop(endpoint, replay, plan, progress=not args.no_progress)
+            )
+    except KeyboardInterrupt:
+        print("[demo] interrupted; Serve and Ray were shut down", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    summary = summarize(result)
+    estimate = goodput_estimate(summary)
+    paths = write_results(result, out, extra={"deployment": deploy, "goodput_estimate": estimate})
+    plot_ttft_cdf(
+        result.records,
+        out / "ttft_cdf.png",
+        title=f"TTFT per SLO class, {args.policy}, {args.trace}",
+    )
+    plot_burst_timeline(result.records, out / "burst_timeline.png")
+    (out / "summary.json").write_text(
+        json.dumps({"summary": summary, "goodput_estimate": estimate}, indent=1)
+    )
+
+    print()
+    print(
+        f"FlowPrefill demo: {validated.served_model_name()}, policy {args.policy}, "
+        f"{args.trace} x{args.rate_scale:g} rate, prompts x{args.prompt_scale:g}, SLO x{args.slo_scale:g}"
+    )
+    print(format_report(summary))
+    print(
+        f"goodput estimate: {estimate['goodput_bound']} (DistServe: highest rate with >= 90 % "
+        f"TTFT attainment); {estimate['slo_meeting_rps'] or 0:.2f} SLO-meeting req/s at this rate"
+    )
+    print(
+        f"wrote {paths['json']}, {paths['csv']}, {out / 'ttft_cdf.png'}, {out / 'burst_timeline.png'} "
+        f"in {time.perf_counter() - started:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
