@@ -117,3 +117,18 @@ def test_tiny_checkpoint_is_deterministic(tmp_path):
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+
+
+def test_triton_kernels_in_the_model_match_the_torch_path(tmp_path_factory):
+    """The same forward through the Triton kernels (interpreted on CPU) and the torch ones."""
+    path = tiny_model_dir(tmp_path_factory, "qwen2_bias")
+    prompts = [p[:9] for p in _prompts(512)[:2]]
+    results = []
+    for backend in ("torch", "triton"):
+        state = load_model(path, kernels=backend).start_prefill(prompts)
+        state.run(lambda: False)
+        results.append(state.result())
+    reference, triton = results
+    torch.testing.assert_close(triton.last_logits, reference.last_logits, atol=1e-4, rtol=1e-4)
+    for a, b in zip(triton.kv, reference.kv, strict=True):
+        torch.testing.assert_close(a.k, b.k, atol=1e-4, rtol=1e-4)

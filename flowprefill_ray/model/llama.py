@@ -16,16 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from flowprefill_ray.kernels import KernelBackend, kernel_ops
+
 from .config import ModelConfig
 from .kv import KVCache
 from .prefill import Granularity, PrefillResult, PrefillState, SyncMode
 from .rope import cos_sin, inverse_frequencies
 from .weights import ModelWeights, load_weights
-
-try:
-    from flowprefill_ray.kernels import kernel_ops
-except ImportError:  # TEMPORARY until flowprefill_ray.kernels lands
-    from ._kernel_fallback import kernel_ops
 
 
 class LlamaModel:
@@ -38,7 +35,7 @@ class LlamaModel:
         weights: ModelWeights,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-        kernels: str = "auto",
+        kernels: KernelBackend | str = KernelBackend.AUTO,
     ) -> None:
         self.config = config
         self.weights = weights
@@ -190,7 +187,7 @@ def load_model(
     path: str | Path,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    kernels: str = "auto",
+    kernels: KernelBackend | str = KernelBackend.AUTO,
 ) -> LlamaModel:
     """Load a Hugging Face Llama / Mistral / Qwen2 safetensors checkpoint directory."""
     config = ModelConfig.from_pretrained(path)
