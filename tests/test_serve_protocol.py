@@ -1,0 +1,188 @@
+"""The HTTP front end's pure parts: request validation, error format, SSE, SLO selection,
+API key check and the body reader. The live-server behaviour is in test_serve_app.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from flowprefill_ray.serve.auth import APIKeyCheck
+from flowprefill_ray.serve.errors import APIError, from_validation_error
+from flowprefill_ray.serve.protocol import ChatCompletionRequest, CompletionRequest
+from flowprefill_ray.serve.request_body import read_json_object
+from flowprefill_ray.serve.slo_selection import RequestSLO, resolve_slo
+from flowprefill_ray.serve.sse import DONE, sse_event
+
+CLASSES = ("text", "image", "search", "file")
+
+
+def status_of(body: dict, model=CompletionRequest) -> int:
+    try:
+        model.model_validate(body)
+    except ValidationError as exc:
+        return from_validation_error(exc).status_code
+    return 200
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        ({"model": "m", "prompt": "hello"}, 200),
+        ({"model": "m", "prompt": [1, 2, 3]}, 200),
+        ({"model": "m", "prompt": ["one prompt"]}, 200),
+        ({"model": "m", "prompt": ""}, 400),
+        ({"model": "m", "prompt": []}, 400),
+        ({"model": "m", "prompt": ["a", "b"]}, 400),
+        ({"model": "m", "prompt": "x", "temperature": math.nan}, 400),
+        ({"model": "m", "prompt": "x", "temperature": -0.5}, 400),
+        ({"model": "m", "prompt": "x", "top_p": 0}, 400),
+        ({"model": "m", "prompt": "x", "n": 2}, 400),
+        ({"model": "m", "prompt": "x", "max_tokens": 0}, 400),
+        ({"model": "m", "prompt": "x", "ttft_slo_ms": -1}, 400),
+        ({"model": "m", "prompt": "x", "logprobs": 2}, 400),
+        ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400),
+        ({"model": "m", "prompt": "x", "max_tokens": "10"}, 422),
+        ({"model": "m", "prompt": "x", "stream": "yes"}, 422),
+        ({"model": "m", "prompt": 7}, 422),
+        ({"prompt": "x"}, 422),
+    ],
+)
+def test_completion_bodies_map_bad_values_to_400_and_bad_types_to_422(body, status):
+    assert status_of(body) == status
+
+
+def test_unknown_vendor_fields_are_ignored_but_unsupported_openai_ones_refused():
+    request = CompletionRequest.model_validate(
+        {"model": "m", "prompt": "x", "some_vendor_flag": True, "logprobs": None, "echo": False}
+    )
+    assert request.prompt == "x"
+    with pytest.raises(ValidationError, match="'echo' is not supported"):
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "echo": True})
+
+
+def test_chat_messages_flatten_text_parts_and_prefer_max_completion_tokens():
+    request = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                             {"type": "text", "text": "there"}]},
+            ],
+            "max_tokens": 5,
+            "max_completion_tokens": 9,
+        }
+    )
+    assert request.template_messages()[1] == {"role": "user", "content": "Hi there"}
+    assert request.requested_max_tokens == 9
+    assert status_of({"model": "m", "messages": []}, ChatCompletionRequest) == 400
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+    assert status_of({"model": "m", "messages": [image]}, ChatCompletionRequest) == 422
+
+
+def test_error_body_is_openai_shaped_and_retry_after_rounds_up():
+    error = APIError(429, "busy", code="rejected", retry_after_s=1.2)
+    assert error.body() == {
+        "error": {"message": "busy", "type": "rate_limit_error", "param": None, "code": "rejected"}
+    }
+    assert error.headers["Retry-After"] == "2"
+
+
+def test_validation_error_names_the_field():
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "temperature": -1})
+    error = from_validation_error(info.value)
+    assert error.param == "temperature" and "temperature" in error.message
+
+
+def test_sse_events_are_single_data_lines():
+    event = sse_event({"text": "a\nb"})
+    assert event.startswith("data: ") and event.endswith("\n\n")
+    assert event.count("\n") == 2  # the newline inside the text is escaped by JSON
+    assert json.loads(event[len("data: "):]) == {"text": "a\nb"}
+    assert DONE == "data: [DONE]\n\n"
+
+
+def test_slo_from_body_then_header_then_default():
+    assert resolve_slo(None, None, {}, CLASSES, "text") == RequestSLO("text")
+    assert resolve_slo(None, None, {"x-slo-class": "file"}, CLASSES, "text") == RequestSLO("file")
+    assert resolve_slo("image", None, {"x-slo-class": "file"}, CLASSES, "text").slo_class == "image"
+    explicit = resolve_slo(None, None, {"x-ttft-slo-ms": "150"}, CLASSES, "text")
+    assert explicit == RequestSLO("text", 0.15)
+    assert resolve_slo("search", 80.0, {}, CLASSES, "text") == RequestSLO("search", 0.08)
+
+
+@pytest.mark.parametrize(
+    "body_class, headers",
+    [("gold", {}), (None, {"x-slo-class": "gold"}), (None, {"x-ttft-slo-ms": "soon"}),
+     (None, {"x-ttft-slo-ms": "-5"}), (None, {"x-ttft-slo-ms": "nan"})],
+)
+def test_bad_slo_is_a_400_that_says_what_is_allowed(body_class, headers):
+    with pytest.raises(APIError) as info:
+        resolve_slo(body_class, None, headers, CLASSES, "text")
+    assert info.value.status_code == 400
+    if body_class or "x-slo-class" in headers:
+        assert "known classes: file, image, search, text" in info.value.message
+
+
+def test_api_key_check():
+    APIKeyCheck(None).check(None)  # no key configured: open
+    check = APIKeyCheck("s3cret")
+    check.check("Bearer s3cret")
+    for header in (None, "", "Bearer", "Basic s3cret", "Bearer s3cre", "Bearer s3cret2"):
+        with pytest.raises(APIError) as info:
+            check.check(header)
+        assert info.value.status_code == 401
+        assert info.value.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_api_key_env_must_be_set_when_named(monkeypatch):
+    monkeypatch.delenv("FLOWPREFILL_TEST_KEY", raising=False)
+    with pytest.raises(ValueError, match="FLOWPREFILL_TEST_KEY"):
+        APIKeyCheck.from_env("FLOWPREFILL_TEST_KEY")
+    monkeypatch.setenv("FLOWPREFILL_TEST_KEY", "k")
+    assert APIKeyCheck.from_env("FLOWPREFILL_TEST_KEY").enabled
+
+
+def read(chunks: list[bytes], content_length: str | None = None, limit: int = 1024) -> dict:
+    async def stream():
+        for chunk in chunks:
+            yield chunk
+
+    return asyncio.run(read_json_object(stream(), content_length, limit))
+
+
+def test_body_reader_limits_size_before_parsing():
+    assert read([b'{"a":', b" 1}"]) == {"a": 1}
+    consumed = []
+
+    async def endless():
+        while True:
+            consumed.append(1)
+            yield b"x" * 100
+
+    with pytest.raises(APIError) as info:
+        asyncio.run(read_json_object(endless(), None, 1024))
+    assert info.value.status_code == 413 and len(consumed) == 11  # stopped just past the limit
+    with pytest.raises(APIError) as info:
+        read([b"{}"], content_length=str(10 << 20))
+    assert info.value.status_code == 413
+
+
+@pytest.mark.parametrize(
+    "raw, status",
+    [(b'{"a": "\xff\xfe"}', 400), (b'{"a": ', 422), (b"[1, 2]", 422), (b"", 422)],
+)
+def test_body_reader_rejects_bad_bytes_and_bad_json(raw, status):
+    with pytest.raises(APIError) as info:
+        read([raw])
+    assert info.value.status_code == status
+
+
+def test_nan_literal_parses_so_range_checks_can_name_it():
+    body = read([b'{"model": "m", "prompt": "x", "temperature": NaN}'])
+    assert status_of(body) == 400
