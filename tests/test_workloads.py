@@ -221,3 +221,16 @@ def test_assignment_matches_the_mix_and_keeps_existing_classes():
     fixed = Workload("w", (TraceRecord(0.0, 10, 1, "file"), TraceRecord(1.0, 10, 1, None)))
     out = assign_slo_classes(fixed, SLOAssignmentConfig(mix={"text": 1.0}))
     assert [r.slo_class for r in out] == ["file", "text"]
+
+
+def test_to_requests_stamps_class_targets_from_the_slo_config():
+    from flowprefill_ray.scheduling.slo import SLOConfig
+
+    w = Workload("t", (TraceRecord(0.0, 100, 0, "text"), TraceRecord(1.5, 900, 7, None)))
+    reqs = w.to_requests(SLOConfig(scale=2.0))
+    assert [r.request_id for r in reqs] == ["t-0", "t-1"]
+    assert [r.slo_class for r in reqs] == ["text", "text"]  # unassigned -> default class
+    assert [r.ttft_slo_s for r in reqs] == [0.5, 0.5]
+    assert reqs[1].deadline_s == pytest.approx(2.0)
+    assert reqs[0].max_output_tokens == 1  # a 0-token answer still needs its first token
+    assert w.to_requests()[0].ttft_slo_s is None

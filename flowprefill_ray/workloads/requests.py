@@ -22,7 +22,7 @@ def to_requests(
     ``ttft_slo_s`` (seconds) is fixed from that config (its class targets times its scale);
     without it, the request carries only its class and the policy's own SLO config applies.
     """
-    from flowprefill_ray.scheduling import Request
+    from flowprefill_ray.scheduling.request import Request
 
     prefix = id_prefix if id_prefix is not None else workload.name
     requests = []
@@ -30,7 +30,7 @@ def to_requests(
         slo_class = record.slo_class or default_class
         extra = {}
         if slo_config is not None:
-            extra["ttft_slo_s"] = slo_config.ttft_slo_s(slo_class)
+            extra["ttft_slo_s"] = slo_config.resolve(slo_class).ttft_slo_s
         requests.append(
             Request(
                 request_id=f"{prefix}-{i}",

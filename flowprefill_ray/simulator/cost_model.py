@@ -1,0 +1,96 @@
+"""What a work unit costs on a prefill worker, block by block.
+
+A prefill forward runs ``overhead`` (launch, embedding, scheduling), then per layer an
+attention block and an MLP block, then a ``tail`` (final norm and logits of each sequence's
+last token). Checkpoints (where a preempted unit can stop) sit after blocks:
+
+- ``block``: after every attention block and every MLP block (the paper's default),
+- ``layer``: after every MLP block,
+- ``unit``: nowhere inside the unit (run to completion; what FCFS/DistServe do).
+
+Every layer of a decoder has the same shape, so one attention and one MLP cost per unit
+describe all layers. Times are seconds.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+Granularity = Literal["block", "layer", "unit"]
+
+
+@dataclass(frozen=True, slots=True)
+class ItemShape:
+    """One sequence's share of a unit: ``new_tokens`` computed now, attending to
+    ``context_tokens`` of KV computed earlier (previous chunks)."""
+
+    new_tokens: int
+    context_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UnitCost:
+    """Compute time of one unit, split at its possible checkpoints (seconds)."""
+
+    overhead_s: float
+    attention_s: float  # one layer's attention block
+    mlp_s: float  # one layer's MLP block
+    num_layers: int
+    tail_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.overhead_s + self.num_layers * (self.attention_s + self.mlp_s) + self.tail_s
+
+    def checkpoints(self, granularity: Granularity) -> list[float]:
+        """Elapsed compute times (s from the unit's start) at which it may stop, ascending;
+        the unit's end is not a checkpoint (stopping there is completing)."""
+        if granularity == "unit":
+            return []
+        times = []
+        t = self.overhead_s
+        for _ in range(self.num_layers):
+            t += self.attention_s
+            if granularity == "block":
+                times.append(t)
+            t += self.mlp_s
+            times.append(t)
+        total = self.total_s
+        # The last MLP block's checkpoint coincides with the end when tail_s is 0.
+        return [c for c in times if c < total]
+
+    def next_checkpoint(self, elapsed_s: float, granularity: Granularity) -> float | None:
+        """The first checkpoint at or after ``elapsed_s`` seconds of compute, or None when the
+        unit reaches its end first."""
+        points = self.checkpoints(granularity)
+        # A relative tolerance absorbs float error when elapsed_s was itself a checkpoint.
+        i = bisect.bisect_left(points, elapsed_s - 1e-12 * max(1.0, elapsed_s))
+        return points[i] if i < len(points) else None
+
+
+class CostModel(Protocol):
+    """Anything that prices a unit: the measured CPU profile or a GPU roofline."""
+
+    name: str
+    num_layers: int
+
+    def unit_cost(self, items: Sequence[ItemShape]) -> UnitCost:
+        """Cost of running these sequences together as one packed forward."""
+        ...
+
+
+def prefill_time_s(model: CostModel, tokens: int) -> float:
+    """Seconds to prefill one ``tokens``-long prompt as a single unit."""
+    return model.unit_cost([ItemShape(tokens)]).total_s
+
+
+def chunked_prefill_time_s(model: CostModel, tokens: int, chunk_tokens: int) -> float:
+    """Seconds to prefill one prompt in back-to-back chunks of ``chunk_tokens``; each chunk
+    pays its overhead and attends to all earlier chunks' KV."""
+    total = 0.0
+    for start in range(0, tokens, chunk_tokens):
+        total += model.unit_cost([ItemShape(min(chunk_tokens, tokens - start), start)]).total_s
+    return total
