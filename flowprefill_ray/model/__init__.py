@@ -12,11 +12,10 @@ from .errors import (
 )
 from .kv import KVCache
 from .llama import LlamaModel, load_model
+from .paged_kv import PagedKVCache
 from .prefill import Cursor, Granularity, PrefillResult, PrefillState
+from .sampling import SamplingParams, sample
 from .tokenizer import load_tokenizer
-
-# Decode-side exports (paged_kv.py, sampling.py, decode.py, generate.py) are added below once
-# those modules exist.
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -28,12 +27,15 @@ __all__ = [
     "ModelConfig",
     "ModelConfigError",
     "ModelError",
+    "PagedKVCache",
     "PrefillResult",
     "PrefillState",
     "PromptTooLongError",
+    "SamplingParams",
     "SyncMode",
     "UnsupportedArchitectureError",
     "WeightLoadError",
     "load_model",
     "load_tokenizer",
+    "sample",
 ]

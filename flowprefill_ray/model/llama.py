@@ -170,17 +170,19 @@ class LlamaModel:
 
     # ---- decode (implemented in decode.py / generate.py) -------------------------------------
 
-    def decode_step(self, seq_ids, last_tokens, cache):
-        """One new token per sequence over a `PagedKVCache`; see `decode.decode_step`."""
+    def decode_step(self, seq_ids, last_tokens, cache) -> torch.Tensor:
+        """One new token per sequence over a `PagedKVCache`; logits `[B, vocab]` fp32.
+        See `decode.decode_step`."""
         from .decode import decode_step
 
         return decode_step(self, seq_ids, last_tokens, cache)
 
-    def generate(self, token_ids, params):
-        """Single-process reference generation; see `generate.generate`."""
+    def generate(self, token_ids, params, tokenizer=None) -> list[int]:
+        """New token ids after prompt `token_ids` (single-process reference); see
+        `generate.generate` (`tokenizer` is needed only for stop strings)."""
         from .generate import generate
 
-        return generate(self, token_ids, params)
+        return generate(self, token_ids, params, tokenizer)
 
 
 def load_model(
