@@ -89,14 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     goodput = sub.add_parser("goodput", help="bisect the rate scale for >= target TTFT attainment")
     _common_args(goodput)
     goodput.add_argument("--target", type=float, default=0.9, help="attainment to hold (0..1)")
-    goodput.add_argument("--low", type=float, default=0.25, help="first rate scale tried")
-    goodput.add_argument("--high", type=float, default=8.0, help="upper bound of the bracket")
+    goodput.add_argument("--first-scale", type=float, default=1.0, help="first rate scale tried")
+    goodput.add_argument("--max-scale", type=float, default=64.0, help="highest rate scale tried")
     goodput.add_argument(
-        "--tolerance",
+        "--rel-tol",
         type=float,
-        default=0.1,
-        help="stop when the bracket is this narrow (relative)",
+        default=0.15,
+        help="stop when the bracket is this narrow, relative to its low end",
     )
+    goodput.add_argument("--max-trials", type=int, default=8, help="most replays the search runs")
     return parser
 
 
@@ -131,12 +132,11 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EndpointConfig, ReplayC
 def _run(args: argparse.Namespace) -> int:
     from .output import write_results
     from .replay import replay_trace
-    from .summary import format_report
+    from .summary import format_report, summarize
 
     endpoint, replay, slo = configs_from_args(args)
     result = asyncio.run(replay_trace(endpoint, replay, slo, progress=not args.no_progress))
     paths = write_results(result, args.out, extra={"slo": slo.model_dump()})
-    from .summary import summarize
 
     print(format_report(summarize(result)))
     print(f"wrote {paths['json']} and {paths['csv']}")
@@ -144,21 +144,27 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _goodput(args: argparse.Namespace) -> int:
+    from flowprefill_ray.simulator.goodput import GoodputSearchConfig
+
     from .goodput import live_goodput_search
 
     endpoint, replay, slo = configs_from_args(args)
-    report = live_goodput_search(
-        endpoint,
-        replay,
-        slo,
-        Path(args.out),
+    search = GoodputSearchConfig(
         target=args.target,
-        low=args.low,
-        high=args.high,
-        tolerance=args.tolerance,
-        progress=not args.no_progress,
+        start=args.first_scale,
+        rel_tol=args.rel_tol,
+        min_scale=min(0.01, args.first_scale),
+        max_scale=args.max_scale,
+        max_evaluations=args.max_trials,
+    )
+    report = live_goodput_search(
+        endpoint, replay, slo, Path(args.out), search=search, progress=not args.no_progress
     )
     print(json.dumps({k: report[k] for k in ("goodput_rate_scale", "goodput_rps")}, indent=1))
+    for point in report["points"]:
+        print(
+            f"x{point['rate_scale']:<8.4g} {point['rate_rps']:7.2f} req/s  attainment {point['attainment']:.1%}"
+        )
     return 0
 
 

@@ -3,7 +3,8 @@
 The server (FastAPI + uvicorn on 127.0.0.1, a free port) answers /v1/completions with SSE
 chunks. Its timing is known: the first token comes after ``PREFILL_S_PER_TOKEN`` seconds per
 prompt token, then one token every ``ITL_S`` seconds, ``max_tokens`` tokens in all. Two model
-names change its behaviour: ``busy`` answers 429, ``endless`` streams until the client leaves.
+names change its behaviour: ``busy`` answers 429, ``endless`` streams until the client leaves,
+``serial`` runs one prefill at a time (a queue forms when requests arrive faster than that).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class StreamingServer:
     def __init__(self) -> None:
         self.arrivals: list[tuple[float, int, str | None, str | None]] = []
         self.lock = threading.Lock()
+        self.prefill_lock: asyncio.Lock | None = None  # created on the server's event loop
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -77,7 +79,13 @@ class StreamingServer:
             endless = body["model"] == "endless"
 
             async def stream():
-                await asyncio.sleep(PREFILL_S_PER_TOKEN * len(body["prompt"]))
+                prefill_s = PREFILL_S_PER_TOKEN * len(body["prompt"])
+                if body["model"] == "serial":
+                    self.prefill_lock = self.prefill_lock or asyncio.Lock()
+                    async with self.prefill_lock:
+                        await asyncio.sleep(prefill_s)
+                else:
+                    await asyncio.sleep(prefill_s)
                 i = 0
                 while endless or i < n_tokens:
                     if i:
@@ -392,3 +400,42 @@ def test_plots_render_from_a_real_replay(server, tmp_path):
     for path in paths:
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, path
+
+
+def test_live_goodput_search_finds_where_a_serial_server_starts_missing(server, tmp_path):
+    from flowprefill_ray.scheduling.slo import SLOClass
+    from flowprefill_ray.simulator.goodput import GoodputSearchConfig
+    from loadgen.goodput import live_goodput_search
+
+    # 12 requests 0.1 s apart, each a 0.05 s prefill on a one-at-a-time server, all with a
+    # 0.15 s TTFT target. With gaps g < 0.05 s request k waits k * (0.05 - g): the 11th of
+    # 12 (90 %) meets 0.15 s while g >= 0.04 s, i.e. up to rate scale 2.5 (less HTTP overhead).
+    trace = tmp_path / "trace.csv"
+    trace.write_text(
+        "arrival_s,input_tokens,output_tokens\n"
+        + "".join(f"{0.1 * i:.1f},25,1\n" for i in range(12))
+    )
+    slo = SLOConfig(
+        classes=[
+            SLOClass(name=n, ttft_slo_s=0.15, tpot_slo_s=1.0)
+            for n in ("text", "image", "search", "file")
+        ]
+    )
+    report = live_goodput_search(
+        _endpoint(server, model="serial"),
+        ReplayConfig(trace=str(trace)),
+        slo,
+        tmp_path / "search",
+        search=GoodputSearchConfig(start=1.0, rel_tol=0.2, max_scale=16, max_evaluations=8),
+        cooldown_s=0.0,
+        progress=False,
+    )
+    assert 1.4 <= report["goodput_rate_scale"] <= 2.6
+    assert report["failing_rate_scale"] > report["goodput_rate_scale"]
+    assert report["goodput_rps"] == pytest.approx(10 * report["goodput_rate_scale"], rel=0.01)
+    attainments = {p["rate_scale"]: p["attainment"] for p in report["points"]}
+    assert attainments[1.0] == 1.0 and attainments[report["failing_rate_scale"]] < 0.9
+    assert (
+        json.loads((tmp_path / "search" / "goodput.json").read_text())["points"] == report["points"]
+    )
+    assert (tmp_path / "search" / "x1" / "results.json").exists()
