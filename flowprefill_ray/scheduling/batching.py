@@ -1,0 +1,60 @@
+"""SLO-aware batching (FLOWPREFILL.md): which waiting requests join a new head's unit.
+
+Batching is tried only when the head is new, has at most ``token_bound`` tokens and still has
+at least ``alpha x its TTFT SLO`` of time before its deadline. Waiting requests are then taken
+in priority order; a request joins when it has at most ``token_bound`` tokens, the batch total
+stays within ``token_bound`` and the worker has KV memory for the total. The scan stops before
+the first request whose addition would leave the head less than ``alpha x SLO`` of time:
+``(deadline_head - now) - predict(batch_tokens) < alpha * slo_head``. At most
+``batch_scan_limit`` requests are examined, so the work per event stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .config import PolicyConfig
+from .events import WorkItem
+from .predictor import TTFTPredictor
+from .queues import SlackQueue
+from .records import RequestRecord
+
+
+def form_slo_batch(
+    head: RequestRecord,
+    queue: SlackQueue,
+    predictor: TTFTPredictor,
+    config: PolicyConfig,
+    kv_admits: Callable[[int], bool],
+    now: float,
+) -> list[WorkItem]:
+    """Items of the unit headed by ``head`` (already popped from ``queue``); members are popped
+    from ``queue``, examined non-members are put back. ``kv_admits(tokens)`` says whether the
+    worker can hold a batch of ``tokens`` tokens."""
+    items = [WorkItem(head.request_id, head.prefilled_tokens, head.prompt_tokens)]
+    bound = config.token_bound
+    total = head.prompt_tokens - head.prefilled_tokens
+    time_left = head.deadline_s - now
+    margin = config.alpha * head.ttft_slo_s
+    if head.prefilled_tokens != 0 or total > bound or time_left < margin:
+        return items
+    examined: list[RequestRecord] = []
+    for _ in range(config.batch_scan_limit):
+        if total >= bound:
+            break
+        rec = queue.pop(now)
+        if rec is None:
+            break
+        examined.append(rec)
+        tokens = rec.prompt_tokens - rec.prefilled_tokens
+        new_total = total + tokens
+        if tokens > bound or new_total > bound or not kv_admits(new_total):
+            continue
+        if time_left - predictor.predict(new_total) < margin:
+            break
+        items.append(WorkItem(rec.request_id, rec.prefilled_tokens, rec.prompt_tokens))
+        examined.pop()
+        total = new_total
+    for rec in examined:
+        queue.push(rec, now)
+    return items

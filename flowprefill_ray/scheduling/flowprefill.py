@@ -1,0 +1,192 @@
+"""FlowPrefill: slack-aware preemptive scheduling across all prefill workers.
+
+On every event, with one ``now``: waiting requests and paused units are ranked by
+``priority = sign(slack) / deadline`` (see ``priority.py``). Then
+
+1. every idle worker gets the best thing it can run: a paused unit it holds (resumed in place)
+   or the best waiting request (started, with SLO-aware batching, see ``batching.py``);
+   new work goes preferably to an idle worker with no paused work of its own;
+2. if no worker is idle, the best waiting request may preempt the running unit that ranks
+   lowest, when it outranks it and the preemption buys something: the newcomer is feasible
+   and would otherwise miss its deadline (its slack is shorter than the time until a worker
+   frees up), or the victim keeps non-negative slack after waiting for the newcomer;
+3. a worker's own paused unit may preempt that worker's running unit by the same test (this
+   happens when the running unit turned late while the paused one can still make it).
+
+Preemption is asynchronous: the worker is PAUSING until ``UnitPaused`` (or
+``UnitCompleted``) arrives, and is then scheduled again. A long prompt is one unit
+``[0, n)``; the worker runs it as ``long_chunk_tokens`` chunks back to back.
+"""
+
+from __future__ import annotations
+
+from .batching import form_slo_batch
+from .config import PolicyConfig
+from .events import Decision
+from .policy import KVCheck, Policy
+from .predictor import TTFTPredictor
+from .priority import rank_key
+from .queues import SlackQueue
+from .records import RequestRecord, UnitRecord, WorkerRecord, WorkerState
+
+_IDLE = WorkerState.IDLE
+_RUNNING = WorkerState.RUNNING
+_PAUSING = WorkerState.PAUSING
+
+
+class FlowPrefillPolicy(Policy):
+    name = "flowprefill"
+
+    def __init__(
+        self, config: PolicyConfig, predictor: TTFTPredictor, kv_check: KVCheck | None = None
+    ) -> None:
+        super().__init__(config, predictor, kv_check)
+        self.queue = SlackQueue(predictor, config.rescore_threshold)
+
+    def _enqueue(self, rec: RequestRecord, now: float) -> None:
+        self.queue.push(rec, now)
+
+    # ------------------------------------------------------------------ ranking
+
+    def _unit_rank(self, u: UnitRecord, now: float) -> tuple[tuple[int, float], tuple[int, int]]:
+        return rank_key(self.unit_slack_s(u, now), u.deadline_s), u.tiebreak
+
+    @staticmethod
+    def _request_rank(
+        rec: RequestRecord, feasible: bool
+    ) -> tuple[tuple[int, float], tuple[int, int]]:
+        key = (0, rec.deadline_s) if feasible else (1, -rec.deadline_s)
+        return key, rec.tiebreak
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _schedule(self, now: float) -> list[Decision]:
+        out: list[Decision] = []
+        idle = [w for w in self.workers.values() if w.state is _IDLE]
+        if idle:
+            self._fill_idle(idle, now, out)
+        if not idle:  # every worker busy: see whether waiting or paused work should preempt
+            self._preempt_for_waiting(now, out)
+            self._preempt_for_paused(now, out)
+        return out
+
+    def _fill_idle(self, idle: list[WorkerRecord], now: float, out: list[Decision]) -> None:
+        """Give each idle worker its best paused unit or the best waiting request. ``idle``
+        is emptied of the workers that got work."""
+        while idle:
+            best_paused: UnitRecord | None = None
+            best_paused_rank = None
+            for w in idle:
+                for u in w.paused.values():
+                    r = self._unit_rank(u, now)
+                    if best_paused_rank is None or r < best_paused_rank:
+                        best_paused, best_paused_rank = u, r
+            top = self.queue.peek(now)
+            if best_paused is not None and (
+                top is None or best_paused_rank <= self._request_rank(*top)
+            ):
+                # Ties go to the paused unit: part of its work is already done.
+                worker = self.workers[best_paused.worker_id]
+                out.append(self._resume(best_paused, now))
+                idle.remove(worker)
+                continue
+            if top is None:
+                return
+            worker = self._worker_for_new_work(idle, now)
+            head = self.queue.pop(now)
+            assert head is not None
+            items = form_slo_batch(
+                head,
+                self.queue,
+                self.predictor,
+                self.config,
+                lambda tokens, wid=worker.worker_id: self._kv_admits(wid, tokens),
+                now,
+            )
+            out.append(self._start_unit(worker, items, now))
+            idle.remove(worker)
+
+    def _worker_for_new_work(self, idle: list[WorkerRecord], now: float) -> WorkerRecord:
+        """An idle worker with no paused work, else the one whose best paused unit ranks
+        lowest (it is the least likely to want its own worker back soon)."""
+        chosen, chosen_rank = None, None
+        for w in idle:
+            if not w.paused:
+                return w
+            best = min(self._unit_rank(u, now) for u in w.paused.values())
+            if chosen_rank is None or best > chosen_rank:
+                chosen, chosen_rank = w, best
+        assert chosen is not None
+        return chosen
+
+    def _preempt_for_waiting(self, now: float, out: list[Decision]) -> None:
+        running = [w for w in self.workers.values() if w.state is _RUNNING]
+        if not running:
+            return
+        # Victims, lowest-ranked first, with their slack and remaining compute.
+        victims = []
+        for w in running:
+            u = w.running
+            assert u is not None
+            victims.append(
+                (
+                    self._unit_rank(u, now),
+                    self.unit_slack_s(u, now),
+                    self.unit_remaining_s(u, now),
+                    w,
+                )
+            )
+        victims.sort(key=lambda v: v[0], reverse=True)
+        # The best `pausing` waiting requests are expected to take the workers already pausing.
+        skip = sum(1 for w in self.workers.values() if w.state is _PAUSING)
+        taken: list[RequestRecord] = []
+        while victims:
+            top = self.queue.peek(now)
+            if top is None:
+                break
+            rec, feasible = top
+            self.queue.pop(now)
+            taken.append(rec)
+            if skip:
+                skip -= 1
+                continue
+            if not feasible:
+                break  # a late newcomer cannot be saved by preempting anyone
+            challenger_slack = self.queue.slack_s(rec, now)
+            victim_rank, victim_slack, _, victim = victims[0]
+            if not self._request_rank(rec, True) < victim_rank:
+                break
+            # Until some running unit finishes, the newcomer cannot start without preemption.
+            soonest_free_s = min(v[2] for v in victims)
+            would_miss = challenger_slack < soonest_free_s
+            cost = self.predictor.predict(rec.prompt_tokens - rec.prefilled_tokens)
+            victim_keeps_slack = victim_slack - cost >= 0.0
+            if not (would_miss or victim_keeps_slack):
+                break  # a preemption would buy nothing: avoid thrashing
+            out.append(self._preempt(victim))
+            victims.pop(0)
+        for rec in taken:
+            self.queue.push(rec, now)
+
+    def _preempt_for_paused(self, now: float, out: list[Decision]) -> None:
+        for w in self.workers.values():
+            if w.state is not _RUNNING or not w.paused:
+                continue
+            running = w.running
+            assert running is not None
+            best = min(w.paused.values(), key=lambda u: self._unit_rank(u, now))
+            best_slack = self.unit_slack_s(best, now)
+            if best_slack < 0.0 or not self._unit_rank(best, now) < self._unit_rank(running, now):
+                continue
+            would_miss = best_slack < self.unit_remaining_s(running, now)
+            victim_keeps_slack = (
+                self.unit_slack_s(running, now) - self.unit_remaining_s(best, now) >= 0.0
+            )
+            if would_miss or victim_keeps_slack:
+                out.append(self._preempt(w))
+
+    # ------------------------------------------------------------------ introspection
+
+    def waiting_in_priority_order(self, now: float) -> list[str]:
+        """Request ids of all waiting requests in priority order at ``now`` (O(n log n))."""
+        return [rec.request_id for rec in self.queue.in_order(now)]

@@ -1,0 +1,28 @@
+"""Building a policy from its configuration."""
+
+from __future__ import annotations
+
+from .config import PolicyConfig
+from .edf import EDFPolicy
+from .fcfs import FCFSPolicy
+from .flowprefill import FlowPrefillPolicy
+from .policy import KVCheck, Policy
+from .predictor import TTFTPredictor
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (FlowPrefillPolicy, FCFSPolicy, EDFPolicy)
+}
+
+
+def make_policy(
+    config: PolicyConfig, predictor: TTFTPredictor, kv_check: KVCheck | None = None
+) -> Policy:
+    """A fresh policy named by ``config.name``. ``kv_check(worker_id, tokens)``, if given,
+    vetoes units a worker has no KV memory for."""
+    try:
+        cls = POLICIES[config.name]
+    except KeyError:
+        raise ValueError(
+            f"policy {config.name!r} is not available; available: {sorted(POLICIES)}"
+        ) from None
+    return cls(config, predictor, kv_check)

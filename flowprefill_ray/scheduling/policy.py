@@ -1,0 +1,405 @@
+"""The policy base class: event bookkeeping shared by every scheduling policy.
+
+A policy hears events (``events.py``) stamped with ``now`` (seconds) and answers with
+decisions. The base class keeps the state every policy needs - requests, workers, running and
+paused units - and applies the consequences of each event (a completed unit finishes its
+requests, a lost worker re-queues its requests, ...). A subclass only says how waiting work
+is queued (``_enqueue``) and what to do next (``_schedule``), using the ``_start_unit``,
+``_preempt``, ``_resume`` and ``_discard`` helpers so that the bookkeeping stays in one place.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .config import PolicyConfig
+from .events import (
+    Arrival,
+    Cancelled,
+    Decision,
+    Discard,
+    Event,
+    Preempt,
+    Reject,
+    Resume,
+    RunUnit,
+    UnitCompleted,
+    UnitPaused,
+    WorkerJoined,
+    WorkerLeft,
+    WorkItem,
+    WorkUnit,
+)
+from .predictor import TTFTPredictor
+from .priority import slack_s
+from .records import (
+    RequestRecord,
+    RequestView,
+    UnitRecord,
+    UnitState,
+    WorkerRecord,
+    WorkerState,
+)
+from .request import RequestStatus
+
+# (worker_id, batch tokens) -> whether the worker has KV memory for a unit of that size.
+KVCheck = Callable[[str, int], bool]
+
+_WAITING = RequestStatus.WAITING
+_RUNNING = RequestStatus.RUNNING
+_PAUSED = RequestStatus.PAUSED
+_FINISHED = RequestStatus.FINISHED
+_CANCELLED = RequestStatus.CANCELLED
+_REJECTED = RequestStatus.REJECTED
+
+
+class DuplicateRequestError(ValueError):
+    """An Arrival reused a request_id the policy already knows."""
+
+
+@dataclass(slots=True)
+class DecisionCounts:
+    events: int = 0  # on_event calls that produced at least one decision
+    decisions: int = 0  # decisions produced in all
+
+
+class Policy(ABC):
+    """Base of all policies. Decisions happen only in ``on_event``."""
+
+    name: ClassVar[str]
+
+    def __init__(
+        self,
+        config: PolicyConfig,
+        predictor: TTFTPredictor,
+        kv_check: KVCheck | None = None,
+    ) -> None:
+        self.config = config
+        self.predictor = predictor
+        self.kv_check = kv_check
+        self.requests: dict[str, RequestRecord] = {}
+        self.workers: dict[str, WorkerRecord] = {}
+        self.units: dict[int, UnitRecord] = {}  # running, pausing and paused units
+        self.decisions = DecisionCounts()
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "events",
+                "arrivals",
+                "units_started",
+                "preemptions",
+                "resumes",
+                "discards",
+                "rejects",
+                "requeued",
+                "stale_events",
+            ),
+            0,
+        )
+        self.blocking_s_total = 0.0  # sum of UnitPaused.blocking_s
+        self._next_unit_id = 1
+        self._next_order = 0
+        self._next_token = 1
+        self._handlers: dict[type, Callable[[Any, float, list[Decision]], None]] = {
+            Arrival: self._on_arrival,
+            UnitCompleted: self._on_unit_completed,
+            UnitPaused: self._on_unit_paused,
+            WorkerJoined: self._on_worker_joined,
+            WorkerLeft: self._on_worker_left,
+            Cancelled: self._on_cancelled,
+        }
+
+    # ------------------------------------------------------------------ subclass hooks
+
+    @abstractmethod
+    def _enqueue(self, rec: RequestRecord, now: float) -> None:
+        """Put a WAITING request (new or re-queued) into the policy's queue."""
+
+    @abstractmethod
+    def _schedule(self, now: float) -> list[Decision]:
+        """Decide what runs after the state has absorbed an event."""
+
+    # ------------------------------------------------------------------ entry point
+
+    def on_event(self, event: Event, now: float) -> list[Decision]:
+        """Absorb ``event`` (at time ``now``, seconds) and return the decisions it triggers."""
+        handler = self._handlers.get(type(event))
+        if handler is None:
+            raise TypeError(f"{type(event).__name__} is not a scheduling event")
+        self.counters["events"] += 1
+        out: list[Decision] = []
+        handler(event, now, out)
+        out.extend(self._schedule(now))
+        if out:
+            self.decisions.events += 1
+            self.decisions.decisions += len(out)
+        return out
+
+    # ------------------------------------------------------------------ event bookkeeping
+
+    def _on_arrival(self, event: Arrival, now: float, out: list[Decision]) -> None:
+        request = event.request
+        rid = request.request_id
+        if rid in self.requests:
+            raise DuplicateRequestError(f"request_id {rid!r} arrived twice")
+        ttft_slo = request.ttft_target_s
+        rec = RequestRecord(
+            request=request,
+            request_id=rid,
+            arrival_s=request.arrival_s,
+            deadline_s=request.arrival_s + ttft_slo,
+            ttft_slo_s=ttft_slo,
+            prompt_tokens=request.prompt_tokens,
+            tiebreak=(-request.priority, self._next_order),
+        )
+        self._next_order += 1
+        self.requests[rid] = rec
+        self.counters["arrivals"] += 1
+        if self.config.reject_infeasible:
+            predicted = self.predictor.predict(rec.prompt_tokens)
+            if slack_s(rec.deadline_s, now, predicted) < 0.0:
+                rec.status = _REJECTED
+                self.counters["rejects"] += 1
+                out.append(
+                    Reject(
+                        rid,
+                        reason=f"predicted prefill {predicted:.3f}s exceeds the time left "
+                        f"before its TTFT deadline ({rec.deadline_s - now:.3f}s)",
+                        retry_after_s=self.config.retry_after_s,
+                    )
+                )
+                return
+        self._enqueue(rec, now)
+
+    def _on_unit_completed(self, event: UnitCompleted, now: float, out: list[Decision]) -> None:
+        u = self.units.get(event.unit_id)
+        if u is None or u.worker_id != event.worker_id:
+            self.counters["stale_events"] += 1
+            return
+        del self.units[u.unit_id]
+        w = self.workers[u.worker_id]
+        if w.running is u:
+            w.running = None
+            w.state = WorkerState.IDLE
+        w.paused.pop(u.unit_id, None)
+        items = u.unit.items
+        if self.config.online_correction and all(item.start == 0 for item in items):
+            # Chunks that attend an earlier prefix cost more than their token count says.
+            self.predictor.observe(u.tokens, event.executed_s)
+        for item in items:
+            rec = self.requests[item.request_id]
+            rec.executed_s += event.executed_s * item.tokens / u.tokens
+            rec.prefilled_tokens = item.end
+            rec.unit_id = None
+            if rec.status is _CANCELLED:
+                w.partial.discard(rec.request_id)
+                rec.worker_id = None
+            elif item.end >= rec.prompt_tokens:
+                rec.status = _FINISHED
+                rec.worker_id = None
+                w.partial.discard(rec.request_id)
+            else:
+                rec.status = _PAUSED  # its KV so far waits on this worker for the next chunk
+                rec.worker_id = w.worker_id
+                w.partial.add(rec.request_id)
+
+    def _on_unit_paused(self, event: UnitPaused, now: float, out: list[Decision]) -> None:
+        u = self.units.get(event.unit_id)
+        if u is None or u.worker_id != event.worker_id or u.state is UnitState.PAUSED:
+            self.counters["stale_events"] += 1
+            return
+        w = self.workers[u.worker_id]
+        u.state = UnitState.PAUSED
+        u.executed_s = event.executed_s
+        self.blocking_s_total += event.blocking_s
+        if w.running is u:
+            w.running = None
+            w.state = WorkerState.IDLE
+        w.paused[u.unit_id] = u
+        live = False
+        for item in u.unit.items:
+            rec = self.requests[item.request_id]
+            if rec.status is _RUNNING:
+                rec.status = _PAUSED
+                live = True
+        if not live:  # everything in it was cancelled while it ran
+            out.append(self._discard(u))
+
+    def _on_worker_joined(self, event: WorkerJoined, now: float, out: list[Decision]) -> None:
+        if event.worker_id in self.workers:
+            self.counters["stale_events"] += 1
+            return
+        self.workers[event.worker_id] = WorkerRecord(event.worker_id)
+
+    def _on_worker_left(self, event: WorkerLeft, now: float, out: list[Decision]) -> None:
+        w = self.workers.pop(event.worker_id, None)
+        if w is None:
+            self.counters["stale_events"] += 1
+            return
+        lost = list(w.paused.values())
+        if w.running is not None:
+            lost.append(w.running)
+        rids: list[str] = [item.request_id for u in lost for item in u.unit.items]
+        rids.extend(w.partial)
+        for u in lost:
+            self.units.pop(u.unit_id, None)
+        for rid in rids:
+            rec = self.requests[rid]
+            if rec.status is _RUNNING or rec.status is _PAUSED:
+                # Its KV and activations died with the worker: start over, same deadline.
+                rec.status = _WAITING
+                rec.prefilled_tokens = 0
+                rec.executed_s = 0.0
+                rec.worker_id = None
+                rec.unit_id = None
+                self.counters["requeued"] += 1
+                self._enqueue(rec, now)
+
+    def _on_cancelled(self, event: Cancelled, now: float, out: list[Decision]) -> None:
+        rec = self.requests.get(event.request_id)
+        if rec is None or rec.status.is_terminal:
+            self.counters["stale_events"] += 1
+            return
+        previous = rec.status
+        rec.status = _CANCELLED
+        rec.queue_token = 0  # any queue entry is now stale
+        if previous is _PAUSED:
+            if rec.unit_id is not None:
+                u = self.units[rec.unit_id]
+                if all(self.requests[i.request_id].status.is_terminal for i in u.unit.items):
+                    out.append(self._discard(u))
+            elif rec.worker_id is not None and rec.worker_id in self.workers:
+                # A chunked request between chunks: the runtime frees its KV on the cancel.
+                self.workers[rec.worker_id].partial.discard(rec.request_id)
+            rec.worker_id = None
+        # A RUNNING request's unit runs on; its completion will not mark it finished.
+
+    # ------------------------------------------------------------------ decision helpers
+
+    def _start_unit(self, w: WorkerRecord, items: list[WorkItem], now: float) -> RunUnit:
+        """Start ``items`` as a new unit on idle worker ``w``."""
+        unit = WorkUnit(self._next_unit_id, w.worker_id, tuple(items))
+        self._next_unit_id += 1
+        head = None
+        for item in items:
+            rec = self.requests[item.request_id]
+            rec.status = _RUNNING
+            rec.worker_id = w.worker_id
+            rec.unit_id = unit.unit_id
+            rec.queue_token = 0
+            if head is None or (rec.deadline_s, rec.tiebreak) < (head.deadline_s, head.tiebreak):
+                head = rec
+        assert head is not None, "a unit needs at least one item"
+        u = UnitRecord(
+            unit=unit,
+            tokens=unit.tokens,
+            deadline_s=head.deadline_s,
+            ttft_slo_s=head.ttft_slo_s,
+            tiebreak=head.tiebreak,
+            started_at_s=now,
+        )
+        self.units[unit.unit_id] = u
+        w.running = u
+        w.state = WorkerState.RUNNING
+        self.counters["units_started"] += 1
+        return RunUnit(unit)
+
+    def _preempt(self, w: WorkerRecord) -> Preempt:
+        """Ask ``w`` to pause its running unit; ``w`` is PAUSING until it answers."""
+        u = w.running
+        assert u is not None and w.state is WorkerState.RUNNING
+        u.state = UnitState.PAUSING
+        w.state = WorkerState.PAUSING
+        self.counters["preemptions"] += 1
+        return Preempt(w.worker_id, u.unit_id)
+
+    def _resume(self, u: UnitRecord, now: float) -> Resume:
+        """Continue paused unit ``u`` on its (idle) worker."""
+        w = self.workers[u.worker_id]
+        assert w.state is WorkerState.IDLE and u.state is UnitState.PAUSED
+        del w.paused[u.unit_id]
+        u.state = UnitState.RUNNING
+        u.started_at_s = now
+        w.running = u
+        w.state = WorkerState.RUNNING
+        for item in u.unit.items:
+            rec = self.requests[item.request_id]
+            if rec.status is _PAUSED:
+                rec.status = _RUNNING
+        self.counters["resumes"] += 1
+        return Resume(w.worker_id, u.unit_id)
+
+    def _discard(self, u: UnitRecord) -> Discard:
+        """Drop paused unit ``u`` (all of its requests are terminal)."""
+        self.units.pop(u.unit_id, None)
+        w = self.workers.get(u.worker_id)
+        if w is not None:
+            w.paused.pop(u.unit_id, None)
+        self.counters["discards"] += 1
+        return Discard(u.worker_id, u.unit_id)
+
+    def _new_token(self) -> int:
+        token = self._next_token
+        self._next_token += 1
+        return token
+
+    def _kv_admits(self, worker_id: str, tokens: int) -> bool:
+        return self.kv_check is None or self.kv_check(worker_id, tokens)
+
+    # ------------------------------------------------------------------ unit timing
+
+    def unit_remaining_s(self, u: UnitRecord, now: float) -> float:
+        """Predicted compute seconds ``u`` still needs at ``now`` (>= 0)."""
+        remaining = self.predictor.predict(u.tokens) - u.executed_at(now)
+        return remaining if remaining > 0.0 else 0.0
+
+    def unit_slack_s(self, u: UnitRecord, now: float) -> float:
+        """Slack of ``u``'s most urgent request if ``u`` (re)started at ``now``, seconds."""
+        return slack_s(u.deadline_s, now, self.predictor.predict(u.tokens), u.executed_at(now))
+
+    # ------------------------------------------------------------------ views
+
+    def request_view(self, request_id: str) -> RequestView:
+        """Snapshot of one request; raises ``KeyError`` naming an unknown request."""
+        rec = self.requests.get(request_id)
+        if rec is None:
+            raise KeyError(f"policy {self.name!r} has no request {request_id!r}")
+        return RequestView(
+            request_id=rec.request_id,
+            status=rec.status,
+            deadline_s=rec.deadline_s,
+            executed_s=rec.executed_s,
+            prefilled_tokens=rec.prefilled_tokens,
+            worker_id=rec.worker_id,
+            unit_id=rec.unit_id,
+        )
+
+    def forget(self, request_id: str) -> None:
+        """Drop a terminal request's record (long-running services call this to bound memory).
+
+        Raises ``ValueError`` if the request is still live."""
+        rec = self.requests.get(request_id)
+        if rec is None:
+            return
+        if not rec.status.is_terminal:
+            raise ValueError(f"request {request_id!r} is {rec.status.value}, not finished")
+        del self.requests[request_id]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, request counts per status and worker states, for logs and metrics."""
+        by_status = dict.fromkeys((s.value for s in RequestStatus), 0)
+        for rec in self.requests.values():
+            by_status[rec.status.value] += 1
+        return {
+            "policy": self.name,
+            **self.counters,
+            "decision_events": self.decisions.events,
+            "decisions": self.decisions.decisions,
+            "blocking_s_total": self.blocking_s_total,
+            "requests": by_status,
+            "workers": {wid: w.state.value for wid, w in self.workers.items()},
+            "paused_units": sum(len(w.paused) for w in self.workers.values()),
+            "predictor_correction": self.predictor.correction,
+        }

@@ -1,0 +1,215 @@
+"""TTFT predictor: prompt tokens -> prefill seconds.
+
+Fitted offline from profile points (single prefills at various lengths): a cubic least-squares
+fit, points whose normalised residual ``|y - fit| / y`` exceeds ``outlier_threshold`` are
+dropped, and the cubic is refitted. The fit is tabulated for every token count in the profiled
+range so that ``predict`` is a list lookup (it runs for every request on every event).
+
+Beyond the profiled range the release's rule is used: a long prompt runs as full
+``chunk_tokens`` chunks back to back, so ``n = q * chunk + r`` costs
+``q * (pred(chunk) + chunk_overhead_s) + pred(r)``.
+
+Online correction (not in the release): ``observe(tokens, seconds)`` feeds measured prefill
+times; the ratio measured / predicted is smoothed with an EWMA and multiplies every prediction,
+bounded to ``[min_correction, max_correction]`` so one wild measurement cannot wreck the
+schedule.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+
+class PredictorConfig(BaseModel):
+    """How the predictor fits and corrects itself."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    outlier_threshold: PositiveFloat = Field(
+        0.4, description="drop profile points with |residual| / y above this, then refit"
+    )
+    chunk_tokens: PositiveInt = Field(
+        8192, description="chunk length used beyond the profiled range, tokens"
+    )
+    chunk_overhead_s: float = Field(
+        0.010, ge=0.0, description="per-chunk scheduling cost beyond the profiled range, s"
+    )
+    ewma_weight: float = Field(
+        0.1, ge=0.0, le=1.0, description="weight of the newest observed/predicted ratio"
+    )
+    min_correction: PositiveFloat = 0.25
+    max_correction: PositiveFloat = 4.0
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> PredictorConfig:
+        if not self.min_correction <= 1.0 <= self.max_correction:
+            raise ValueError(
+                "need min_correction <= 1 <= max_correction, got "
+                f"{self.min_correction} and {self.max_correction}"
+            )
+        return self
+
+
+class ProfilePoint(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tokens: PositiveInt
+    seconds: PositiveFloat
+
+
+class PredictorFile(BaseModel):
+    """What ``save`` writes: the fitted cubic and everything needed to rebuild the table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = Field("flowprefill-ttft-predictor/1", pattern=r"^flowprefill-ttft-predictor/1$")
+    coefficients: list[float] = Field(min_length=4, max_length=4)
+    max_tokens: PositiveInt
+    config: PredictorConfig
+    correction: PositiveFloat = 1.0
+    kept_points: list[ProfilePoint] = Field(default_factory=list)
+    dropped_points: list[ProfilePoint] = Field(default_factory=list)
+
+
+class TTFTPredictor:
+    """Predicts prefill time in seconds from a token count. Build with ``fit`` or ``load``."""
+
+    def __init__(
+        self,
+        coefficients: Iterable[float],
+        max_tokens: int,
+        config: PredictorConfig | None = None,
+        correction: float = 1.0,
+    ) -> None:
+        """``coefficients``: cubic, highest power first (numpy ``polyfit`` order), in seconds.
+        ``max_tokens``: upper end of the profiled range; the table covers ``0..max_tokens``."""
+        self.config = config or PredictorConfig()
+        self.coefficients = [float(c) for c in coefficients]
+        if len(self.coefficients) != 4:
+            raise ValueError(f"a cubic needs 4 coefficients, got {len(self.coefficients)}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.max_tokens = int(max_tokens)
+        cfg = self.config
+        self.correction = min(max(float(correction), cfg.min_correction), cfg.max_correction)
+        self.kept_points: list[tuple[int, float]] = []
+        self.dropped_points: list[tuple[int, float]] = []
+        self._table = self._tabulate()
+        chunk = cfg.chunk_tokens
+        # The chunk rule needs pred(chunk) even if the profile stopped short of it.
+        self._chunk_cost_s = (
+            self._cubic_at(chunk) if chunk > self.max_tokens else self._table[chunk]
+        )
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def fit(
+        cls, profile: Iterable[tuple[int, float]], config: PredictorConfig | None = None
+    ) -> TTFTPredictor:
+        """Fit from ``(tokens, seconds)`` profile points (at least 4 distinct token counts).
+
+        Raises ``ValueError`` for too few points or non-positive values.
+        """
+        cfg = config or PredictorConfig()
+        points = [ProfilePoint(tokens=t, seconds=s) for t, s in profile]
+        if len({p.tokens for p in points}) < 4:
+            raise ValueError(
+                f"a cubic fit needs at least 4 distinct token counts, got {len(points)} points"
+            )
+        x = np.array([p.tokens for p in points], dtype=np.float64)
+        y = np.array([p.seconds for p in points], dtype=np.float64)
+        coeffs = np.polyfit(x, y, 3)
+        keep = np.abs(y - np.polyval(coeffs, x)) / y <= cfg.outlier_threshold
+        if len(np.unique(x[keep])) >= 4 and not keep.all():
+            coeffs = np.polyfit(x[keep], y[keep], 3)
+        else:
+            keep = np.ones_like(keep)  # refitting on < 4 points is impossible: keep the first fit
+        predictor = cls(coeffs.tolist(), int(x.max()), cfg)
+        predictor.kept_points = [
+            (p.tokens, p.seconds) for p, k in zip(points, keep, strict=True) if k
+        ]
+        predictor.dropped_points = [
+            (p.tokens, p.seconds) for p, k in zip(points, keep, strict=True) if not k
+        ]
+        return predictor
+
+    def _cubic_at(self, tokens: int) -> float:
+        a, b, c, d = self.coefficients
+        return max(((a * tokens + b) * tokens + c) * tokens + d, 0.0)
+
+    def _tabulate(self) -> list[float]:
+        n = np.arange(self.max_tokens + 1, dtype=np.float64)
+        values = np.maximum(np.polyval(self.coefficients, n), 0.0)
+        # A cubic can dip between profile points; more tokens never take less time, and the
+        # scheduler's lazy queues rely on predictions not falling as a request shrinks.
+        values = np.maximum.accumulate(values)
+        values[0] = 0.0
+        return values.tolist()
+
+    # ------------------------------------------------------------------ predicting
+
+    def predict_uncorrected(self, tokens: int) -> float:
+        """The profile's prediction for a prefill of ``tokens`` tokens, seconds."""
+        if tokens <= self.max_tokens:
+            return self._table[tokens] if tokens > 0 else 0.0
+        full, rest = divmod(tokens, self.config.chunk_tokens)
+        # The remainder is shorter than a chunk; it can still exceed a profile that stopped
+        # below the chunk length, and then the cubic is extrapolated.
+        rest_s = self._table[rest] if rest <= self.max_tokens else self._cubic_at(rest)
+        return full * (self._chunk_cost_s + self.config.chunk_overhead_s) + rest_s
+
+    def predict(self, tokens: int) -> float:
+        """Predicted prefill time for ``tokens`` prompt tokens (one request or a batch's
+        total), seconds, including the online correction. O(1)."""
+        if 0 < tokens <= self.max_tokens:
+            return self._table[tokens] * self.correction
+        return self.predict_uncorrected(tokens) * self.correction
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """Feed one measured prefill (``tokens`` total, ``seconds`` of compute)."""
+        if tokens <= 0 or seconds <= 0.0:
+            return
+        base = self.predict_uncorrected(tokens)
+        if base <= 0.0:
+            return
+        cfg = self.config
+        w = cfg.ewma_weight
+        updated = (1.0 - w) * self.correction + w * (seconds / base)
+        self.correction = min(max(updated, cfg.min_correction), cfg.max_correction)
+
+    # ------------------------------------------------------------------ persistence
+
+    def to_file_model(self) -> PredictorFile:
+        return PredictorFile(
+            coefficients=self.coefficients,
+            max_tokens=self.max_tokens,
+            config=self.config,
+            correction=self.correction,
+            kept_points=[ProfilePoint(tokens=t, seconds=s) for t, s in self.kept_points],
+            dropped_points=[ProfilePoint(tokens=t, seconds=s) for t, s in self.dropped_points],
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write the predictor (fit, config, current correction) as JSON."""
+        Path(path).write_text(self.to_file_model().model_dump_json(indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TTFTPredictor:
+        """Read a predictor written by ``save``; raises ``pydantic.ValidationError`` naming the
+        bad field if the file is not one."""
+        data = PredictorFile.model_validate(json.loads(Path(path).read_text()))
+        predictor = cls(data.coefficients, data.max_tokens, data.config, data.correction)
+        predictor.kept_points = [(p.tokens, p.seconds) for p in data.kept_points]
+        predictor.dropped_points = [(p.tokens, p.seconds) for p in data.dropped_points]
+        return predictor
+
+    @classmethod
+    def linear(cls, seconds_per_token: float, max_tokens: int = 8192) -> TTFTPredictor:
+        """A predictor of ``seconds_per_token * tokens`` (for tests and simple simulations)."""
+        return cls([0.0, 0.0, seconds_per_token, 0.0], max_tokens)

@@ -1,0 +1,94 @@
+"""The light mutable records a policy keeps per request, per work unit and per worker.
+
+Plain slotted dataclasses rather than pydantic models: they are touched on every event and
+the scheduler must decide in microseconds with thousands of requests queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .events import WorkUnit
+from .request import Request, RequestStatus
+
+
+class UnitState(str, Enum):
+    RUNNING = "running"
+    PAUSING = "pausing"  # preempt sent, UnitPaused (or UnitCompleted) not yet heard
+    PAUSED = "paused"
+
+
+class WorkerState(str, Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    PAUSING = "pausing"
+
+
+@dataclass(slots=True, eq=False)
+class RequestRecord:
+    request: Request
+    request_id: str
+    arrival_s: float
+    deadline_s: float
+    ttft_slo_s: float
+    prompt_tokens: int
+    tiebreak: tuple[int, int]  # (-priority, arrival order): equal keys break on these
+    status: RequestStatus = RequestStatus.WAITING
+    prefilled_tokens: int = 0  # prompt tokens whose KV exists (chunked prefill)
+    executed_s: float = 0.0  # compute spent on it so far (its share of its units)
+    worker_id: str | None = None  # worker running it or holding its paused/partial state
+    unit_id: int | None = None  # running or paused unit containing it
+    queue_token: int = 0  # id of its live queue entry; 0 = not queued; older entries are stale
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.prompt_tokens - self.prefilled_tokens
+
+
+@dataclass(slots=True, eq=False)
+class UnitRecord:
+    unit: WorkUnit
+    tokens: int
+    deadline_s: float  # of its most urgent request
+    ttft_slo_s: float  # of that same request
+    tiebreak: tuple[int, int]
+    state: UnitState = UnitState.RUNNING
+    executed_s: float = 0.0  # compute before the current run (from UnitPaused)
+    started_at_s: float = 0.0  # when the current run started or resumed
+
+    @property
+    def unit_id(self) -> int:
+        return self.unit.unit_id
+
+    @property
+    def worker_id(self) -> str:
+        return self.unit.worker_id
+
+    def executed_at(self, now_s: float) -> float:
+        """Compute seconds spent on this unit by ``now_s`` (pauses excluded)."""
+        if self.state is UnitState.PAUSED:
+            return self.executed_s
+        return self.executed_s + max(now_s - self.started_at_s, 0.0)
+
+
+@dataclass(slots=True, eq=False)
+class WorkerRecord:
+    worker_id: str
+    state: WorkerState = WorkerState.IDLE
+    running: UnitRecord | None = None
+    paused: dict[int, UnitRecord] = field(default_factory=dict)
+    partial: set[str] = field(default_factory=set)  # chunked: requests whose KV so far is here
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """A snapshot of one request as the policy sees it."""
+
+    request_id: str
+    status: RequestStatus
+    deadline_s: float
+    executed_s: float
+    prefilled_tokens: int
+    worker_id: str | None
+    unit_id: int | None

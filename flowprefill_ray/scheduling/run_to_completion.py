@@ -1,0 +1,54 @@
+"""Shared core of the non-preemptive baselines (fcfs, edf): run every unit to completion.
+
+An idle worker takes the queue head; heads are packed into one unit while the total stays
+within ``max_batch_tokens`` (a longer head runs alone, as chunks of ``long_chunk_tokens``
+back to back on its worker). Nothing is ever preempted, so no unit is ever paused.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+from .config import PolicyConfig
+from .events import Decision, WorkItem
+from .policy import KVCheck, Policy
+from .predictor import TTFTPredictor
+from .queues import KeyedQueue
+from .records import RequestRecord, WorkerState
+
+
+class RunToCompletionPolicy(Policy):
+    def __init__(
+        self, config: PolicyConfig, predictor: TTFTPredictor, kv_check: KVCheck | None = None
+    ) -> None:
+        super().__init__(config, predictor, kv_check)
+        self.queue = KeyedQueue(self._queue_key)
+
+    @staticmethod
+    @abstractmethod
+    def _queue_key(rec: RequestRecord) -> float:
+        """Smaller runs first."""
+
+    def _enqueue(self, rec: RequestRecord, now: float) -> None:
+        self.queue.push(rec)
+
+    def _schedule(self, now: float) -> list[Decision]:
+        out: list[Decision] = []
+        limit = self.config.max_batch_tokens
+        for w in self.workers.values():
+            if w.state is not WorkerState.IDLE:
+                continue
+            head = self.queue.pop()
+            if head is None:
+                break
+            items = [WorkItem(head.request_id, 0, head.prompt_tokens)]
+            total = head.prompt_tokens
+            while (nxt := self.queue.peek()) is not None:
+                new_total = total + nxt.prompt_tokens
+                if new_total > limit or not self._kv_admits(w.worker_id, new_total):
+                    break
+                self.queue.pop()
+                items.append(WorkItem(nxt.request_id, 0, nxt.prompt_tokens))
+                total = new_total
+            out.append(self._start_unit(w, items, now))
+        return out
