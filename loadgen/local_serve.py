@@ -86,8 +86,9 @@ class LocalServe:
         self._deploy(app_args)
 
     def _deploy(self, app_args: dict[str, Any]) -> None:
-        from flowprefill_ray.serve.app import build_app
         from ray import serve
+
+        from flowprefill_ray.serve.app import build_app
 
         serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", blocking=False)
         self._wait_ready()
@@ -121,3 +122,35 @@ class LocalServe:
         finally:
             if self._started_ray and ray.is_initialized():
                 ray.shutdown()
+
+
+def serve_app_args(
+    model: str,
+    policy: dict[str, Any],
+    slo_scale: float,
+    num_prefill_workers: int = 1,
+    num_decode_workers: int = 1,
+) -> dict[str, Any]:
+    """Args for ``build_app``: ``model`` is ``tiny``, ``default`` or a checkpoint directory;
+    ``policy`` a ``PolicyConfig`` dict (``{"name": "fcfs"}``...); ``slo_scale`` multiplies the
+    four classes' TTFT targets. Validated here by the Serve app's own ``ServeAppArgs``, so a bad
+    value fails before Ray starts."""
+    from flowprefill_ray.serve.config import ServeAppArgs
+
+    runtime = {
+        "model": {"path": model},
+        "placement": {
+            "num_prefill_workers": num_prefill_workers,
+            "num_decode_workers": num_decode_workers,
+        },
+        "policy": policy,
+        "slo": {"scale": slo_scale},
+    }
+    return ServeAppArgs.model_validate({"runtime": runtime}).model_dump(mode="json")
+
+
+def served_model_name(app_args: dict[str, Any]) -> str:
+    """The model name clients must send to an app built from ``app_args``."""
+    from flowprefill_ray.serve.config import ServeAppArgs
+
+    return ServeAppArgs.model_validate(app_args).served_model_name()

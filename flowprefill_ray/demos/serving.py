@@ -76,19 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def app_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The Serve app's args for the demo (validated by ``ServeAppArgs`` before deploying)."""
-    from flowprefill_ray.serve.config import ServeAppArgs
+    """The Serve app's args for the demo (validated by the app's ``ServeAppArgs``)."""
+    from loadgen.local_serve import serve_app_args
 
-    runtime = {
-        "model": {"path": "tiny" if args.tiny else "default"},
-        "placement": {
-            "num_prefill_workers": args.prefill_workers,
-            "num_decode_workers": 1,
-        },
-        "policy": {"name": args.policy},
-        "slo": {"scale": args.slo_scale},
-    }
-    return ServeAppArgs.model_validate({"runtime": runtime}).model_dump(mode="json")
+    return serve_app_args(
+        "tiny" if args.tiny else "default",
+        {"name": args.policy},
+        args.slo_scale,
+        num_prefill_workers=args.prefill_workers,
+    )
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:

@@ -1,0 +1,225 @@
+"""Scheduling policies side by side on the live system (Ray + Serve + HTTP), same trace, same seed.
+
+For each policy the Serve app is redeployed from scratch (fresh engine, scheduler, predictor),
+then the same trace slice is replayed open loop through the OpenAI-compatible API:
+
+- ``--mode search`` (default): a goodput search per policy (bisection on the rate scale for
+  >= 90 % TTFT attainment, ``loadgen.goodput``); every trial is an attainment-vs-rate point;
+- ``--mode sweep``: the same fixed rate scales for every policy; goodput is the highest scale
+  in the sweep that held 90 %.
+
+With ``--simulate`` each live trial is also run through the discrete-event simulator (same
+requests, arrivals, lengths and SLO targets; the measured tiny-CPU cost model), to show how well
+the simulator predicts the runtime. That comparison is only meaningful with ``--tiny``.
+
+Prints a table and ratios (flowprefill / each baseline) and writes JSON (``--out``) plus plots
+next to it. Run:  python benchmarks/live_policies.py --tiny --out results/live_policies.json
+(also ``python -m flowprefill_ray bench ...``). Results and commands: docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+POLICIES = ("flowprefill", "fcfs", "chunked", "edf")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--tiny", action="store_true", help="the tiny generated model (else SmolLM2)")
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--chunk-size", type=int, default=64, help="chunked policy's chunk (tokens)")
+    p.add_argument("--mode", choices=["search", "sweep"], default="search")
+    p.add_argument("--scales", default="0.5,1,2", help="sweep: rate scales, comma separated")
+    p.add_argument("--first-scale", type=float, default=1.0, help="search: first rate scale")
+    p.add_argument("--max-trials", type=int, default=5, help="search: replays per policy")
+    p.add_argument("--rel-tol", type=float, default=0.25, help="search: relative bracket width")
+    p.add_argument("--trace", default="azure-conv")
+    p.add_argument("--start", type=float, default=0.0)
+    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--prompt-scale", type=float, default=0.1)
+    p.add_argument("--max-prompt-tokens", type=int, default=384)
+    p.add_argument("--max-output-tokens", type=int, default=8)
+    p.add_argument("--slo-scale", type=float, default=4.0)
+    p.add_argument("--duration", type=float, default=120.0)
+    p.add_argument("--drain", type=float, default=30.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--simulate", action="store_true", help="also predict each trial with the simulator"
+    )
+    p.add_argument("--out", default="results/live_policies.json")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def policy_config(name: str, chunk_size: int) -> dict[str, Any]:
+    return {"name": name, "chunk_size": chunk_size} if name == "chunked" else {"name": name}
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from flowprefill_ray.scheduling.slo import SLOConfig
+    from flowprefill_ray.simulator.goodput import GoodputSearchConfig
+    from loadgen import EndpointConfig, ReplayConfig
+    from loadgen.goodput import live_goodput_search, run_trial
+    from loadgen.local_serve import LocalServe, serve_app_args, served_model_name
+    from loadgen.plots import plot_attainment_vs_rate
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown:
+        print(f"error: unknown policies {unknown}; known: {list(POLICIES)}", file=sys.stderr)
+        return 2
+    model = "tiny" if args.tiny else "default"
+    slo = SLOConfig(scale=args.slo_scale)
+    replay = ReplayConfig(
+        trace=args.trace,
+        start_s=args.start,
+        prompt_scale=args.prompt_scale,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output_tokens=args.max_output_tokens,
+        max_requests=args.requests,
+        duration_s=args.duration,
+        drain_s=args.drain,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    trials_dir = out.with_suffix("")
+    deploys = {
+        p: serve_app_args(model, policy_config(p, args.chunk_size), args.slo_scale)
+        for p in policies
+    }
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    with LocalServe(deploys[policies[0]]) as live:
+        for i, policy in enumerate(policies):
+            if i:
+                live.redeploy(deploys[policy])
+            endpoint = EndpointConfig(base_url=live.url, model=served_model_name(deploys[policy]))
+            print(
+                f"[bench] {policy}: deployed at {time.perf_counter() - started:.0f} s", flush=True
+            )
+            if args.mode == "search":
+                search = GoodputSearchConfig(
+                    start=args.first_scale,
+                    rel_tol=args.rel_tol,
+                    max_evaluations=args.max_trials,
+                    min_scale=min(0.05, args.first_scale),
+                    max_scale=64,
+                )
+                try:
+                    report = live_goodput_search(
+                        endpoint,
+                        replay,
+                        slo,
+                        trials_dir / policy,
+                        search=search,
+                        progress=not args.no_progress,
+                    )
+                except RuntimeError as exc:  # the search ran out of trials before bracketing
+                    print(f"[bench] {policy}: {exc}", file=sys.stderr)
+                    report = None
+                results[policy] = report
+            else:
+                points = []
+                for scale in [float(s) for s in args.scales.split(",")]:
+                    trial = run_trial(
+                        endpoint, replay, slo, scale, trials_dir / policy, not args.no_progress
+                    )
+                    points.append(
+                        {
+                            "rate_scale": scale,
+                            "rate_rps": trial.rate_rps,
+                            "attainment": trial.attainment,
+                            "attainment_by_class": {
+                                c: s["attainment"] for c, s in trial.summary["per_class"].items()
+                            },
+                            "ttft_p99_s": trial.summary["overall"]["ttft_s"]["p99"],
+                        }
+                    )
+                    time.sleep(2.0)
+                passing = [p for p in points if p["attainment"] >= 0.9]
+                best = max(passing, key=lambda p: p["rate_scale"]) if passing else None
+                results[policy] = {
+                    "goodput_rate_scale": best["rate_scale"] if best else 0.0,
+                    "goodput_rps": best["rate_rps"] if best else 0.0,
+                    "points": points,
+                }
+
+    if args.simulate:
+        from loadgen.sim_compare import simulate_trials
+
+        for policy in policies:
+            if results.get(policy):
+                simulate_trials(
+                    results[policy]["points"], replay, slo, policy_config(policy, args.chunk_size)
+                )
+
+    document = {
+        "command": " ".join(
+            ["python benchmarks/live_policies.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "model": model,
+        "replay": replay.model_dump(),
+        "slo": slo.model_dump(),
+        "policies": results,
+        "wall_s": time.perf_counter() - started,
+    }
+    base = (results.get("flowprefill") or {}).get("goodput_rps", 0.0)
+    document["ratios"] = {
+        f"flowprefill/{p}": _ratio(base, (results.get(p) or {}).get("goodput_rps", 0.0))
+        for p in policies
+        if p != "flowprefill"
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=1))
+    series = {
+        p: [(pt["rate_rps"], pt["attainment"]) for pt in r["points"]]
+        for p, r in results.items()
+        if r
+    }
+    plot = plot_attainment_vs_rate(
+        series,
+        trials_dir / "attainment_vs_rate.png",
+        title=f"live {model}, {args.trace}: TTFT SLO attainment",
+    )
+    print(format_table(results, document["ratios"]))
+    print(f"wrote {out} and {plot}")
+    return 0
+
+
+def format_table(results: dict[str, Any], ratios: dict[str, float | None]) -> str:
+    lines = [f"{'policy':<12} {'goodput x':>9} {'req/s':>7}  attainment by trial (rate scale: %)"]
+    for policy, r in results.items():
+        if not r:
+            lines.append(f"{policy:<12} {'-':>9} {'-':>7}  search did not bracket")
+            continue
+        trials = ", ".join(
+            f"x{p['rate_scale']:.3g}: {p['attainment'] * 100:.0f}" for p in r["points"]
+        )
+        lines.append(
+            f"{policy:<12} {r['goodput_rate_scale']:>9.3g} {r['goodput_rps']:>7.2f}  {trials}"
+        )
+    for name, value in ratios.items():
+        lines.append(f"{name}: {'n/a (baseline goodput 0)' if value is None else f'{value:.2f}x'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
