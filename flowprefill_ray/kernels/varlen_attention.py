@@ -27,6 +27,61 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_key_tiles(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_row0,
+    v_row0,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_d,
+    d_mask,
+    prefix,
+    k_len,
+    n_start,
+    n_end,
+    qk_scale_log2,
+    MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) with key tiles [n_start, n_end).
+
+    Unmasked tiles must lie wholly inside every query's causal window and inside k_len.
+    """
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kv_mask = (offs_n < k_len)[:, None] & d_mask[None, :]
+        else:
+            kv_mask = d_mask[None, :]
+        k = tl.load(
+            k_row0 + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        if MASKED:
+            visible = (offs_n[None, :] <= (prefix + offs_m)[:, None]) & (offs_n < k_len)[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(
+            v_row0 + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _varlen_attention_kernel(
     q_ptr,
     k_ptr,
@@ -80,32 +135,55 @@ def _varlen_attention_kernel(
         m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        # Keys past the last query of this block are never attended: stop there.
+        # Keys [0, prefix + m0 + 1) are visible to every query of this block, so whole tiles
+        # below that point skip the causal mask; tiles on the diagonal apply it. Keys past the
+        # block's last query are never attended: stop there.
+        k_row0 = k_ptr + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+        v_row0 = v_ptr + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+        n_full = ((prefix + m0 + 1) // BLOCK_N) * BLOCK_N
         k_end = tl.minimum(k_len, prefix + m0 + BLOCK_M)
-        for n0 in range(0, k_end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < k_len
-            k_rows = (k_start + offs_n).to(tl.int64)
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(
-                k_ptr + k_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-            causal = offs_n[None, :] <= (prefix + offs_m)[:, None]
-            qk = tl.where(causal & n_mask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(
-                v_ptr + k_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+        acc, l_i, m_i = _attend_key_tiles(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_row0,
+            v_row0,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_d,
+            d_mask,
+            prefix,
+            k_len,
+            0,
+            n_full,
+            qk_scale_log2,
+            MASKED=False,
+            BLOCK_N=BLOCK_N,
+            DOT_PRECISION=DOT_PRECISION,
+        )
+        acc, l_i, m_i = _attend_key_tiles(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_row0,
+            v_row0,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_d,
+            d_mask,
+            prefix,
+            k_len,
+            n_full,
+            k_end,
+            qk_scale_log2,
+            MASKED=True,
+            BLOCK_N=BLOCK_N,
+            DOT_PRECISION=DOT_PRECISION,
+        )
         out = acc / l_i[:, None]
         tl.store(
             out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
