@@ -94,3 +94,57 @@ def chunked_prefill_time_s(model: CostModel, tokens: int, chunk_tokens: int) -> 
     for start in range(0, tokens, chunk_tokens):
         total += model.unit_cost([ItemShape(min(chunk_tokens, tokens - start), start)]).total_s
     return total
+
+
+@dataclass(frozen=True, slots=True)
+class UnitTimeline:
+    """A unit as the worker runs it: one or more forwards back to back.
+
+    The runtime runs an item longer than ``max_forward_tokens`` as consecutive forwards (each
+    later piece attends the KV of the earlier ones), with no scheduling decision in between;
+    a pause may happen inside any forward, or between two of them.
+    """
+
+    forwards: tuple[UnitCost, ...]
+
+    @property
+    def total_s(self) -> float:
+        return sum(f.total_s for f in self.forwards)
+
+    def checkpoints(self, granularity: Granularity) -> list[float]:
+        """Elapsed compute times (s) at which the unit may stop, ascending, end excluded."""
+        if granularity == "unit":
+            return []
+        points: list[float] = []
+        offset = 0.0
+        for i, f in enumerate(self.forwards):
+            points.extend(offset + c for c in f.checkpoints(granularity))
+            offset += f.total_s
+            if i < len(self.forwards) - 1:
+                points.append(offset)  # between two forwards
+        return points
+
+    def next_checkpoint(self, elapsed_s: float, granularity: Granularity) -> float | None:
+        """The first checkpoint at or after ``elapsed_s`` seconds of compute, or None when the
+        unit reaches its end first."""
+        points = self.checkpoints(granularity)
+        i = bisect.bisect_left(points, elapsed_s - 1e-12 * max(1.0, elapsed_s))
+        return points[i] if i < len(points) else None
+
+
+def plan_unit(model: CostModel, items: Sequence[ItemShape], max_forward_tokens: int) -> UnitTimeline:
+    """The forwards a worker runs for ``items``: every forward packs the next piece (at most
+    ``max_forward_tokens``) of each item not yet done, as the runtime's executor does."""
+    done = [0] * len(items)
+    forwards = []
+    while True:
+        shapes = [
+            ItemShape(min(max_forward_tokens, it.new_tokens - d), it.context_tokens + d)
+            for it, d in zip(items, done, strict=True)
+            if d < it.new_tokens
+        ]
+        if not shapes:
+            break
+        forwards.append(model.unit_cost(shapes))
+        done = [min(it.new_tokens, d + max_forward_tokens) for it, d in zip(items, done, strict=True)]
+    return UnitTimeline(tuple(forwards))
