@@ -8,7 +8,15 @@ from .experiment import fit_predictor, fitted_slo_scale, goodput, prefill_s, sim
 from .goodput import GoodputResult, GoodputSearchConfig, RatePoint, attainment_curve, find_goodput
 from .measured import MeasuredCostModel, MeasuredProfile
 from .results import RequestOutcome, SimulationResult, WorkerStats
-from .roofline import A800_SXM, H100_SXM, LLAMA_3_1_8B, GPUSpec, ModelShape, RooflineConfig, RooflineCostModel
+from .roofline import (
+    A800_SXM,
+    H100_SXM,
+    LLAMA_3_1_8B,
+    GPUSpec,
+    ModelShape,
+    RooflineConfig,
+    RooflineCostModel,
+)
 
 __all__ = [
     "A800_SXM",
