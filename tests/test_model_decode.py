@@ -407,3 +407,41 @@ def test_decode_refuses_to_pass_the_context_length(tmp_path):
     cache.add("full", model.prefill(list(range(3, 11))).kv[0])
     with pytest.raises(PromptTooLongError, match="max_position_embeddings=8"):
         model.decode_step(["full"], [3], cache)
+
+
+# ------------------------------------------------------------------------- preemption demo
+
+
+def test_preemption_demo_on_the_tiny_model_reports_a_consistent_timeline(tmp_path, capsys):
+    """The short request gets its first token while the long prefill is paused, the long one
+    then finishes, and its logits equal an uninterrupted run's."""
+    import json
+
+    from flowprefill_ray.demos.preemption import main
+
+    out = tmp_path / "demo.json"
+    assert main(["--tiny", "--long-tokens", "1024", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "logits identical to an uninterrupted run: PASS" in printed
+    assert r["logits_identical"] and r["logits_max_abs_diff"] == 0.0
+    assert r["long_tokens"] == 1024 and r["long_checkpoints"] == 8  # 4 layers x 2 blocks
+    assert r["short_finished_before_long"]
+    # Moments in order: arrival <= paused <= first token <= resumed <= done.
+    moments = [
+        r[k]
+        for k in (
+            "short_arrival_ms",
+            "paused_ms",
+            "short_first_token_ms",
+            "resumed_ms",
+            "long_done_ms",
+        )
+    ]
+    assert moments == sorted(moments)
+    assert r["blocking_duration_ms"] == pytest.approx(r["paused_ms"] - r["short_arrival_ms"])
+    assert r["short_ttft_ms"] == pytest.approx(r["short_first_token_ms"] - r["short_arrival_ms"])
+    # Paused inside the forward at a block boundary: the next operator starts a block.
+    assert 0 <= r["paused_at_layer"] <= 4
+    assert r["paused_before_operator"].split()[-1] in ("input_norm", "post_norm", "final_norm")
+    assert r["run_to_completion_ttft_ms"] > r["short_ttft_ms"]
