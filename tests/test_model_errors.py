@@ -108,3 +108,12 @@ def test_missing_safetensors_is_reported(checkpoint_copy):
     (checkpoint_copy / "model.safetensors").unlink()
     with pytest.raises(WeightLoadError, match=r"no \*\.safetensors file"):
         load_model(checkpoint_copy)
+
+
+def test_token_ids_outside_the_vocabulary_are_rejected(tmp_path_factory):
+    model = load_model(tiny_model_dir(tmp_path_factory, "llama"))
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=rf"\[0, {vocab}\).*\[1, {vocab}\]"):
+        model.start_prefill([[1, vocab]])
+    with pytest.raises(ValueError, match="token ids must lie"):
+        model.start_prefill([[-1, 2]])

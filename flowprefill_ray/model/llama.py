@@ -89,9 +89,13 @@ class LlamaModel:
         v: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
         cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int | None = None,
     ) -> torch.Tensor:
-        """Causal varlen attention; returns `[T, Hq * D]`."""
-        out = self.ops.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, self.attention_scale)
+        """Causal varlen attention; returns `[T, Hq * D]`. `max_seqlen_q` (tokens, longest
+        sequence) lets the Triton kernel size its grid without reading `cu_seqlens_q`."""
+        out = self.ops.varlen_attention(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, self.attention_scale, max_seqlen_q=max_seqlen_q
+        )
         return out.reshape(q.shape[0], -1)
 
     def o_proj(self, layer: int, attn: torch.Tensor) -> torch.Tensor:

@@ -140,10 +140,18 @@ class PrefillState:
         self.prefixes = prefixes
         self._has_prefix = any(n > 0 for n in prefix_lens)
         lengths = torch.tensor([len(s) for s in sequences], dtype=torch.int32)
-        self._token_ids = torch.tensor([t for s in sequences for t in s], dtype=torch.int64)
-        self._token_ids = self._token_ids.to(device)
+        token_ids = torch.tensor([t for s in sequences for t in s], dtype=torch.int64)
+        if int(token_ids.min()) < 0 or int(token_ids.max()) >= config.vocab_size:
+            raise ValueError(
+                f"token ids must lie in [0, {config.vocab_size}) (vocab_size); got range "
+                f"[{int(token_ids.min())}, {int(token_ids.max())}]"
+            )
+        self._token_ids = token_ids.to(device)
         zero = torch.zeros(1, dtype=torch.int32)
         self._cu_q = torch.cat([zero, lengths.cumsum(0, dtype=torch.int32)])
+        # Host copy for slicing: reading the device tensor would synchronise a CUDA stream.
+        self._cu_q_host: list[int] = self._cu_q.tolist()
+        self._max_seqlen_q = max(len(s) for s in sequences)
         key_lengths = lengths + torch.tensor(prefix_lens, dtype=torch.int32)
         self._cu_k = torch.cat([zero, key_lengths.cumsum(0, dtype=torch.int32)])
         positions = torch.cat(
@@ -173,7 +181,10 @@ class PrefillState:
         self._last_logits: torch.Tensor | None = None
         self._result: PrefillResult | None = None
 
-        self.executed_s = 0.0  # compute time spent inside step()/run(), seconds
+        # Seconds spent inside step()/run(). On CUDA, launches are asynchronous: the value
+        # includes device time up to the last checkpoint wait, and all of it after a pause or
+        # the end (both drain the stream).
+        self.executed_s = 0.0
         self.checkpoints_passed = 0
 
     # ---- progress ----------------------------------------------------------------------------
@@ -297,7 +308,9 @@ class PrefillState:
         k, v = self._k, self._v
         if self._has_prefix:
             k, v = self._with_prefix(layer, k, v)
-        self._x = self.model.attention(self._q, k, v, self._cu_q, self._cu_k)
+        self._x = self.model.attention(
+            self._q, k, v, self._cu_q, self._cu_k, max_seqlen_q=self._max_seqlen_q
+        )
         self._q = self._k = self._v = None
 
     def _op_o_proj(self, layer: int) -> None:
@@ -335,7 +348,7 @@ class PrefillState:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed keys/values of `layer` with each sequence's prefix placed before its tokens."""
         k_parts, v_parts = [], []
-        cu = self._cu_q.tolist()
+        cu = self._cu_q_host
         for b, prefix in enumerate(self.prefixes):
             if prefix is not None:
                 k_parts.append(prefix.k[layer])
@@ -347,7 +360,7 @@ class PrefillState:
     def _per_sequence_kv(self) -> list[KVCache]:
         k_all = torch.stack(self._layer_k)  # [L, T, Hk, D]
         v_all = torch.stack(self._layer_v)
-        cu = self._cu_q.tolist()
+        cu = self._cu_q_host
         caches = []
         for b, prefix in enumerate(self.prefixes):
             k, v = k_all[:, cu[b] : cu[b + 1]], v_all[:, cu[b] : cu[b + 1]]
