@@ -439,3 +439,20 @@ def test_live_goodput_search_finds_where_a_serial_server_starts_missing(server, 
         json.loads((tmp_path / "search" / "goodput.json").read_text())["points"] == report["points"]
     )
     assert (tmp_path / "search" / "x1" / "results.json").exists()
+
+
+def test_simulator_prediction_of_a_plan_shows_head_of_line_blocking_only_under_fcfs():
+    from loadgen.sim_compare import plan_workload, simulate_plan
+
+    # A 4096-token relaxed request (~2.4 s on the tiny CPU profile) and, just after it starts,
+    # a 64-token urgent one. At SLO scale 4 the targets are file 24 s and text 1 s.
+    slo = SLOConfig(scale=4.0)
+    plan = _plan((0.0, 4096, 1, "file", 24.0), (0.1, 64, 1, "text", 1.0))
+    assert [(r.arrival_s, r.prompt_tokens, r.slo_class) for r in plan_workload(plan)] == [
+        (0.0, 4096, "file"),
+        (0.1, 64, "text"),
+    ]
+    flow = simulate_plan(plan, {"name": "flowprefill"}, slo)
+    fcfs = simulate_plan(plan, {"name": "fcfs"}, slo)
+    assert flow.attainment == 1.0 and flow.preemptions == 1
+    assert fcfs.attainment_by_class() == {"file": 1.0, "text": 0.0}
