@@ -4,6 +4,7 @@ The simulator and the Ray scheduler actor drive the same policy objects: events 
 (``events.py``), decisions out, time in seconds on the driver's clock.
 """
 
+from .chunked import ChunkedPolicy
 from .config import PolicyConfig
 from .edf import EDFPolicy
 from .fcfs import FCFSPolicy
@@ -18,6 +19,7 @@ from .slo import DEFAULT_SLO_CONFIG, SLOClass, SLOConfig, UnknownSLOClassError
 
 __all__ = [
     "DEFAULT_SLO_CONFIG",
+    "ChunkedPolicy",
     "POLICIES",
     "DecisionCounts",
     "DuplicateRequestError",

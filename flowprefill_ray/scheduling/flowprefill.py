@@ -9,9 +9,12 @@ On every event, with one ``now``: waiting requests and paused units are ranked b
 2. if no worker is idle, the best waiting request may preempt the running unit that ranks
    lowest, when it outranks it and the preemption buys something: the newcomer is feasible
    and would otherwise miss its deadline (its slack is shorter than the time until a worker
-   frees up), or the victim keeps non-negative slack after waiting for the newcomer;
-3. a worker's own paused unit may preempt that worker's running unit by the same test (this
-   happens when the running unit turned late while the paused one can still make it).
+   frees up), or the victim keeps non-negative slack after waiting for the newcomer.
+
+A paused unit resumes only on its own worker, when that worker is idle and the unit is the
+best thing for it; it never preempts. (A running unit's slack stays constant while it runs as
+predicted, so it only turns late by overrunning its prediction, and then how much work it has
+left is unknown: preempting it on a guess is not worth the thrashing risk.)
 
 Preemption is asynchronous: the worker is PAUSING until ``UnitPaused`` (or
 ``UnitCompleted``) arrives, and is then scheduled again. A long prompt is one unit
@@ -65,9 +68,8 @@ class FlowPrefillPolicy(Policy):
         idle = [w for w in self.workers.values() if w.state is _IDLE]
         if idle:
             self._fill_idle(idle, now, out)
-        if not idle:  # every worker busy: see whether waiting or paused work should preempt
+        if not idle:  # every worker busy: see whether waiting work should preempt
             self._preempt_for_waiting(now, out)
-            self._preempt_for_paused(now, out)
         return out
 
     def _fill_idle(self, idle: list[WorkerRecord], now: float, out: list[Decision]) -> None:
@@ -167,23 +169,6 @@ class FlowPrefillPolicy(Policy):
             victims.pop(0)
         for rec in taken:
             self.queue.push(rec, now)
-
-    def _preempt_for_paused(self, now: float, out: list[Decision]) -> None:
-        for w in self.workers.values():
-            if w.state is not _RUNNING or not w.paused:
-                continue
-            running = w.running
-            assert running is not None
-            best = min(w.paused.values(), key=lambda u: self._unit_rank(u, now))
-            best_slack = self.unit_slack_s(best, now)
-            if best_slack < 0.0 or not self._unit_rank(best, now) < self._unit_rank(running, now):
-                continue
-            would_miss = best_slack < self.unit_remaining_s(running, now)
-            victim_keeps_slack = (
-                self.unit_slack_s(running, now) - self.unit_remaining_s(best, now) >= 0.0
-            )
-            if would_miss or victim_keeps_slack:
-                out.append(self._preempt(w))
 
     # ------------------------------------------------------------------ introspection
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .chunked import ChunkedPolicy
 from .config import PolicyConfig
 from .edf import EDFPolicy
 from .fcfs import FCFSPolicy
@@ -10,7 +11,7 @@ from .policy import KVCheck, Policy
 from .predictor import TTFTPredictor
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (FlowPrefillPolicy, FCFSPolicy, EDFPolicy)
+    cls.name: cls for cls in (FlowPrefillPolicy, FCFSPolicy, ChunkedPolicy, EDFPolicy)
 }
 
 

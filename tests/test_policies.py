@@ -1,0 +1,408 @@
+"""Scheduling policies on constructed cases with exact expected decisions.
+
+The predictor is linear at 2**-10 s per token (about 1 ms) so that every time below is an
+exact binary fraction and the bounds are tested exactly.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from flowprefill_ray.scheduling import (
+    DuplicateRequestError,
+    FlowPrefillPolicy,
+    PolicyConfig,
+    Request,
+    RequestStatus,
+    TTFTPredictor,
+    make_policy,
+    priority,
+    rank_key,
+    slack_s,
+)
+from flowprefill_ray.scheduling.events import (
+    Arrival,
+    Cancelled,
+    Discard,
+    Preempt,
+    Reject,
+    Resume,
+    RunUnit,
+    UnitCompleted,
+    UnitPaused,
+    WorkerJoined,
+    WorkerLeft,
+    WorkItem,
+    WorkUnit,
+)
+
+SPT = 2.0**-10  # predicted seconds per prompt token
+
+
+def linear_predictor() -> TTFTPredictor:
+    return TTFTPredictor.linear(SPT, max_tokens=16384)
+
+
+def policy(name: str = "flowprefill", workers: int = 1, **config):
+    p = make_policy(PolicyConfig(name=name, online_correction=False, **config), linear_predictor())
+    for i in range(workers):
+        assert p.on_event(WorkerJoined(f"w{i}"), 0.0) == []
+    return p
+
+
+def arrive(p, rid: str, now: float, tokens: int, slo_s: float):
+    req = Request(request_id=rid, arrival_s=now, prompt_tokens=tokens, ttft_slo_s=slo_s)
+    return p.on_event(Arrival(req), now)
+
+
+def run(unit_id: int, worker: str, *items: tuple[str, int, int]) -> RunUnit:
+    return RunUnit(WorkUnit(unit_id, worker, tuple(WorkItem(*item) for item in items)))
+
+
+# --------------------------------------------------------------------------- priority rule
+
+
+def test_priority_is_sign_of_slack_over_deadline_with_sign_zero_positive():
+    assert slack_s(deadline_s=10.0, now_s=4.0, predicted_s=3.0, executed_s=1.0) == 4.0
+    assert slack_s(deadline_s=10.0, now_s=4.0, predicted_s=3.0, executed_s=5.0) == 6.0  # done
+    assert priority(0.0, 8.0) == 1 / 8.0  # exactly feasible counts as feasible
+    assert priority(-0.5, 8.0) == -1 / 8.0
+    # Feasible earliest-deadline-first, then late ones latest-deadline-first.
+    cases = [(1.0, 5.0), (0.0, 9.0), (-1.0, 3.0), (-1.0, 7.0), (2.0, 2.0)]
+    by_priority = sorted(cases, key=lambda c: -priority(*c))
+    by_rank = sorted(cases, key=lambda c: rank_key(*c))
+    assert by_priority == by_rank == [(2.0, 2.0), (1.0, 5.0), (0.0, 9.0), (-1.0, 7.0), (-1.0, 3.0)]
+
+
+def test_late_requests_queue_after_feasible_ones_latest_deadline_first():
+    p = policy()
+    arrive(p, "busy", 0.0, 8192, 100.0)  # occupies the worker
+    arrive(p, "ok-late-deadline", 0.0, 1024, 8.0)  # needs 1 s, deadline 8: feasible
+    arrive(p, "ok-early-deadline", 0.0, 1024, 4.0)  # feasible, earlier deadline
+    arrive(p, "late-a", 0.0, 4096, 2.0)  # needs 4 s, deadline 2: late
+    arrive(p, "late-b", 0.0, 4096, 3.0)  # late, later deadline -> ahead of late-a
+    assert p.waiting_in_priority_order(0.0) == [
+        "ok-early-deadline",
+        "ok-late-deadline",
+        "late-b",
+        "late-a",
+    ]
+    # At t=3.5 the early-deadline one (needs 1 s, due at 4) has turned late too.
+    assert p.waiting_in_priority_order(3.5) == [
+        "ok-late-deadline",
+        "ok-early-deadline",
+        "late-b",
+        "late-a",
+    ]
+
+
+def test_lazy_queue_matches_a_full_rescan():
+    rng = random.Random(7)
+    p = policy(rescore_threshold=0.0)
+    arrive(p, "busy", 0.0, 16384, 1e6)
+    brute: dict[str, tuple[float, int, int]] = {}  # id -> (deadline, tokens, arrival order)
+    now = 0.0
+    for step in range(600):
+        now += rng.expovariate(200.0)
+        action = rng.random()
+        if action < 0.75 or not brute:
+            rid = f"r{step}"
+            tokens = rng.randint(1, 6000)
+            slo = rng.choice([0.25, 0.5, 4.0, 6.0])
+            arrive(p, rid, now, tokens, slo)
+            brute[rid] = (now + slo, tokens, step)
+        elif action < 0.85:
+            rid = rng.choice(sorted(brute))
+            p.on_event(Cancelled(rid), now)
+            del brute[rid]
+        else:
+            # Move the online correction both ways: falling makes late requests feasible again.
+            p.predictor.correction = rng.choice([0.5, 0.8, 1.0, 1.3])
+        if step % 25 == 0:
+            expected = sorted(
+                brute,
+                key=lambda r: (
+                    rank_key(
+                        slack_s(brute[r][0], now, p.predictor.predict(brute[r][1])), brute[r][0]
+                    ),
+                    brute[r][2],
+                ),
+            )
+            assert p.waiting_in_priority_order(now) == expected
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+def test_urgent_short_request_preempts_long_relaxed_prefill_then_long_resumes():
+    p = policy("flowprefill")
+    assert arrive(p, "long", 0.0, 4096, 6.0) == [run(1, "w0", ("long", 0, 4096))]
+    assert arrive(p, "short", 0.5, 128, 0.25) == [Preempt("w0", 1)]
+    assert p.request_view("long").status is RequestStatus.RUNNING  # until the worker answers
+    assert p.on_event(UnitPaused("w0", 1, executed_s=0.5, blocking_s=0.002), 0.502) == [
+        run(2, "w0", ("short", 0, 128))
+    ]
+    view = p.request_view("long")
+    assert (view.status, view.worker_id) == (RequestStatus.PAUSED, "w0")
+    assert p.on_event(UnitCompleted("w0", 2, executed_s=0.125), 0.627) == [Resume("w0", 1)]
+    assert p.on_event(UnitCompleted("w0", 1, executed_s=4.0), 4.127) == []
+    assert p.request_view("long").status is RequestStatus.FINISHED
+    assert p.request_view("long").executed_s == 4.0
+    stats = p.stats()
+    assert (stats["preemptions"], stats["resumes"], stats["units_started"]) == (1, 1, 2)
+    assert stats["blocking_s_total"] == 0.002
+    assert (p.decisions.events, p.decisions.decisions) == (4, 4)
+
+
+def test_a_unit_that_completes_before_pausing_is_just_completed():
+    p = policy("flowprefill")
+    arrive(p, "long", 0.0, 4096, 6.0)
+    assert arrive(p, "short", 0.5, 128, 0.25) == [Preempt("w0", 1)]
+    assert p.on_event(UnitCompleted("w0", 1, executed_s=4.0), 4.0) == [
+        run(2, "w0", ("short", 0, 128))
+    ]
+    assert p.request_view("long").status is RequestStatus.FINISHED
+
+
+@pytest.mark.parametrize("name", ["fcfs", "edf"])
+def test_run_to_completion_policies_never_preempt(name):
+    p = policy(name)
+    assert arrive(p, "long", 0.0, 4096, 6.0) == [run(1, "w0", ("long", 0, 4096))]
+    assert arrive(p, "relaxed", 0.1, 128, 60.0) == []
+    assert arrive(p, "short", 0.5, 128, 0.25) == []
+    first = ("relaxed", 0, 128) if name == "fcfs" else ("short", 0, 128)
+    second = ("short", 0, 128) if name == "fcfs" else ("relaxed", 0, 128)
+    # Both fit in one 2048-token unit, in queue order.
+    assert p.on_event(UnitCompleted("w0", 1, 4.0), 4.0) == [run(2, "w0", first, second)]
+    assert p.stats()["preemptions"] == 0
+
+
+def test_chunked_edf_switches_to_urgent_work_at_the_next_chunk_boundary():
+    p = policy("chunked", chunk_size=512, chunk_order="edf")
+    assert arrive(p, "long", 0.0, 2048, 6.0) == [run(1, "w0", ("long", 0, 512))]
+    assert arrive(p, "short", 0.2, 128, 0.25) == []  # no preemption inside a chunk
+    # Next boundary: the urgent request first, the long one fills the rest of the budget.
+    assert p.on_event(UnitCompleted("w0", 1, 0.5), 0.5) == [
+        run(2, "w0", ("short", 0, 128), ("long", 512, 896))
+    ]
+    view = p.request_view("long")
+    assert (view.status, view.prefilled_tokens) == (RequestStatus.RUNNING, 512)
+    assert p.on_event(UnitCompleted("w0", 2, 0.5), 1.0) == [run(3, "w0", ("long", 896, 1408))]
+    assert p.request_view("short").status is RequestStatus.FINISHED
+    assert p.on_event(UnitCompleted("w0", 3, 0.5), 1.5) == [run(4, "w0", ("long", 1408, 1920))]
+    assert p.on_event(UnitCompleted("w0", 4, 0.5), 2.0) == [run(5, "w0", ("long", 1920, 2048))]
+    assert p.on_event(UnitCompleted("w0", 5, 0.1), 2.1) == []
+    assert p.request_view("long").status is RequestStatus.FINISHED
+
+
+def test_chunked_fcfs_keeps_the_earlier_request_first():
+    p = policy("chunked", chunk_size=512, chunk_order="fcfs")
+    arrive(p, "long", 0.0, 2048, 6.0)
+    arrive(p, "short", 0.2, 128, 0.25)
+    assert p.on_event(UnitCompleted("w0", 1, 0.5), 0.5) == [run(2, "w0", ("long", 512, 1024))]
+    assert p.on_event(UnitCompleted("w0", 2, 0.5), 1.0) == [run(3, "w0", ("long", 1024, 1536))]
+    assert p.on_event(UnitCompleted("w0", 3, 0.5), 1.5) == [
+        run(4, "w0", ("long", 1536, 2048)),
+    ]
+    assert p.on_event(UnitCompleted("w0", 4, 0.5), 2.0) == [run(5, "w0", ("short", 0, 128))]
+
+
+def test_chunked_partial_request_continues_only_on_the_worker_holding_its_kv():
+    p = policy("chunked", workers=2, chunk_size=512, chunk_order="fcfs")
+    assert arrive(p, "a", 0.0, 1024, 6.0) == [run(1, "w0", ("a", 0, 512))]
+    assert arrive(p, "b", 0.1, 1024, 6.0) == [run(2, "w1", ("b", 0, 512))]
+    # w1 finishes first; it may not take a's second chunk (a's KV is on w0).
+    assert p.on_event(UnitCompleted("w1", 2, 0.4), 0.4) == [run(3, "w1", ("b", 512, 1024))]
+    assert p.on_event(UnitCompleted("w0", 1, 0.5), 0.5) == [run(4, "w0", ("a", 512, 1024))]
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_batching_fills_up_to_the_token_bound_and_skips_requests_that_do_not_fit():
+    p = policy(workers=0)
+    arrive(p, "head", 0.0, 1024, 6.0)
+    arrive(p, "too-big-alone", 0.0, 2049, 6.5)
+    arrive(p, "fits-exactly", 0.0, 1000, 7.0)
+    arrive(p, "over-total", 0.0, 30, 7.5)  # 2024 + 30 > 2048
+    arrive(p, "last-24", 0.0, 24, 8.0)  # brings the total to exactly 2048
+    assert p.on_event(WorkerJoined("w0"), 0.0) == [
+        run(1, "w0", ("head", 0, 1024), ("fits-exactly", 0, 1000), ("last-24", 0, 24))
+    ]
+    assert p.waiting_in_priority_order(0.0) == ["too-big-alone", "over-total"]
+
+
+def test_batching_only_for_heads_within_the_token_bound():
+    p = policy(workers=0)
+    arrive(p, "head", 0.0, 2049, 6.0)
+    arrive(p, "small", 0.0, 16, 7.0)
+    assert p.on_event(WorkerJoined("w0"), 0.0) == [run(1, "w0", ("head", 0, 2049))]
+    p = policy(workers=0)
+    arrive(p, "head", 0.0, 2048, 6.0)  # exactly at the bound: batching allowed, but full
+    arrive(p, "small", 0.0, 16, 7.0)
+    assert p.on_event(WorkerJoined("w0"), 0.0) == [run(1, "w0", ("head", 0, 2048))]
+
+
+def test_batching_stops_before_the_head_would_keep_less_than_alpha_slo():
+    # Head SLO 1 s, alpha 0.25: the batch may take at most 0.75 s = 768 tokens.
+    p = policy(workers=0, alpha=0.25)
+    arrive(p, "head", 0.0, 256, 1.0)
+    arrive(p, "to-768", 0.0, 512, 2.0)  # total 768: 1.0 - 0.75 = 0.25, not < 0.25: joins
+    arrive(p, "one-more", 0.0, 1, 3.0)  # 769 tokens would leave < 0.25 s: the scan stops
+    arrive(p, "after-stop", 0.0, 1, 4.0)  # never examined
+    assert p.on_event(WorkerJoined("w0"), 0.0) == [
+        run(1, "w0", ("head", 0, 256), ("to-768", 0, 512))
+    ]
+    assert p.waiting_in_priority_order(0.0) == ["one-more", "after-stop"]
+
+
+def test_no_batching_when_head_has_less_than_alpha_slo_left():
+    p = policy(workers=0, alpha=0.25)
+    arrive(p, "head", 0.0, 16, 1.0)
+    arrive(p, "small", 0.0, 16, 50.0)
+    # At t = 0.8 only 0.2 s (< 0.25 x 1 s) is left before the head's deadline.
+    assert p.on_event(WorkerJoined("w0"), 0.8) == [run(1, "w0", ("head", 0, 16))]
+
+
+def test_kv_check_vetoes_batch_members():
+    allowed = {"w0": 1100}
+    p = make_policy(
+        PolicyConfig(online_correction=False),
+        linear_predictor(),
+        kv_check=lambda worker, tokens: tokens <= allowed[worker],
+    )
+    arrive(p, "head", 0.0, 1024, 6.0)
+    arrive(p, "big", 0.0, 512, 7.0)
+    arrive(p, "small", 0.0, 64, 8.0)
+    assert p.on_event(WorkerJoined("w0"), 0.0) == [
+        run(1, "w0", ("head", 0, 1024), ("small", 0, 64))
+    ]
+
+
+# --------------------------------------------------------------------------- many workers
+
+
+def test_newcomer_takes_an_idle_worker_instead_of_preempting():
+    p = policy(workers=2)
+    assert arrive(p, "long", 0.0, 8192, 60.0) == [run(1, "w0", ("long", 0, 8192))]
+    assert arrive(p, "urgent", 0.1, 128, 0.25) == [run(2, "w1", ("urgent", 0, 128))]
+
+
+def test_newcomer_preempts_the_lowest_ranked_worker():
+    p = policy(workers=2)
+    arrive(p, "relaxed", 0.0, 4096, 30.0)  # deadline 30
+    arrive(p, "more-relaxed", 0.0, 4096, 60.0)  # deadline 60: lowest rank
+    assert arrive(p, "urgent", 0.5, 256, 0.5) == [Preempt("w1", 2)]
+    # A second urgent request while w1 is still pausing: it takes w0, ranked lowest now.
+    assert arrive(p, "urgent-2", 0.6, 256, 0.5) == [Preempt("w0", 1)]
+    assert p.on_event(UnitPaused("w1", 2, 0.5), 0.61) == [run(3, "w1", ("urgent", 0, 256))]
+    assert p.on_event(UnitPaused("w0", 1, 0.6), 0.62) == [run(4, "w0", ("urgent-2", 0, 256))]
+
+
+def test_no_preemption_that_buys_nothing():
+    p = policy(workers=2)
+    arrive(p, "slow", 0.0, 2048, 2.25)  # w0: needs 2 s, due 2.25: 0.25 s of slack
+    arrive(p, "quick", 0.0, 512, 2.0)  # w1: needs 0.5 s, due 2.0
+    # Outranks nobody: its deadline is later than both running units'.
+    assert arrive(p, "later", 0.0, 512, 9.0) == []
+    # Outranks "slow" (due 2.125 < 2.25), but preempting would make "slow" miss (0.25 s of
+    # slack < 0.5 s of work), and it can wait: w1 frees in 0.5 s and it has 1.625 s of slack.
+    assert arrive(p, "newcomer", 0.0, 512, 2.125) == []
+    assert p.stats()["preemptions"] == 0
+    # When w1 frees, the newcomer goes first (earliest feasible deadline).
+    assert p.on_event(UnitCompleted("w1", 2, 0.5), 0.5) == [
+        run(3, "w1", ("newcomer", 0, 512), ("later", 0, 512))
+    ]
+
+
+def test_preemption_allowed_when_the_victim_keeps_its_slack():
+    p = policy(workers=1)
+    arrive(p, "relaxed", 0.0, 2048, 4.0)  # needs 2 s, 2 s of slack
+    # Ranks above (due 3.5 < 4) and could wait, but the victim still makes it after 0.5 s more.
+    assert arrive(p, "earlier", 1.5, 512, 2.0) == [Preempt("w0", 1)]
+
+
+def test_late_newcomer_never_preempts():
+    p = policy(workers=1)
+    arrive(p, "running", 0.0, 4096, 5.0)
+    # Needs 2 s, has 1 s: it is late whatever happens; preempting would only add a victim.
+    assert arrive(p, "hopeless", 0.1, 2048, 1.0) == []
+
+
+# --------------------------------------------------------------------------- failures, cancel
+
+
+def test_worker_left_requeues_its_requests_with_progress_reset():
+    p = policy(workers=2)
+    arrive(p, "long", 0.0, 4096, 6.0)  # w0
+    arrive(p, "other", 0.0, 4096, 7.0)  # w1
+    assert arrive(p, "urgent", 0.5, 128, 0.25) == [Preempt("w1", 2)]  # lowest ranked
+    assert p.on_event(UnitPaused("w1", 2, 0.5), 0.5) == [run(3, "w1", ("urgent", 0, 128))]
+    # w1 dies with urgent running and other paused on it. Both go back to the queue with
+    # their progress reset and deadlines unchanged; urgent (due 0.75, needs 0.125 s) would
+    # miss waiting for w0 (3.4 s left), so it preempts w0.
+    assert p.on_event(WorkerLeft("w1"), 0.5625) == [Preempt("w0", 1)]
+    for rid in ("urgent", "other"):
+        view = p.request_view(rid)
+        assert (view.status, view.executed_s, view.worker_id) == (RequestStatus.WAITING, 0.0, None)
+    assert p.request_view("urgent").deadline_s == 0.75
+    assert p.stats()["requeued"] == 2
+    # A late completion from the dead worker is ignored.
+    assert p.on_event(UnitCompleted("w1", 3, 0.1), 0.5625) == []
+    assert p.stats()["stale_events"] == 1
+    assert p.on_event(UnitPaused("w0", 1, 0.5625), 0.5625) == [run(4, "w0", ("urgent", 0, 128))]
+    # Then w0's own paused unit (due 6) ranks above the re-queued "other" (due 7).
+    assert p.on_event(UnitCompleted("w0", 4, 0.125), 0.6875) == [Resume("w0", 1)]
+
+
+def test_cancel_waiting_request_never_runs():
+    p = policy("fcfs")
+    arrive(p, "a", 0.0, 1024, 6.0)
+    arrive(p, "b", 0.1, 1024, 6.0)
+    assert p.on_event(Cancelled("b"), 0.2) == []
+    assert p.on_event(UnitCompleted("w0", 1, 1.0), 1.0) == []
+    assert p.request_view("b").status is RequestStatus.CANCELLED
+
+
+def test_cancel_paused_unit_discards_it_and_running_request_does_not_finish():
+    p = policy()
+    arrive(p, "long", 0.0, 4096, 6.0)
+    arrive(p, "short", 0.5, 128, 0.25)
+    p.on_event(UnitPaused("w0", 1, 0.5), 0.5)
+    assert p.on_event(Cancelled("long"), 0.55) == [Discard("w0", 1)]
+    assert p.on_event(Cancelled("short"), 0.56) == []  # running: its unit runs on
+    assert p.on_event(UnitCompleted("w0", 2, 0.125), 0.625) == []  # nothing left to resume
+    assert p.request_view("short").status is RequestStatus.CANCELLED
+    assert p.stats()["discards"] == 1
+
+
+def test_admission_control_rejects_requests_that_cannot_make_it():
+    p = policy(reject_infeasible=True, retry_after_s=2.0)
+    decisions = arrive(p, "too-long", 0.0, 1024, 0.5)  # needs 1 s, has 0.5 s
+    assert len(decisions) == 1 and isinstance(decisions[0], Reject)
+    assert decisions[0].request_id == "too-long" and decisions[0].retry_after_s == 2.0
+    assert p.request_view("too-long").status is RequestStatus.REJECTED
+    assert arrive(p, "fine", 0.0, 256, 0.5) == [run(1, "w0", ("fine", 0, 256))]
+
+
+def test_duplicate_request_id_is_an_error():
+    p = policy()
+    arrive(p, "a", 0.0, 16, 1.0)
+    with pytest.raises(DuplicateRequestError, match="'a'"):
+        arrive(p, "a", 0.1, 16, 1.0)
+
+
+def test_online_correction_follows_completed_units():
+    p = make_policy(PolicyConfig(online_correction=True), linear_predictor())
+    assert isinstance(p, FlowPrefillPolicy)
+    p.on_event(WorkerJoined("w0"), 0.0)
+    arrive(p, "a", 0.0, 1024, 6.0)
+    p.on_event(UnitCompleted("w0", 1, executed_s=2.0), 2.0)  # took 2x the prediction
+    assert p.predictor.correction == pytest.approx(1.1)  # EWMA weight 0.1
+
+
+def test_unknown_policy_name_is_rejected_by_the_config():
+    with pytest.raises(ValueError, match="flowprefill"):
+        PolicyConfig(name="lottery")
