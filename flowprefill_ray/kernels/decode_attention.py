@@ -234,8 +234,14 @@ def decode_attention_triton(
     if B == 0:
         return out
     group = Hq // Hk
-    block_n = 16 if interpreter_enabled() else 64
     block_d = block_size(D)
+    if interpreter_enabled():
+        block_n = 16
+    else:
+        # Two buffered K and V tiles must fit in shared memory: 64 tokens at 2 bytes and
+        # D <= 256 (128 KiB), halved for fp32.
+        block_n = 64 if q.element_size() <= 2 else 32
+        block_n = block_n if block_d <= 256 else block_n // 2
     num_splits, split_len = _plan_splits(q.device, B * Hk, block_tables.shape[1] * slots, block_n)
     acc = torch.empty((B, Hq, num_splits, block_d), device=q.device, dtype=torch.float32)
     m = torch.empty((B, Hq, num_splits), device=q.device, dtype=torch.float32)
@@ -271,6 +277,7 @@ def decode_attention_triton(
         BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
+        num_stages=2,
     )
     _decode_merge_kernel[(B, Hq)](
         acc,

@@ -221,15 +221,30 @@ def _check(
         )
 
 
-def _launch_blocks(device: torch.device, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this device."""
+# Tile configurations, fastest first: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+_GPU_CONFIGS = ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1))
+# Shared-memory budget for one program, bytes: below the ~227 KiB of an H100/H200 SM and the
+# ~163 KiB of an A100 with room for the compiler's own buffers.
+_SMEM_BUDGET = 150 * 1024
+
+
+def _launch_blocks(
+    device: torch.device, block_d: int, element_size: int
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this device, head-dim tile and dtype.
+
+    Picks the first configuration whose q tile plus ``num_stages`` buffered K and V tiles fit
+    in shared memory (fp32 or head dims over 128 need smaller tiles than fp16 at 128).
+    """
     if device.type != "cuda" or interpreter_enabled():
         # Interpreter: every program runs in Python, so fewer, larger tiles would be faster,
         # but 16 keeps several query and key blocks in the small test sequences.
         return 16, 16, 4, 1
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    return 128, 64, 8, 3
+    for block_m, block_n, warps, stages in _GPU_CONFIGS:
+        smem = (block_m + 2 * stages * block_n) * block_d * element_size
+        if smem <= _SMEM_BUDGET:
+            return block_m, block_n, warps, stages
+    return _GPU_CONFIGS[-1]
 
 
 def varlen_attention_triton(
@@ -262,7 +277,8 @@ def varlen_attention_triton(
     if Tq == 0 or batch == 0:
         return out
     max_q = Tq if max_seqlen_q is None else min(int(max_seqlen_q), Tq)
-    block_m, block_n, warps, stages = _launch_blocks(q.device, D)
+    block_d = block_size(D)
+    block_m, block_n, warps, stages = _launch_blocks(q.device, block_d, q.element_size())
     grid = (batch, triton.cdiv(max_q, block_m), Hq)
     _varlen_attention_kernel[grid](
         q,
@@ -284,7 +300,7 @@ def varlen_attention_triton(
         GROUP=Hq // Hk,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_D=block_size(D),
+        BLOCK_D=block_d,
         # fp32 inputs get full-precision dots (the fp32 model must match the CPU path);
         # fp16/bf16 use the tensor cores' native path.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
