@@ -1,7 +1,7 @@
 """TTFT predictor: prompt tokens -> prefill seconds.
 
 Fitted offline from profile points (single prefills at various lengths): a cubic least-squares
-fit, points whose normalised residual ``|y - fit| / y`` exceeds ``outlier_threshold`` are
+fit (on relative errors by default, see ``PredictorConfig.fit_weighting``), points whose normalised residual ``|y - fit| / y`` exceeds ``outlier_threshold`` are
 dropped, and the cubic is refitted. The fit is tabulated for every token count in the profiled
 range so that ``predict`` is a list lookup (it runs for every request on every event).
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
@@ -30,6 +31,10 @@ class PredictorConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    fit_weighting: Literal["relative", "absolute"] = Field(
+        "relative",
+        description="least squares on relative errors (weights 1/y) or on absolute seconds",
+    )
     outlier_threshold: PositiveFloat = Field(
         0.4, description="drop profile points with |residual| / y above this, then refit"
     )
@@ -124,10 +129,14 @@ class TTFTPredictor:
             )
         x = np.array([p.tokens for p in points], dtype=np.float64)
         y = np.array([p.seconds for p in points], dtype=np.float64)
-        coeffs = np.polyfit(x, y, 3)
+        # The outlier test is relative, so by default the fit minimises relative error too:
+        # with absolute errors the long prompts (large y) dominate and the short prompts -
+        # the urgent ones - end up with large relative residuals and are dropped.
+        weights = 1.0 / y if cfg.fit_weighting == "relative" else np.ones_like(y)
+        coeffs = np.polyfit(x, y, 3, w=weights)
         keep = np.abs(y - np.polyval(coeffs, x)) / y <= cfg.outlier_threshold
         if len(np.unique(x[keep])) >= 4 and not keep.all():
-            coeffs = np.polyfit(x[keep], y[keep], 3)
+            coeffs = np.polyfit(x[keep], y[keep], 3, w=weights[keep])
         else:
             keep = np.ones_like(keep)  # refitting on < 4 points is impossible: keep the first fit
         predictor = cls(coeffs.tolist(), int(x.max()), cfg)
