@@ -183,6 +183,9 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p():
     assert top_p_filter(probs, 1.0) is probs
     # A tiny top_p still keeps the most likely token.
     assert top_p_filter(probs, 1e-6).tolist() == [0.0, 1.0, 0.0, 0.0]
+    # Batched: each row has its own top_p.
+    rows = top_p_filter(torch.stack([probs, probs, probs]), torch.tensor([0.75, 1e-6, 1.0]))
+    assert torch.allclose(rows, torch.stack([expected, torch.tensor([0.0, 1.0, 0.0, 0.0]), probs]))
 
 
 def test_tiny_top_p_samples_the_argmax_even_when_hot():

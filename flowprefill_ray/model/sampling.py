@@ -64,20 +64,22 @@ class SamplingParams(BaseModel):
         return generator
 
 
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero all but the nucleus of ``probs[V]``: the most likely tokens whose mass reaches
-    ``top_p``. The most likely token is always kept. Returns renormalised probabilities."""
-    if top_p >= 1.0:
+def top_p_filter(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """Zero all but the nucleus of each row of ``probs[..., V]``: the most likely tokens whose
+    mass reaches ``top_p`` (a float, or one value per row). The most likely token is always
+    kept. Returns renormalised probabilities."""
+    top_p = torch.as_tensor(top_p, dtype=probs.dtype, device=probs.device)
+    if bool((top_p >= 1.0).all()):
         return probs
-    sorted_probs, order = torch.sort(probs, descending=True)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     # Mass of the tokens strictly more likely than each token: a token is in the nucleus while
     # that mass is still below top_p, so the token that crosses the threshold is included.
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    keep_sorted = mass_before < top_p
-    keep_sorted[0] = True
-    keep = torch.zeros_like(keep_sorted).scatter(0, order, keep_sorted)
+    keep_sorted = mass_before < top_p.unsqueeze(-1)
+    keep_sorted[..., 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     filtered = torch.where(keep, probs, torch.zeros_like(probs))
-    return filtered / filtered.sum()
+    return filtered / filtered.sum(dim=-1, keepdim=True)
 
 
 def sample(
@@ -104,12 +106,18 @@ def sample(
             f"{len(tops)} top_ps and {len(gens)} generators"
         )
     tokens = torch.argmax(logits, dim=-1)
-    for row, (temp, top_p, gen) in enumerate(zip(temps, tops, gens, strict=True)):
-        if temp == 0.0:
-            continue
-        probs = torch.softmax(logits[row].float() / temp, dim=-1)
-        probs = top_p_filter(probs, top_p)
-        tokens[row] = torch.multinomial(probs, 1, generator=gen)[0]
+    rows = [b for b in range(batch) if temps[b] != 0.0]
+    if not rows:
+        return tokens
+    # Tempering and the nucleus are computed for all sampled rows at once; only the draw is
+    # per row, because each row may have its own seeded generator.
+    device = logits.device
+    temp_t = torch.tensor([temps[b] for b in rows], dtype=torch.float32, device=device)
+    top_t = torch.tensor([tops[b] for b in rows], dtype=torch.float32, device=device)
+    probs = torch.softmax(logits[rows].float() / temp_t.unsqueeze(-1), dim=-1)
+    probs = top_p_filter(probs, top_t)
+    for i, b in enumerate(rows):
+        tokens[b] = torch.multinomial(probs[i], 1, generator=gens[b])[0]
     return tokens
 
 
