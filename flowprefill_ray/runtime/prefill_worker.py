@@ -1,0 +1,122 @@
+"""Prefill worker actor: one per GPU (or a configured number on CPU), model loaded once.
+
+A threaded actor: control calls (preempt, discard, take_kv, stats) are served on Ray's call
+threads while a unit computes on the worker's own compute thread (one thread, so one unit at a
+time, and torch's per-thread state such as the CUDA stream stays put). ``run`` and ``resume``
+block their call thread until the unit completes or pauses, so the scheduler simply awaits them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+import torch
+
+from flowprefill_ray.model import load_model, load_tokenizer
+from flowprefill_ray.model.decode import context_limit
+from flowprefill_ray.model.generate import StopChecker, eos_token_ids
+
+from .config import ModelSource, PrefillConfig
+from .messages import PrefillItemSpec, UnitOutcome
+from .model_source import checkpoint_path, torch_device, torch_dtype
+from .prefill_executor import PrefillExecutor
+
+# Enough call threads that preempts, KV take-outs and stats never queue behind run/resume.
+PREFILL_WORKER_CONCURRENCY = 32
+
+
+class PrefillWorker:
+    """Executes prefill work units for the scheduler; see the module docstring."""
+
+    def __init__(self, worker_id: str, source: ModelSource, prefill: PrefillConfig, chunk_tokens: int):
+        torch.set_num_threads(prefill.torch_threads)
+        self.worker_id = worker_id
+        self.device = torch_device(source)
+        path = checkpoint_path(source)
+        self.model = load_model(path, device=self.device, dtype=torch_dtype(source), kernels=source.kernels)
+        tokenizer = load_tokenizer(path)
+        eos_ids = eos_token_ids(self.model, tokenizer)
+        limit = context_limit(self.model.config)
+
+        def stop_checker(spec: PrefillItemSpec) -> StopChecker:
+            # The same rules as the decode worker's, so a request that ends with its first
+            # token (EOS, max_tokens=1, a stop string) never reaches decode.
+            return StopChecker(spec.sampling, eos_ids, spec.prompt_tokens, limit, tokenizer)
+
+        self.executor = PrefillExecutor(self.model, prefill.granularity, chunk_tokens, stop_checker)
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prefill-{worker_id}")
+
+    def info(self) -> dict:
+        """Where this worker runs (the placement test checks the node)."""
+        return {
+            "worker_id": self.worker_id,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "max_position_embeddings": self.model.config.max_position_embeddings,
+        }
+
+    def run(self, unit_id: int, items: list[PrefillItemSpec]) -> UnitOutcome:
+        """Run a new unit; returns when it completed or paused."""
+        return self._compute.submit(self.executor.run, unit_id, items).result()
+
+    def resume(self, unit_id: int) -> UnitOutcome:
+        """Continue a paused unit; returns when it completed or paused again."""
+        return self._compute.submit(self.executor.resume, unit_id).result()
+
+    def preempt(self, unit_id: int) -> dict:
+        """Stop ``unit_id`` at its next checkpoint; returns once it stopped, with the measured
+        blocking time in seconds (``paused`` is False if the unit completed first)."""
+        paused, blocking_s = self.executor.request_pause(unit_id)
+        return {"paused": paused, "blocking_s": blocking_s}
+
+    def discard(self, unit_id: int) -> bool:
+        return self.executor.discard(unit_id)
+
+    def take_kv(self, request_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The finished prompt's KV as ``(k, v)`` ``[layers, T, Hk, D]``. The scheduler calls
+        this with the chosen tensor transport and hands the resulting ObjectRef to a decode
+        worker, so the bytes go from here to the decode worker directly."""
+        kv = self.executor.take_kv(request_id)
+        return kv.k.contiguous(), kv.v.contiguous()
+
+    def drop_request(self, request_id: str) -> int:
+        return self.executor.drop_request(request_id)
+
+    def stats(self) -> dict:
+        return {"worker_id": self.worker_id, **self.executor.stats()}
+
+    def profile(self, token_counts: list[int], repeats: int = 2) -> list[tuple[int, float]]:
+        """Time uninterrupted single-request prefills: ``[(tokens, median seconds)]``.
+
+        Feeds the TTFT predictor; runs on the compute thread so it never overlaps a unit.
+        """
+        return self._compute.submit(self._profile, token_counts, repeats).result()
+
+    def _profile(self, token_counts: list[int], repeats: int) -> list[tuple[int, float]]:
+        rng = random.Random(0)
+        vocab = self.model.config.vocab_size
+        self._time_prefill([rng.randrange(vocab) for _ in range(min(token_counts))])  # warm-up
+        points = []
+        for count in token_counts:
+            tokens = [rng.randrange(vocab) for _ in range(count)]
+            times = [self._time_prefill(tokens) for _ in range(repeats)]
+            points.append((count, statistics.median(times)))
+        return points
+
+    def _time_prefill(self, tokens: list[int]) -> float:
+        started = time.perf_counter()
+        state = self.model.start_prefill([tokens])
+        state.run(lambda: False)
+        state.result()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
+
+RemotePrefillWorker = ray.remote(PrefillWorker)

@@ -1,0 +1,493 @@
+"""The global scheduler actor: the only place prefill decisions are made.
+
+One named async actor. It runs the scheduling policy object unchanged (the same class the
+simulator drives) and calls it only on events: a request arrives, a unit completes or pauses,
+a worker joins or fails, a request is cancelled. It stamps arrivals on its own monotonic clock,
+turns each decision into calls on the prefill workers, and, when a prefill completes, hands the
+request to the least-loaded decode worker: it forwards the ObjectRef of the KV, never the KV.
+
+Its own cost is measured per event: the time inside ``policy.on_event`` plus dispatching the
+decisions (issuing the remote calls, not waiting for them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from flowprefill_ray.model.sampling import SamplingParams
+from flowprefill_ray.scheduling import Request, TTFTPredictor, make_policy
+from flowprefill_ray.scheduling.events import (
+    Arrival,
+    Cancelled,
+    Decision,
+    Discard,
+    Event,
+    Preempt,
+    Reject,
+    Resume,
+    RunUnit,
+    UnitCompleted,
+    UnitPaused,
+    WorkerJoined,
+    WorkerLeft,
+    WorkUnit,
+)
+
+from .config import RuntimeConfig
+from .errors import (
+    DuplicateRequestError,
+    EngineUnavailableError,
+    RequestFailedError,
+    RequestRejectedError,
+)
+from .messages import AcceptAck, FirstToken, Handoff, PrefillDone, PrefillItemSpec, UnitOutcome
+from .metrics import RuntimeMetrics
+
+logger = logging.getLogger(__name__)
+
+_WORKER_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
+# Samples kept for stats(): enough for percentiles of a benchmark run, bounded for a server.
+_SAMPLES = 20000
+
+
+@dataclass
+class _Tracked:
+    """A request from arrival until its first token (then the decode worker owns it)."""
+
+    request: Request
+    token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    done: asyncio.Future
+    first_run_s: float | None = None
+    preemptions: int = 0
+    workers: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _DecodeLoad:
+    """The scheduler's view of one decode worker: last reported load plus hand-offs in flight."""
+
+    handle: object
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    in_flight: int = 0
+
+    def score(self, max_batch: int) -> float:
+        # KV memory and queue length both limit how soon a new request gets decode steps.
+        return self.kv_usage + (self.running + self.waiting + self.in_flight) / max_batch
+
+
+class Scheduler:
+    """See the module docstring. Created by ``FlowPrefillEngine.start``."""
+
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        predictor: TTFTPredictor,
+        prefill_workers: dict[str, object],
+        decode_workers: dict[str, object],
+    ):
+        self.config = config
+        self.predictor = predictor
+        self.policy = make_policy(config.policy, predictor)
+        self._origin = time.monotonic()
+        self._prefill = dict(prefill_workers)
+        self._decode = {wid: _DecodeLoad(handle) for wid, handle in decode_workers.items()}
+        self._requests: dict[str, _Tracked] = {}
+        self._units: dict[int, WorkUnit] = {}
+        self._running_unit: dict[str, int | None] = {wid: None for wid in self._prefill}
+        self._paused_units: dict[str, set[int]] = {wid: set() for wid in self._prefill}
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+        self._started = False
+        transport = config.kv_transfer.mode
+        self._kv_transport = None if transport == "object_store" else transport
+        self._metrics = RuntimeMetrics()
+        # Measurements for stats() (seconds).
+        self._event_seconds: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=_SAMPLES))
+        self._blocking_s: deque[float] = deque(maxlen=_SAMPLES)
+        self._transfers: deque[tuple[int, float]] = deque(maxlen=_SAMPLES)
+        self._counts: dict[str, int] = defaultdict(int)
+
+    # ----------------------------------------------------------------- public calls
+
+    async def start(self) -> None:
+        """Announce the prefill workers to the policy (must run inside the actor's loop)."""
+        if not self._started:
+            self._started = True
+            for wid in self._prefill:
+                self._handle(WorkerJoined(wid))
+
+    def now(self) -> float:
+        """Seconds on the scheduler's monotonic clock (the policy's time base)."""
+        return time.monotonic() - self._origin
+
+    async def submit(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        sampling: SamplingParams,
+        slo_class: str,
+        ttft_slo_s: float | None = None,
+    ) -> PrefillDone | None:
+        """Admit a request and return when its first token exists (None if cancelled).
+
+        Raises ``RequestRejectedError`` if the policy refuses it, ``DuplicateRequestError`` if
+        the id is in flight, ``EngineUnavailableError`` once closed or out of prefill workers.
+        """
+        if self._closed or not self._prefill:
+            raise EngineUnavailableError("the scheduler is not accepting requests (no prefill workers or shut down)")
+        if request_id in self._requests:
+            raise DuplicateRequestError(request_id)
+        await self.start()
+        request = Request(
+            request_id=request_id,
+            arrival_s=self.now(),
+            prompt_tokens=len(token_ids),
+            max_output_tokens=sampling.max_tokens,
+            slo_class=slo_class,
+            ttft_slo_s=ttft_slo_s,
+        ).with_slo(self.config.slo)
+        tracked = _Tracked(request, tuple(token_ids), sampling, asyncio.get_running_loop().create_future())
+        self._requests[request_id] = tracked
+        self._counts["submitted"] += 1
+        self._handle(Arrival(request))
+        try:
+            return await asyncio.shield(tracked.done)
+        except asyncio.CancelledError:
+            # The caller went away (client disconnect): the request must not keep running.
+            self._cancel(request_id)
+            raise
+
+    async def cancel(self, request_id: str) -> bool:
+        """Cancel a request still in prefill. Returns False if it is not (or no longer) here."""
+        return self._cancel(request_id)
+
+    async def setup_kv_transport(self) -> None:
+        """Join every worker into one collective group for Ray Direct Transport of the KV.
+        Created from this actor because it is the one that issues the tensor-transport calls."""
+        from ray.experimental.collective import create_collective_group
+
+        actors = [*self._prefill.values(), *(d.handle for d in self._decode.values())]
+        backend = "torch_gloo" if self._kv_transport == "gloo" else "nccl"
+        name = f"{self.config.name_prefix}-kv"
+        await asyncio.to_thread(create_collective_group, actors, backend, name)
+
+    async def add_prefill_worker(self, worker_id: str, handle) -> None:
+        """A new prefill worker joined (scale-up or a replacement)."""
+        self._prefill[worker_id] = handle
+        self._running_unit[worker_id] = None
+        self._paused_units[worker_id] = set()
+        self._handle(WorkerJoined(worker_id))
+
+    async def close(self) -> None:
+        """Refuse new requests and fail the pending ones (engine shutdown)."""
+        self._closed = True
+        for tracked in list(self._requests.values()):
+            if not tracked.done.done():
+                tracked.done.set_exception(EngineUnavailableError("the engine is shutting down"))
+        self._requests.clear()
+
+    def stats(self) -> dict:
+        """Counters and raw samples (seconds) for the benchmark and tests."""
+        overhead = {name: list(values) for name, values in self._event_seconds.items()}
+        return {
+            "counts": dict(self._counts),
+            "in_prefill": len(self._requests),
+            "prefill_workers": sorted(self._prefill),
+            "running_units": {w: u for w, u in self._running_unit.items()},
+            "paused_units": {w: sorted(u) for w, u in self._paused_units.items()},
+            "event_overhead_s": overhead,
+            "preemption_blocking_s": list(self._blocking_s),
+            "kv_transfers": list(self._transfers),
+            "decode_load": {
+                wid: {"running": d.running, "waiting": d.waiting, "kv_usage": d.kv_usage, "in_flight": d.in_flight}
+                for wid, d in self._decode.items()
+            },
+            "predictor_correction": getattr(self.predictor, "correction", 1.0),
+        }
+
+    # -------------------------------------------------------------- event handling
+
+    def _handle(self, event: Event) -> None:
+        started = time.perf_counter()
+        decisions = self.policy.on_event(event, self.now())
+        for decision in decisions:
+            self._dispatch(decision)
+        elapsed = time.perf_counter() - started
+        name = type(event).__name__
+        self._event_seconds[name].append(elapsed)
+        self._metrics.observe("flowprefill_scheduler_event_seconds", elapsed, event=name)
+        self._report_gauges()
+
+    def _dispatch(self, decision: Decision) -> None:
+        if isinstance(decision, RunUnit):
+            self._run(decision.unit)
+        elif isinstance(decision, Preempt):
+            self._counts["preempt_decisions"] += 1
+            self._spawn(self._preempt(decision.worker_id, decision.unit_id))
+        elif isinstance(decision, Resume):
+            self._paused_units[decision.worker_id].discard(decision.unit_id)
+            self._running_unit[decision.worker_id] = decision.unit_id
+            handle = self._prefill[decision.worker_id]
+            self._spawn(self._await_unit(decision.worker_id, decision.unit_id, handle.resume.remote(decision.unit_id)))
+        elif isinstance(decision, Discard):
+            self._paused_units.get(decision.worker_id, set()).discard(decision.unit_id)
+            unit = self._units.pop(decision.unit_id, None)
+            self._spawn(self._discard(decision.worker_id, decision.unit_id, unit))
+            for rid in unit.request_ids if unit else ():
+                self._forget(rid, unit_gone=True)
+        elif isinstance(decision, Reject):
+            self._reject(decision)
+        else:  # pragma: no cover - the contract has no other decisions
+            raise TypeError(f"unknown decision {decision!r}")
+
+    def _run(self, unit: WorkUnit) -> None:
+        items = []
+        now = self.now()
+        for item in unit.items:
+            tracked = self._requests[item.request_id]
+            if tracked.first_run_s is None:
+                tracked.first_run_s = now
+                queue_s = now - tracked.request.arrival_s
+                self._metrics.observe("flowprefill_request_queue_time_seconds", queue_s, slo_class=tracked.request.slo_class)
+            tracked.workers.add(unit.worker_id)
+            items.append(
+                PrefillItemSpec(
+                    item.request_id, item.start, item.end, tracked.token_ids[item.start : item.end],
+                    tracked.request.prompt_tokens, tracked.sampling,
+                )
+            )
+        self._units[unit.unit_id] = unit
+        self._running_unit[unit.worker_id] = unit.unit_id
+        self._counts["units"] += 1
+        self._metrics.observe("flowprefill_prefill_batch_size", len(unit.items))
+        self._metrics.observe("flowprefill_prefill_batch_tokens", unit.tokens)
+        handle = self._prefill[unit.worker_id]
+        self._spawn(self._await_unit(unit.worker_id, unit.unit_id, handle.run.remote(unit.unit_id, items)))
+
+    async def _await_unit(self, worker_id: str, unit_id: int, call) -> None:
+        try:
+            outcome: UnitOutcome = await call
+        except _WORKER_GONE:
+            self._worker_failed(worker_id)
+            return
+        except Exception as error:  # a bug or a bad request inside the worker
+            logger.exception("prefill unit %s failed on %s", unit_id, worker_id)
+            self._unit_failed(worker_id, unit_id, error)
+            return
+        if worker_id not in self._prefill:
+            return  # the worker was declared failed meanwhile; the policy re-queued its work
+        if self._running_unit.get(worker_id) == unit_id:
+            self._running_unit[worker_id] = None
+        if outcome.status == "paused":
+            self._paused(worker_id, outcome)
+        else:
+            self._completed(worker_id, outcome)
+
+    def _paused(self, worker_id: str, outcome: UnitOutcome) -> None:
+        self._paused_units[worker_id].add(outcome.unit_id)
+        self._blocking_s.append(outcome.blocking_s)
+        self._counts["preemptions"] += 1
+        self._metrics.inc("flowprefill_preemptions_total", worker_id=worker_id)
+        self._metrics.observe("flowprefill_preemption_blocking_seconds", outcome.blocking_s, worker_id=worker_id)
+        unit = self._units.get(outcome.unit_id)
+        for rid in unit.request_ids if unit else ():
+            if rid in self._requests:
+                self._requests[rid].preemptions += 1
+        self._handle(UnitPaused(worker_id, outcome.unit_id, outcome.executed_s, outcome.blocking_s))
+
+    def _completed(self, worker_id: str, outcome: UnitOutcome) -> None:
+        unit = self._units.pop(outcome.unit_id, None)
+        if unit is not None:
+            predicted = self.predictor.predict(unit.tokens)
+            if predicted > 0 and outcome.executed_s > 0:
+                self._metrics.observe("flowprefill_ttft_prediction_ratio", outcome.executed_s / predicted)
+            self._metrics.inc("flowprefill_prompt_tokens_total", unit.tokens)
+        self._handle(UnitCompleted(worker_id, outcome.unit_id, outcome.executed_s))
+        for first in outcome.first_tokens:
+            self._first_token(worker_id, first)
+        for rid in unit.request_ids if unit else ():
+            if rid not in self._requests:
+                # Cancelled while its unit ran: its KV must not stay on the worker.
+                self._spawn(self._drop(worker_id, rid))
+            self._forget(rid)
+
+    def _first_token(self, worker_id: str, first: FirstToken) -> None:
+        tracked = self._requests.pop(first.request_id, None)
+        if tracked is None:  # cancelled meanwhile; _completed drops its KV
+            return
+        request = tracked.request
+        now = self.now()
+        ttft_s = now - request.arrival_s
+        met = ttft_s <= request.ttft_target_s
+        self._counts["slo_met" if met else "slo_missed"] += 1
+        self._metrics.inc("flowprefill_slo_met_total" if met else "flowprefill_slo_missed_total", slo_class=request.slo_class)
+        decode_handle = None
+        if first.finish_reason is None:
+            decode_id = self._pick_decode()
+            decode_handle = self._decode[decode_id].handle
+            self._handoff(worker_id, decode_id, tracked, first)
+        queue_s = (tracked.first_run_s if tracked.first_run_s is not None else now) - request.arrival_s
+        tracked.done.set_result(
+            PrefillDone(
+                request.request_id, first.token_id, first.finish_reason, decode_handle, queue_s,
+                ttft_s, tracked.preemptions, request.ttft_target_s, request.slo_class,
+            )
+        )
+
+    def _pick_decode(self) -> str:
+        max_batch = self.config.decode.max_batch_size
+        return min(self._decode, key=lambda wid: self._decode[wid].score(max_batch))
+
+    def _handoff(self, prefill_id: str, decode_id: str, tracked: _Tracked, first: FirstToken) -> None:
+        handoff = Handoff(
+            tracked.request.request_id, first.token_id, tracked.request.prompt_tokens,
+            tracked.sampling, tracked.request.slo_class, first.generator_state,
+        )
+        take = self._prefill[prefill_id].take_kv
+        if self._kv_transport is not None:
+            take = take.options(tensor_transport=self._kv_transport)
+        kv_ref = take.remote(handoff.request_id)
+        load = self._decode[decode_id]
+        load.in_flight += 1
+        # The ref travels nested in a list: the decode worker fetches (and times) the bytes
+        # itself, straight from the prefill worker; this actor never touches them.
+        self._spawn(self._await_accept(decode_id, load.handle.accept.remote(handoff, [kv_ref])))
+
+    async def _await_accept(self, decode_id: str, call) -> None:
+        load = self._decode.get(decode_id)
+        try:
+            ack: AcceptAck = await call
+        except Exception:
+            # The client's stream from that decode worker fails too and reports the error.
+            logger.exception("hand-off to decode worker %s failed", decode_id)
+            return
+        finally:
+            if load is not None:
+                load.in_flight -= 1
+        load.running, load.waiting, load.kv_usage = ack.running, ack.waiting, ack.kv_usage
+        self._transfers.append((ack.kv_bytes, ack.transfer_s))
+
+    async def _preempt(self, worker_id: str, unit_id: int) -> None:
+        handle = self._prefill.get(worker_id)
+        if handle is None:
+            return
+        try:
+            await handle.preempt.remote(unit_id)
+        except _WORKER_GONE:
+            self._worker_failed(worker_id)
+        # The run/resume call of the unit returns with status "paused" (or "completed"); that
+        # return, not this one, is the event the policy hears.
+
+    async def _discard(self, worker_id: str, unit_id: int, unit: WorkUnit | None) -> None:
+        handle = self._prefill.get(worker_id)
+        if handle is None:
+            return
+        try:
+            await handle.discard.remote(unit_id)
+            for rid in unit.request_ids if unit else ():
+                if rid not in self._requests:
+                    await handle.drop_request.remote(rid)
+        except _WORKER_GONE:
+            self._worker_failed(worker_id)
+
+    async def _drop(self, worker_id: str, request_id: str) -> None:
+        handle = self._prefill.get(worker_id)
+        if handle is not None:
+            try:
+                await handle.drop_request.remote(request_id)
+            except _WORKER_GONE:
+                self._worker_failed(worker_id)
+
+    def _reject(self, decision: Reject) -> None:
+        tracked = self._requests.pop(decision.request_id, None)
+        if tracked is None:
+            return
+        self._counts["rejected"] += 1
+        self._metrics.inc("flowprefill_requests_rejected_total", slo_class=tracked.request.slo_class)
+        tracked.done.set_exception(RequestRejectedError(decision.request_id, decision.reason, decision.retry_after_s))
+        self._forget(decision.request_id)
+
+    def _cancel(self, request_id: str) -> bool:
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None:
+            return False
+        self._counts["cancelled"] += 1
+        if not tracked.done.done():
+            tracked.done.set_result(None)
+        self._handle(Cancelled(request_id))
+        # Finished or partial KV already sitting on a worker; KV inside a running or paused
+        # unit is dropped when that unit completes or is discarded.
+        for worker_id in tracked.workers:
+            self._spawn(self._drop(worker_id, request_id))
+        self._forget(request_id)
+        return True
+
+    def _worker_failed(self, worker_id: str) -> None:
+        if worker_id not in self._prefill:
+            return
+        logger.error("prefill worker %s is gone; its work is re-queued", worker_id)
+        del self._prefill[worker_id]
+        self._running_unit.pop(worker_id, None)
+        self._paused_units.pop(worker_id, None)
+        self._counts["workers_lost"] += 1
+        self._handle(WorkerLeft(worker_id))
+        if not self._prefill:
+            for tracked in list(self._requests.values()):
+                if not tracked.done.done():
+                    tracked.done.set_exception(EngineUnavailableError("every prefill worker is gone"))
+            self._requests.clear()
+
+    def _unit_failed(self, worker_id: str, unit_id: int, error: Exception) -> None:
+        unit = self._units.pop(unit_id, None)
+        if self._running_unit.get(worker_id) == unit_id:
+            self._running_unit[worker_id] = None
+        for rid in unit.request_ids if unit else ():
+            tracked = self._requests.pop(rid, None)
+            if tracked is not None and not tracked.done.done():
+                tracked.done.set_exception(RequestFailedError(f"prefill of {rid} failed: {error}"))
+            if tracked is not None:
+                self._handle(Cancelled(rid))
+        # The worker is idle again; the policy frees it on the unit's completion.
+        self._handle(UnitCompleted(worker_id, unit_id, 0.0))
+
+    # ------------------------------------------------------------------- helpers
+
+    def _forget(self, request_id: str, unit_gone: bool = False) -> None:
+        """Let the policy drop a request that is over and in no live unit (bounded memory)."""
+        try:
+            view = self.policy.request_view(request_id)
+        except KeyError:
+            return
+        if view.status.is_terminal and (unit_gone or view.unit_id is None):
+            self.policy.forget(request_id)
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _report_gauges(self) -> None:
+        in_units = set()
+        for wid in self._prefill:
+            running = self._units.get(self._running_unit.get(wid) or -1)
+            paused = [self._units[u] for u in self._paused_units.get(wid, ()) if u in self._units]
+            in_units.update(running.request_ids if running else ())
+            for unit in paused:
+                in_units.update(unit.request_ids)
+            self._metrics.set("flowprefill_prefill_requests_running", len(running.items) if running else 0, worker_id=wid)
+            self._metrics.set("flowprefill_prefill_requests_paused", sum(len(u.items) for u in paused), worker_id=wid)
+        waiting = sum(1 for rid in self._requests if rid not in in_units)
+        self._metrics.set("flowprefill_prefill_requests_waiting", waiting)
+
+
+RemoteScheduler = ray.remote(Scheduler)

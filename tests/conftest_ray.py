@@ -1,0 +1,76 @@
+"""Session-scoped Ray fixtures shared by the runtime tests (loaded from tests/conftest.py).
+
+One local Ray cluster per test session (starting one costs seconds), and one runtime engine
+per scheduling policy on it, built lazily the first time a test asks for that policy. Every
+engine uses the generated tiny model on CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+# Logical CPUs of the test cluster: actors ask for fractions, so this bounds how many fit, not
+# how many cores they use (each worker runs torch on one thread).
+RAY_TEST_CPUS = 8
+
+
+def runtime_test_config(cache_dir: str, policy: str, **overrides):
+    """A small RuntimeConfig for tests: tiny model, one prefill and one decode worker."""
+    from flowprefill_ray.runtime.config import RuntimeConfig
+
+    base = {
+        "model": {"path": "tiny", "cache_dir": cache_dir},
+        "placement": {"prefill_num_cpus": 0.5, "decode_num_cpus": 0.5},
+        "policy": {"name": policy},
+        "prefill": {"profile_tokens": [16, 64, 128, 256, 512], "profile_repeats": 1},
+        "decode": {"kv_blocks": 256, "block_size": 16, "max_batch_size": 16},
+        "name_prefix": f"fp-test-{policy}",
+    }
+    for key, value in overrides.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return RuntimeConfig.model_validate(base)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A private local Ray cluster (never attaches to another one), bound to 127.0.0.1."""
+    import ray
+
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0", "set by tests/conftest.py"
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(
+        address="local",
+        num_cpus=RAY_TEST_CPUS,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def runtime_cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("runtime-model-cache"))
+
+
+@pytest.fixture(scope="session")
+def runtime_engines(ray_local, runtime_cache_dir):
+    """``get(policy)`` -> a started FlowPrefillEngine for that policy (one per session)."""
+    from flowprefill_ray.runtime.engine import FlowPrefillEngine
+
+    engines: dict[str, FlowPrefillEngine] = {}
+
+    def get(policy: str) -> FlowPrefillEngine:
+        if policy not in engines:
+            config = runtime_test_config(runtime_cache_dir, policy)
+            engines[policy] = asyncio.run(FlowPrefillEngine.start(config))
+        return engines[policy]
+
+    yield get
+    for engine in engines.values():
+        asyncio.run(engine.shutdown())
