@@ -1,1 +1,50 @@
+"""The Ray runtime: scheduler actor, prefill and decode worker actors, and the client API.
 
+``FlowPrefillEngine`` (engine.py) is the entry point; ``RuntimeConfig`` (config.py) configures
+it; the errors in errors.py carry the HTTP status a front end should answer with; metrics.py
+lists every metric the system exports. See docs/RUNTIME.md.
+"""
+
+from .config import (
+    DecodeConfig,
+    KVTransferConfig,
+    ModelSource,
+    PlacementConfig,
+    PrefillConfig,
+    RequestBounds,
+    RuntimeConfig,
+)
+from .engine import FlowPrefillEngine, TokenOutput
+from .errors import (
+    DuplicateRequestError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    PromptTooLongError,
+    RequestFailedError,
+    RequestRejectedError,
+    RuntimeEngineError,
+)
+from .metrics import METRICS, METRICS_BY_NAME, MetricSpec, RuntimeMetrics
+
+__all__ = [
+    "METRICS",
+    "METRICS_BY_NAME",
+    "DecodeConfig",
+    "DuplicateRequestError",
+    "EngineUnavailableError",
+    "FlowPrefillEngine",
+    "InvalidRequestError",
+    "KVTransferConfig",
+    "MetricSpec",
+    "ModelSource",
+    "PlacementConfig",
+    "PrefillConfig",
+    "PromptTooLongError",
+    "RequestBounds",
+    "RequestFailedError",
+    "RequestRejectedError",
+    "RuntimeConfig",
+    "RuntimeEngineError",
+    "RuntimeMetrics",
+    "TokenOutput",
+]

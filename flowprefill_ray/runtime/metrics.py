@@ -50,11 +50,6 @@ class MetricSpec:
     labels: tuple[str, ...] = ()
     boundaries: tuple[float, ...] = ()
 
-    @property
-    def prometheus_name(self) -> str:
-        """The name Ray's metrics agent exports (counters get ``_total`` appended only once)."""
-        return f"ray_{self.name}"
-
 
 METRICS: tuple[MetricSpec, ...] = (
     # --- request latency, by SLO class (emitted by the engine when a request finishes)

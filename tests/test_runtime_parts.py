@@ -1,0 +1,189 @@
+"""Runtime parts that run without Ray: configuration, the metric registry, detokenization,
+and the prefill executor (pause at a checkpoint, resume, chunking) on the real tiny model."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from flowprefill_ray.model import load_model, load_tokenizer
+from flowprefill_ray.model.checkpoints import tiny_checkpoint
+from flowprefill_ray.model.sampling import SamplingParams
+from flowprefill_ray.runtime.config import RuntimeConfig
+from flowprefill_ray.runtime.detokenizer import Detokenizer
+from flowprefill_ray.runtime.messages import PrefillItemSpec
+from flowprefill_ray.runtime.metrics import METRICS, RuntimeMetrics
+from flowprefill_ray.runtime.model_source import TINY_MODEL_SHAPE
+from flowprefill_ray.runtime.prefill_executor import PrefillExecutor, UnknownUnitError
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("runtime-parts"), **TINY_MODEL_SHAPE)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    torch.set_num_threads(1)
+    return load_model(tiny_dir)
+
+
+def _item(request_id, tokens, start=0, end=None, prompt_tokens=None, sampling=GREEDY):
+    end = len(tokens) if end is None else end
+    return PrefillItemSpec(
+        request_id, start, end, tuple(tokens[start:end]), prompt_tokens or len(tokens), sampling
+    )
+
+
+def _prompt(n: int, salt: int = 0) -> list[int]:
+    return [(i * 37 + salt) % 480 + 3 for i in range(n)]
+
+
+# ------------------------------------------------------------------------ configuration
+
+
+def test_config_rejects_bad_combinations_with_clear_messages():
+    with pytest.raises(ValidationError, match="one worker per GPU"):
+        RuntimeConfig.model_validate({"placement": {"prefill_num_gpus": 0.5}})
+    with pytest.raises(ValidationError, match="needs GPU prefill and decode workers"):
+        RuntimeConfig.model_validate({"kv_transfer": {"mode": "nccl"}})
+    with pytest.raises(ValidationError, match="not a checkpoint directory"):
+        RuntimeConfig.model_validate({"model": {"path": "/nonexistent/model"}})
+    with pytest.raises(ValidationError, match="extra"):
+        RuntimeConfig.model_validate({"placement": {"num_prefil_workers": 2}})
+    with pytest.raises(ValidationError):
+        RuntimeConfig.model_validate({"policy": {"name": "lottery"}})
+
+
+def test_config_parses_nested_dicts_from_yaml_shape():
+    config = RuntimeConfig.model_validate(
+        {"placement": {"num_prefill_workers": 2, "strategy": "SPREAD"}, "policy": {"name": "fcfs"}}
+    )
+    assert config.placement.num_prefill_workers == 2
+    assert config.policy.name == "fcfs"
+    assert config.scheduler_name == "flowprefill-scheduler"
+
+
+# ---------------------------------------------------------------------- metric registry
+
+
+def test_metric_registry_follows_the_naming_rules():
+    names = [spec.name for spec in METRICS]
+    assert len(names) == len(set(names))
+    for spec in METRICS:
+        assert re.fullmatch(r"flowprefill_[a-z0-9_]+", spec.name), spec.name
+        assert spec.description
+        if spec.kind == "counter":
+            assert spec.name.endswith("_total"), spec.name
+        if spec.kind == "histogram":
+            assert list(spec.boundaries) == sorted(spec.boundaries) and spec.boundaries
+    ttft = next(s for s in METRICS if s.name == "flowprefill_time_to_first_token_seconds")
+    assert sum(1 for b in ttft.boundaries if b < 0.1) >= 6  # fine below 100 ms
+    assert ttft.labels == ("slo_class",)
+
+
+def test_runtime_metrics_refuses_unknown_names_kinds_and_labels():
+    metrics = RuntimeMetrics()
+    with pytest.raises(KeyError, match="not in"):
+        metrics.inc("flowprefill_made_up_total")
+    with pytest.raises(TypeError, match="is a histogram"):
+        metrics.inc("flowprefill_time_to_first_token_seconds")
+    with pytest.raises(ValueError, match="takes labels"):
+        metrics.observe("flowprefill_time_to_first_token_seconds", 0.1, worker_id="x")
+
+
+# ---------------------------------------------------------------------- detokenization
+
+
+def test_detokenizer_deltas_join_to_the_full_text_and_hold_back_stop_prefixes(tiny_dir):
+    tokenizer = load_tokenizer(tiny_dir)
+    ids = tokenizer.encode("The capital of France is Paris.", add_special_tokens=False)
+    detok = Detokenizer(tokenizer, stop=["France is"])
+    deltas = [detok.add(t) for t in ids]
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    # Up to 8 characters (len("France is") - 1) are held back until the output ends.
+    shown = "".join(deltas)
+    assert full.startswith(shown) and len(full) - len(shown) <= len("France is") - 1
+    assert shown + detok.finish(full) == full
+
+
+# --------------------------------------------------------------------- prefill executor
+
+
+def test_paused_prefill_resumes_to_the_same_kv_and_first_token(model):
+    tokens = _prompt(1500)
+    reference = model.prefill(tokens)
+    executor = PrefillExecutor(model, "block", chunk_tokens=8192)
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(first=executor.run(1, [_item("r", tokens)])))
+    runner.start()
+    time.sleep(0.05)
+    paused, blocking_s = executor.request_pause(1)
+    runner.join()
+
+    assert paused and outcome["first"].status == "paused"
+    assert 0 <= blocking_s < 5.0
+    assert executor.stats()["paused_units"] == 1
+    done = executor.resume(1)
+    assert done.status == "completed"
+    assert done.executed_s >= outcome["first"].executed_s
+    kv = executor.take_kv("r")
+    assert torch.equal(kv.k, reference.kv[0].k) and torch.equal(kv.v, reference.kv[0].v)
+    assert done.first_tokens[0].token_id == int(reference.last_logits[0].argmax())
+    assert executor.stats()["held_kv_bytes"] == 0
+
+
+def test_long_prompt_runs_as_back_to_back_chunks_with_the_same_result(model):
+    tokens = _prompt(700, salt=5)
+    reference = model.prefill(tokens)
+    executor = PrefillExecutor(model, "block", chunk_tokens=256)
+    done = executor.run(1, [_item("r", tokens)])
+    kv = executor.take_kv("r")
+    assert kv.num_tokens == 700
+    torch.testing.assert_close(kv.k, reference.kv[0].k, rtol=1e-4, atol=1e-5)
+    assert done.first_tokens[0].token_id == int(reference.last_logits[0].argmax())
+
+
+def test_batched_unit_and_policy_chunks_keep_per_request_kv(model):
+    a, b = _prompt(120, 1), _prompt(300, 2)
+    executor = PrefillExecutor(model, "block", chunk_tokens=8192)
+    # b arrives as two policy chunks: [0, 100) in one unit, then [100, 300) with a.
+    first = executor.run(1, [_item("b", b, 0, 100)])
+    assert first.first_tokens == () and executor.stats()["partial_kv_requests"] == 1
+    second = executor.run(2, [_item("a", a), _item("b", b, 100, 300)])
+    assert {f.request_id for f in second.first_tokens} == {"a", "b"}
+    for rid, tokens in (("a", a), ("b", b)):
+        reference = model.prefill(tokens)
+        torch.testing.assert_close(executor.take_kv(rid).k, reference.kv[0].k, rtol=1e-4, atol=1e-5)
+
+
+def test_preempt_of_a_finished_unit_answers_at_once_and_discard_frees_state(model):
+    executor = PrefillExecutor(model, "block")
+    executor.run(1, [_item("r", _prompt(32))])
+    assert executor.request_pause(1) == (False, 0.0)
+    # A preempt that overtakes its run call pauses the unit before any compute.
+    pauser = threading.Thread(target=lambda: executor.request_pause(2))
+    pauser.start()
+    time.sleep(0.05)
+    early = executor.run(2, [_item("s", _prompt(64))])
+    pauser.join()
+    assert early.status == "paused" and early.executed_s == 0.0
+    assert executor.discard(2) and executor.stats()["paused_units"] == 0
+    with pytest.raises(UnknownUnitError):
+        executor.resume(2)
+    assert executor.drop_request("r") > 0 and executor.stats()["held_kv_bytes"] == 0
+
+
+def test_first_token_that_ends_the_request_keeps_no_kv(model):
+    executor = PrefillExecutor(model, "block")
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    done = executor.run(1, [_item("r", _prompt(40), sampling=one)])
+    assert done.first_tokens[0].finish_reason == "length"
+    assert executor.stats()["ready_kv_requests"] == 0
