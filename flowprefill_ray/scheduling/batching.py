@@ -6,7 +6,8 @@ in priority order; a request joins when it has at most ``token_bound`` tokens, t
 stays within ``token_bound`` and the worker has KV memory for the total. The scan stops before
 the first request whose addition would leave the head less than ``alpha x SLO`` of time:
 ``(deadline_head - now) - predict(batch_tokens) < alpha * slo_head``. At most
-``batch_scan_limit`` requests are examined, so the work per event stays bounded.
+``batch_scan_limit`` requests are examined, so the work per event stays bounded; requests
+over ``token_bound`` tokens are not examined at all (the queue keeps them apart).
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ def form_slo_batch(
     for _ in range(config.batch_scan_limit):
         if total >= bound:
             break
-        rec = queue.pop(now)
+        rec = queue.pop_small(now)  # larger requests could never join
         if rec is None:
             break
         examined.append(rec)
         tokens = rec.prompt_tokens - rec.prefilled_tokens
         new_total = total + tokens
-        if tokens > bound or new_total > bound or not kv_admits(new_total):
+        if new_total > bound or not kv_admits(new_total):
             continue
         if time_left - predictor.predict(new_total) < margin:
             break
@@ -56,5 +57,5 @@ def form_slo_batch(
         examined.pop()
         total = new_total
     for rec in examined:
-        queue.push(rec, now)
+        queue.unpop(rec)
     return items

@@ -27,7 +27,7 @@ class PolicyConfig(BaseModel):
         description="flowprefill: batch only while the head keeps alpha x its TTFT SLO of time",
     )
     batch_scan_limit: PositiveInt = Field(
-        64,
+        32,
         description="flowprefill: most waiting requests examined when filling one batch "
         "(bounds the work per event; the release scans the whole queue)",
     )

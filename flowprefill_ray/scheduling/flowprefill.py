@@ -44,7 +44,7 @@ class FlowPrefillPolicy(Policy):
         self, config: PolicyConfig, predictor: TTFTPredictor, kv_check: KVCheck | None = None
     ) -> None:
         super().__init__(config, predictor, kv_check)
-        self.queue = SlackQueue(predictor, config.rescore_threshold)
+        self.queue = SlackQueue(predictor, config.token_bound, config.rescore_threshold)
 
     def _enqueue(self, rec: RequestRecord, now: float) -> None:
         self.queue.push(rec, now)
@@ -168,7 +168,7 @@ class FlowPrefillPolicy(Policy):
             out.append(self._preempt(victim))
             victims.pop(0)
         for rec in taken:
-            self.queue.push(rec, now)
+            self.queue.unpop(rec)
 
     # ------------------------------------------------------------------ introspection
 

@@ -61,6 +61,16 @@ class KeyedQueue:
         return rec
 
 
+class _FeasibleLateHeaps:
+    """One pair of heaps: feasible requests by earliest deadline, late ones by latest."""
+
+    __slots__ = ("feasible", "late")
+
+    def __init__(self) -> None:
+        self.feasible: list[tuple[float, tuple[int, int], int, RequestRecord]] = []
+        self.late: list[tuple[float, tuple[int, int], int, RequestRecord]] = []
+
+
 class SlackQueue:
     """Waiting requests in FlowPrefill priority order, without rescoring every request.
 
@@ -72,21 +82,30 @@ class SlackQueue:
     found late), and late requests rank after all feasible ones, so popping gives exactly the
     order of a full rescan at the same ``now``.
 
+    Requests of at most ``small_tokens`` tokens live in their own pair of heaps, so that SLO
+    batching, which only ever adds small requests, can walk them in priority order
+    (``pop_small``) without popping every large request in between; ``peek``/``pop`` merge
+    the two pairs.
+
     The one thing that can make a late request feasible again is the predictor's online
-    correction falling. The late heap is re-checked whenever the correction has fallen by
+    correction falling. The late heaps are re-checked whenever the correction has fallen by
     more than ``rescore_threshold`` (a fraction) since the last check; with 0 the order is
     exact, with a small positive value a request within that margin of feasibility may stay
     demoted until the next check, which keeps the common path O(log n).
     """
 
-    def __init__(self, predictor: TTFTPredictor, rescore_threshold: float = 0.0) -> None:
+    def __init__(
+        self, predictor: TTFTPredictor, small_tokens: int, rescore_threshold: float = 0.0
+    ) -> None:
         self._predictor = predictor
+        self._small_tokens = small_tokens
         self._threshold = rescore_threshold
-        self._feasible: list[tuple[float, tuple[int, int], int, RequestRecord]] = []
-        self._late: list[tuple[float, tuple[int, int], int, RequestRecord]] = []
+        self._small = _FeasibleLateHeaps()
+        self._large = _FeasibleLateHeaps()
         self._token = _Tokens()
         self._reference_correction = predictor.correction
-        self.rescores = 0  # how often the late heap was re-checked
+        self._seen_correction = predictor.correction  # skip the check until it changes
+        self.rescores = 0  # how often the late heaps were re-checked
 
     def slack_s(self, rec: RequestRecord, now: float) -> float:
         """Slack of a waiting request at ``now``, seconds."""
@@ -94,16 +113,29 @@ class SlackQueue:
         remaining = predicted - rec.executed_s
         return (rec.deadline_s - now) - (remaining if remaining > 0.0 else 0.0)
 
+    def _heaps_of(self, rec: RequestRecord) -> _FeasibleLateHeaps:
+        small = rec.prompt_tokens - rec.prefilled_tokens <= self._small_tokens
+        return self._small if small else self._large
+
     def push(self, rec: RequestRecord, now: float) -> None:
+        """Queue a waiting request, scoring it at ``now``."""
+        rec.queue_late = self.slack_s(rec, now) < 0.0
+        self.unpop(rec)
+
+    def unpop(self, rec: RequestRecord) -> None:
+        """Put back a request popped during this same event, where it was (no rescoring:
+        its slack has not changed since)."""
         token = self._token()
         rec.queue_token = token
-        if self.slack_s(rec, now) >= 0.0:
-            heapq.heappush(self._feasible, (rec.deadline_s, rec.tiebreak, token, rec))
+        heaps = self._heaps_of(rec)
+        if rec.queue_late:
+            heapq.heappush(heaps.late, (-rec.deadline_s, rec.tiebreak, token, rec))
         else:
-            heapq.heappush(self._late, (-rec.deadline_s, rec.tiebreak, token, rec))
+            heapq.heappush(heaps.feasible, (rec.deadline_s, rec.tiebreak, token, rec))
 
     def _check_correction(self, now: float) -> None:
         correction = self._predictor.correction
+        self._seen_correction = correction
         reference = self._reference_correction
         if correction > reference:
             # Requests judged late at a lower correction are later still: nothing to redo.
@@ -111,41 +143,71 @@ class SlackQueue:
         elif correction < reference * (1.0 - self._threshold):
             self._reference_correction = correction
             self.rescores += 1
-            late, self._late = self._late, []
-            for _, _, token, rec in late:
-                if rec.queue_token == token and rec.status is _WAITING:
-                    self.push(rec, now)
+            for heaps in (self._small, self._large):
+                late, heaps.late = heaps.late, []
+                for _, _, token, rec in late:
+                    if rec.queue_token == token and rec.status is _WAITING:
+                        self.push(rec, now)
 
-    def peek(self, now: float) -> tuple[RequestRecord, bool] | None:
-        """The best waiting request at ``now`` and whether it is feasible, or ``None``."""
-        if self._predictor.correction != self._reference_correction:
-            self._check_correction(now)
-        feasible = self._feasible
+    def _top(self, heaps: _FeasibleLateHeaps, now: float) -> RequestRecord | None:
+        """The best valid request of one pair (``rec.queue_late`` says which heap)."""
+        feasible = heaps.feasible
         while feasible:
-            _, tiebreak, token, rec = feasible[0]
-            if rec.queue_token != token or rec.status is not _WAITING:
+            entry = feasible[0]
+            rec = entry[3]
+            if rec.queue_token != entry[2] or rec.status is not _WAITING:
                 heapq.heappop(feasible)
             elif self.slack_s(rec, now) < 0.0:
                 heapq.heappop(feasible)
-                heapq.heappush(self._late, (-rec.deadline_s, tiebreak, token, rec))
+                rec.queue_late = True
+                heapq.heappush(heaps.late, (-rec.deadline_s, entry[1], entry[2], rec))
             else:
-                return rec, True
-        late = self._late
+                return rec
+        late = heaps.late
         while late:
-            _, _, token, rec = late[0]
-            if rec.queue_token == token and rec.status is _WAITING:
-                return rec, False
+            entry = late[0]
+            rec = entry[3]
+            if rec.queue_token == entry[2] and rec.status is _WAITING:
+                return rec
             heapq.heappop(late)
         return None
 
+    def _best(self, now: float) -> tuple[RequestRecord, _FeasibleLateHeaps] | None:
+        if self._predictor.correction != self._seen_correction:
+            self._check_correction(now)
+        small = self._top(self._small, now)
+        large = self._top(self._large, now)
+        if small is None:
+            return None if large is None else (large, self._large)
+        if large is None or _ranks_before(small, large):
+            return small, self._small
+        return large, self._large
+
+    def peek(self, now: float) -> tuple[RequestRecord, bool] | None:
+        """The best waiting request at ``now`` and whether it is feasible, or ``None``."""
+        best = self._best(now)
+        if best is None:
+            return None
+        return best[0], not best[0].queue_late
+
     def pop(self, now: float) -> RequestRecord | None:
         """Remove and return the best waiting request at ``now``."""
-        top = self.peek(now)
-        if top is None:
+        best = self._best(now)
+        if best is None:
             return None
-        rec, feasible = top
-        heapq.heappop(self._feasible if feasible else self._late)
+        rec, heaps = best
+        heapq.heappop(heaps.late if rec.queue_late else heaps.feasible)
         rec.queue_token = 0
+        return rec
+
+    def pop_small(self, now: float) -> RequestRecord | None:
+        """Remove and return the best waiting request of at most ``small_tokens`` tokens."""
+        if self._predictor.correction != self._seen_correction:
+            self._check_correction(now)
+        rec = self._top(self._small, now)
+        if rec is not None:
+            heapq.heappop(self._small.late if rec.queue_late else self._small.feasible)
+            rec.queue_token = 0
         return rec
 
     def in_order(self, now: float) -> list[RequestRecord]:
@@ -154,5 +216,14 @@ class SlackQueue:
         while (rec := self.pop(now)) is not None:
             taken.append(rec)
         for rec in taken:
-            self.push(rec, now)
+            self.unpop(rec)
         return taken
+
+
+def _ranks_before(a: RequestRecord, b: RequestRecord) -> bool:
+    """Whether queued request ``a`` ranks before ``b`` (their ``queue_late`` flags current)."""
+    if a.queue_late != b.queue_late:
+        return b.queue_late
+    if a.queue_late:
+        return (-a.deadline_s, a.tiebreak) < (-b.deadline_s, b.tiebreak)
+    return (a.deadline_s, a.tiebreak) < (b.deadline_s, b.tiebreak)

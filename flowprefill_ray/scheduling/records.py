@@ -40,6 +40,7 @@ class RequestRecord:
     worker_id: str | None = None  # worker running it or holding its paused/partial state
     unit_id: int | None = None  # running or paused unit containing it
     queue_token: int = 0  # id of its live queue entry; 0 = not queued; older entries are stale
+    queue_late: bool = False  # flowprefill: queued (or last popped) as infeasible
 
     @property
     def remaining_tokens(self) -> int:
