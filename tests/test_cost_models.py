@@ -146,3 +146,12 @@ def test_goodput_uses_the_attainment_attribute_and_reports_edges():
     assert always.rate_scale == 64 and always.failing_scale is None
     with pytest.raises(TypeError, match="need a float or an object with .attainment"):
         find_goodput(lambda s: "good")
+
+
+def test_goodput_with_a_custom_measure_uses_it():
+    # Overall attainment stays high, but the worst class collapses above scale 1.5.
+    result = find_goodput(
+        lambda s: {"overall": 0.95, "worst": 0.95 if s <= 1.5 else 0.4},
+        measure=lambda r: r["worst"],
+    )
+    assert 1.45 < result.rate_scale <= 1.5

@@ -9,7 +9,7 @@ policy and predictor (both are stateful).
 from __future__ import annotations
 
 import statistics
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from .cost_model import CostModel, ItemShape, plan_unit
 from .engine import Simulator, SimulatorConfig
@@ -79,8 +79,11 @@ def goodput(
     slo_config: SLOConfig,
     sim_config: SimulatorConfig | None = None,
     search: GoodputSearchConfig | None = None,
+    criterion: Literal["overall", "every_class"] = "overall",
 ) -> GoodputResult:
-    """Highest rate scale of ``workload`` at which the policy meets ``search.target`` attainment."""
+    """Highest rate scale of ``workload`` at which the policy meets ``search.target``
+    attainment: over all requests (``overall``, DistServe's definition) or in every SLO class
+    (``every_class``: a policy may not buy goodput by giving up on one class)."""
     sim_config = sim_config or SimulatorConfig()
     predictor = fit_predictor(cost_model, sim_config.max_forward_tokens)
     return find_goodput(
@@ -88,4 +91,5 @@ def goodput(
             workload.scale_rate(scale), policy_config, cost_model, slo_config, sim_config, predictor
         ),
         search,
+        measure=(lambda r: r.worst_class_attainment) if criterion == "every_class" else None,
     )

@@ -79,9 +79,18 @@ def _attainment_of(result: Any) -> float:
     return float(value)
 
 
-def find_goodput(run_at: Callable[[float], Any], config: GoodputSearchConfig | None = None) -> GoodputResult:
-    """Bracket then bisect the rate scale at which attainment crosses ``config.target``."""
+def find_goodput(
+    run_at: Callable[[float], Any],
+    config: GoodputSearchConfig | None = None,
+    measure: Callable[[Any], float] | None = None,
+) -> GoodputResult:
+    """Bracket then bisect the rate scale at which attainment crosses ``config.target``.
+
+    ``measure(result)`` turns a result into the attainment compared with the target
+    (default: the float itself or its ``attainment``; e.g. the worst class's attainment for
+    a stricter criterion)."""
     cfg = config or GoodputSearchConfig()
+    measure = measure or _attainment_of
     points: dict[float, RatePoint] = {}
 
     def passes(scale: float) -> bool:
@@ -89,7 +98,7 @@ def find_goodput(run_at: Callable[[float], Any], config: GoodputSearchConfig | N
             if len(points) >= cfg.max_evaluations:
                 raise RuntimeError(f"goodput search used all {cfg.max_evaluations} evaluations")
             result = run_at(scale)
-            points[scale] = RatePoint(scale, _attainment_of(result), result)
+            points[scale] = RatePoint(scale, measure(result), result)
         return points[scale].attainment >= cfg.target
 
     lo: float | None = None

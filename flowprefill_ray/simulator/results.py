@@ -70,6 +70,12 @@ class SimulationResult:
             return 1.0
         return sum(o.met_slo for o in self.outcomes) / len(self.outcomes)
 
+    @property
+    def worst_class_attainment(self) -> float:
+        """The lowest per-class attainment: a criterion under which no class may be sacrificed."""
+        by_class = self.attainment_by_class()
+        return min(by_class.values()) if by_class else 1.0
+
     def attainment_by_class(self) -> dict[str, float]:
         groups = _by_class(self.outcomes)
         return {c: sum(o.met_slo for o in g) / len(g) for c, g in groups.items()}
