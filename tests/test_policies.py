@@ -406,3 +406,114 @@ def test_online_correction_follows_completed_units():
 def test_unknown_policy_name_is_rejected_by_the_config():
     with pytest.raises(ValueError, match="flowprefill"):
         PolicyConfig(name="lottery")
+
+
+# --------------------------------------------------------------------------- random streams
+
+
+class _Executor:
+    """Carries out decisions like a cluster would and checks they are legal."""
+
+    def __init__(self, p, rng: random.Random):
+        self.p = p
+        self.rng = rng
+        self.running: dict[str, WorkUnit] = {}  # worker -> unit it executes
+        self.paused: dict[int, WorkUnit] = {}
+        self.preempting: set[str] = set()
+        self.workers: set[str] = set()
+        self.now = 0.0
+
+    def send(self, event) -> None:
+        for d in self.p.on_event(event, self.now):
+            self.apply(d)
+
+    def apply(self, d) -> None:
+        if isinstance(d, RunUnit):
+            w = d.unit.worker_id
+            assert w in self.workers and w not in self.running, f"{w} is not idle"
+            self.running[w] = d.unit
+        elif isinstance(d, Preempt):
+            assert self.running[d.worker_id].unit_id == d.unit_id
+            assert d.worker_id not in self.preempting, "preempted twice"
+            self.preempting.add(d.worker_id)
+        elif isinstance(d, Resume):
+            unit = self.paused.pop(d.unit_id)
+            assert unit.worker_id == d.worker_id and d.worker_id not in self.running
+            self.running[d.worker_id] = unit
+        elif isinstance(d, Discard):
+            assert self.paused.pop(d.unit_id).worker_id == d.worker_id
+        else:
+            assert isinstance(d, Reject)
+
+    def step(self, i: int) -> None:
+        self.now += self.rng.expovariate(20.0)
+        r = self.rng.random()
+        if r < 0.45:
+            slo = self.rng.choice([0.25, 0.5, 4.0, 6.0])
+            arrive_req = Request(
+                request_id=f"r{i}",
+                arrival_s=self.now,
+                prompt_tokens=self.rng.randint(1, 5000),
+                ttft_slo_s=slo,
+            )
+            self.send(Arrival(arrive_req))
+        elif r < 0.8 and self.running:
+            w = self.rng.choice(sorted(self.running))
+            unit = self.running.pop(w)
+            if w in self.preempting and self.rng.random() < 0.7:
+                self.preempting.discard(w)
+                self.paused[unit.unit_id] = unit
+                self.send(UnitPaused(w, unit.unit_id, 0.01, 0.001))
+            else:
+                self.preempting.discard(w)
+                self.send(UnitCompleted(w, unit.unit_id, unit.tokens * SPT))
+        elif r < 0.88:
+            live = [rid for rid, rec in self.p.requests.items() if not rec.status.is_terminal]
+            if live:
+                self.send(Cancelled(self.rng.choice(live)))
+        elif r < 0.94 and len(self.workers) > 1:
+            w = self.rng.choice(sorted(self.workers))
+            self.workers.discard(w)
+            self.running.pop(w, None)
+            self.preempting.discard(w)
+            self.paused = {k: u for k, u in self.paused.items() if u.worker_id != w}
+            self.send(WorkerLeft(w))
+        elif len(self.workers) < 4:
+            w = f"w{i}"
+            self.workers.add(w)
+            self.send(WorkerJoined(w))
+
+    def drain(self) -> None:
+        for _ in range(10000):
+            if not self.running:
+                break
+            w = sorted(self.running)[0]
+            unit = self.running.pop(w)
+            self.preempting.discard(w)
+            self.now += unit.tokens * SPT
+            self.send(UnitCompleted(w, unit.unit_id, unit.tokens * SPT))
+
+
+@pytest.mark.parametrize("name", ["flowprefill", "fcfs", "edf", "chunked"])
+def test_random_event_streams_keep_every_decision_legal_and_finish_all_work(name):
+    rng = random.Random(11)
+    p = make_policy(PolicyConfig(name=name), linear_predictor())
+    ex = _Executor(p, rng)
+    ex.workers.add("w-first")
+    ex.send(WorkerJoined("w-first"))
+    for i in range(1500):
+        ex.step(i)
+        # The policy's view of each worker matches what the executor sees.
+        for wid, w in p.workers.items():
+            unit = w.running
+            assert (unit.unit_id if unit else None) == (
+                ex.running[wid].unit_id if wid in ex.running else None
+            )
+    ex.drain()
+    statuses = {rec.status for rec in p.requests.values()}
+    assert statuses <= {RequestStatus.FINISHED, RequestStatus.CANCELLED}, p.stats()
+    stats = p.stats()
+    assert stats["requests"]["finished"] > 300 and stats["requeued"] > 0
+    if name == "flowprefill":  # the stream did exercise pausing, resuming and discarding
+        assert stats["preemptions"] > 0 and stats["resumes"] > 0 and stats["discards"] > 0
+    assert not p.units and not ex.paused
