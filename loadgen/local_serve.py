@@ -63,9 +63,14 @@ class LocalServe:
         try:
             if not ray.is_initialized():
                 # address="local": always a new cluster of our own, never someone else's.
+                # Logical CPUs: enough for every actor the app declares, even on a 2-core
+                # machine (Ray would otherwise leave a worker pending forever).
+                num_cpus = self.num_cpus or max(
+                    os.cpu_count() or 1, logical_cpus_needed(self.app_args)
+                )
                 ray.init(
                     address="local",
-                    num_cpus=self.num_cpus,
+                    num_cpus=num_cpus,
                     include_dashboard=False,
                     log_to_driver=False,
                 )
@@ -94,9 +99,14 @@ class LocalServe:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
+        from ray import serve
+
         deadline = time.monotonic() + self.ready_timeout_s
         last = "no answer"
         while time.monotonic() < deadline:
+            app = serve.status().applications.get(APP_NAME)
+            if app is not None and str(app.status).endswith("DEPLOY_FAILED"):
+                raise RuntimeError(f"the Serve app failed to deploy: {app.message}")
             try:
                 response = httpx.get(f"{self.url}/health", timeout=5.0)
                 if response.status_code == 200:
@@ -122,6 +132,23 @@ class LocalServe:
         finally:
             if self._started_ray and ray.is_initialized():
                 ray.shutdown()
+
+
+def logical_cpus_needed(app_args: dict[str, Any]) -> int:
+    """Ray CPUs the app's actors declare (workers, scheduler, ingress), rounded up, plus one
+    for Serve's controller and proxy."""
+    import math
+
+    from flowprefill_ray.serve.config import ServeAppArgs
+
+    placement = ServeAppArgs.model_validate(app_args).runtime.placement
+    declared = (
+        placement.num_prefill_workers * placement.prefill_num_cpus
+        + placement.num_decode_workers * placement.decode_num_cpus
+        + placement.scheduler_num_cpus
+        + 0.1  # the ingress replica
+    )
+    return math.ceil(declared) + 1
 
 
 def serve_app_args(

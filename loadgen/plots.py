@@ -110,12 +110,13 @@ def plot_burst_timeline(
     """Per-request bars for the busiest ``window_s`` seconds of sends: queue (server-reported
     queue time, when the server reports it), prefill (until the first token), decode (until
     the stream ended). A red ``x`` with a count marks a request the server preempted; a black
-    tick marks its TTFT deadline."""
+    tick marks its TTFT deadline (an arrow at the right edge when it lies beyond the axis)."""
     plt = _pyplot()
     start, end = busiest_window(records, window_s)
     chosen = [r for r in records if r.sent_s is not None and start <= r.sent_s < end][:max_requests]
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.28 * len(chosen) + 1.2)))
     labels = []
+    deadlines: list[tuple[int, float]] = []
     for y, r in enumerate(chosen):
         labels.append(f"{r.request_id} {r.slo_class} {r.prompt_tokens}t")
         sent = r.sent_s - start
@@ -136,7 +137,7 @@ def plot_burst_timeline(
             )
         if first is not None and finish is not None and finish > first:
             ax.barh(y, finish - first, left=first, color=_PHASE_COLOURS["decode"], height=0.6)
-        ax.plot([sent + r.ttft_slo_s], [y], marker="|", color="black", markersize=10)
+        deadlines.append((y, sent + r.ttft_slo_s))
         if r.preemptions:
             x = first if first is not None else sent
             ax.plot([x], [y], marker="x", color="red", markersize=8)
@@ -148,6 +149,21 @@ def plot_burst_timeline(
                 color="red",
                 fontsize=7,
             )
+    # Loose classes' deadlines lie far beyond the bars; the axis follows the bars and a
+    # deadline past its right edge is drawn there as an arrow.
+    ends = [(r.end_s if r.end_s is not None else r.sent_s) - start for r in chosen]
+    right = max(ends + [window_s]) * 1.08
+    for y, deadline in deadlines:
+        inside = deadline <= right
+        ax.plot(
+            [min(deadline, right)],
+            [y],
+            marker="|" if inside else ">",
+            color="black",
+            markersize=10 if inside else 6,
+            clip_on=False,
+        )
+    ax.set_xlim(0, right)
     ax.set_yticks(range(len(chosen)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel(f"seconds from {start:.1f} s into the run")

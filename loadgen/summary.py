@@ -2,7 +2,8 @@
 
 Attainment is over requests *sent*: a request that failed, was rejected (HTTP 429) or never got
 a first token counts as a miss, so overload cannot raise attainment by failing requests.
-Goodput here is SLO-meeting requests per second of the sending window; the DistServe goodput
+``goodput_rps`` here is the request rate times the share of all sent requests that met their
+SLO (SLO-meeting requests per second, never above the request rate); the DistServe goodput
 (the highest rate at which >= 90 % meet the SLO) is a search over runs (``loadgen.goodput``).
 """
 
@@ -34,7 +35,9 @@ def _distribution(values: Sequence[float]) -> dict[str, float | None]:
     return out
 
 
-def _group_stats(records: Sequence[RequestRecord], window_s: float) -> dict[str, Any]:
+def _group_stats(
+    records: Sequence[RequestRecord], rate_rps: float | None, sent: int
+) -> dict[str, Any]:
     ttfts = [r.ttft_s for r in records if r.ttft_s is not None]
     tpots = [r.tpot_s for r in records if r.tpot_s is not None]
     e2es = [r.e2e_s for r in records if r.e2e_s is not None]
@@ -48,7 +51,7 @@ def _group_stats(records: Sequence[RequestRecord], window_s: float) -> dict[str,
         "requests": len(records),
         "slo_met": met,
         "attainment": met / len(records) if records else None,
-        "goodput_rps": met / window_s if window_s > 0 else None,
+        "goodput_rps": rate_rps * met / sent if rate_rps is not None and sent else None,
         "status": statuses,
         "ttft_s": _distribution(ttfts),
         "tpot_s": _distribution(tpots),
@@ -72,19 +75,22 @@ def summarize(result: RunResult) -> dict[str, Any]:
     """The run's summary: overall and per-class stats, request rate and open-loop send lag."""
     sent = result.sent
     window = sending_window_s(sent)
+    # Arrival rate over the sending window: n requests span n - 1 gaps.
+    rate = (len(sent) - 1) / window if len(sent) > 1 and window > 0 else None
     lags = [r.send_lag_s for r in sent if r.send_lag_s is not None]
     classes = sorted({r.slo_class for r in sent})
+    n = len(sent)
     return {
         "trace": result.replay.trace,
         "rate_scale": result.replay.rate_scale,
         "planned": len(result.records),
-        "sent": len(sent),
+        "sent": n,
         "wall_s": result.wall_s,
-        "request_rate_rps": (len(sent) - 1) / window if len(sent) > 1 and window > 0 else None,
+        "request_rate_rps": rate,
         "max_send_lag_s": max(lags) if lags else None,
-        "overall": _group_stats(sent, window),
+        "overall": _group_stats(sent, rate, n),
         "per_class": {
-            c: _group_stats([r for r in sent if r.slo_class == c], window) for c in classes
+            c: _group_stats([r for r in sent if r.slo_class == c], rate, n) for c in classes
         },
         "ttft_slo_s": {c: next(r.ttft_slo_s for r in sent if r.slo_class == c) for c in classes},
     }

@@ -172,6 +172,9 @@ def test_ttft_tpot_e2e_and_slo_verdicts_match_the_servers_known_timing(server):
     assert summary["per_class"]["text"]["attainment"] == pytest.approx(0.5)
     assert summary["per_class"]["file"]["attainment"] == 1.0
     assert summary["overall"]["preemptions"] == 3
+    # 3 requests sent over >= 1 s (the floor of the window): 2 req/s, 2 of 3 met the SLO.
+    assert summary["request_rate_rps"] == pytest.approx(2.0)
+    assert summary["overall"]["goodput_rps"] == pytest.approx(2.0 * 2 / 3)
 
 
 def test_requests_leave_on_schedule_even_while_earlier_ones_are_still_streaming(server):
