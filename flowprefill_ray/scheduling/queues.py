@@ -91,7 +91,9 @@ class SlackQueue:
     correction falling. The late heaps are re-checked whenever the correction has fallen by
     more than ``rescore_threshold`` (a fraction) since the last check; with 0 the order is
     exact, with a small positive value a request within that margin of feasibility may stay
-    demoted until the next check, which keeps the common path O(log n).
+    demoted until the next check. A re-check visits only late requests whose deadline has not
+    passed (a request past its deadline is late for good), so it costs O(k log n) for the k
+    requests that arrived within about one SLO of ``now``, not O(n).
     """
 
     def __init__(
@@ -144,10 +146,16 @@ class SlackQueue:
             self._reference_correction = correction
             self.rescores += 1
             for heaps in (self._small, self._large):
-                late, heaps.late = heaps.late, []
-                for _, _, token, rec in late:
+                # Only requests whose deadline has not passed can turn feasible; the late
+                # heap holds them first (latest deadline on top), so the walk stops early.
+                late = heaps.late
+                again: list[RequestRecord] = []
+                while late and -late[0][0] >= now:
+                    _, _, token, rec = heapq.heappop(late)
                     if rec.queue_token == token and rec.status is _WAITING:
-                        self.push(rec, now)
+                        again.append(rec)
+                for rec in again:
+                    self.push(rec, now)
 
     def _top(self, heaps: _FeasibleLateHeaps, now: float) -> RequestRecord | None:
         """The best valid request of one pair (``rec.queue_late`` says which heap)."""
