@@ -65,6 +65,32 @@ def test_conversion_runs_once_and_later_calls_reuse_the_cache(tmp_path, monkeypa
 
 
 @needs_wheel
+def test_concurrent_callers_convert_only_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    calls: list = []
+    write = _fake_writer(calls)
+
+    def slow_write(gguf_path, out_dir):
+        time.sleep(0.2)  # long enough that the other callers arrive mid-conversion
+        write(gguf_path, out_dir)
+
+    monkeypatch.setattr(gguf, "_write_hf_checkpoint", slow_write)
+    results: list = []
+    threads = [
+        threading.Thread(target=lambda: results.append(default_checkpoint(cache_dir=tmp_path)))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert results == [tmp_path / "smollm2-135m-instruct"] * 3
+
+
+@needs_wheel
 def test_crashed_conversion_leaves_no_half_checkpoint(tmp_path, monkeypatch):
     def crash(gguf_path, out_dir):
         (out_dir / "config.json").write_text("{}")
