@@ -31,7 +31,9 @@ def decode_step(
     Every sequence must already be in ``cache`` (``cache.add`` after its prefill). The token is
     placed at position ``cache.seq_len(seq_id)``; afterwards the sequence is one token longer.
     Raises ``KVCacheFullError`` (nothing changed) when new blocks are needed but not free, and
-    ``PromptTooLongError`` when a sequence would pass ``max_position_embeddings``.
+    ``PromptTooLongError`` when a sequence would pass ``max_position_embeddings``. Should the
+    forward itself fail after the slots were reserved, the sequences already count the new
+    token: free them rather than retry.
     """
     if len(seq_ids) == 0:
         raise ValueError("decode_step needs at least one sequence")
