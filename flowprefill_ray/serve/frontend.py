@@ -1,0 +1,295 @@
+"""OpenAI-compatible front end over a FlowPrefill engine, with no HTTP framework in it.
+
+``OpenAIFrontend`` takes parsed JSON bodies and headers and returns a response body (dict) or
+an async iterator of SSE lines; the Serve deployment in ``app.py`` only moves bytes. Order of
+checks for a request: API key (401), JSON shape (422) and values (400), model name (404), SLO
+class (400), prompt length against the context (413), ``max_tokens`` against what is left of
+the context (400); then the engine, whose typed errors map to 400/413/429/503.
+
+Streaming waits for the engine's first event before the response starts, so a request the
+engine refuses still gets a real status code (429 with Retry-After, 503) rather than an error
+inside a 200 stream. A client that goes away (the task is cancelled) cancels its request in
+the engine, whatever stage it is in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from flowprefill_ray.model.decode import context_limit
+from flowprefill_ray.model.sampling import SamplingParams
+from flowprefill_ray.runtime.errors import (
+    EngineUnavailableError,
+    InvalidRequestError,
+    PromptTooLongError,
+    RequestRejectedError,
+    RuntimeEngineError,
+)
+
+from .config import ServeAppArgs
+from .errors import APIError, from_validation_error
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .responses import ResponseIdentity, chunk_body, full_body, usage_body, usage_chunk
+from .slo_selection import RequestSLO, resolve_slo
+from .sse import DONE, sse_event
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request, ready for the engine."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    slo: RequestSLO
+    stream: bool
+    include_usage: bool
+    ident: ResponseIdentity
+
+
+class OpenAIFrontend:
+    """Translates OpenAI requests into ``engine.submit`` calls and engine events back.
+
+    ``engine`` is a started ``FlowPrefillEngine``; its tokenizer and model config give the
+    chat template, the vocabulary and the context length (prompt + output tokens).
+    """
+
+    def __init__(self, args: ServeAppArgs, engine) -> None:
+        self.args = args
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.context_tokens = context_limit(engine.model_config)
+        self.vocab_size = engine.model_config.vocab_size
+        self.model_name = args.served_model_name()
+        self.slo_classes = args.runtime.slo.class_names
+        self.default_slo_class = args.runtime.slo.default_class
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ endpoints
+
+    def models(self) -> dict[str, Any]:
+        """GET /v1/models: the one served model."""
+        return {
+            "object": "list",
+            "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                      "owned_by": "flowprefill", "max_model_len": self.context_tokens}],
+        }
+
+    async def completion(self, body: dict[str, Any], headers: Mapping[str, str]):
+        """POST /v1/completions. Returns a body dict, or an async iterator of SSE lines."""
+        request = _parse(CompletionRequest, body)
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            prompt_ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            prompt_ids = list(prompt)
+            bad = [t for t in prompt_ids if t >= self.vocab_size]
+            if bad:
+                raise APIError(
+                    400, f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
+                    param="prompt", code="invalid_token_id",
+                )
+        return await self._serve(request, prompt_ids, headers, "completion", "cmpl")
+
+    async def chat_completion(self, body: dict[str, Any], headers: Mapping[str, str]):
+        """POST /v1/chat/completions, prompt built with the tokenizer's chat template."""
+        request = _parse(ChatCompletionRequest, body)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, f"model {self.model_name!r} has no chat template; use "
+                           "/v1/completions", code="no_chat_template")
+        prompt_ids = self.tokenizer.apply_chat_template(
+            request.template_messages(), add_generation_prompt=True, tokenize=True,
+            return_dict=False,
+        )
+        return await self._serve(request, list(prompt_ids), headers, "chat", "chatcmpl")
+
+    # ------------------------------------------------------------------ shared path
+
+    async def _serve(self, request, prompt_ids, headers, kind, id_prefix):
+        prepared = self._prepare(request, prompt_ids, headers, kind, id_prefix)
+        # The engine takes a class name or an explicit TTFT target in seconds (which it
+        # labels with the default class).
+        slo = prepared.slo.ttft_slo_s if prepared.slo.ttft_slo_s is not None else (
+            prepared.slo.slo_class)
+        try:
+            events = await self.engine.submit(
+                prepared.prompt_ids, prepared.sampling, slo, request_id=prepared.request_id
+            )
+        except RuntimeEngineError as exc:
+            raise engine_error(exc) from None
+        first = await self._first_event(prepared, events)
+        if prepared.stream:
+            return self._stream(prepared, first, events)
+        return await self._collect(prepared, first, events)
+
+    def _prepare(self, request, prompt_ids, headers, kind, id_prefix) -> PreparedRequest:
+        if request.model != self.model_name:
+            raise APIError(404, f"The model {request.model!r} does not exist; this server "
+                           f"serves {self.model_name!r}", param="model", code="model_not_found")
+        slo = resolve_slo(request.slo_class, request.ttft_slo_ms, headers,
+                          self.slo_classes, self.default_slo_class)
+        prompt_tokens = len(prompt_ids)
+        if prompt_tokens == 0:
+            raise APIError(400, "prompt is empty after tokenization", param="prompt")
+        if prompt_tokens >= self.context_tokens:
+            raise APIError(
+                413, f"prompt has {prompt_tokens} tokens; this model's context is "
+                f"{self.context_tokens} tokens, and at least one must be left for output",
+                param="prompt", code="context_length_exceeded",
+            )
+        room = self.context_tokens - prompt_tokens
+        output_cap = self.args.runtime.requests.max_output_tokens
+        max_tokens = request.requested_max_tokens
+        if max_tokens is None:
+            max_tokens = min(self.args.api.default_max_tokens, room, output_cap)
+        elif max_tokens > room or max_tokens > output_cap:
+            raise APIError(
+                400, f"max_tokens={max_tokens} is too large: the prompt has {prompt_tokens} "
+                f"tokens of a {self.context_tokens}-token context (room for {room}) and this "
+                f"server allows at most {output_cap} output tokens",
+                param="max_tokens", code="max_tokens_too_large",
+            )
+        sampling = SamplingParams(
+            max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+            stop=request.stop_sequences, seed=request.seed,
+            ignore_eos=bool((request.model_extra or {}).get("ignore_eos", False)),
+        )
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        ident = ResponseIdentity(request_id, int(time.time()), self.model_name, kind)
+        return PreparedRequest(request_id, list(prompt_ids), sampling, slo, request.stream,
+                               request.include_usage, ident)
+
+    async def _first_event(self, prepared: PreparedRequest, events: AsyncIterator):
+        try:
+            return await anext(events)
+        except StopAsyncIteration:
+            raise APIError(500, "the engine ended the request without output") from None
+        except BaseException as exc:
+            await self._abandon(prepared.request_id, events)
+            if isinstance(exc, RuntimeEngineError):
+                raise engine_error(exc) from None
+            raise
+
+    async def _collect(self, prepared: PreparedRequest, first, events) -> dict[str, Any]:
+        texts, finish, tokens, last = [], None, 0, first
+        try:
+            event = first
+            while True:
+                texts.append(event.text)
+                tokens += event.token_id is not None
+                finish = event.finish_reason or finish
+                last = event
+                try:
+                    event = await anext(events)
+                except StopAsyncIteration:
+                    break
+        except BaseException as exc:
+            await self._abandon(prepared.request_id, events)
+            if isinstance(exc, RuntimeEngineError):
+                raise engine_error(exc) from None
+            raise
+        usage = usage_body(len(prepared.prompt_ids), tokens)
+        return full_body(prepared.ident, "".join(texts), _openai_finish(finish), usage,
+                         extra=_extension(prepared, last))
+
+    async def _stream(self, prepared: PreparedRequest, first, events) -> AsyncIterator[str]:
+        ident, tokens, finished = prepared.ident, 0, False
+        try:
+            event, is_first = first, True
+            while True:
+                tokens += event.token_id is not None
+                chunk = chunk_body(ident, event.text, _openai_finish(event.finish_reason),
+                                   first=is_first, include_usage=prepared.include_usage)
+                if event.finish_reason is not None:
+                    chunk.update(_extension(prepared, event))
+                yield sse_event(chunk)
+                is_first = False
+                try:
+                    event = await anext(events)
+                except StopAsyncIteration:
+                    break
+            finished = True
+            if prepared.include_usage:
+                yield sse_event(usage_chunk(ident, usage_body(len(prepared.prompt_ids), tokens)))
+        except RuntimeEngineError as exc:
+            # Headers are sent: report in the stream, as OpenAI-compatible servers do.
+            finished = True
+            yield sse_event(engine_error(exc).body())
+        finally:
+            if not finished:  # the client went away (or the server is stopping)
+                await self._abandon(prepared.request_id, events)
+        yield DONE
+
+    async def _abandon(self, request_id: str, events) -> None:
+        """Release everything the request holds in the engine; never raises (it runs while
+        an exception or a cancellation is already propagating)."""
+        try:
+            await asyncio.shield(_maybe_await(self.engine.cancel(request_id)))
+        except BaseException:  # noqa: BLE001 - cleanup must not mask the original error
+            logger.warning("cancelling request %s in the engine failed", request_id,
+                           exc_info=True)
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            try:
+                await close()
+            except BaseException:  # noqa: BLE001
+                pass
+
+
+def engine_error(exc: RuntimeEngineError) -> APIError:
+    """Map the engine's typed errors to HTTP: a prompt over the context is 413, a rejection
+    429 with Retry-After, an unavailable engine 503, other invalid requests 400."""
+    if isinstance(exc, PromptTooLongError):
+        return APIError(413, str(exc), param="prompt", code="context_length_exceeded")
+    if isinstance(exc, RequestRejectedError):
+        return APIError(429, str(exc), code="request_rejected", retry_after_s=exc.retry_after_s)
+    if isinstance(exc, EngineUnavailableError):
+        return APIError(503, str(exc), code="engine_unavailable", retry_after_s=5.0)
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc), code="invalid_request")
+    return APIError(getattr(exc, "http_status", 500), str(exc), code="engine_error")
+
+
+def _parse(model, body: dict[str, Any]):
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def _openai_finish(reason: str | None) -> str | None:
+    # OpenAI knows "stop" and "length"; an aborted request reports "abort" as vLLM does.
+    return reason
+
+
+def _extension(prepared: PreparedRequest, event) -> dict[str, Any]:
+    """Server-side timings (seconds) under the ``flowprefill`` key; the load generator reads
+    it. ``ttft_s`` is measured in the ingress from submission to the first token."""
+    info: dict[str, Any] = {
+        "request_id": prepared.request_id,
+        "slo_class": event.slo_class,
+        "ttft_s": event.ttft_s,
+        "ttft_slo_s": event.ttft_slo_s,
+        "slo_met": event.ttft_s <= event.ttft_slo_s,
+        "queue_s": event.queue_s,
+        "preemptions": event.preemptions,
+    }
+    if event.tpot_s is not None:
+        info["tpot_s"] = event.tpot_s
+    return {"flowprefill": info}
+
+
+async def _maybe_await(value):
+    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+        return await value
+    return value

@@ -1,0 +1,384 @@
+"""The Serve app over real HTTP: a local Ray cluster, Serve on a free loopback port, the real
+engine with the tiny model on CPU, httpx and the openai client as users.
+
+One deployment serves the whole module. Tests that change the engine's state for good (the
+dead-scheduler 503) run last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+
+from flowprefill_ray.model import load_tokenizer
+from flowprefill_ray.runtime.config import ModelSource
+from flowprefill_ray.runtime.model_source import checkpoint_path
+
+pytestmark = pytest.mark.ray
+
+APP_NAME = "flowprefill-serve-test"
+NAME_PREFIX = "fp-serve-test"
+NAMESPACE = "flowprefill"
+MODEL = "flowprefill-tiny"
+# Targets x20: a busy 2-core CI machine must not miss SLOs by accident; the one request meant
+# to be rejected asks for 10 microseconds.
+SLO_SCALE = 20.0
+CONTEXT_TOKENS = 16384  # the tiny checkpoint's max_position_embeddings
+
+
+@dataclass(frozen=True)
+class LiveApp:
+    url: str
+    tokenizer: object
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60.0, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def app_args(cache_dir: str) -> dict:
+    return {
+        "runtime": {
+            "model": {"path": "tiny", "cache_dir": cache_dir},
+            "placement": {"prefill_num_cpus": 0.5, "decode_num_cpus": 0.5},
+            # Admission control on, so an impossible TTFT target is refused with 429.
+            "policy": {"name": "flowprefill", "reject_infeasible": True, "retry_after_s": 2.0},
+            "slo": {"scale": SLO_SCALE},
+            "prefill": {"profile_tokens": [16, 64, 128, 256, 512], "profile_repeats": 1},
+            "decode": {"kv_blocks": 512, "block_size": 16, "max_batch_size": 16},
+            "name_prefix": NAME_PREFIX,
+        },
+        "api": {"default_max_tokens": 8},
+    }
+
+
+@pytest.fixture(scope="module")
+def live_app(ray_local, runtime_cache_dir):
+    from ray import serve
+
+    from flowprefill_ray.serve.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # serve.run returns once the ingress (and so the engine) is up.
+    serve.run(build_app(app_args(runtime_cache_dir)), name=APP_NAME, route_prefix="/")
+    tokenizer = load_tokenizer(checkpoint_path(ModelSource(path="tiny", cache_dir=runtime_cache_dir)))
+    yield LiveApp(f"http://127.0.0.1:{port}", tokenizer)
+    serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+def actor(name: str):
+    import ray
+
+    return ray.get_actor(f"{NAME_PREFIX}-{name}", namespace=NAMESPACE)
+
+
+def actor_stats(name: str) -> dict:
+    import ray
+
+    return ray.get(actor(name).stats.remote())
+
+
+def sse_payloads(text: str) -> list:
+    """The data payloads of an SSE body, in order; ``[DONE]`` kept as the string."""
+    events = [block for block in text.split("\n\n") if block.strip()]
+    assert all(e.startswith("data: ") for e in events), events
+    return [e[6:] if e[6:] == "[DONE]" else json.loads(e[6:]) for e in events]
+
+
+def long_prompt(length: int, seed: int = 0) -> list[int]:
+    return [(seed * 7919 + i * 104729) % 400 + 20 for i in range(length)]
+
+
+# ---------------------------------------------------------------------- happy paths
+
+
+def test_health_and_models(live_app):
+    with live_app.client() as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        models = http.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert models["data"][0]["max_model_len"] == CONTEXT_TOKENS
+
+
+def test_completion_counts_usage_and_reports_server_timings(live_app):
+    prompt = "The quick brown fox"
+    with live_app.client() as http:
+        response = http.post("/v1/completions", json={
+            "model": MODEL, "prompt": prompt, "max_tokens": 5, "temperature": 0,
+            "ignore_eos": True,
+        })
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    (choice,) = body["choices"]
+    assert choice["finish_reason"] == "length" and isinstance(choice["text"], str)
+    prompt_tokens = len(live_app.tokenizer.encode(prompt))
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 5,
+                             "total_tokens": prompt_tokens + 5}
+    server = body["flowprefill"]
+    assert server["slo_class"] == "text"  # the configured default class
+    assert server["ttft_slo_s"] == pytest.approx(0.25 * SLO_SCALE)
+    assert 0 < server["ttft_s"] < server["ttft_slo_s"] and server["slo_met"] is True
+
+
+def test_streamed_text_equals_the_whole_response_and_ends_with_usage(live_app):
+    request = {"model": MODEL, "prompt": long_prompt(40), "max_tokens": 12, "temperature": 0,
+               "ignore_eos": True}
+    with live_app.client() as http:
+        whole = http.post("/v1/completions", json=request).json()
+        streamed = http.post("/v1/completions", json={
+            **request, "stream": True, "stream_options": {"include_usage": True},
+        })
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    payloads = sse_payloads(streamed.text)
+    assert payloads[-1] == "[DONE]"
+    usage_chunk = payloads[-2]
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"] == {"prompt_tokens": 40, "completion_tokens": 12,
+                                    "total_tokens": 52}
+    chunks = payloads[:-2]
+    assert all(c["usage"] is None for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+
+
+def test_chat_uses_the_chat_template_streaming_and_not(live_app):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    expected_prompt = live_app.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    with live_app.client() as http:
+        whole = http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": messages, "max_completion_tokens": 6,
+            "temperature": 0, "ignore_eos": True,
+        }).json()
+        streamed = http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": messages, "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True, "stream": True,
+        })
+    assert whole["object"] == "chat.completion"
+    assert whole["choices"][0]["message"]["role"] == "assistant"
+    assert whole["usage"]["prompt_tokens"] == len(expected_prompt)
+    chunks = [p for p in sse_payloads(streamed.text) if p != "[DONE]"]
+    assert chunks[0]["object"] == "chat.completion.chunk"
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert content == whole["choices"][0]["message"]["content"]
+
+
+def test_stop_string_ends_the_output_before_it(live_app):
+    request = {"model": MODEL, "prompt": long_prompt(30, seed=3), "max_tokens": 24,
+               "temperature": 0, "ignore_eos": True}
+    with live_app.client() as http:
+        full = http.post("/v1/completions", json=request).json()["choices"][0]["text"]
+        # A stop string from the middle of the greedy output: the same greedy run must end
+        # right before its first occurrence.
+        stop = next(full[i:i + 2] for i in range(3, len(full) - 2)
+                    if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2])
+        stopped = http.post("/v1/completions", json={**request, "stop": [stop]}).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["choices"][0]["text"] == full[: full.index(stop)]
+    assert stopped["usage"]["completion_tokens"] < 24
+
+
+@pytest.mark.parametrize(
+    "extra_body, headers, slo_class, ttft_slo_s",
+    [
+        ({"slo_class": "file"}, {}, "file", 6.0 * SLO_SCALE),
+        ({}, {"X-SLO-Class": "image"}, "image", 0.5 * SLO_SCALE),
+        ({"slo_class": "search"}, {"X-SLO-Class": "image"}, "search", 4.0 * SLO_SCALE),
+        ({"ttft_slo_ms": 1500}, {}, "text", 1.5),
+        ({}, {"X-TTFT-SLO-Ms": "2500"}, "text", 2.5),
+    ],
+    ids=["body-class", "header-class", "body-beats-header", "body-ms", "header-ms"],
+)
+def test_slo_comes_from_body_field_or_header(live_app, extra_body, headers, slo_class,
+                                             ttft_slo_s):
+    with live_app.client() as http:
+        response = http.post("/v1/completions", headers=headers, json={
+            "model": MODEL, "prompt": "hello", "max_tokens": 2, **extra_body})
+    assert response.status_code == 200, response.text
+    server = response.json()["flowprefill"]
+    assert server["slo_class"] == slo_class
+    assert server["ttft_slo_s"] == pytest.approx(ttft_slo_s)
+
+
+def test_the_openai_client_streams_and_not(live_app):
+    client = openai.OpenAI(base_url=f"{live_app.url}/v1", api_key="unused", max_retries=0)
+    completion = client.completions.create(model=MODEL, prompt="Once upon a time",
+                                           max_tokens=4, temperature=0)
+    assert completion.usage.completion_tokens >= 1 and completion.choices[0].text is not None
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4,
+        extra_body={"slo_class": "image", "ignore_eos": True})
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens == 4
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4,
+        temperature=0, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 4
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert [m.id for m in client.models.list()] == [MODEL]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def _post(path: str, **kwargs) -> tuple[str, dict]:
+    return path, kwargs
+
+
+BAD_REQUESTS = {
+    "empty prompt": (400, _post("/v1/completions", json={"model": MODEL, "prompt": ""})),
+    "prompt over the context": (413, _post("/v1/completions", json={
+        "model": MODEL, "prompt": [5] * (CONTEXT_TOKENS + 1), "max_tokens": 1})),
+    "huge max_tokens": (400, _post("/v1/completions", json={
+        "model": MODEL, "prompt": "hi", "max_tokens": 10**9})),
+    "NaN temperature": (400, _post("/v1/completions", content=(
+        b'{"model": "%s", "prompt": "hi", "temperature": NaN}' % MODEL.encode()),
+        headers={"Content-Type": "application/json"})),
+    "negative temperature": (400, _post("/v1/completions", json={
+        "model": MODEL, "prompt": "hi", "temperature": -0.7})),
+    "n=2": (400, _post("/v1/completions", json={"model": MODEL, "prompt": "hi", "n": 2})),
+    "unknown SLO class": (400, _post("/v1/completions", json={
+        "model": MODEL, "prompt": "hi", "slo_class": "platinum"})),
+    "unknown SLO class header": (400, _post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"X-SLO-Class": "platinum"})),
+    "invalid UTF-8": (400, _post("/v1/completions", content=(
+        b'{"model": "%s", "prompt": "caf\xe9"}' % MODEL.encode()),
+        headers={"Content-Type": "application/json"})),
+    "unknown model": (404, _post("/v1/completions", json={"model": "gpt-4", "prompt": "hi"})),
+    "unknown route": (404, _post("/v1/embeddings", json={"model": MODEL, "input": "hi"})),
+    "10 MB body": (413, _post("/v1/completions", content=b'{"prompt": "' + b"a" * (10 << 20)
+                              + b'"}', headers={"Content-Type": "application/json"})),
+    "malformed JSON": (422, _post("/v1/completions", content=b'{"model": "x", "prompt": ',
+                                  headers={"Content-Type": "application/json"})),
+    "wrong types": (422, _post("/v1/completions", json={
+        "model": MODEL, "prompt": "hi", "max_tokens": "ten"})),
+    "no messages field": (422, _post("/v1/chat/completions", json={"model": MODEL})),
+    "impossible TTFT target": (429, _post("/v1/completions", json={
+        "model": MODEL, "prompt": long_prompt(200), "ttft_slo_ms": 0.01})),
+}
+
+
+async def _bad_requests_while_a_good_one_streams(url: str):
+    async with httpx.AsyncClient(base_url=url, timeout=60.0) as http:
+        good_request = {"model": MODEL, "prompt": long_prompt(64), "max_tokens": 200,
+                        "temperature": 0, "ignore_eos": True, "stream": True}
+
+        async def good():
+            async with http.stream("POST", "/v1/completions", json=good_request) as response:
+                return response.status_code, await response.aread()
+
+        good_task = asyncio.create_task(good())
+        await asyncio.sleep(0.05)
+        bad = await asyncio.gather(*(
+            http.post(path, **kwargs) for _, (path, kwargs) in BAD_REQUESTS.values()))
+        return await good_task, dict(zip(BAD_REQUESTS, bad, strict=True))
+
+
+def test_each_bad_input_gets_a_clear_4xx_while_a_good_request_completes(live_app):
+    (good_status, good_body), bad = asyncio.run(
+        _bad_requests_while_a_good_one_streams(live_app.url))
+    for name, response in bad.items():
+        expected = BAD_REQUESTS[name][0]
+        assert response.status_code == expected, (name, response.status_code, response.text)
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}, name
+        assert error["message"], name
+    assert "known classes: file, image, search, text" in bad["unknown SLO class"].json()[
+        "error"]["message"]
+    assert int(bad["impossible TTFT target"].headers["Retry-After"]) >= 1
+    assert bad["huge max_tokens"].json()["error"]["param"] == "max_tokens"
+    # The request that was streaming meanwhile finished normally, every token delivered.
+    assert good_status == 200
+    payloads = sse_payloads(good_body.decode())
+    assert payloads[-1] == "[DONE]"
+    assert payloads[-2]["choices"][0]["finish_reason"] == "length"
+    assert "error" not in json.dumps(payloads[:-1])
+
+
+def test_wrong_method_is_405_in_openai_format(live_app):
+    with live_app.client() as http:
+        response = http.get("/v1/completions")
+    assert response.status_code == 405
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+# ---------------------------------------------------------------------- cancellation
+
+
+def _wait_for(condition, timeout_s: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_decode_slot(live_app):
+    before = actor_stats("decode-0")
+    with live_app.client() as http, http.stream("POST", "/v1/completions", json={
+        "model": MODEL, "prompt": long_prompt(32), "max_tokens": 1000, "temperature": 0,
+        "ignore_eos": True, "stream": True,
+    }) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"][0]["text"] is not None
+        _wait_for(lambda: actor_stats("decode-0")["running"] == 1, what="decode to start")
+    # Leaving the block closed the connection after one token of a 1000-token request.
+    after = _wait_for(lambda: (s := actor_stats("decode-0"))["running"] == 0 and s,
+                      what="the decode worker to drop the request")
+    assert after["used_blocks"] == before["used_blocks"]
+    assert after["tokens_generated"] - before["tokens_generated"] < 1000
+
+
+def test_a_client_that_gives_up_during_prefill_cancels_its_request(live_app):
+    cancelled_before = actor_stats("scheduler")["counts"].get("cancelled", 0)
+    request = {"model": MODEL, "prompt": long_prompt(6000, seed=9), "max_tokens": 4,
+               "slo_class": "file"}
+    with live_app.client() as http, pytest.raises(httpx.ReadTimeout):
+        # A non-streaming request whose prefill takes seconds; the client waits 0.5 s.
+        http.post("/v1/completions", json=request, timeout=httpx.Timeout(60.0, read=0.5))
+    stats = _wait_for(
+        lambda: (s := actor_stats("scheduler"))["counts"].get("cancelled", 0) > cancelled_before
+        and s, what="the scheduler to cancel the request")
+    _wait_for(lambda: actor_stats("scheduler")["in_prefill"] == 0, what="prefill to empty")
+    assert stats["counts"]["cancelled"] == cancelled_before + 1
+
+
+# ---------------------------------------------------------------------- last: engine loss
+
+
+def test_requests_get_503_once_the_engine_is_gone(live_app):
+    import ray
+
+    ray.kill(actor("scheduler"), no_restart=True)
+    with live_app.client() as http:
+        response = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
+        health = http.get("/health")
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "engine_unavailable"
+    assert int(response.headers["Retry-After"]) >= 1
+    assert health.status_code == 503
