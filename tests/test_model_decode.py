@@ -448,3 +448,26 @@ def test_preemption_demo_on_the_tiny_model_reports_a_consistent_timeline(tmp_pat
     assert 0 <= r["paused_at_layer"] <= 4
     assert r["paused_before_operator"].split()[-1] in ("input_norm", "post_norm", "final_norm")
     assert r["run_to_completion_ttft_ms"] > r["short_ttft_ms"]
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"architecture": "Qwen2ForCausalLM"},  # q/k/v biases
+        {"architecture": "MistralForCausalLM", "tie_word_embeddings": True},
+    ],
+    ids=["qwen2-bias", "mistral-tied"],
+)
+def test_generate_matches_transformers_for_other_architectures(tmp_path, variant):
+    from transformers import AutoModelForCausalLM
+
+    from flowprefill_ray.model import load_model
+    from flowprefill_ray.model.checkpoints import tiny_checkpoint
+    from flowprefill_ray.model.generate import generate
+
+    path = tiny_checkpoint(tmp_path, num_layers=2, seed=3, **variant)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = PROMPTS["long"]
+    hf_tokens, _ = _hf_greedy(hf_model, prompt, 6)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    assert generate(load_model(path, kernels="torch"), prompt, params) == hf_tokens

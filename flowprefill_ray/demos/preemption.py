@@ -8,10 +8,11 @@
    pause, which it does at its next checkpoint; the short request is prefilled and its first
    token sampled; then the long prefill resumes where it stopped and finishes.
 
-It prints a timeline (ms from the long request's start), the short request's TTFT against what
-it would have been under run-to-completion (the rest of the long prefill, measured in the same
-run, plus the short prefill: both from this run, so a busy machine skews neither), and checks that the preempted long prefill produced
-exactly the logits of the uninterrupted run (nothing was recomputed or lost on resume).
+It prints a timeline (ms from the long request's start) and the short request's TTFT beside
+what it would have been under run-to-completion: the rest of the long prefill plus the short
+prefill, both measured in the same run, so a busy machine skews neither. It also checks that
+the preempted long prefill produced exactly the logits of the uninterrupted run (nothing was
+recomputed or lost on resume).
 """
 
 from __future__ import annotations
