@@ -105,7 +105,12 @@ class DecodeWorker:
         """Take over a prefilled request. ``kv_refs[0]`` is the ObjectRef of its ``(k, v)``
         (nested in a list so that this worker, not Ray's argument resolution, times the fetch)."""
         started = time.perf_counter()
-        k, v = await kv_refs[0]
+        try:
+            k, v = await kv_refs[0]
+        except Exception:
+            # The KV never arrived (prefill worker died, KV dropped): end the client's stream.
+            self._finish_queue(handoff.request_id, "error")
+            raise
         transfer_s = time.perf_counter() - started
         kv = KVCache(k, v)
         self._transfer.append((kv.nbytes, transfer_s))

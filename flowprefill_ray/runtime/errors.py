@@ -31,6 +31,10 @@ class PromptTooLongError(InvalidRequestError):
         self.prompt_tokens = prompt_tokens
         self.max_prompt_tokens = max_prompt_tokens
 
+    def __reduce__(self):
+        # Ray pickles errors across actors; rebuild from the constructor's own arguments.
+        return (type(self), (self.prompt_tokens, self.max_prompt_tokens))
+
 
 class RequestRejectedError(RuntimeEngineError):
     """Admission control refused the request (HTTP 429 with ``Retry-After``)."""
@@ -43,6 +47,10 @@ class RequestRejectedError(RuntimeEngineError):
         self.reason = reason
         self.retry_after_s = retry_after_s
 
+    def __reduce__(self):
+        # Ray pickles errors across actors; rebuild from the constructor's own arguments.
+        return (type(self), (self.request_id, self.reason, self.retry_after_s))
+
 
 class DuplicateRequestError(InvalidRequestError):
     """A request with this id is already in flight."""
@@ -50,6 +58,9 @@ class DuplicateRequestError(InvalidRequestError):
     def __init__(self, request_id: str):
         super().__init__(f"request id {request_id!r} is already in flight")
         self.request_id = request_id
+
+    def __reduce__(self):
+        return (type(self), (self.request_id,))
 
 
 class EngineUnavailableError(RuntimeEngineError):

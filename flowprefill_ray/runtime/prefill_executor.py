@@ -89,6 +89,7 @@ class PrefillExecutor:
         self._finished: dict[int, None] = {}  # insertion-ordered set of finished unit ids
         self._partial_kv: dict[str, KVCache] = {}  # KV of earlier chunks, by request
         self._ready_kv: dict[str, KVCache] = {}  # finished prompts waiting for a decode worker
+        self._units_completed = 0
 
     # ------------------------------------------------------------------ compute thread
 
@@ -203,6 +204,7 @@ class PrefillExecutor:
                 else:
                     self._partial_kv[spec.request_id] = item.kv
             self._forget(unit)
+            self._units_completed += 1
             requested = unit.pause_requested_at
             unit.blocking_s = 0.0 if requested is None else time.perf_counter() - requested
             unit.stopped.set()
@@ -278,6 +280,7 @@ class PrefillExecutor:
             held = sum(kv.nbytes for kv in (*self._partial_kv.values(), *self._ready_kv.values()))
             return {
                 "running_unit": self._running,
+                "units_completed": self._units_completed,
                 "paused_units": len(paused),
                 "paused_requests": sum(len(u.items) for u in paused),
                 "partial_kv_requests": len(self._partial_kv),

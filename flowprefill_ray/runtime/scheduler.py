@@ -312,13 +312,15 @@ class Scheduler:
             if predicted > 0 and outcome.executed_s > 0:
                 self._metrics.observe("flowprefill_ttft_prediction_ratio", outcome.executed_s / predicted)
             self._metrics.inc("flowprefill_prompt_tokens_total", unit.tokens)
+        rids = unit.request_ids if unit else ()
+        # Requests cancelled while their unit ran (decided before first tokens are taken out).
+        cancelled = [rid for rid in rids if rid not in self._requests]
         self._handle(UnitCompleted(worker_id, outcome.unit_id, outcome.executed_s))
         for first in outcome.first_tokens:
             self._first_token(worker_id, first)
-        for rid in unit.request_ids if unit else ():
-            if rid not in self._requests:
-                # Cancelled while its unit ran: its KV must not stay on the worker.
-                self._spawn(self._drop(worker_id, rid))
+        for rid in cancelled:
+            self._spawn(self._drop(worker_id, rid))  # their KV must not stay on the worker
+        for rid in rids:
             self._forget(rid)
 
     def _first_token(self, worker_id: str, first: FirstToken) -> None:

@@ -1,0 +1,98 @@
+"""Placement on a multi-node cluster: two simulated nodes (ray.cluster_utils.Cluster).
+
+The cluster runs in a child process because a test process can hold only one Ray connection
+and the other runtime tests share a session-wide local cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+
+def test_workers_spread_over_two_nodes_and_requests_complete(tmp_path):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # Own process group, so that a hung child takes its Ray processes down with it.
+    child = subprocess.Popen(
+        [sys.executable, __file__, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        output, _ = child.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        output, _ = child.communicate()
+    assert child.returncode == 0, output[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+
+    assert len(report["cluster_nodes"]) == 2
+    prefill_nodes = {info["node_id"] for info in report["prefill"].values()}
+    assert prefill_nodes == set(report["cluster_nodes"]), "both nodes should hold a prefill worker"
+    assert report["completed"] == report["submitted"] == 6
+    # Both prefill workers did work: the global scheduler used the whole cluster.
+    assert all(count >= 1 for count in report["units_completed"].values()), report
+
+
+def _child(out_dir: str) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from flowprefill_ray.model.sampling import SamplingParams
+    from flowprefill_ray.runtime import FlowPrefillEngine, RuntimeConfig
+
+    # Two nodes of 2 logical CPUs; a prefill worker takes 1.5, so each node gets one.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    config = RuntimeConfig.model_validate(
+        {
+            "model": {"path": "tiny", "cache_dir": tempfile.mkdtemp()},
+            "placement": {
+                "num_prefill_workers": 2, "num_decode_workers": 1, "prefill_num_cpus": 1.5,
+                "decode_num_cpus": 0.25, "strategy": "SPREAD", "scheduler_num_cpus": 0.1,
+            },
+            "prefill": {"profile_tokens": [16, 64, 128, 256], "profile_repeats": 1},
+            "decode": {"kv_blocks": 128},
+        }
+    )
+
+    async def run() -> dict:
+        engine = await FlowPrefillEngine.start(config)
+        sampling = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        prompts = [[(i * 7 + j) % 400 + 3 for j in range(600)] for i in range(6)]
+        results = await asyncio.gather(*(engine.generate(p, sampling, "file") for p in prompts))
+        stats = await engine.stats()
+        prefill = {
+            wid: await handle.info.remote() for wid, handle in engine.prefill_workers.items()
+        }
+        await engine.shutdown()
+        return {
+            "cluster_nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
+            "prefill": prefill,
+            "submitted": len(prompts),
+            "completed": sum(1 for outs in results if outs[-1].finish_reason == "length"),
+            "units_completed": {
+                wid: s["units_completed"] for wid, s in stats["prefill_workers"].items()
+            },
+        }
+
+    try:
+        report = asyncio.run(asyncio.wait_for(run(), timeout=180))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
