@@ -8,8 +8,9 @@ Builds the random-weight tiny Llama of docs/ENVIRONMENT (4 layers, hidden 256, 4
 prefills one operator at a time (``PrefillState.step``) and times every operator. Per unit it
 records the attention block (input norm .. output projection), the MLP block (post norm ..
 down projection), the overhead (building the state + embedding) and the tail (final norm +
-LM head), each the *minimum* over layers and repeats: on a shared machine other processes
-only ever add time, so the minimum is the best estimate of what the operators cost. Shapes
+LM head), each the minimum (``--statistic min``, default) or median over layers and repeats:
+on a shared machine other processes only ever add time, so the minimum is the better estimate
+of what the operators cost when the machine is busy. Shapes
 cover single prompts, chunks with earlier KV and small batches. The only module here that imports torch; it does so lazily.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +39,7 @@ MLP_OPS = {"post_norm", "gate_up_proj", "act", "down_proj"}
 TAIL_OPS = {"final_norm", "lm_head"}
 
 
-def _measure_unit(model, items: list[tuple[int, int]], repeats: int, vocab: int) -> BlockMeasurement:
+def _measure_unit(model, items: list[tuple[int, int]], repeats: int, vocab: int, statistic=min) -> BlockMeasurement:
     from flowprefill_ray.model import Granularity
 
     prefixes = []
@@ -75,11 +77,11 @@ def _measure_unit(model, items: list[tuple[int, int]], repeats: int, vocab: int)
         tail_runs.append(tail)
     return BlockMeasurement(
         items=items,
-        attention_s=min(attn_runs),
-        mlp_s=min(mlp_runs),
-        overhead_s=min(overhead_runs),
-        tail_s=min(tail_runs),
-        total_s=min(total_runs),
+        attention_s=statistic(attn_runs),
+        mlp_s=statistic(mlp_runs),
+        overhead_s=statistic(overhead_runs),
+        tail_s=statistic(tail_runs),
+        total_s=statistic(total_runs),
     )
 
 
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (a prefill worker's share)")
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="fewer shapes (smoke test)")
+    parser.add_argument("--statistic", choices=["min", "median"], default="min",
+                        help="how repeated timings of one block are combined")
     args = parser.parse_args(argv)
 
     import torch
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         path = args.model or tiny_checkpoint(Path(tmp) / "tiny", **shape)
         model = load_model(path, device="cpu", dtype=torch.float32)
     vocab = model.config.vocab_size
+    statistic = min if args.statistic == "min" else statistics.median
     units = [[(t, 0)] for t in SINGLE] + [[c] for c in CHUNKS] + BATCHES
     if args.quick:
         units = [[(t, 0)] for t in (64, 512, 2048)] + [[(512, 1024)], [(128, 0)] * 4]
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         for items in units:
             tokens = sum(n + c for n, c in items)
             repeats = args.repeats if tokens <= 4096 else max(1, args.repeats - 1)
-            m = _measure_unit(model, items, repeats, vocab)
+            m = _measure_unit(model, items, repeats, vocab, statistic)
             measurements.append(m)
             print(f"{str(items):<40} attn {m.attention_s * 1e3:8.3f} ms  mlp {m.mlp_s * 1e3:8.3f} ms  "
                   f"total {m.total_s * 1e3:9.2f} ms", flush=True)
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
         "machine": f"{platform.machine()} {platform.processor() or platform.platform()}",
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "timing": "per-operator perf_counter around PrefillState.step; minimum over layers and repeats",
+        "timing": f"per-operator perf_counter around PrefillState.step; {args.statistic} over layers and repeats",
     }
     profile = fit_profile("tiny-llama-4L-256h-cpu", cfg.num_hidden_layers, measurements, provenance)
     out = Path(args.out)
