@@ -183,6 +183,16 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _decode_block_n(element_size: int, block_d: int) -> int:
+    """Tokens per K/V tile of the partial kernel."""
+    if interpreter_enabled():
+        return 16  # several tiles and splits even in the tiny test sequences
+    # Two buffered K and V tiles must fit in shared memory: 64 tokens at 2 bytes and
+    # D <= 256 (128 KiB), halved for fp32.
+    block_n = 64 if element_size <= 2 else 32
+    return block_n if block_d <= 256 else block_n // 2
+
+
 def _plan_splits(
     device: torch.device, programs: int, max_tokens: int, block_n: int
 ) -> tuple[int, int]:
@@ -235,13 +245,7 @@ def decode_attention_triton(
         return out
     group = Hq // Hk
     block_d = block_size(D)
-    if interpreter_enabled():
-        block_n = 16
-    else:
-        # Two buffered K and V tiles must fit in shared memory: 64 tokens at 2 bytes and
-        # D <= 256 (128 KiB), halved for fp32.
-        block_n = 64 if q.element_size() <= 2 else 32
-        block_n = block_n if block_d <= 256 else block_n // 2
+    block_n = _decode_block_n(q.element_size(), block_d)
     num_splits, split_len = _plan_splits(q.device, B * Hk, block_tables.shape[1] * slots, block_n)
     acc = torch.empty((B, Hq, num_splits, block_d), device=q.device, dtype=torch.float32)
     m = torch.empty((B, Hq, num_splits), device=q.device, dtype=torch.float32)
@@ -275,7 +279,8 @@ def decode_attention_triton(
         BLOCK_G=block_size(group),
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # fp32: three TF32 products, fp32-level accuracy on tensor cores.
+        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
         num_stages=2,
     )

@@ -52,6 +52,11 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * E + cols, out.to(x.dtype), mask=mask)
 
 
+def _rms_norm_warps(block_e: int) -> int:
+    # About 8 fp32 values per thread: wide rows get more warps for the row reduction.
+    return min(16, max(1, block_e // 256))
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
     if x.dim() != 2:
         raise KernelInputError(f"rms_norm: x must be [T, E], got shape {tuple(x.shape)}")
@@ -97,7 +102,7 @@ def rms_norm_triton(
         float(eps),
         HAS_RESIDUAL=residual is not None,
         BLOCK_E=block_e,
-        num_warps=min(16, max(1, block_e // 256)),
+        num_warps=_rms_norm_warps(block_e),
     )
     return out, res_out
 

@@ -9,6 +9,8 @@ Query head ``h`` reads KV head ``h // (Hq // Hk)``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -223,28 +225,43 @@ def _check(
 
 # Tile configurations, fastest first: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 _GPU_CONFIGS = ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1))
-# Shared-memory budget for one program, bytes: below the ~227 KiB of an H100/H200 SM and the
-# ~163 KiB of an A100 with room for the compiler's own buffers.
-_SMEM_BUDGET = 150 * 1024
+# fp32 runs its dots as three TF32 products (tf32x3: fp32-level accuracy on tensor cores);
+# compiled for sm_90, larger tiles than these spilled registers heavily.
+_FP32_CONFIGS = ((32, 32, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1))
+# Shared memory left to the compiler's own buffers (barriers, layout conversions), bytes.
+_SMEM_MARGIN = 16 * 1024
+
+
+@functools.lru_cache(maxsize=8)
+def _smem_budget(device_index: int) -> int:
+    """Bytes of shared memory one program may use on this GPU (227 KiB on H100/H200,
+    163 KiB on A100, 99 KiB on consumer Ada/Ampere), less a margin."""
+    props = torch.cuda.get_device_properties(device_index)
+    optin = getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+    return optin - _SMEM_MARGIN
 
 
 def _launch_blocks(
-    device: torch.device, block_d: int, element_size: int
+    device: torch.device, block_d: int, element_size: int, smem_budget: int | None = None
 ) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this device, head-dim tile and dtype.
 
     Picks the first configuration whose q tile plus ``num_stages`` buffered K and V tiles fit
-    in shared memory (fp32 or head dims over 128 need smaller tiles than fp16 at 128).
+    in shared memory (fp32, head dims over 128 and smaller GPUs get smaller tiles).
+    ``smem_budget`` (bytes) overrides the device query, for compiling without a GPU.
     """
     if device.type != "cuda" or interpreter_enabled():
         # Interpreter: every program runs in Python, so fewer, larger tiles would be faster,
         # but 16 keeps several query and key blocks in the small test sequences.
         return 16, 16, 4, 1
-    for block_m, block_n, warps, stages in _GPU_CONFIGS:
+    if smem_budget is None:
+        smem_budget = _smem_budget(device.index if device.index is not None else 0)
+    configs = _FP32_CONFIGS if element_size >= 4 else _GPU_CONFIGS
+    for block_m, block_n, warps, stages in configs:
         smem = (block_m + 2 * stages * block_n) * block_d * element_size
-        if smem <= _SMEM_BUDGET:
+        if smem <= smem_budget:
             return block_m, block_n, warps, stages
-    return _GPU_CONFIGS[-1]
+    return configs[-1]
 
 
 def varlen_attention_triton(
@@ -301,9 +318,9 @@ def varlen_attention_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        # fp32 inputs get full-precision dots (the fp32 model must match the CPU path);
-        # fp16/bf16 use the tensor cores' native path.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # fp32 inputs get fp32-accurate dots (three TF32 products: the fp32 model must match
+        # the CPU path); fp16/bf16 use the tensor cores' native path.
+        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         num_warps=warps,
         num_stages=stages,
     )
