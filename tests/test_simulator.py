@@ -179,3 +179,11 @@ def test_predictor_fitted_from_a_cost_model_tracks_it():
     predictor = fit_predictor(cost)
     for n in (64, 700, 3000, 12000):
         assert predictor.predict(n) == pytest.approx(prefill_s(cost, n), rel=0.1)
+
+
+def test_slo_scale_is_one_on_the_papers_platform_and_tracks_speed(conv_sample):
+    from flowprefill_ray.simulator import A800_SXM, RooflineConfig, fitted_slo_scale
+
+    assert fitted_slo_scale(RooflineCostModel(RooflineConfig(gpu=A800_SXM)), conv_sample) == pytest.approx(1.0)
+    assert fitted_slo_scale(RooflineCostModel(), conv_sample) < 0.5  # an H100 is ~3x faster
+    assert fitted_slo_scale(MeasuredCostModel(), conv_sample) > 1.0  # our CPU model is slower
