@@ -67,8 +67,9 @@ class ReplayConfig(BaseModel):
     ``prompt_scale``: multiplies every prompt length (e.g. 0.1 to fit a CPU), then
     ``min_prompt_tokens`` / ``max_prompt_tokens`` clamp it; ``max_output_tokens`` caps answers.
     ``max_requests`` and ``duration_s``: the run sends at most that many requests and none
-    after ``duration_s`` seconds; in-flight requests then get ``drain_s`` more seconds before
-    they are cancelled and recorded as unfinished, so a run always ends by itself.
+    after ``duration_s`` seconds; once sending is over, in-flight requests get ``drain_s`` more
+    seconds before they are cancelled and recorded as unfinished, so a run always ends by
+    itself, within ``duration_s + drain_s``.
     ``seed``: fixes the prompt token ids and the SLO classes given to a trace without classes.
     """
 

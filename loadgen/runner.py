@@ -57,8 +57,8 @@ async def run_open_loop(
     """Replay ``plan`` against ``endpoint`` open loop, within ``replay``'s bounds.
 
     At most ``replay.max_requests`` requests are sent, none after ``replay.duration_s`` seconds;
-    requests still streaming at the duration get ``replay.drain_s`` more seconds, then are
-    cancelled and recorded as ``unfinished``. The run therefore lasts at most
+    once the last one is sent, requests still streaming get ``replay.drain_s`` more seconds,
+    then are cancelled and recorded as ``unfinished``. The run therefore lasts at most
     ``duration_s + drain_s`` seconds.
     """
     records = [_new_record(p) for p in plan]
@@ -87,7 +87,9 @@ async def run_open_loop(
             task.add_done_callback(_finished)
             tasks.append(task)
         if tasks:
-            deadline = max(replay.duration_s, clock()) + replay.drain_s
+            # Sending is over (last request sent, or the duration reached): requests still
+            # streaming get drain_s more, so a stuck stream cannot hold the run open.
+            deadline = clock() + replay.drain_s
             _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - clock()))
             for task in pending:
                 task.cancel()
