@@ -151,7 +151,8 @@ def _varlen_inputs(hq, hk, d, q_lens, k_lens, dtype=torch.float32, seed=0):
 
 
 def _paged_inputs(hq, hk, d, seq_lens, slots, dtype=torch.float32, seed=0):
-    """A cache with twice the blocks needed; each sequence's blocks are scattered at random."""
+    """A cache with twice the blocks needed; each sequence's blocks are scattered at random.
+    q is a non-contiguous view, as the model produces it."""
     g = _gen(seed)
     need = [math.ceil(n / slots) for n in seq_lens]
     width = max(need) + 1  # one spare column: tables are wider than any sequence needs
@@ -164,8 +165,14 @@ def _paged_inputs(hq, hk, d, seq_lens, slots, dtype=torch.float32, seed=0):
     for b, n in enumerate(need):
         tables[b, :n] = order[used : used + n]
         used += n
-    q = torch.randn(len(seq_lens), hq, d, generator=g).to(dtype)
-    return q, k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32)
+    q = torch.randn(len(seq_lens), (hq + 1) * d, generator=g)[:, : hq * d].view(-1, hq, d)
+    return (
+        q.to(dtype) if dtype != torch.float32 else q,
+        k_cache,
+        v_cache,
+        tables,
+        torch.tensor(seq_lens, dtype=torch.int32),
+    )
 
 
 # ---------------------------------------------------------------- rms_norm
