@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--duration", type=float, default=120.0, help="seconds during which requests are sent"
     )
+    parser.add_argument(
+        "--drain",
+        type=float,
+        default=30.0,
+        help="seconds unfinished streams get after the last send",
+    )
     parser.add_argument("--prefill-workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         max_output_tokens=args.max_output_tokens,
         max_requests=args.requests,
         duration_s=args.duration,
-        drain_s=60.0,
+        drain_s=args.drain,
         seed=args.seed,
     )
     plan = plan_requests(

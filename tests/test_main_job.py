@@ -1,0 +1,93 @@
+"""The main job (``python -m flowprefill_ray demo``) end to end, as a user runs it.
+
+It runs in a subprocess, like the README's command: a local Ray cluster, the Serve app with the
+tiny model, a replay of a few Azure-trace requests over HTTP, the report and the plots. The
+subprocess carries a unique environment marker that every Ray process it starts inherits;
+after it exits, no process with that marker may be left (Serve and Ray were shut down).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids whose environment carries ``marker`` (processes of this user only)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone, or another user's
+            continue
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find leftovers")
+def test_demo_serves_a_trace_slice_reports_and_shuts_everything_down(tmp_path):
+    marker = f"FLOWPREFILL_DEMO_TEST={uuid.uuid4().hex}"
+    env = dict(os.environ, FLOWPREFILL_DEMO_TEST=marker.split("=", 1)[1])
+    out = tmp_path / "demo"
+    command = [
+        sys.executable,
+        "-m",
+        "flowprefill_ray",
+        "demo",
+        "--tiny",
+        "--requests",
+        "6",
+        "--rate-scale",
+        "2",
+        "--port",
+        str(_free_port()),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--drain",
+        "20",
+    ]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # The compact report: one line per class seen plus the total, and a goodput estimate.
+    assert "ttft_p50" in proc.stdout and "\nALL " in proc.stdout
+    assert "goodput estimate:" in proc.stdout
+    document = json.loads((out / "results.json").read_text())
+    requests = document["requests"]
+    assert len(requests) == 6 and document["summary"]["sent"] == 6
+    # Every request went through the real server: a first token, server-side timings, and
+    # a TTFT measured by the client no smaller than the server's own.
+    for r in requests:
+        assert r["status"] == "ok", r
+        assert r["output_tokens"] >= 1 and r["ttft_s"] > 0
+        assert 0 < r["server"]["ttft_s"] <= r["ttft_s"]
+        assert r["server"]["slo_class"] == r["slo_class"]
+    assert len({r["slo_class"] for r in requests}) > 1  # mixed SLO classes
+    for png in ("ttft_cdf.png", "burst_timeline.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+    # Nothing the demo started survives it.
+    deadline = time.monotonic() + 20
+    while (left := _processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left behind by the demo: {left}"
