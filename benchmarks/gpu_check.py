@@ -64,6 +64,8 @@ class Shapes:
 GPU_SHAPES = Shapes(32, 8, 128, 4096, 14336, (2048, 8192), 16, 32)
 # A non-power-of-two head dim at a realistic size, correctness only.
 GPU_ODD_HEAD = Shapes(32, 8, 80, 2560, 6912, (2048,), 16, 8)
+# SmolLM2-135M, the project's default real model: 9/3 heads of 64, hidden 576.
+GPU_SMOLLM2 = Shapes(9, 3, 64, 576, 1536, (2048,), 16, 8)
 DRY_SHAPES = Shapes(6, 2, 48, 80, 40, (24,), 4, 3)
 
 
@@ -737,7 +739,7 @@ def compile_only_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         return 2
     dtypes = [DTYPE_NAMES[n] for n in (args.dtypes or ["fp16", "bf16", "fp32"])]
     began = time.perf_counter()
-    rows = compile_for_target([GPU_SHAPES, GPU_ODD_HEAD], dtypes, args.compile_only)
+    rows = compile_for_target([GPU_SHAPES, GPU_ODD_HEAD, GPU_SMOLLM2], dtypes, args.compile_only)
     print(f"\n== compiled for sm_{args.compile_only} (no GPU used)")
     print(
         format_table(
@@ -799,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         dtypes.remove(torch.bfloat16)
-    shape_sets = [DRY_SHAPES] if args.dry_run else [GPU_SHAPES, GPU_ODD_HEAD]
+    shape_sets = [DRY_SHAPES] if args.dry_run else [GPU_SHAPES, GPU_ODD_HEAD, GPU_SMOLLM2]
 
     began = time.perf_counter()
     correctness, timing = check_kernels(
