@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--simulate", action="store_true", help="also predict each trial with the simulator"
     )
+    p.add_argument(
+        "--resimulate",
+        action="store_true",
+        help="no live runs: redo the simulator comparison for the trials already in --out",
+    )
     p.add_argument("--out", default="results/live_policies.json")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -66,6 +71,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def policy_config(name: str, chunk_size: int) -> dict[str, Any]:
     return {"name": name, "chunk_size": chunk_size} if name == "chunked" else {"name": name}
+
+
+def add_simulation(
+    results: dict[str, Any], replay: Any, slo: Any, chunk_size: int, trials_dir: Path
+) -> dict[str, Any]:
+    """Predict every live trial with the simulator, twice: with the committed tiny-CPU
+    profile as is (``simulated_*``), and with it scaled by the speed the live system showed
+    in the lowest-rate trial of each policy (``calibrated_*``; see
+    ``loadgen.sim_compare.calibration_factor``). Returns the calibration and the mean
+    absolute gap between live and predicted attainment, in points."""
+    from flowprefill_ray.simulator.measured import MeasuredCostModel
+    from loadgen.sim_compare import ScaledCostModel, calibration_factor, simulate_trials
+
+    base = MeasuredCostModel()
+    calibration_requests = []
+    for policy, r in results.items():
+        if r and r["points"]:
+            low = min(r["points"], key=lambda p: p["rate_scale"])
+            path = trials_dir / policy / f"x{low['rate_scale']:.4g}" / "results.json"
+            calibration_requests += json.loads(path.read_text())["requests"]
+    factor, used = calibration_factor(calibration_requests, base)
+    gaps: dict[str, list[float]] = {"simulated": [], "calibrated": []}
+    for policy, r in results.items():
+        if not r:
+            continue
+        config = policy_config(policy, chunk_size)
+        simulate_trials(r["points"], replay, slo, config, base, prefix="simulated")
+        simulate_trials(
+            r["points"], replay, slo, config, ScaledCostModel(base, factor), prefix="calibrated"
+        )
+        for p in r["points"]:
+            for prefix, values in gaps.items():
+                values.append(abs(p["attainment"] - p[f"{prefix}_attainment"]) * 100)
+    return {
+        "cost_model": base.name,
+        "calibration_factor": factor,
+        "calibration_requests": used,
+        "mean_abs_gap_points": {k: sum(v) / len(v) if v else None for k, v in gaps.items()},
+        "max_abs_gap_points": {k: max(v) if v else None for k, v in gaps.items()},
+    }
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -101,6 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = Path(args.out)
     trials_dir = out.with_suffix("")
+    if args.resimulate:
+        document = json.loads(out.read_text())
+        document["simulation"] = add_simulation(
+            document["policies"],
+            ReplayConfig(**document["replay"]),
+            SLOConfig(**document["slo"]),
+            args.chunk_size,
+            trials_dir,
+        )
+        out.write_text(json.dumps(document, indent=1))
+        print(format_table(document["policies"], document["ratios"], document["simulation"]))
+        return 0
     deploys = {
         p: serve_app_args(model, policy_config(p, args.chunk_size), args.slo_scale)
         for p in policies
@@ -162,14 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                     "points": points,
                 }
 
-    if args.simulate:
-        from loadgen.sim_compare import simulate_trials
-
-        for policy in policies:
-            if results.get(policy):
-                simulate_trials(
-                    results[policy]["points"], replay, slo, policy_config(policy, args.chunk_size)
-                )
+    simulation = (
+        add_simulation(results, replay, slo, args.chunk_size, trials_dir) if args.simulate else None
+    )
 
     document = {
         "command": " ".join(
@@ -199,25 +251,47 @@ def main(argv: list[str] | None = None) -> int:
         trials_dir / "attainment_vs_rate.png",
         title=f"live {model}, {args.trace}: TTFT SLO attainment",
     )
-    print(format_table(results, document["ratios"]))
+    print(format_table(results, document["ratios"], simulation))
     print(f"wrote {out} and {plot}")
     return 0
 
 
-def format_table(results: dict[str, Any], ratios: dict[str, float | None]) -> str:
-    lines = [f"{'policy':<12} {'goodput x':>9} {'req/s':>7}  attainment by trial (rate scale: %)"]
+def format_table(
+    results: dict[str, Any],
+    ratios: dict[str, float | None],
+    simulation: dict[str, Any] | None = None,
+) -> str:
+    """Goodput per policy, then each trial's live attainment (and the simulator's, if run)."""
+
+    def trial(p: dict[str, Any]) -> str:
+        text = f"x{p['rate_scale']:.3g}: {p['attainment'] * 100:.0f}"
+        if "simulated_attainment" in p:
+            text += f" (sim {p['simulated_attainment'] * 100:.0f}"
+            text += (
+                f", cal {p['calibrated_attainment'] * 100:.0f})"
+                if "calibrated_attainment" in p
+                else ")"
+            )
+        return text
+
+    lines = [f"{'policy':<12} {'goodput x':>9} {'req/s':>7}  attainment % by rate scale"]
     for policy, r in results.items():
         if not r:
             lines.append(f"{policy:<12} {'-':>9} {'-':>7}  search did not bracket")
             continue
-        trials = ", ".join(
-            f"x{p['rate_scale']:.3g}: {p['attainment'] * 100:.0f}" for p in r["points"]
-        )
+        trials = ", ".join(trial(p) for p in r["points"])
         lines.append(
             f"{policy:<12} {r['goodput_rate_scale']:>9.3g} {r['goodput_rps']:>7.2f}  {trials}"
         )
     for name, value in ratios.items():
         lines.append(f"{name}: {'n/a (baseline goodput 0)' if value is None else f'{value:.2f}x'}")
+    if simulation:
+        gap = simulation["mean_abs_gap_points"]
+        lines.append(
+            f"simulator ({simulation['cost_model']}) vs live, mean |attainment gap|: "
+            f"{gap['simulated']:.1f} points as profiled, {gap['calibrated']:.1f} points calibrated "
+            f"(cost x{simulation['calibration_factor']:.2f} from {simulation['calibration_requests']} requests)"
+        )
     return "\n".join(lines)
 
 

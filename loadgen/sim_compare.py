@@ -60,9 +60,11 @@ def simulate_trials(
     policy: dict[str, Any],
     cost_model: Any = None,
     num_workers: int = 1,
+    prefix: str = "simulated",
 ) -> None:
-    """Add ``simulated_attainment`` (0..1) and ``simulated_by_class`` to each live trial point
-    (dicts with ``rate_scale``), re-planning the very requests that trial sent."""
+    """Add ``<prefix>_attainment`` (0..1), ``<prefix>_by_class`` and ``<prefix>_preemptions``
+    to each live trial point (dicts with ``rate_scale``), re-planning the very requests that
+    trial sent."""
     workload = load_trace_workload(replay.trace)
     for point in points:
         trial = replay.model_copy(update={"rate_scale": point["rate_scale"]})
@@ -72,6 +74,55 @@ def simulate_trials(
             if p.send_at_s < trial.duration_s
         ]
         result = simulate_plan(plan, policy, slo, cost_model, num_workers)
-        point["simulated_attainment"] = result.attainment
-        point["simulated_by_class"] = result.attainment_by_class()
-        point["simulated_preemptions"] = result.preemptions
+        point[f"{prefix}_attainment"] = result.attainment
+        point[f"{prefix}_by_class"] = result.attainment_by_class()
+        point[f"{prefix}_preemptions"] = result.preemptions
+
+
+class ScaledCostModel:
+    """A cost model whose every block time is ``factor`` times the base model's: the measured
+    profile recalibrated to the speed the live workers actually ran at (a shared CPU is slower
+    than the quiet one the profile assumes)."""
+
+    def __init__(self, base: Any, factor: float) -> None:
+        if not factor > 0:
+            raise ValueError(f"a cost scale factor must be > 0, got {factor}")
+        self.base, self.factor = base, factor
+        self.num_layers = base.num_layers
+        self.name = f"{base.name}x{factor:.2f}"
+
+    def unit_cost(self, items):
+        from flowprefill_ray.simulator.cost_model import UnitCost
+
+        c, f = self.base.unit_cost(items), self.factor
+        return UnitCost(
+            c.overhead_s * f, c.attention_s * f, c.mlp_s * f, c.num_layers, c.tail_s * f
+        )
+
+
+def calibration_factor(requests: list[dict[str, Any]], base: Any = None) -> tuple[float, int]:
+    """Median of live prefill time / the cost model's single-prompt prefill time, over the
+    requests the server never preempted; returns (factor, requests used).
+
+    ``requests``: per-request dicts of a results.json (``prompt_tokens`` and the server's
+    ``ttft_s``, ``queue_s``, ``preemptions``). The server's TTFT minus its queue time is the
+    time from first start to first token: the prefill plus whatever the unit was batched with
+    and the hand-off, so the factor also absorbs the runtime's per-request overheads.
+    """
+    from statistics import median
+
+    from flowprefill_ray.simulator.experiment import prefill_s
+
+    base = base or MeasuredCostModel()
+    ratios = []
+    for r in requests:
+        server = r.get("server") or {}
+        ttft, queue = server.get("ttft_s"), server.get("queue_s")
+        if not isinstance(ttft, (int, float)) or not isinstance(queue, (int, float)):
+            continue
+        if server.get("preemptions", 0) or ttft - queue <= 0:
+            continue
+        ratios.append((ttft - queue) / prefill_s(base, int(r["prompt_tokens"])))
+    if not ratios:
+        raise ValueError("no unpreempted request with server timings to calibrate from")
+    return median(ratios), len(ratios)

@@ -460,3 +460,37 @@ def test_simulator_prediction_of_a_plan_shows_head_of_line_blocking_only_under_f
     fcfs = simulate_plan(plan, {"name": "fcfs"}, slo)
     assert flow.attainment == 1.0 and flow.preemptions == 1
     assert fcfs.attainment_by_class() == {"file": 1.0, "text": 0.0}
+
+
+def test_calibration_reads_live_prefill_speed_from_unpreempted_requests():
+    from flowprefill_ray.simulator.experiment import prefill_s
+    from flowprefill_ray.simulator.measured import MeasuredCostModel
+    from loadgen.sim_compare import ScaledCostModel, calibration_factor
+
+    base = MeasuredCostModel()
+
+    def request(tokens, speed, preemptions=0):
+        queue = 0.3
+        return {
+            "prompt_tokens": tokens,
+            "server": {
+                "queue_s": queue,
+                "ttft_s": queue + speed * prefill_s(base, tokens),
+                "preemptions": preemptions,
+            },
+        }
+
+    requests = [
+        request(100, 2.0),
+        request(800, 2.0),
+        request(300, 3.0),
+        request(2000, 9.0, preemptions=2),
+    ]
+    factor, used = calibration_factor(requests, base)
+    assert used == 3 and factor == pytest.approx(
+        2.0
+    )  # median of 2, 2, 3; the preempted one left out
+    scaled = ScaledCostModel(base, factor)
+    assert prefill_s(scaled, 512) == pytest.approx(2.0 * prefill_s(base, 512))
+    with pytest.raises(ValueError, match="no unpreempted request"):
+        calibration_factor([request(100, 1.0, preemptions=1)], base)
