@@ -14,10 +14,12 @@ import time
 
 import psutil
 import pytest
+from conftest_ray import runtime_test_config
 
 from flowprefill_ray.model import load_model
 from flowprefill_ray.model.generate import generate
 from flowprefill_ray.model.sampling import SamplingParams
+from flowprefill_ray.runtime.engine import FlowPrefillEngine
 from flowprefill_ray.runtime.errors import InvalidRequestError, PromptTooLongError
 from flowprefill_ray.runtime.model_source import checkpoint_path
 
@@ -95,6 +97,30 @@ def test_tokens_after_kv_handoff_equal_single_process_generate(runtime_engines, 
     stats = asyncio.run(engine.stats())
     moved = stats["decode_workers"]["decode-0"]["kv_transfer_bytes"]
     assert moved >= 2 * 300 * reference_model.config.num_hidden_layers  # KV really travelled
+
+
+def test_kv_by_ray_direct_transport_over_gloo_gives_the_same_tokens(
+    ray_local, runtime_cache_dir, reference_model
+):
+    # Its own engine, removed at the end: torch's rendezvous store behind the gloo group
+    # listens on every interface while the group exists (see docs/RUNTIME.md).
+    config = runtime_test_config(
+        runtime_cache_dir, "flowprefill", kv_transfer={"mode": "gloo"}, name_prefix="fp-test-gloo"
+    )
+    prompt = _prompt(200, 4)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+    async def run():
+        engine = await FlowPrefillEngine.start(config)
+        try:
+            outputs = await _collect(engine, prompt, greedy, "search")
+            return outputs, (await engine.stats())["decode_workers"]["decode-0"]
+        finally:
+            await engine.shutdown()
+
+    outputs, decode = asyncio.run(run())
+    assert _token_ids(outputs) == generate(reference_model, prompt, greedy)
+    assert decode["kv_transfers"] == 1 and decode["kv_transfer_bytes"] > 0
 
 
 def test_urgent_request_preempts_long_prefill_which_still_matches_unpreempted_run(
@@ -251,7 +277,8 @@ def test_ray_listens_only_on_loopback(runtime_engines):
         if c.status == psutil.CONN_LISTEN and c.pid in pids
     ]
     assert listeners, "found no Ray listener at all: the check itself is broken"
-    assert all(_is_loopback(ip) for _, ip, _ in listeners), listeners
+    exposed = [listener for listener in listeners if not _is_loopback(listener[1])]
+    assert not exposed, exposed
 
 
 def _is_loopback(ip: str) -> bool:

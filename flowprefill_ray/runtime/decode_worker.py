@@ -111,7 +111,16 @@ class DecodeWorker:
             # The KV never arrived (prefill worker died, KV dropped): end the client's stream.
             self._finish_queue(handoff.request_id, "error")
             raise
-        transfer_s = time.perf_counter() - started
+        return self._accept(handoff, k, v, time.perf_counter() - started)
+
+    async def accept_direct(self, handoff: Handoff, kv: tuple) -> AcceptAck:
+        """``accept`` for Ray Direct Transport: Ray has already moved ``kv = (k, v)`` here from
+        the prefill worker (a borrowed RDT ref cannot be nested, so it comes resolved). The
+        transfer is timed from the scheduler's wall-clock stamp (same node: same clock)."""
+        k, v = kv
+        return self._accept(handoff, k, v, max(0.0, time.time() - handoff.sent_at_wall_s))
+
+    def _accept(self, handoff: Handoff, k, v, transfer_s: float) -> AcceptAck:
         kv = KVCache(k, v)
         self._transfer.append((kv.nbytes, transfer_s))
         self._metrics.inc("flowprefill_kv_transfer_bytes_total", kv.nbytes)
@@ -297,3 +306,5 @@ class DecodeWorker:
 
 
 RemoteDecodeWorker = ray.remote(DecodeWorker)
+# Receives KV by Ray Direct Transport (see RemotePrefillWorkerRDT).
+RemoteDecodeWorkerRDT = ray.remote(enable_tensor_transport=True)(DecodeWorker)

@@ -72,6 +72,9 @@ class Handoff:
     sampling: SamplingParams
     slo_class: str
     generator_state: bytes | None = None
+    # Wall-clock time (time.time(), seconds) the scheduler issued the hand-off: with Ray Direct
+    # Transport the tensors arrive already resolved, so the transfer is timed from here.
+    sent_at_wall_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,11 +14,11 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .config import RuntimeConfig
-from .decode_worker import RemoteDecodeWorker
-from .prefill_worker import PREFILL_WORKER_CONCURRENCY, RemotePrefillWorker
+from .decode_worker import RemoteDecodeWorker, RemoteDecodeWorkerRDT
+from .prefill_worker import PREFILL_WORKER_CONCURRENCY, RemotePrefillWorker, RemotePrefillWorkerRDT
 
 # Zero-copy reads of torch tensors from the object store (the KV hand-off path).
-WORKER_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
+WORKER_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
 @dataclass
@@ -72,16 +72,19 @@ def create_workers(config: RuntimeConfig, ready_timeout_s: float = 300.0) -> Wor
             )
         return opts
 
+    direct = config.kv_transfer.mode != "object_store"
+    prefill_class = RemotePrefillWorkerRDT if direct else RemotePrefillWorker
+    decode_class = RemoteDecodeWorkerRDT if direct else RemoteDecodeWorker
     for i in range(placement.num_prefill_workers):
         wid = f"prefill-{i}"
-        workers.prefill[wid] = RemotePrefillWorker.options(
+        workers.prefill[wid] = prefill_class.options(
             max_concurrency=PREFILL_WORKER_CONCURRENCY,
             **options(i, placement.prefill_num_cpus, placement.prefill_num_gpus, f"{config.name_prefix}-{wid}"),
         ).remote(wid, config.model, config.prefill, config.policy.long_chunk_tokens)
     for j in range(placement.num_decode_workers):
         wid = f"decode-{j}"
         index = placement.num_prefill_workers + j
-        workers.decode[wid] = RemoteDecodeWorker.options(
+        workers.decode[wid] = decode_class.options(
             **options(index, placement.decode_num_cpus, placement.decode_num_gpus, f"{config.name_prefix}-{wid}"),
         ).remote(wid, config.model, config.decode)
     refs = [handle.info.remote() for handle in workers.all_handles()]

@@ -120,3 +120,6 @@ class PrefillWorker:
 
 
 RemotePrefillWorker = ray.remote(PrefillWorker)
+# The same worker able to send its KV by Ray Direct Transport (gloo / nccl). A separate class
+# because Ray fixes this at class definition and it moves all calls onto background threads.
+RemotePrefillWorkerRDT = ray.remote(enable_tensor_transport=True)(PrefillWorker)

@@ -1,0 +1,407 @@
+"""Replay a slice of an Azure trace against the real Ray runtime, every policy side by side.
+
+    .venv/bin/python benchmarks/runtime_replay.py --out results/runtime_replay.json
+
+One local Ray cluster; one engine per policy (its own scheduler, prefill and decode workers),
+all sharing one TTFT predictor profiled once on a prefill worker. For each load level the same
+trace slice (same requests, same seed) is replayed open loop through ``FlowPrefillEngine`` for
+each policy in turn. Everything runs on CPU with the tiny generated model, so the trace is
+fitted to it (documented in docs/RUNTIME.md):
+
+- prompt lengths are multiplied by ``--prompt-scale`` and capped at ``--max-prompt`` tokens;
+  outputs are capped at ``--max-output`` tokens (decode is not what is measured here);
+- SLO classes are assigned with the workloads package's length-banded rule (seed 0);
+- the SLO scale is fitted to measured speed: the tightest class (text, 0.25 s at scale 1)
+  gets ``--slo-factor`` x the predicted prefill time of the slice's median prompt;
+- the arrival rate is fitted so the offered prefill load (arrival rate x mean predicted prefill
+  time) equals each ``--loads`` value (1.0 = one prefill worker busy all the time).
+
+Reports per policy and load: TTFT SLO attainment (overall and per class), TTFT p50/p99, and
+goodput (the highest tested request rate with >= 90 % attainment); for the flowprefill runs the
+preemption blocking-time distribution against one block's compute + 2 ms; the scheduler's
+overhead per event; KV transfer time per MB. Prints a table and writes JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ATTAINMENT_TARGET = 0.9
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--trace", default="azure_2023_conv", help="built-in trace name")
+    p.add_argument("--start-s", type=float, default=600.0, help="slice start in the trace, seconds")
+    p.add_argument("--requests", type=int, default=120, help="requests in the slice")
+    p.add_argument("--policies", default="flowprefill,fcfs,edf,chunked")
+    p.add_argument("--chunk-size", type=int, default=128, help="chunked policy's chunk, tokens")
+    p.add_argument("--loads", default="0.6,0.9", help="offered prefill loads, comma separated")
+    p.add_argument("--prompt-scale", type=float, default=0.25)
+    p.add_argument("--max-prompt", type=int, default=2048)
+    p.add_argument("--max-output", type=int, default=4)
+    p.add_argument("--slo-factor", type=float, default=4.0)
+    p.add_argument("--granularity", default="block", choices=["block", "layer", "operator"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/runtime_replay.json")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------ workload
+
+
+def build_slice(args):
+    """The trace slice with scaled lengths and assigned SLO classes (before rate fitting)."""
+    from flowprefill_ray.workloads import SLOAssignmentConfig, assign_slo_classes, load_builtin
+    from flowprefill_ray.workloads.trace import TraceRecord, Workload
+
+    trace = load_builtin(args.trace)
+    window = trace.window(args.start_s, trace.duration_s + 1.0).head(args.requests)
+    if len(window) < args.requests:
+        raise SystemExit(
+            f"trace {args.trace} has only {len(window)} requests after {args.start_s} s"
+        )
+    scaled = tuple(
+        TraceRecord(
+            r.arrival_s,
+            max(4, min(args.max_prompt, round(r.prompt_tokens * args.prompt_scale))),
+            max(1, min(args.max_output, r.output_tokens)),
+        )
+        for r in window
+    )
+    workload = Workload(f"{window.name} scaled x{args.prompt_scale:g}", scaled)
+    return assign_slo_classes(workload, SLOAssignmentConfig(seed=args.seed))
+
+
+def profile_predictor(config, path: Path):
+    """Profile one prefill worker (the same actor code the engines use) and save the fit."""
+    import ray
+
+    from flowprefill_ray.runtime.prefill_worker import RemotePrefillWorker
+    from flowprefill_ray.scheduling import PredictorConfig, TTFTPredictor
+
+    worker = RemotePrefillWorker.options(num_cpus=0.5).remote(
+        "profile", config.model, config.prefill, config.policy.long_chunk_tokens
+    )
+    points = ray.get(worker.profile.remote(list(config.prefill.profile_tokens), 3))
+    ray.kill(worker)
+    predictor = TTFTPredictor.fit(
+        points, PredictorConfig(chunk_tokens=config.policy.long_chunk_tokens)
+    )
+    predictor.save(path)
+    return predictor, points
+
+
+def block_compute_s(config, tokens: int) -> float:
+    """Seconds of one attention or MLP block for a ``tokens``-token prompt, measured here:
+    a full prefill divided by its checkpoints (2 per layer at block granularity)."""
+    import torch
+
+    from flowprefill_ray.model import load_model
+    from flowprefill_ray.runtime.model_source import checkpoint_path
+
+    torch.set_num_threads(1)
+    model = load_model(checkpoint_path(config.model))
+    prompt = [3 + i % 400 for i in range(tokens)]
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        state = model.start_prefill([prompt])
+        state.run(lambda: False)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) / (2 * model.config.num_hidden_layers)
+
+
+# ------------------------------------------------------------------------------- replay
+
+
+async def replay(engine, workload, rate_scale: float, seed: int) -> list[dict]:
+    """Submit every request at its (scaled) arrival time; collect per-request outcomes."""
+    from flowprefill_ray.model.sampling import SamplingParams
+    from flowprefill_ray.runtime.errors import RequestRejectedError
+
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    prompts = [[rng.randrange(3, vocab) for _ in range(r.prompt_tokens)] for r in workload]
+    t0 = workload.records[0].arrival_s
+    started = time.monotonic()
+
+    async def one(i: int, record) -> dict:
+        await asyncio.sleep(
+            max(0.0, (record.arrival_s - t0) / rate_scale - (time.monotonic() - started))
+        )
+        sampling = SamplingParams(temperature=0.0, max_tokens=record.output_tokens, ignore_eos=True)
+        outcome = {"class": record.slo_class, "prompt_tokens": record.prompt_tokens}
+        try:
+            outputs = [o async for o in await engine.submit(prompts[i], sampling, record.slo_class)]
+        except RequestRejectedError:
+            return {**outcome, "rejected": True, "met": False}
+        first = outputs[0]
+        return {
+            **outcome,
+            "rejected": False,
+            "ttft_s": first.ttft_s,
+            "queue_s": first.queue_s,
+            "slo_s": first.ttft_slo_s,
+            "met": first.ttft_s <= first.ttft_slo_s,
+            "preemptions": first.preemptions,
+            "finish": outputs[-1].finish_reason,
+        }
+
+    results = await asyncio.gather(*(one(i, r) for i, r in enumerate(workload)))
+    return results, time.monotonic() - started
+
+
+def summarize(results: list[dict], rate: float, elapsed_s: float) -> dict:
+    served = [r for r in results if not r["rejected"]]
+    ttfts = sorted(r["ttft_s"] for r in served)
+    by_class = {}
+    for cls in sorted({r["class"] for r in results}):
+        mine = [r for r in results if r["class"] == cls]
+        by_class[cls] = sum(r["met"] for r in mine) / len(mine)
+    return {
+        "rate_req_s": rate,
+        "attainment": sum(r["met"] for r in results) / len(results),
+        "attainment_by_class": by_class,
+        "ttft_p50_s": _quantile(ttfts, 0.5),
+        "ttft_p99_s": _quantile(ttfts, 0.99),
+        "rejected": sum(r["rejected"] for r in results),
+        "preemptions": sum(r.get("preemptions", 0) for r in served),
+        "completed": sum(1 for r in served if r["finish"] == "length"),
+        "elapsed_s": elapsed_s,
+    }
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def _dist(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values),
+        "p50": _quantile(values, 0.5),
+        "p90": _quantile(values, 0.9),
+        "p99": _quantile(values, 0.99),
+        "max": max(values),
+    }
+
+
+# --------------------------------------------------------------------------------- main
+
+
+async def run(args) -> dict:
+    from flowprefill_ray.runtime import FlowPrefillEngine, RuntimeConfig
+    from flowprefill_ray.scheduling import POLICIES
+
+    policies = [p for p in args.policies.split(",") if p]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise SystemExit(f"policies {unknown} are not available; available: {sorted(POLICIES)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def config(policy: str, predictor_path: str | None = None, slo_scale: float = 1.0):
+        return RuntimeConfig.model_validate(
+            {
+                "model": {"path": "tiny"},
+                "placement": {"prefill_num_cpus": 0.5, "decode_num_cpus": 0.5},
+                "policy": {"name": policy, "chunk_size": args.chunk_size},
+                "slo": {"scale": slo_scale},
+                "prefill": {
+                    "granularity": args.granularity,
+                    "profile_tokens": [16, 64, 128, 256, 512, 1024, args.max_prompt],
+                },
+                "decode": {"kv_blocks": 2048, "max_batch_size": 64},
+                "requests": {"max_output_tokens": args.max_output},
+                "predictor_path": predictor_path,
+                "name_prefix": f"replay-{policy}",
+            }
+        )
+
+    workload = build_slice(args)
+    predictor_path = out.with_suffix(".predictor.json")
+    predictor, profile = profile_predictor(config("fcfs"), predictor_path)
+    prompt_lengths = sorted(r.prompt_tokens for r in workload)
+    median_prompt = prompt_lengths[len(prompt_lengths) // 2]
+    slo_scale = args.slo_factor * predictor.predict(median_prompt) / 0.25
+    mean_prefill_s = statistics.fmean(predictor.predict(n) for n in prompt_lengths)
+    trace_rate = (len(workload) - 1) / (
+        workload.records[-1].arrival_s - workload.records[0].arrival_s
+    )
+    block_s = block_compute_s(config("fcfs"), max(prompt_lengths))
+
+    engines = {}
+    for policy in policies:
+        engines[policy] = await FlowPrefillEngine.start(
+            config(policy, str(predictor_path), slo_scale)
+        )
+    runs = []
+    try:
+        for load in [float(x) for x in args.loads.split(",")]:
+            rate = load / mean_prefill_s
+            for policy in policies:
+                results, elapsed = await replay(
+                    engines[policy], workload, rate / trace_rate, args.seed
+                )
+                summary = summarize(results, rate, elapsed)
+                runs.append({"policy": policy, "load": load, **summary})
+                print(
+                    f"  {policy:12s} load {load:.2f}: attainment {summary['attainment']:.1%}",
+                    flush=True,
+                )
+        stats = {policy: await engine.stats() for policy, engine in engines.items()}
+    finally:
+        for engine in engines.values():
+            await engine.shutdown()
+
+    goodput = {}
+    for policy in policies:
+        ok = [
+            r["rate_req_s"]
+            for r in runs
+            if r["policy"] == policy and r["attainment"] >= ATTAINMENT_TARGET
+        ]
+        goodput[policy] = max(ok) if ok else 0.0
+    blocking = stats.get("flowprefill", {}).get("scheduler", {}).get("preemption_blocking_s", [])
+    overhead = {}
+    for policy, s in stats.items():
+        overhead[policy] = {
+            event: {
+                "total": _dist(v),
+                "policy_only": _dist(s["scheduler"]["policy_decision_s"][event]),
+            }
+            for event, v in s["scheduler"]["event_overhead_s"].items()
+        }
+    transfers = [
+        t
+        for s in stats.values()
+        for d in s["decode_workers"].values()
+        for t in d["kv_transfer_samples"]
+    ]
+    mb = sum(b for b, _ in transfers) / 1e6
+    return {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+        "args": vars(args),
+        "workload": {
+            "name": workload.name,
+            "requests": len(workload),
+            "classes": workload.slo_classes,
+            "prompt_tokens_p50": median_prompt,
+            "prompt_tokens_max": max(prompt_lengths),
+            "trace_rate_req_s": trace_rate,
+        },
+        "fit": {
+            "slo_scale": slo_scale,
+            "text_slo_s": 0.25 * slo_scale,
+            "mean_prefill_s": mean_prefill_s,
+            "profile": profile,
+            "block_compute_s": block_s,
+        },
+        "runs": runs,
+        "goodput_req_s": goodput,
+        "preemption_blocking_s": {
+            **_dist(blocking),
+            "target_s": block_s + 0.002,
+            "p99_within_target": bool(blocking) and _quantile(blocking, 0.99) <= block_s + 0.002,
+        },
+        "scheduler_overhead_s": overhead,
+        "kv_transfer": {
+            "requests": len(transfers),
+            "megabytes": mb,
+            "seconds_per_mb": (sum(s for _, s in transfers) / mb) if mb else None,
+            "per_request_s": _dist([s for _, s in transfers]),
+        },
+    }
+
+
+def print_report(report: dict) -> None:
+    fit = report["fit"]
+    print(
+        f"\nworkload: {report['workload']['name']}, {report['workload']['requests']} requests, "
+        f"SLO scale {fit['slo_scale']:.3f} (text {fit['text_slo_s'] * 1000:.0f} ms)"
+    )
+    print(
+        f"{'policy':12s} {'load':>5s} {'rate/s':>7s} {'attain':>7s} {'text':>6s} {'image':>6s} "
+        f"{'search':>6s} {'file':>6s} {'ttft p50':>9s} {'ttft p99':>9s} {'preempt':>7s}"
+    )
+    for r in report["runs"]:
+        c = r["attainment_by_class"]
+        print(
+            f"{r['policy']:12s} {r['load']:5.2f} {r['rate_req_s']:7.1f} {r['attainment']:7.1%} "
+            + " ".join(
+                f"{c.get(k, float('nan')):6.0%}" for k in ("text", "image", "search", "file")
+            )
+            + f" {r['ttft_p50_s'] * 1000:7.1f}ms {r['ttft_p99_s'] * 1000:7.1f}ms {r['preemptions']:7d}"
+        )
+    print(
+        "goodput (highest tested rate with >= 90 % attainment, req/s):",
+        ", ".join(f"{p} {g:.1f}" for p, g in report["goodput_req_s"].items()),
+    )
+    b = report["preemption_blocking_s"]
+    if b["n"]:
+        print(
+            f"preemption blocking (flowprefill, n={b['n']}): mean {b['mean'] * 1000:.2f} ms, "
+            f"p50 {b['p50'] * 1000:.2f} ms, p99 {b['p99'] * 1000:.2f} ms, max {b['max'] * 1000:.2f} ms; "
+            f"target p99 <= {b['target_s'] * 1000:.2f} ms: {'met' if b['p99_within_target'] else 'MISSED'}"
+        )
+    print("scheduler time per event, p50 / p99 in us (policy.on_event + dispatch; policy alone):")
+    for policy, events in report["scheduler_overhead_s"].items():
+        cells = ", ".join(
+            f"{e} {d['total']['p50'] * 1e6:.0f}/{d['total']['p99'] * 1e6:.0f} "
+            f"({d['policy_only']['p50'] * 1e6:.0f}/{d['policy_only']['p99'] * 1e6:.0f})"
+            for e, d in sorted(events.items())
+            if d["total"]["n"] and e != "WorkerJoined"
+        )
+        print(f"  {policy:12s} {cells}")
+    kv = report["kv_transfer"]
+    if kv["megabytes"]:
+        print(
+            f"KV transfer: {kv['requests']} hand-offs, {kv['megabytes']:.1f} MB, "
+            f"{kv['seconds_per_mb'] * 1000:.2f} ms/MB, per request p50 "
+            f"{kv['per_request_s']['p50'] * 1000:.2f} ms"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    args = parse_args(argv)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=8)
+    try:
+        report = asyncio.run(run(args))
+    finally:
+        ray.shutdown()
+    print_report(report)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
