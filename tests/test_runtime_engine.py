@@ -151,16 +151,17 @@ def test_many_concurrent_requests_each_complete_exactly_once(runtime_engines):
     rng = random.Random(11)
     classes = ["text", "image", "search", "file"]
     requests = [
-        (f"many-{i}", _prompt(rng.randrange(4, 200), 100 + i),
-         SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 7), ignore_eos=True),
-         classes[i % 4])
+        (
+            f"many-{i}",
+            _prompt(rng.randrange(4, 200), 100 + i),
+            SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 7), ignore_eos=True),
+            classes[i % 4],
+        )
         for i in range(24)
     ]
 
     async def run():
-        return await asyncio.gather(
-            *(_collect(engine, p, s, c, rid) for rid, p, s, c in requests)
-        )
+        return await asyncio.gather(*(_collect(engine, p, s, c, rid) for rid, p, s, c in requests))
 
     results = asyncio.run(run())
     for (rid, _, sampling, _), outs in zip(requests, results, strict=True):
@@ -213,7 +214,9 @@ def test_cancel_during_prefill_frees_the_prefill_worker(runtime_engines):
     engine = runtime_engines("flowprefill")
 
     async def run():
-        stream = await engine.submit(_prompt(LONG_PROMPT_TOKENS, 7), GREEDY, 120.0, "cancel-prefill")
+        stream = await engine.submit(
+            _prompt(LONG_PROMPT_TOKENS, 7), GREEDY, 120.0, "cancel-prefill"
+        )
         consumer = asyncio.create_task(_drain(stream))
         await _wait_until_running(engine)
         assert await engine.cancel("cancel-prefill")
@@ -223,7 +226,11 @@ def test_cancel_during_prefill_frees_the_prefill_worker(runtime_engines):
         while time.monotonic() < deadline:
             stats = await engine.stats()
             prefill = stats["prefill_workers"]["prefill-0"]
-            if prefill["running_unit"] is None and not prefill["held_kv_bytes"] and not prefill["paused_units"]:
+            if (
+                prefill["running_unit"] is None
+                and not prefill["held_kv_bytes"]
+                and not prefill["paused_units"]
+            ):
                 return outputs, stats
             await asyncio.sleep(0.05)
         return outputs, stats

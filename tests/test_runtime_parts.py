@@ -122,7 +122,9 @@ def test_paused_prefill_resumes_to_the_same_kv_and_first_token(model):
     reference = model.prefill(tokens)
     executor = PrefillExecutor(model, "block", chunk_tokens=8192)
     outcome = {}
-    runner = threading.Thread(target=lambda: outcome.update(first=executor.run(1, [_item("r", tokens)])))
+    runner = threading.Thread(
+        target=lambda: outcome.update(first=executor.run(1, [_item("r", tokens)]))
+    )
     runner.start()
     time.sleep(0.05)
     paused, blocking_s = executor.request_pause(1)

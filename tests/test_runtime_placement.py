@@ -23,8 +23,12 @@ def test_workers_spread_over_two_nodes_and_requests_complete(tmp_path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     # Own process group, so that a hung child takes its Ray processes down with it.
     child = subprocess.Popen(
-        [sys.executable, __file__, str(tmp_path)], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [sys.executable, __file__, str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         output, _ = child.communicate(timeout=240)
@@ -50,15 +54,21 @@ def _child(out_dir: str) -> None:
     from flowprefill_ray.runtime import FlowPrefillEngine, RuntimeConfig
 
     # Two nodes of 2 logical CPUs; a prefill worker takes 1.5, so each node gets one.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
+    )
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address, log_to_driver=False)
     config = RuntimeConfig.model_validate(
         {
             "model": {"path": "tiny", "cache_dir": tempfile.mkdtemp()},
             "placement": {
-                "num_prefill_workers": 2, "num_decode_workers": 1, "prefill_num_cpus": 1.5,
-                "decode_num_cpus": 0.25, "strategy": "SPREAD", "scheduler_num_cpus": 0.1,
+                "num_prefill_workers": 2,
+                "num_decode_workers": 1,
+                "prefill_num_cpus": 1.5,
+                "decode_num_cpus": 0.25,
+                "strategy": "SPREAD",
+                "scheduler_num_cpus": 0.1,
             },
             "prefill": {"profile_tokens": [16, 64, 128, 256], "profile_repeats": 1},
             "decode": {"kv_blocks": 128},

@@ -14,7 +14,7 @@ from .config import (
     RequestBounds,
     RuntimeConfig,
 )
-from .engine import FlowPrefillEngine, TokenOutput
+from .engine import FlowPrefillEngine, RequestStream, TokenOutput
 from .errors import (
     DuplicateRequestError,
     EngineUnavailableError,
@@ -43,6 +43,7 @@ __all__ = [
     "RequestBounds",
     "RequestFailedError",
     "RequestRejectedError",
+    "RequestStream",
     "RuntimeConfig",
     "RuntimeEngineError",
     "RuntimeMetrics",

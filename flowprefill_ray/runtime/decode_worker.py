@@ -69,7 +69,9 @@ class DecodeWorker:
         self.config = decode
         path = checkpoint_path(source)
         self.device = torch_device(source)
-        self.model = load_model(path, device=self.device, dtype=torch_dtype(source), kernels=source.kernels)
+        self.model = load_model(
+            path, device=self.device, dtype=torch_dtype(source), kernels=source.kernels
+        )
         self.tokenizer = load_tokenizer(path)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.context_length = context_limit(self.model.config)
@@ -151,7 +153,9 @@ class DecodeWorker:
         detok.add(handoff.first_token)  # its text went out with the first token
         generator = params.make_generator(self.device)
         if generator is not None and handoff.generator_state is not None:
-            generator.set_state(torch.frombuffer(bytearray(handoff.generator_state), dtype=torch.uint8))
+            generator.set_state(
+                torch.frombuffer(bytearray(handoff.generator_state), dtype=torch.uint8)
+            )
         return _Sequence(handoff, checker, detok, generator, kv, need, handoff.first_token)
 
     async def stream(self, request_id: str):
@@ -237,7 +241,9 @@ class DecodeWorker:
             except Exception:
                 # A failed step must not leave clients waiting forever: end the batch's
                 # requests with "error" and keep serving the others.
-                logger.exception("decode step failed on %s; ending %d request(s)", self.worker_id, len(batch))
+                logger.exception(
+                    "decode step failed on %s; ending %d request(s)", self.worker_id, len(batch)
+                )
                 for seq in batch:
                     self._finish_queue(seq.request_id, "error")
                     self._release(seq)
@@ -278,7 +284,8 @@ class DecodeWorker:
         self._tokens_generated += 1
         self._metrics.inc("flowprefill_generation_tokens_total")
         self._metrics.observe(
-            "flowprefill_inter_token_latency_seconds", now - seq.last_emit_s,
+            "flowprefill_inter_token_latency_seconds",
+            now - seq.last_emit_s,
             slo_class=seq.handoff.slo_class,
         )
         seq.last_emit_s = now
@@ -300,9 +307,15 @@ class DecodeWorker:
         seq.freed.set()
 
     def _report_load(self) -> None:
-        self._metrics.set("flowprefill_decode_batch_size", len(self._running), worker_id=self.worker_id)
-        self._metrics.set("flowprefill_decode_requests_waiting", len(self._waiting), worker_id=self.worker_id)
-        self._metrics.set("flowprefill_decode_kv_usage_ratio", self.cache.usage, worker_id=self.worker_id)
+        self._metrics.set(
+            "flowprefill_decode_batch_size", len(self._running), worker_id=self.worker_id
+        )
+        self._metrics.set(
+            "flowprefill_decode_requests_waiting", len(self._waiting), worker_id=self.worker_id
+        )
+        self._metrics.set(
+            "flowprefill_decode_kv_usage_ratio", self.cache.usage, worker_id=self.worker_id
+        )
 
 
 RemoteDecodeWorker = ray.remote(DecodeWorker)

@@ -73,10 +73,39 @@ class TokenOutput:
     ttft_slo_s: float
 
 
+class RequestStream:
+    """The token stream of one submitted request: an async iterator of ``TokenOutput``.
+
+    Awaiting it returns itself, so ``stream = await engine.submit(...)`` works as well as
+    ``async for out in engine.submit(...)``. ``aclose()`` abandons the request (cancels it).
+    """
+
+    def __init__(self, request_id: str, outputs: AsyncIterator[TokenOutput]):
+        self.request_id = request_id
+        self._outputs = outputs
+
+    def __await__(self):
+        return self._itself().__await__()
+
+    async def _itself(self) -> RequestStream:
+        return self
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenOutput:
+        return await self._outputs.__anext__()
+
+    async def aclose(self) -> None:
+        await self._outputs.aclose()
+
+
 class FlowPrefillEngine:
     """Client of a running FlowPrefill deployment (scheduler, prefill and decode workers)."""
 
-    def __init__(self, config: RuntimeConfig, scheduler, workers: Workers | None, tokenizer, model_config):
+    def __init__(
+        self, config: RuntimeConfig, scheduler, workers: Workers | None, tokenizer, model_config
+    ):
         self.config = config
         self._scheduler = scheduler
         self._workers = workers  # None when attached to actors another engine owns
@@ -86,7 +115,9 @@ class FlowPrefillEngine:
         # eos_token_ids reads model.config; the engine holds only the config.
         self._eos_ids = eos_token_ids(SimpleNamespace(config=model_config), tokenizer)
         bounds = config.requests
-        self.max_prompt_tokens = min(bounds.max_prompt_tokens or self._context - 1, self._context - 1)
+        self.max_prompt_tokens = min(
+            bounds.max_prompt_tokens or self._context - 1, self._context - 1
+        )
         # What one decode worker can ever hold (prompt + output), tokens.
         self._decode_capacity = config.decode.kv_blocks * config.decode.block_size
         self._in_decode: dict[str, object] = {}  # request id -> decode worker handle
@@ -102,14 +133,18 @@ class FlowPrefillEngine:
         worker has loaded its model. Needs ``ray.init`` first."""
         config = _validated(config)
         if not ray.is_initialized():
-            raise EngineUnavailableError("Ray is not initialized: call ray.init(...) before FlowPrefillEngine.start")
+            raise EngineUnavailableError(
+                "Ray is not initialized: call ray.init(...) before FlowPrefillEngine.start"
+            )
         path = checkpoint_path(config.model)  # generate/convert once here, not in every worker
         workers = await asyncio.to_thread(create_workers, config)
         try:
             predictor = await _predictor(config, workers)
             scheduler = RemoteScheduler.options(
-                name=config.scheduler_name, namespace=config.namespace,
-                num_cpus=config.placement.scheduler_num_cpus, max_concurrency=100_000,
+                name=config.scheduler_name,
+                namespace=config.namespace,
+                num_cpus=config.placement.scheduler_num_cpus,
+                max_concurrency=100_000,
             ).remote(config, predictor, workers.prefill, workers.decode)
             await scheduler.start.remote()
             if config.kv_transfer.mode != "object_store":
@@ -117,7 +152,9 @@ class FlowPrefillEngine:
         except BaseException:
             destroy_workers(workers)
             raise
-        return cls(config, scheduler, workers, load_tokenizer(path), ModelConfig.from_pretrained(path))
+        return cls(
+            config, scheduler, workers, load_tokenizer(path), ModelConfig.from_pretrained(path)
+        )
 
     @classmethod
     async def connect(cls, config: RuntimeConfig | dict | None = None) -> FlowPrefillEngine:
@@ -167,12 +204,16 @@ class FlowPrefillEngine:
             vocab = self.model_config.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+                raise InvalidRequestError(
+                    f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})"
+                )
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         return ids
 
-    def _check(self, ids: list[int], sampling: SamplingParams, slo: str | float | None) -> tuple[str, float | None]:
+    def _check(
+        self, ids: list[int], sampling: SamplingParams, slo: str | float | None
+    ) -> tuple[str, float | None]:
         if len(ids) > self.max_prompt_tokens:
             raise PromptTooLongError(len(ids), self.max_prompt_tokens)
         bounds = self.config.requests
@@ -190,24 +231,30 @@ class FlowPrefillEngine:
             return slo_config.default_class, None
         if isinstance(slo, str):
             if slo not in slo_config.class_names:
-                raise InvalidRequestError(f"unknown SLO class {slo!r}; known classes: {slo_config.class_names}")
+                raise InvalidRequestError(
+                    f"unknown SLO class {slo!r}; known classes: {slo_config.class_names}"
+                )
             return slo, None
         if isinstance(slo, bool) or not isinstance(slo, (int, float)) or not slo > 0:
-            raise InvalidRequestError(f"slo must be a class name or a positive TTFT in seconds, got {slo!r}")
+            raise InvalidRequestError(
+                f"slo must be a class name or a positive TTFT in seconds, got {slo!r}"
+            )
         return slo_config.default_class, float(slo)
 
-    async def submit(
+    def submit(
         self,
         prompt: str | list[int],
         sampling: SamplingParams | None = None,
         slo: str | float | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[TokenOutput]:
-        """Stream a request's tokens as they are produced.
+    ) -> RequestStream:
+        """Start a request; iterate the result to receive its tokens as they are produced.
 
-        ``slo``: an SLO class name, an explicit TTFT target in seconds, or None (the default
-        class). Validation errors are raised before the first yield. Abandoning the iterator
-        (``aclose``, or the consumer's task being cancelled) cancels the request.
+        ``async for out in engine.submit(...)`` and ``stream = await engine.submit(...)`` both
+        work. ``slo``: an SLO class name, an explicit TTFT target in seconds, or None (the
+        default class). Validation errors are raised by this call itself, before anything
+        reaches the cluster. Abandoning the stream (``aclose``, or the consumer's task being
+        cancelled) cancels the request.
         """
         if self._closed:
             raise EngineUnavailableError("the engine is shut down")
@@ -217,14 +264,20 @@ class FlowPrefillEngine:
         if len(self._in_flight) >= self.config.requests.max_in_flight:
             raise RequestRejectedError(request_id or "-", "too many requests in flight", 1.0)
         request_id = request_id or uuid.uuid4().hex
-        return self._stream(request_id, ids, sampling, slo_class, ttft_slo_s)
+        return RequestStream(
+            request_id, self._stream(request_id, ids, sampling, slo_class, ttft_slo_s)
+        )
 
-    async def _stream(self, request_id, ids, sampling, slo_class, ttft_slo_s) -> AsyncIterator[TokenOutput]:
+    async def _stream(
+        self, request_id, ids, sampling, slo_class, ttft_slo_s
+    ) -> AsyncIterator[TokenOutput]:
         started = time.monotonic()
         finished = False
         self._in_flight.add(request_id)
         try:
-            done = await self._call(self._scheduler.submit.remote(request_id, ids, sampling, slo_class, ttft_slo_s))
+            done = await self._call(
+                self._scheduler.submit.remote(request_id, ids, sampling, slo_class, ttft_slo_s)
+            )
             if done is None:  # cancelled before its first token
                 finished = True
                 yield self._output(done, request_id, None, "", 0, "abort", started, None, slo_class)
@@ -237,22 +290,47 @@ class FlowPrefillEngine:
                 # lands there: the worker then drops the late hand-off).
                 self._in_decode[request_id] = done.decode_worker
                 text = detok.add(done.first_token)
-                yield self._output(done, request_id, done.first_token, text, 0, None, started, ttft_s, slo_class)
+                yield self._output(
+                    done, request_id, done.first_token, text, 0, None, started, ttft_s, slo_class
+                )
             else:
                 # The request ended with its first token; the same rules as the workers' tell
                 # whether that token is shown (not EOS, not the end of a stop string).
-                checker = StopChecker(sampling, self._eos_ids, len(ids), self._context, self.tokenizer)
+                checker = StopChecker(
+                    sampling, self._eos_ids, len(ids), self._context, self.tokenizer
+                )
                 checker.add(done.first_token)
                 token = done.first_token if checker.token_ids else None
                 finished = True
-                yield self._output(done, request_id, token, detok.finish(checker.text), 0, done.finish_reason, started, ttft_s, slo_class)
+                yield self._output(
+                    done,
+                    request_id,
+                    token,
+                    detok.finish(checker.text),
+                    0,
+                    done.finish_reason,
+                    started,
+                    ttft_s,
+                    slo_class,
+                )
                 self._record(done, ttft_s, None, started, done.finish_reason)
                 return
             tpot_s = None
             async for event in self._decode_events(done.decode_worker, request_id):
                 if event.index > 0:
                     tpot_s = (time.monotonic() - first_at) / event.index
-                out = self._output(done, request_id, event.token_id, event.text, event.index, event.finish_reason, started, ttft_s, slo_class, tpot_s)
+                out = self._output(
+                    done,
+                    request_id,
+                    event.token_id,
+                    event.text,
+                    event.index,
+                    event.finish_reason,
+                    started,
+                    ttft_s,
+                    slo_class,
+                    tpot_s,
+                )
                 if event.finish_reason is not None:
                     finished = True
                     self._record(done, ttft_s, tpot_s, started, event.finish_reason)
@@ -272,27 +350,56 @@ class FlowPrefillEngine:
                 for event in await ref:
                     yield event
         except RayActorError as error:
-            raise RequestFailedError(f"decode worker failed while serving {request_id}: {error}") from error
+            raise RequestFailedError(
+                f"decode worker failed while serving {request_id}: {error}"
+            ) from error
 
-    def _output(self, done: PrefillDone | None, request_id, token_id, text, index, finish, started, ttft_s, slo_class, tpot_s=None) -> TokenOutput:
+    def _output(
+        self,
+        done: PrefillDone | None,
+        request_id,
+        token_id,
+        text,
+        index,
+        finish,
+        started,
+        ttft_s,
+        slo_class,
+        tpot_s=None,
+    ) -> TokenOutput:
         return TokenOutput(
-            request_id, token_id, text, index, finish,
-            ttft_s if ttft_s is not None else time.monotonic() - started, tpot_s,
-            done.queue_s if done else 0.0, done.preemptions if done else 0, slo_class,
+            request_id,
+            token_id,
+            text,
+            index,
+            finish,
+            ttft_s if ttft_s is not None else time.monotonic() - started,
+            tpot_s,
+            done.queue_s if done else 0.0,
+            done.preemptions if done else 0,
+            slo_class,
             done.ttft_slo_s if done else 0.0,
         )
 
-    def _record(self, done: PrefillDone, ttft_s: float, tpot_s: float | None, started: float, reason: str) -> None:
+    def _record(
+        self, done: PrefillDone, ttft_s: float, tpot_s: float | None, started: float, reason: str
+    ) -> None:
         cls = done.slo_class
         self._metrics.observe("flowprefill_time_to_first_token_seconds", ttft_s, slo_class=cls)
         if tpot_s is not None:
-            self._metrics.observe("flowprefill_time_per_output_token_seconds", tpot_s, slo_class=cls)
-        self._metrics.observe("flowprefill_e2e_request_latency_seconds", time.monotonic() - started, slo_class=cls)
-        self._metrics.inc("flowprefill_requests_finished_total", slo_class=cls, finish_reason=reason)
+            self._metrics.observe(
+                "flowprefill_time_per_output_token_seconds", tpot_s, slo_class=cls
+            )
+        self._metrics.observe(
+            "flowprefill_e2e_request_latency_seconds", time.monotonic() - started, slo_class=cls
+        )
+        self._metrics.inc(
+            "flowprefill_requests_finished_total", slo_class=cls, finish_reason=reason
+        )
 
     async def generate(self, prompt, sampling=None, slo=None, request_id=None) -> list[TokenOutput]:
         """Run a request to the end and return all its outputs (a convenience for tests)."""
-        return [out async for out in await self.submit(prompt, sampling, slo, request_id)]
+        return [out async for out in self.submit(prompt, sampling, slo, request_id)]
 
     async def cancel(self, request_id: str) -> bool:
         """Cancel a request wherever it is; its stream ends with finish_reason "abort".
@@ -312,8 +419,12 @@ class FlowPrefillEngine:
         """Scheduler counters and samples, and each worker's load (seconds, bytes, tokens)."""
         result = {"scheduler": await self._call(self._scheduler.stats.remote())}
         if self._workers is not None:
-            prefill = await asyncio.gather(*(h.stats.remote() for h in self._workers.prefill.values()))
-            decode = await asyncio.gather(*(h.stats.remote() for h in self._workers.decode.values()))
+            prefill = await asyncio.gather(
+                *(h.stats.remote() for h in self._workers.prefill.values())
+            )
+            decode = await asyncio.gather(
+                *(h.stats.remote() for h in self._workers.decode.values())
+            )
             result["prefill_workers"] = {s["worker_id"]: s for s in prefill}
             result["decode_workers"] = {s["worker_id"]: s for s in decode}
         return result
@@ -343,5 +454,7 @@ async def _predictor(config: RuntimeConfig, workers: Workers) -> TTFTPredictor:
     if config.predictor_path is not None:
         return TTFTPredictor.load(config.predictor_path)
     first = next(iter(workers.prefill.values()))
-    points = await first.profile.remote(list(config.prefill.profile_tokens), config.prefill.profile_repeats)
+    points = await first.profile.remote(
+        list(config.prefill.profile_tokens), config.prefill.profile_repeats
+    )
     return TTFTPredictor.fit(points, PredictorConfig(chunk_tokens=config.policy.long_chunk_tokens))

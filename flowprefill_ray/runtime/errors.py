@@ -42,7 +42,9 @@ class RequestRejectedError(RuntimeEngineError):
     http_status = 429
 
     def __init__(self, request_id: str, reason: str, retry_after_s: float):
-        super().__init__(f"request {request_id} rejected: {reason} (retry after {retry_after_s:.1f} s)")
+        super().__init__(
+            f"request {request_id} rejected: {reason} (retry after {retry_after_s:.1f} s)"
+        )
         self.request_id = request_id
         self.reason = reason
         self.retry_after_s = retry_after_s

@@ -50,8 +50,12 @@ def create_workers(config: RuntimeConfig, ready_timeout_s: float = 300.0) -> Wor
     """
     placement = config.placement
     workers = Workers()
-    bundles = [_bundle(placement.prefill_num_cpus, placement.prefill_num_gpus)] * placement.num_prefill_workers
-    bundles += [_bundle(placement.decode_num_cpus, placement.decode_num_gpus)] * placement.num_decode_workers
+    bundles = [
+        _bundle(placement.prefill_num_cpus, placement.prefill_num_gpus)
+    ] * placement.num_prefill_workers
+    bundles += [
+        _bundle(placement.decode_num_cpus, placement.decode_num_gpus)
+    ] * placement.num_decode_workers
     if placement.strategy is not None:
         workers.group = placement_group(bundles, strategy=placement.strategy)
         if not _wait(workers.group.ready(), ready_timeout_s):
@@ -63,7 +67,10 @@ def create_workers(config: RuntimeConfig, ready_timeout_s: float = 300.0) -> Wor
 
     def options(index: int, num_cpus: float, num_gpus: float, name: str) -> dict:
         opts = dict(
-            num_cpus=num_cpus, num_gpus=num_gpus, name=name, namespace=config.namespace,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            name=name,
+            namespace=config.namespace,
             runtime_env={"env_vars": WORKER_ENV},
         )
         if workers.group is not None:
@@ -79,13 +86,23 @@ def create_workers(config: RuntimeConfig, ready_timeout_s: float = 300.0) -> Wor
         wid = f"prefill-{i}"
         workers.prefill[wid] = prefill_class.options(
             max_concurrency=PREFILL_WORKER_CONCURRENCY,
-            **options(i, placement.prefill_num_cpus, placement.prefill_num_gpus, f"{config.name_prefix}-{wid}"),
+            **options(
+                i,
+                placement.prefill_num_cpus,
+                placement.prefill_num_gpus,
+                f"{config.name_prefix}-{wid}",
+            ),
         ).remote(wid, config.model, config.prefill, config.policy.long_chunk_tokens)
     for j in range(placement.num_decode_workers):
         wid = f"decode-{j}"
         index = placement.num_prefill_workers + j
         workers.decode[wid] = decode_class.options(
-            **options(index, placement.decode_num_cpus, placement.decode_num_gpus, f"{config.name_prefix}-{wid}"),
+            **options(
+                index,
+                placement.decode_num_cpus,
+                placement.decode_num_gpus,
+                f"{config.name_prefix}-{wid}",
+            ),
         ).remote(wid, config.model, config.decode)
     refs = [handle.info.remote() for handle in workers.all_handles()]
     if not _wait(refs, ready_timeout_s):

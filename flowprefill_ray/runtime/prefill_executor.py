@@ -171,7 +171,9 @@ class PrefillExecutor:
         unit.state = None
         unit.in_state = []
 
-    def _sample_first(self, spec: PrefillItemSpec, logits: torch.Tensor) -> tuple[int, bytes | None]:
+    def _sample_first(
+        self, spec: PrefillItemSpec, logits: torch.Tensor
+    ) -> tuple[int, bytes | None]:
         generator = spec.sampling.make_generator(logits.device)
         token = int(sample_with_params(logits, [spec.sampling], [generator])[0])
         state = None if generator is None else bytes(generator.get_state().numpy().tobytes())
@@ -197,8 +199,12 @@ class PrefillExecutor:
                         self._ready_kv[spec.request_id] = item.kv
                     firsts.append(
                         FirstToken(
-                            spec.request_id, token, item.kv.num_tokens, item.kv.nbytes,
-                            gen_state, finish,
+                            spec.request_id,
+                            token,
+                            item.kv.num_tokens,
+                            item.kv.nbytes,
+                            gen_state,
+                            finish,
                         )
                     )
                 else:

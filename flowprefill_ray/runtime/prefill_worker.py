@@ -33,12 +33,16 @@ PREFILL_WORKER_CONCURRENCY = 32
 class PrefillWorker:
     """Executes prefill work units for the scheduler; see the module docstring."""
 
-    def __init__(self, worker_id: str, source: ModelSource, prefill: PrefillConfig, chunk_tokens: int):
+    def __init__(
+        self, worker_id: str, source: ModelSource, prefill: PrefillConfig, chunk_tokens: int
+    ):
         torch.set_num_threads(prefill.torch_threads)
         self.worker_id = worker_id
         self.device = torch_device(source)
         path = checkpoint_path(source)
-        self.model = load_model(path, device=self.device, dtype=torch_dtype(source), kernels=source.kernels)
+        self.model = load_model(
+            path, device=self.device, dtype=torch_dtype(source), kernels=source.kernels
+        )
         tokenizer = load_tokenizer(path)
         eos_ids = eos_token_ids(self.model, tokenizer)
         limit = context_limit(self.model.config)

@@ -149,7 +149,9 @@ class Scheduler:
         the id is in flight, ``EngineUnavailableError`` once closed or out of prefill workers.
         """
         if self._closed or not self._prefill:
-            raise EngineUnavailableError("the scheduler is not accepting requests (no prefill workers or shut down)")
+            raise EngineUnavailableError(
+                "the scheduler is not accepting requests (no prefill workers or shut down)"
+            )
         if request_id in self._requests:
             raise DuplicateRequestError(request_id)
         await self.start()
@@ -161,7 +163,9 @@ class Scheduler:
             slo_class=slo_class,
             ttft_slo_s=ttft_slo_s,
         ).with_slo(self.config.slo)
-        tracked = _Tracked(request, tuple(token_ids), sampling, asyncio.get_running_loop().create_future())
+        tracked = _Tracked(
+            request, tuple(token_ids), sampling, asyncio.get_running_loop().create_future()
+        )
         self._requests[request_id] = tracked
         self._counts["submitted"] += 1
         self._handle(Arrival(request))
@@ -216,7 +220,12 @@ class Scheduler:
             "preemption_blocking_s": list(self._blocking_s),
             "kv_transfers": list(self._transfers),
             "decode_load": {
-                wid: {"running": d.running, "waiting": d.waiting, "kv_usage": d.kv_usage, "in_flight": d.in_flight}
+                wid: {
+                    "running": d.running,
+                    "waiting": d.waiting,
+                    "kv_usage": d.kv_usage,
+                    "in_flight": d.in_flight,
+                }
                 for wid, d in self._decode.items()
             },
             "predictor_correction": getattr(self.predictor, "correction", 1.0),
@@ -250,7 +259,11 @@ class Scheduler:
             self._paused_units[decision.worker_id].discard(decision.unit_id)
             self._running_unit[decision.worker_id] = decision.unit_id
             handle = self._prefill[decision.worker_id]
-            self._spawn(self._await_unit(decision.worker_id, decision.unit_id, handle.resume.remote(decision.unit_id)))
+            self._spawn(
+                self._await_unit(
+                    decision.worker_id, decision.unit_id, handle.resume.remote(decision.unit_id)
+                )
+            )
         elif isinstance(decision, Discard):
             self._paused_units.get(decision.worker_id, set()).discard(decision.unit_id)
             unit = self._units.pop(decision.unit_id, None)
@@ -270,12 +283,20 @@ class Scheduler:
             if tracked.first_run_s is None:
                 tracked.first_run_s = now
                 queue_s = now - tracked.request.arrival_s
-                self._metrics.observe("flowprefill_request_queue_time_seconds", queue_s, slo_class=tracked.request.slo_class)
+                self._metrics.observe(
+                    "flowprefill_request_queue_time_seconds",
+                    queue_s,
+                    slo_class=tracked.request.slo_class,
+                )
             tracked.workers.add(unit.worker_id)
             items.append(
                 PrefillItemSpec(
-                    item.request_id, item.start, item.end, tracked.token_ids[item.start : item.end],
-                    tracked.request.prompt_tokens, tracked.sampling,
+                    item.request_id,
+                    item.start,
+                    item.end,
+                    tracked.token_ids[item.start : item.end],
+                    tracked.request.prompt_tokens,
+                    tracked.sampling,
                 )
             )
         self._units[unit.unit_id] = unit
@@ -284,7 +305,9 @@ class Scheduler:
         self._metrics.observe("flowprefill_prefill_batch_size", len(unit.items))
         self._metrics.observe("flowprefill_prefill_batch_tokens", unit.tokens)
         handle = self._prefill[unit.worker_id]
-        self._spawn(self._await_unit(unit.worker_id, unit.unit_id, handle.run.remote(unit.unit_id, items)))
+        self._spawn(
+            self._await_unit(unit.worker_id, unit.unit_id, handle.run.remote(unit.unit_id, items))
+        )
 
     async def _await_unit(self, worker_id: str, unit_id: int, call) -> None:
         try:
@@ -310,7 +333,9 @@ class Scheduler:
         self._blocking_s.append(outcome.blocking_s)
         self._counts["preemptions"] += 1
         self._metrics.inc("flowprefill_preemptions_total", worker_id=worker_id)
-        self._metrics.observe("flowprefill_preemption_blocking_seconds", outcome.blocking_s, worker_id=worker_id)
+        self._metrics.observe(
+            "flowprefill_preemption_blocking_seconds", outcome.blocking_s, worker_id=worker_id
+        )
         unit = self._units.get(outcome.unit_id)
         for rid in unit.request_ids if unit else ():
             if rid in self._requests:
@@ -322,7 +347,9 @@ class Scheduler:
         if unit is not None:
             predicted = self.predictor.predict(unit.tokens)
             if predicted > 0 and outcome.executed_s > 0:
-                self._metrics.observe("flowprefill_ttft_prediction_ratio", outcome.executed_s / predicted)
+                self._metrics.observe(
+                    "flowprefill_ttft_prediction_ratio", outcome.executed_s / predicted
+                )
             self._metrics.inc("flowprefill_prompt_tokens_total", unit.tokens)
         rids = unit.request_ids if unit else ()
         # Requests cancelled while their unit ran (decided before first tokens are taken out).
@@ -344,7 +371,10 @@ class Scheduler:
         ttft_s = now - request.arrival_s
         met = ttft_s <= request.ttft_target_s
         self._counts["slo_met" if met else "slo_missed"] += 1
-        self._metrics.inc("flowprefill_slo_met_total" if met else "flowprefill_slo_missed_total", slo_class=request.slo_class)
+        self._metrics.inc(
+            "flowprefill_slo_met_total" if met else "flowprefill_slo_missed_total",
+            slo_class=request.slo_class,
+        )
         decode_handle = None
         if first.finish_reason is None:
             decode_id = self._pick_decode()
@@ -353,13 +383,24 @@ class Scheduler:
                 self._handoff(worker_id, decode_id, tracked, first)
             except Exception as error:  # e.g. a transport misconfiguration: fail loudly, not hang
                 logger.exception("hand-off of %s failed", request.request_id)
-                tracked.done.set_exception(RequestFailedError(f"KV hand-off of {request.request_id} failed: {error}"))
+                tracked.done.set_exception(
+                    RequestFailedError(f"KV hand-off of {request.request_id} failed: {error}")
+                )
                 return
-        queue_s = (tracked.first_run_s if tracked.first_run_s is not None else now) - request.arrival_s
+        queue_s = (
+            tracked.first_run_s if tracked.first_run_s is not None else now
+        ) - request.arrival_s
         tracked.done.set_result(
             PrefillDone(
-                request.request_id, first.token_id, first.finish_reason, decode_handle, queue_s,
-                ttft_s, tracked.preemptions, request.ttft_target_s, request.slo_class,
+                request.request_id,
+                first.token_id,
+                first.finish_reason,
+                decode_handle,
+                queue_s,
+                ttft_s,
+                tracked.preemptions,
+                request.ttft_target_s,
+                request.slo_class,
             )
         )
 
@@ -367,10 +408,17 @@ class Scheduler:
         max_batch = self.config.decode.max_batch_size
         return min(self._decode, key=lambda wid: self._decode[wid].score(max_batch))
 
-    def _handoff(self, prefill_id: str, decode_id: str, tracked: _Tracked, first: FirstToken) -> None:
+    def _handoff(
+        self, prefill_id: str, decode_id: str, tracked: _Tracked, first: FirstToken
+    ) -> None:
         handoff = Handoff(
-            tracked.request.request_id, first.token_id, tracked.request.prompt_tokens,
-            tracked.sampling, tracked.request.slo_class, first.generator_state, time.time(),
+            tracked.request.request_id,
+            first.token_id,
+            tracked.request.prompt_tokens,
+            tracked.sampling,
+            tracked.request.slo_class,
+            first.generator_state,
+            time.time(),
         )
         take = self._prefill[prefill_id].take_kv
         load = self._decode[decode_id]
@@ -436,8 +484,12 @@ class Scheduler:
         if tracked is None:
             return
         self._counts["rejected"] += 1
-        self._metrics.inc("flowprefill_requests_rejected_total", slo_class=tracked.request.slo_class)
-        tracked.done.set_exception(RequestRejectedError(decision.request_id, decision.reason, decision.retry_after_s))
+        self._metrics.inc(
+            "flowprefill_requests_rejected_total", slo_class=tracked.request.slo_class
+        )
+        tracked.done.set_exception(
+            RequestRejectedError(decision.request_id, decision.reason, decision.retry_after_s)
+        )
         self._forget(decision.request_id)
 
     def _cancel(self, request_id: str) -> bool:
@@ -467,7 +519,9 @@ class Scheduler:
         if not self._prefill:
             for tracked in list(self._requests.values()):
                 if not tracked.done.done():
-                    tracked.done.set_exception(EngineUnavailableError("every prefill worker is gone"))
+                    tracked.done.set_exception(
+                        EngineUnavailableError("every prefill worker is gone")
+                    )
             self._requests.clear()
 
     def _unit_failed(self, worker_id: str, unit_id: int, error: Exception) -> None:
@@ -507,8 +561,16 @@ class Scheduler:
             in_units.update(running.request_ids if running else ())
             for unit in paused:
                 in_units.update(unit.request_ids)
-            self._metrics.set("flowprefill_prefill_requests_running", len(running.items) if running else 0, worker_id=wid)
-            self._metrics.set("flowprefill_prefill_requests_paused", sum(len(u.items) for u in paused), worker_id=wid)
+            self._metrics.set(
+                "flowprefill_prefill_requests_running",
+                len(running.items) if running else 0,
+                worker_id=wid,
+            )
+            self._metrics.set(
+                "flowprefill_prefill_requests_paused",
+                sum(len(u.items) for u in paused),
+                worker_id=wid,
+            )
         waiting = sum(1 for rid in self._requests if rid not in in_units)
         self._metrics.set("flowprefill_prefill_requests_waiting", waiting)
 
