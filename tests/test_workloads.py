@@ -224,7 +224,7 @@ def test_assignment_matches_the_mix_and_keeps_existing_classes():
 
 
 def test_to_requests_stamps_class_targets_from_the_slo_config():
-    from flowprefill_ray.scheduling.slo import SLOConfig
+    from flowprefill_ray.scheduling import SLOConfig
 
     w = Workload("t", (TraceRecord(0.0, 100, 0, "text"), TraceRecord(1.5, 900, 7, None)))
     reqs = w.to_requests(SLOConfig(scale=2.0))

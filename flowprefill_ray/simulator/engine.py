@@ -20,7 +20,7 @@ import heapq
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -94,7 +94,7 @@ class _Run:
 class _Worker:
     stats: WorkerStats
     running: _Run | None = None
-    paused: dict[int, _Run] | None = None
+    paused: dict[int, _Run] = field(default_factory=dict)  # unit id -> paused state
 
 
 # Event kinds in the heap; at equal times a unit's end/pause is handled before an arrival so
@@ -110,7 +110,7 @@ class Simulator:
         self.cost_model = cost_model
         self.config = config or SimulatorConfig()
         self.worker_ids = [f"{self.config.worker_prefix}{i}" for i in range(self.config.num_workers)]
-        self._workers = {w: _Worker(WorkerStats(w), None, {}) for w in self.worker_ids}
+        self._workers = {w: _Worker(WorkerStats(w)) for w in self.worker_ids}
         self._heap: list[tuple] = []
         self._seq = 0
         self._now = 0.0
@@ -123,6 +123,7 @@ class Simulator:
         self._work_s = 0.0
         self._ignored_preempts = 0
         self._tokens = 0
+        self._last_event_s = 0.0  # time of the last event that was not a cancelled end
         self._ran = False
 
     # ------------------------------------------------------------------ public
@@ -172,7 +173,7 @@ class Simulator:
             outcomes=[self._outcomes[r.request_id] for r in requests],
             workers=[w.stats for w in self._workers.values()],
             decisions=dict(self._decisions),
-            makespan_s=self._now,
+            makespan_s=self._last_event_s,
             work_s=self._work_s,
             events=events,
             wall_s=time.perf_counter() - started,
@@ -191,6 +192,7 @@ class Simulator:
         return self._tokens
 
     def _deliver(self, event: Event) -> None:
+        self._last_event_s = self._now
         for decision in self.policy.on_event(event, self._now):
             self._decisions[type(decision).__name__] += 1
             if isinstance(decision, RunUnit):

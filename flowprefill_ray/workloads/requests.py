@@ -22,7 +22,7 @@ def to_requests(
     ``ttft_slo_s`` (seconds) is fixed from that config (its class targets times its scale);
     without it, the request carries only its class and the policy's own SLO config applies.
     """
-    from flowprefill_ray.scheduling.request import Request
+    from flowprefill_ray.scheduling import Request
 
     prefix = id_prefix if id_prefix is not None else workload.name
     requests = []
