@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/simulator_speed.json")
     parser.add_argument("--trace", default="azure_2023_conv")
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--utilisation", type=float, default=0.8, help="mean offered load per worker (0..1)")
+    parser.add_argument(
+        "--utilisation", type=float, default=0.8, help="mean offered load per worker (0..1)"
+    )
     parser.add_argument("--policies", default="flowprefill,fcfs,edf,chunked")
     args = parser.parse_args(argv)
 
@@ -58,38 +60,62 @@ def main(argv: list[str] | None = None) -> int:
         scaled = workload.scale_rate(scale)
         for name in args.policies.split(","):
             started = time.perf_counter()
-            result = simulate(scaled, PolicyConfig(name=name), cost, slo, SimulatorConfig(num_workers=args.workers))
+            result = simulate(
+                scaled,
+                PolicyConfig(name=name),
+                cost,
+                slo,
+                SimulatorConfig(num_workers=args.workers),
+            )
             wall = time.perf_counter() - started
-            rows.append({
-                "scenario": scenario,
-                "cost_model": cost.name,
-                "rate_scale": scale,
-                "slo_scale": slo.scale,
-                "policy": name,
-                "requests": len(scaled),
-                "simulated_s": result.makespan_s,
-                "events": result.events,
-                "wall_s": wall,
-                "events_per_s": result.events / wall,
-                "utilisation": result.summary()["utilisation"],
-                "attainment": result.attainment,
-                "preemptions": result.preemptions,
-                "meets_target": wall < TARGET_WALL_S,
-            })
+            rows.append(
+                {
+                    "scenario": scenario,
+                    "cost_model": cost.name,
+                    "rate_scale": scale,
+                    "slo_scale": slo.scale,
+                    "policy": name,
+                    "requests": len(scaled),
+                    "simulated_s": result.makespan_s,
+                    "events": result.events,
+                    "wall_s": wall,
+                    "events_per_s": result.events / wall,
+                    "utilisation": result.summary()["utilisation"],
+                    "attainment": result.attainment,
+                    "preemptions": result.preemptions,
+                    "meets_target": wall < TARGET_WALL_S,
+                }
+            )
 
-    print(f"trace {args.trace}: {len(workload)} requests over {workload.duration_s:.0f} s, {args.workers} workers")
-    print(f"{'scenario':<8} {'policy':<12} {'rate x':>7} {'sim s':>7} {'util':>5} {'events':>7} {'wall s':>7} "
-          f"{'events/s':>9} {'attain':>7} {'preempt':>8}")
+    print(
+        f"trace {args.trace}: {len(workload)} requests over {workload.duration_s:.0f} s, {args.workers} workers"
+    )
+    print(
+        f"{'scenario':<8} {'policy':<12} {'rate x':>7} {'sim s':>7} {'util':>5} {'events':>7} {'wall s':>7} "
+        f"{'events/s':>9} {'attain':>7} {'preempt':>8}"
+    )
     for r in rows:
-        print(f"{r['scenario']:<8} {r['policy']:<12} {r['rate_scale']:>7.2f} {r['simulated_s']:>7.0f} "
-              f"{r['utilisation']:>5.2f} {r['events']:>7} {r['wall_s']:>7.2f} {r['events_per_s']:>9.0f} "
-              f"{r['attainment']:>7.3f} {r['preemptions']:>8}")
+        print(
+            f"{r['scenario']:<8} {r['policy']:<12} {r['rate_scale']:>7.2f} {r['simulated_s']:>7.0f} "
+            f"{r['utilisation']:>5.2f} {r['events']:>7} {r['wall_s']:>7.2f} {r['events_per_s']:>9.0f} "
+            f"{r['attainment']:>7.3f} {r['preemptions']:>8}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "trace": args.trace, "workers": args.workers, "target_wall_s": TARGET_WALL_S, "rows": rows,
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "command": " ".join(
+                    [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+                ),
+                "trace": args.trace,
+                "workers": args.workers,
+                "target_wall_s": TARGET_WALL_S,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 0 if all(r["meets_target"] for r in rows) else 1
 

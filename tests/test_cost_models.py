@@ -60,7 +60,9 @@ def test_small_chunks_cost_more_in_total_and_later_chunks_pay_for_earlier_kv():
     first = h100.unit_cost([ItemShape(512, 0)]).attention_s
     last = h100.unit_cost([ItemShape(512, 7680)]).attention_s
     assert last > 1.5 * first  # attention over 8k of earlier KV
-    assert h100.unit_cost([ItemShape(512, 7680)]).mlp_s == pytest.approx(h100.unit_cost([ItemShape(512)]).mlp_s)
+    assert h100.unit_cost([ItemShape(512, 7680)]).mlp_s == pytest.approx(
+        h100.unit_cost([ItemShape(512)]).mlp_s
+    )
 
 
 def test_unit_checkpoints_at_block_layer_and_unit_granularity():
@@ -100,7 +102,9 @@ def test_measured_fit_recovers_known_coefficients():
     assert profile.mlp == pytest.approx(truth["m"], rel=1e-6)
     model = MeasuredCostModel(profile)
     cost = model.unit_cost([ItemShape(512, 1024)])
-    assert cost.attention_s == pytest.approx(1e-4 + 2e-6 * 512 + 3e-9 * (512 * 1024 + 512 * 513 / 2))
+    assert cost.attention_s == pytest.approx(
+        1e-4 + 2e-6 * 512 + 3e-9 * (512 * 1024 + 512 * 513 / 2)
+    )
 
 
 def test_committed_tiny_cpu_profile_loads_and_grows_with_prompt_length():

@@ -25,8 +25,12 @@ BLOCK_S_PER_TOKEN = 1e-4
 @pytest.fixture(scope="module")
 def round_cost():
     profile = MeasuredProfile(
-        name="round", num_layers=2, attention=(0.0, BLOCK_S_PER_TOKEN, 0.0),
-        mlp=(0.0, BLOCK_S_PER_TOKEN), overhead=(0.0, 0.0), tail=(0.0, 0.0),
+        name="round",
+        num_layers=2,
+        attention=(0.0, BLOCK_S_PER_TOKEN, 0.0),
+        mlp=(0.0, BLOCK_S_PER_TOKEN),
+        overhead=(0.0, 0.0),
+        tail=(0.0, 0.0),
     )
     return MeasuredCostModel(profile)
 
@@ -34,7 +38,9 @@ def round_cost():
 @pytest.fixture(scope="module")
 def conv_sample():
     """400 requests of the Azure conversation trace with the paper's four classes."""
-    return assign_slo_classes(load_builtin("azure_2023_conv").head(400), SLOAssignmentConfig(seed=1))
+    return assign_slo_classes(
+        load_builtin("azure_2023_conv").head(400), SLOAssignmentConfig(seed=1)
+    )
 
 
 def run_policy(policy_config, cost_model, requests, **sim):
@@ -55,10 +61,16 @@ def run_policy(policy_config, cost_model, requests, **sim):
         ("layer", 0.2 + 0.02 - 0.05, 0.15),  # stops after the first layer
     ],
 )
-def test_urgent_request_preempts_a_long_prefill_at_the_next_checkpoint(round_cost, granularity, urgent_ttft_s, blocking_s):
+def test_urgent_request_preempts_a_long_prefill_at_the_next_checkpoint(
+    round_cost, granularity, urgent_ttft_s, blocking_s
+):
     long = Request(request_id="long", arrival_s=0.0, prompt_tokens=1000, slo_class="file")  # 0.4 s
-    urgent = Request(request_id="urgent", arrival_s=0.05, prompt_tokens=50, slo_class="text")  # 0.02 s
-    result = run_policy(PolicyConfig(name="flowprefill"), round_cost, [long, urgent], granularity=granularity)
+    urgent = Request(
+        request_id="urgent", arrival_s=0.05, prompt_tokens=50, slo_class="text"
+    )  # 0.02 s
+    result = run_policy(
+        PolicyConfig(name="flowprefill"), round_cost, [long, urgent], granularity=granularity
+    )
     by_id = {o.request_id: o for o in result.outcomes}
     assert by_id["urgent"].ttft_s == pytest.approx(urgent_ttft_s, abs=1e-9)
     assert by_id["urgent"].met_slo  # text SLO 0.25 s
@@ -74,7 +86,9 @@ def test_without_checkpoints_the_urgent_request_waits_and_misses(round_cost):
     long = Request(request_id="long", arrival_s=0.0, prompt_tokens=1000, slo_class="file")
     urgent = Request(request_id="urgent", arrival_s=0.05, prompt_tokens=50, slo_class="text")
     for name, granularity in (("fcfs", "block"), ("flowprefill", "unit")):
-        result = run_policy(PolicyConfig(name=name), round_cost, [long, urgent], granularity=granularity)
+        result = run_policy(
+            PolicyConfig(name=name), round_cost, [long, urgent], granularity=granularity
+        )
         by_id = {o.request_id: o for o in result.outcomes}
         assert by_id["urgent"].ttft_s == pytest.approx(0.4 + 0.02 - 0.05, abs=1e-9), name
         assert not by_id["urgent"].met_slo and by_id["long"].met_slo
@@ -82,8 +96,13 @@ def test_without_checkpoints_the_urgent_request_waits_and_misses(round_cost):
 
 
 def test_two_workers_run_two_long_prompts_side_by_side(round_cost):
-    reqs = [Request(request_id=f"r{i}", arrival_s=0.0, prompt_tokens=1000, slo_class="file") for i in range(2)]
-    result = run_policy(PolicyConfig(name="fcfs", max_batch_tokens=1000), round_cost, reqs, num_workers=2)
+    reqs = [
+        Request(request_id=f"r{i}", arrival_s=0.0, prompt_tokens=1000, slo_class="file")
+        for i in range(2)
+    ]
+    result = run_policy(
+        PolicyConfig(name="fcfs", max_batch_tokens=1000), round_cost, reqs, num_workers=2
+    )
     assert [o.ttft_s for o in result.outcomes] == [pytest.approx(0.4), pytest.approx(0.4)]
     assert sorted(w.busy_s for w in result.workers) == [pytest.approx(0.4), pytest.approx(0.4)]
 
@@ -111,17 +130,31 @@ def test_prompts_longer_than_one_forward_run_as_back_to_back_pieces(round_cost):
         (PolicyConfig(name="chunked", chunk_size=256, chunk_order="fcfs"), 1),
         (PolicyConfig(name="chunked", chunk_size=512, chunk_order="edf"), 2),
     ],
-    ids=["flowprefill-1w", "flowprefill-3w", "fcfs-2w", "edf-1w", "chunked256fcfs-1w", "chunked512edf-2w"],
+    ids=[
+        "flowprefill-1w",
+        "flowprefill-3w",
+        "fcfs-2w",
+        "edf-1w",
+        "chunked256fcfs-1w",
+        "chunked512edf-2w",
+    ],
 )
 def test_every_request_finishes_once_and_busy_time_equals_work(conv_sample, policy_config, workers):
     cost = MeasuredCostModel()
     slo = SLOConfig(scale=4.0)
     # Load high enough that queues form and preemptions happen.
     workload = conv_sample.scale_rate(6.0 * workers)
-    result = simulate(workload, policy_config, cost, slo,
-                      SimulatorConfig(num_workers=workers, resume_overhead_s=1e-4))
+    result = simulate(
+        workload,
+        policy_config,
+        cost,
+        slo,
+        SimulatorConfig(num_workers=workers, resume_overhead_s=1e-4),
+    )
     assert len(result.outcomes) == len(workload)
-    assert all(o.prefill_completions == 1 and o.finished and not o.rejected for o in result.outcomes)
+    assert all(
+        o.prefill_completions == 1 and o.finished and not o.rejected for o in result.outcomes
+    )
     busy = sum(w.busy_s for w in result.workers)
     assert busy == pytest.approx(result.work_s, rel=1e-9)
     # The fitted forms have non-negative terms, so sharing a unit or splitting a prompt into
@@ -133,7 +166,9 @@ def test_every_request_finishes_once_and_busy_time_equals_work(conv_sample, poli
     w_pauses = sum(w.pauses for w in result.workers)
     assert w_pauses == sum(w.resumes for w in result.workers)  # no paused work left behind
     assert result.decisions.get("Preempt", 0) >= w_pauses
-    assert sum(w.units_completed for w in result.workers) == sum(w.units_started for w in result.workers)
+    assert sum(w.units_completed for w in result.workers) == sum(
+        w.units_started for w in result.workers
+    )
     assert all(w.busy_s <= result.makespan_s + 1e-9 for w in result.workers)
 
 
@@ -155,13 +190,17 @@ class ScriptedPolicy:
 def test_a_chunk_without_its_earlier_kv_on_that_worker_is_refused(round_cost):
     req = Request(request_id="r", arrival_s=0.0, prompt_tokens=100)
     bad = ScriptedPolicy(lambda rid: [RunUnit(WorkUnit(1, "prefill-0", (WorkItem(rid, 50, 100),)))])
-    with pytest.raises(PolicyContractError, match=r"chunk starting at 50 needs the KV of \[0, 50\) on prefill-0"):
+    with pytest.raises(
+        PolicyContractError, match=r"chunk starting at 50 needs the KV of \[0, 50\) on prefill-0"
+    ):
         Simulator(bad, round_cost).run([req])
 
 
 def test_running_on_a_busy_worker_is_refused(round_cost):
     reqs = [Request(request_id=f"r{i}", arrival_s=0.0, prompt_tokens=100) for i in range(2)]
-    bad = ScriptedPolicy(lambda rid: [RunUnit(WorkUnit(int(rid[1:]), "prefill-0", (WorkItem(rid, 0, 100),)))])
+    bad = ScriptedPolicy(
+        lambda rid: [RunUnit(WorkUnit(int(rid[1:]), "prefill-0", (WorkItem(rid, 0, 100),)))]
+    )
     with pytest.raises(PolicyContractError, match="worker is busy with unit 0"):
         Simulator(bad, round_cost).run(reqs)
 
@@ -184,6 +223,8 @@ def test_predictor_fitted_from_a_cost_model_tracks_it():
 def test_slo_scale_is_one_on_the_papers_platform_and_tracks_speed(conv_sample):
     from flowprefill_ray.simulator import A800_SXM, RooflineConfig, fitted_slo_scale
 
-    assert fitted_slo_scale(RooflineCostModel(RooflineConfig(gpu=A800_SXM)), conv_sample) == pytest.approx(1.0)
+    assert fitted_slo_scale(
+        RooflineCostModel(RooflineConfig(gpu=A800_SXM)), conv_sample
+    ) == pytest.approx(1.0)
     assert fitted_slo_scale(RooflineCostModel(), conv_sample) < 0.5  # an H100 is ~3x faster
     assert fitted_slo_scale(MeasuredCostModel(), conv_sample) > 1.0  # our CPU model is slower

@@ -72,10 +72,14 @@ def test_normalized_csv_errors_name_the_line_and_field(tmp_path):
         (0.5, 7, 2),
     ]
     neg = write(tmp_path, "neg.csv", "arrival_s,input_tokens,output_tokens\n0,5,1\n1,-3,1\n")
-    with pytest.raises(TraceFormatError, match=r"neg\.csv:3: field 'input_tokens' must be a non-negative integer"):
+    with pytest.raises(
+        TraceFormatError, match=r"neg\.csv:3: field 'input_tokens' must be a non-negative integer"
+    ):
         load_normalized_csv(neg)
     missing = write(tmp_path, "miss.csv", "arrival_s,input_tokens\n0,5\n")
-    with pytest.raises(TraceFormatError, match=r"miss\.csv:1: header lacks columns \['output_tokens'\]"):
+    with pytest.raises(
+        TraceFormatError, match=r"miss\.csv:1: header lacks columns \['output_tokens'\]"
+    ):
         load_normalized_csv(missing)
     text = write(tmp_path, "t.csv", "arrival_s,input_tokens,output_tokens\nsoon,5,1\n")
     with pytest.raises(TraceFormatError, match=r"t\.csv:2: field 'arrival_s' is not a number"):
@@ -92,7 +96,10 @@ def test_burstgpt_skips_failed_requests_and_counts_them(tmp_path):
         "8,GPT-4,50,10,60,API log\n",
     )
     w = load_burstgpt(path)
-    assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in w] == [(0.0, 100, 20), (3.0, 50, 10)]
+    assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in w] == [
+        (0.0, 100, 20),
+        (3.0, 50, 10),
+    ]
     assert w.skipped_rows == 1
 
     with_status = write(
@@ -125,7 +132,9 @@ def test_bailian_maps_request_types_to_slo_classes(tmp_path):
         {"timestamp": 11.0, "input_length": 800, "output_length": 30, "type": "video"},
     ]
     path = write(tmp_path, "b.jsonl", "\n".join(json.dumps(r) for r in rows))
-    with pytest.raises(TraceFormatError, match=r"b\.jsonl:3: request type 'video' has no SLO class"):
+    with pytest.raises(
+        TraceFormatError, match=r"b\.jsonl:3: request type 'video' has no SLO class"
+    ):
         load_bailian(path)
     w = load_bailian(path, BailianConfig(unknown_type="unassigned"))
     assert [r.slo_class for r in w] == ["text", "file", None]
@@ -149,7 +158,9 @@ def test_builtin_azure_traces_span_an_hour():
 
 
 def small_workload() -> Workload:
-    return Workload("w", tuple(TraceRecord(t, 100 * (i + 1), 10) for i, t in enumerate([1.0, 2.0, 4.0, 8.0])))
+    return Workload(
+        "w", tuple(TraceRecord(t, 100 * (i + 1), 10) for i, t in enumerate([1.0, 2.0, 4.0, 8.0]))
+    )
 
 
 def test_rate_scale_two_halves_every_gap():
@@ -174,8 +185,15 @@ def test_window_and_head_slice_the_trace():
 
 @pytest.mark.parametrize("arrival,cv", [("poisson", 1.0), ("gamma", 3.0), ("gamma", 0.5)])
 def test_synthetic_arrivals_have_the_requested_rate_and_burstiness(arrival, cv):
-    cfg = SyntheticConfig(rate_per_s=10.0, arrival=arrival, cv=cv, num_requests=4000, seed=3,
-                          prompt=FixedLength(tokens=64), output=FixedLength(tokens=8))
+    cfg = SyntheticConfig(
+        rate_per_s=10.0,
+        arrival=arrival,
+        cv=cv,
+        num_requests=4000,
+        seed=3,
+        prompt=FixedLength(tokens=64),
+        output=FixedLength(tokens=8),
+    )
     w = synthetic_workload(cfg)
     gaps = [b.arrival_s - a.arrival_s for a, b in zip(w.records, w.records[1:], strict=False)]
     mean = statistics.fmean(gaps)
@@ -185,12 +203,19 @@ def test_synthetic_arrivals_have_the_requested_rate_and_burstiness(arrival, cv):
 
 
 def test_synthetic_lengths_follow_their_distributions():
-    w = synthetic_workload(SyntheticConfig(rate_per_s=1, duration_s=200,
-                                           prompt=UniformLength(low=10, high=20),
-                                           output=FixedLength(tokens=3)))
+    w = synthetic_workload(
+        SyntheticConfig(
+            rate_per_s=1,
+            duration_s=200,
+            prompt=UniformLength(low=10, high=20),
+            output=FixedLength(tokens=3),
+        )
+    )
     assert all(10 <= r.prompt_tokens <= 20 for r in w) and {r.output_tokens for r in w} == {3}
     assert max(r.arrival_s for r in w) < 200
-    resampled = synthetic_workload(SyntheticConfig(rate_per_s=1, num_requests=300, prompt=TraceLength()))
+    resampled = synthetic_workload(
+        SyntheticConfig(rate_per_s=1, num_requests=300, prompt=TraceLength())
+    )
     trace_pairs = {(r.prompt_tokens, r.output_tokens) for r in load_builtin("azure_2023_conv")}
     assert all((r.prompt_tokens, r.output_tokens) in trace_pairs for r in resampled)
     with pytest.raises(ValueError, match="exactly one of num_requests or duration_s"):
@@ -201,7 +226,9 @@ def test_synthetic_lengths_follow_their_distributions():
 
 
 def test_full_affinity_gives_length_bands_tightest_class_to_shortest():
-    w = Workload("w", tuple(TraceRecord(float(i), tokens, 1) for i, tokens in enumerate(range(100, 0, -1))))
+    w = Workload(
+        "w", tuple(TraceRecord(float(i), tokens, 1) for i, tokens in enumerate(range(100, 0, -1)))
+    )
     cfg = SLOAssignmentConfig(mix={"text": 0.5, "file": 0.5}, length_affinity=1.0)
     out = assign_slo_classes(w, cfg)
     by_len = {r.prompt_tokens: r.slo_class for r in out}

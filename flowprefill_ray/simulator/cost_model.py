@@ -132,7 +132,9 @@ class UnitTimeline:
         return points[i] if i < len(points) else None
 
 
-def plan_unit(model: CostModel, items: Sequence[ItemShape], max_forward_tokens: int) -> UnitTimeline:
+def plan_unit(
+    model: CostModel, items: Sequence[ItemShape], max_forward_tokens: int
+) -> UnitTimeline:
     """The forwards a worker runs for ``items``: every forward packs the next piece (at most
     ``max_forward_tokens``) of each item not yet done, as the runtime's executor does."""
     done = [0] * len(items)
@@ -146,5 +148,7 @@ def plan_unit(model: CostModel, items: Sequence[ItemShape], max_forward_tokens: 
         if not shapes:
             break
         forwards.append(model.unit_cost(shapes))
-        done = [min(it.new_tokens, d + max_forward_tokens) for it, d in zip(items, done, strict=True)]
+        done = [
+            min(it.new_tokens, d + max_forward_tokens) for it, d in zip(items, done, strict=True)
+        ]
     return UnitTimeline(tuple(forwards))

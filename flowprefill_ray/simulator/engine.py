@@ -72,7 +72,9 @@ class SimulatorConfig(BaseModel):
         default=8192, gt=0, description="longest piece of one prompt run in one forward (tokens)"
     )
     worker_prefix: str = "prefill-"
-    max_events: int = Field(default=50_000_000, gt=0, description="guard against a livelocked policy")
+    max_events: int = Field(
+        default=50_000_000, gt=0, description="guard against a livelocked policy"
+    )
 
 
 @dataclass(slots=True)
@@ -105,11 +107,15 @@ _END, _PAUSE, _ARRIVAL = 0, 1, 2
 class Simulator:
     """Runs one policy over a list of requests. A simulator (and its policy) runs once."""
 
-    def __init__(self, policy: SchedulingPolicy, cost_model: CostModel, config: SimulatorConfig | None = None) -> None:
+    def __init__(
+        self, policy: SchedulingPolicy, cost_model: CostModel, config: SimulatorConfig | None = None
+    ) -> None:
         self.policy = policy
         self.cost_model = cost_model
         self.config = config or SimulatorConfig()
-        self.worker_ids = [f"{self.config.worker_prefix}{i}" for i in range(self.config.num_workers)]
+        self.worker_ids = [
+            f"{self.config.worker_prefix}{i}" for i in range(self.config.num_workers)
+        ]
         self._workers = {w: _Worker(WorkerStats(w)) for w in self.worker_ids}
         self._heap: list[tuple] = []
         self._seq = 0
@@ -153,7 +159,11 @@ class Simulator:
             if kind == _ARRIVAL:
                 req = self._requests[a]
                 self._outcomes[a] = RequestOutcome(
-                    a, req.slo_class, req.arrival_s, req.prompt_tokens, req.deadline_s - req.arrival_s
+                    a,
+                    req.slo_class,
+                    req.arrival_s,
+                    req.prompt_tokens,
+                    req.deadline_s - req.arrival_s,
                 )
                 self._done_tokens[a] = 0
                 self._deliver(Arrival(req))
@@ -224,7 +234,9 @@ class Simulator:
         unit = d.unit
         worker = self._worker(unit.worker_id, d)
         if worker.running is not None:
-            raise PolicyContractError(f"{d!r}: worker is busy with unit {worker.running.unit.unit_id}")
+            raise PolicyContractError(
+                f"{d!r}: worker is busy with unit {worker.running.unit.unit_id}"
+            )
         if not unit.items:
             raise PolicyContractError(f"{d!r}: a unit needs at least one item")
         shapes = []
@@ -236,13 +248,18 @@ class Simulator:
             if self._closed(rid):
                 raise PolicyContractError(f"{d!r}: request {rid!r} is already finished or rejected")
             if rid in self._in_flight:
-                raise PolicyContractError(f"{d!r}: request {rid!r} is already in unit {self._in_flight[rid]}")
+                raise PolicyContractError(
+                    f"{d!r}: request {rid!r} is already in unit {self._in_flight[rid]}"
+                )
             if not 0 <= item.start < item.end <= req.prompt_tokens:
                 raise PolicyContractError(
                     f"{d!r}: item [{item.start}, {item.end}) is outside the prompt of {req.prompt_tokens} tokens"
                 )
             if item.start > 0:
-                if item.start != self._done_tokens[rid] or self._kv_worker.get(rid) != unit.worker_id:
+                if (
+                    item.start != self._done_tokens[rid]
+                    or self._kv_worker.get(rid) != unit.worker_id
+                ):
                     raise PolicyContractError(
                         f"{d!r}: chunk starting at {item.start} needs the KV of [0, {item.start}) on "
                         f"{unit.worker_id}, but {self._done_tokens[rid]} tokens are done on "
@@ -278,7 +295,9 @@ class Simulator:
     def _resume(self, d: Resume) -> None:
         worker = self._worker(d.worker_id, d)
         if worker.running is not None:
-            raise PolicyContractError(f"{d!r}: worker is busy with unit {worker.running.unit.unit_id}")
+            raise PolicyContractError(
+                f"{d!r}: worker is busy with unit {worker.running.unit.unit_id}"
+            )
         run = worker.paused.pop(d.unit_id, None)
         if run is None:
             raise PolicyContractError(f"{d!r}: worker holds no paused unit {d.unit_id}")

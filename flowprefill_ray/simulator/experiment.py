@@ -34,7 +34,9 @@ def fit_predictor(cost_model: CostModel, max_forward_tokens: int = 8192) -> TTFT
     """A ``TTFTPredictor`` fitted to the cost model's single-prompt prefill times."""
     from flowprefill_ray.scheduling.predictor import TTFTPredictor
 
-    return TTFTPredictor.fit([(n, prefill_s(cost_model, n, max_forward_tokens)) for n in PROFILE_TOKENS])
+    return TTFTPredictor.fit(
+        [(n, prefill_s(cost_model, n, max_forward_tokens)) for n in PROFILE_TOKENS]
+    )
 
 
 def fresh_copy(predictor: TTFTPredictor) -> TTFTPredictor:

@@ -75,7 +75,9 @@ def _attainment_of(result: Any) -> float:
         return float(result)
     value = getattr(result, "attainment", None)
     if value is None:
-        raise TypeError(f"run_at returned {type(result).__name__}: need a float or an object with .attainment")
+        raise TypeError(
+            f"run_at returned {type(result).__name__}: need a float or an object with .attainment"
+        )
     return float(value)
 
 

@@ -68,7 +68,10 @@ def _pairs(item: ItemShape) -> float:
 
 
 def fit_profile(
-    name: str, num_layers: int, measurements: Sequence[BlockMeasurement], provenance: dict | None = None
+    name: str,
+    num_layers: int,
+    measurements: Sequence[BlockMeasurement],
+    provenance: dict | None = None,
 ) -> MeasuredProfile:
     """Fit the coefficient of each form to the measurements (non-negative least squares)."""
     import numpy as np

@@ -31,21 +31,39 @@ from .measured import BlockMeasurement, fit_profile
 # Capped at 4096 tokens in all: on 1 CPU thread an 8192-token prefill of this model takes
 # tens of seconds; the fitted forms extrapolate beyond (attention grows with query-key pairs).
 SINGLE = [16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
-CHUNKS = [(256, 1024), (512, 512), (512, 1536), (512, 3072), (1024, 1024), (1024, 3072), (2048, 2048)]
-BATCHES = [[(128, 0)] * 4, [(64, 0)] * 8, [(512, 0)] * 4, [(256, 0), (1024, 0)], [(512, 1024), (256, 0)]]
+CHUNKS = [
+    (256, 1024),
+    (512, 512),
+    (512, 1536),
+    (512, 3072),
+    (1024, 1024),
+    (1024, 3072),
+    (2048, 2048),
+]
+BATCHES = [
+    [(128, 0)] * 4,
+    [(64, 0)] * 8,
+    [(512, 0)] * 4,
+    [(256, 0), (1024, 0)],
+    [(512, 1024), (256, 0)],
+]
 
 ATTENTION_OPS = {"input_norm", "qkv_proj", "rope", "attention", "o_proj"}
 MLP_OPS = {"post_norm", "gate_up_proj", "act", "down_proj"}
 TAIL_OPS = {"final_norm", "lm_head"}
 
 
-def _measure_unit(model, items: list[tuple[int, int]], repeats: int, vocab: int, statistic=min) -> BlockMeasurement:
+def _measure_unit(
+    model, items: list[tuple[int, int]], repeats: int, vocab: int, statistic=min
+) -> BlockMeasurement:
     from flowprefill_ray.model import Granularity
 
     prefixes = []
     for _, context in items:
         # The prefix KV is computed by a real prefill of the earlier tokens.
-        prefixes.append(model.prefill([i % vocab for i in range(context)]).kv[0] if context else None)
+        prefixes.append(
+            model.prefill([i % vocab for i in range(context)]).kv[0] if context else None
+        )
     sequences = [[(7 * i + b) % vocab for i in range(new)] for b, (new, _) in enumerate(items)]
 
     attn_runs, mlp_runs, overhead_runs, tail_runs, total_runs = [], [], [], [], []
@@ -88,12 +106,20 @@ def _measure_unit(model, items: list[tuple[int, int]], repeats: int, vocab: int,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="flowprefill_ray/simulator/profiles/tiny_cpu.json")
-    parser.add_argument("--model", default=None, help="checkpoint dir (default: generate the tiny model)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (a prefill worker's share)")
+    parser.add_argument(
+        "--model", default=None, help="checkpoint dir (default: generate the tiny model)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (a prefill worker's share)"
+    )
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="fewer shapes (smoke test)")
-    parser.add_argument("--statistic", choices=["min", "median"], default="min",
-                        help="how repeated timings of one block are combined")
+    parser.add_argument(
+        "--statistic",
+        choices=["min", "median"],
+        default="min",
+        help="how repeated timings of one block are combined",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -102,7 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     from flowprefill_ray.model.checkpoints import tiny_checkpoint
 
     torch.set_num_threads(args.threads)
-    shape = dict(num_layers=4, hidden=256, heads=4, kv_heads=2, intermediate=1024, vocab=512, max_position=32768)
+    shape = dict(
+        num_layers=4,
+        hidden=256,
+        heads=4,
+        kv_heads=2,
+        intermediate=1024,
+        vocab=512,
+        max_position=32768,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or tiny_checkpoint(Path(tmp) / "tiny", **shape)
         model = load_model(path, device="cpu", dtype=torch.float32)
@@ -119,13 +153,22 @@ def main(argv: list[str] | None = None) -> None:
             repeats = args.repeats if tokens <= 4096 else max(1, args.repeats - 1)
             m = _measure_unit(model, items, repeats, vocab, statistic)
             measurements.append(m)
-            print(f"{str(items):<40} attn {m.attention_s * 1e3:8.3f} ms  mlp {m.mlp_s * 1e3:8.3f} ms  "
-                  f"total {m.total_s * 1e3:9.2f} ms", flush=True)
+            print(
+                f"{str(items):<40} attn {m.attention_s * 1e3:8.3f} ms  mlp {m.mlp_s * 1e3:8.3f} ms  "
+                f"total {m.total_s * 1e3:9.2f} ms",
+                flush=True,
+            )
 
     cfg = model.config
     provenance = {
-        "command": " ".join(["python -m flowprefill_ray.simulator.profile_model", *(argv if argv is not None else sys.argv[1:])]),
-        "model": args.model or "tiny_checkpoint(" + ", ".join(f"{k}={v}" for k, v in shape.items()) + ")",
+        "command": " ".join(
+            [
+                "python -m flowprefill_ray.simulator.profile_model",
+                *(argv if argv is not None else sys.argv[1:]),
+            ]
+        ),
+        "model": args.model
+        or "tiny_checkpoint(" + ", ".join(f"{k}={v}" for k, v in shape.items()) + ")",
         "hidden_size": cfg.hidden_size,
         "dtype": "float32",
         "torch": torch.__version__,
@@ -138,7 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(profile.model_dump_json(indent=1))
-    print(f"fit: attention {profile.attention}  mlp {profile.mlp}  overhead {profile.overhead}  tail {profile.tail}")
+    print(
+        f"fit: attention {profile.attention}  mlp {profile.mlp}  overhead {profile.overhead}  tail {profile.tail}"
+    )
     print(f"wrote {out}")
 
 

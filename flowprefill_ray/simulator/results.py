@@ -80,7 +80,9 @@ class SimulationResult:
         groups = _by_class(self.outcomes)
         return {c: sum(o.met_slo for o in g) / len(g) for c, g in groups.items()}
 
-    def ttft_percentiles(self, quantiles: Sequence[float] = (0.5, 0.9, 0.99)) -> dict[str, dict[str, float]]:
+    def ttft_percentiles(
+        self, quantiles: Sequence[float] = (0.5, 0.9, 0.99)
+    ) -> dict[str, dict[str, float]]:
         """TTFT (seconds) quantiles per class and over ``all``; rejected requests excluded."""
         groups = _by_class(self.outcomes)
         groups["all"] = list(self.outcomes)

@@ -64,8 +64,13 @@ class GPUSpec(_Frozen):
 
 
 LLAMA_3_1_8B = ModelShape(
-    name="Llama-3.1-8B", num_layers=32, hidden=4096, q_heads=32, kv_heads=8,
-    intermediate=14336, vocab=128256,
+    name="Llama-3.1-8B",
+    num_layers=32,
+    hidden=4096,
+    q_heads=32,
+    kv_heads=8,
+    intermediate=14336,
+    vocab=128256,
 )
 H100_SXM = GPUSpec(name="H100-SXM", peak_tflops=989.0, memory_gbps=3350.0)
 A800_SXM = GPUSpec(name="A800-SXM-80GB", peak_tflops=312.0, memory_gbps=2039.0)
@@ -115,7 +120,15 @@ class RooflineCostModel:
         """Floating-point operations of one unit (GEMMs, attention, logits of last tokens)."""
         s = self.shape
         t = sum(it.new_tokens for it in items)
-        gemm = 2 * t * (s.hidden * (s.hidden + 2 * s.kv_dim) + s.hidden * s.hidden + 3 * s.hidden * s.intermediate)
+        gemm = (
+            2
+            * t
+            * (
+                s.hidden * (s.hidden + 2 * s.kv_dim)
+                + s.hidden * s.hidden
+                + 3 * s.hidden * s.intermediate
+            )
+        )
         attn = sum(self._attention_flops(it) for it in items)
         return s.num_layers * (gemm + attn) + 2 * len(items) * s.hidden * s.vocab
 
@@ -137,7 +150,11 @@ class RooflineCostModel:
             + sum(  # attention core per sequence: new queries over earlier + new keys
                 self._op_s(
                     self._attention_flops(it),
-                    b * (2 * (it.context_tokens + it.new_tokens) * s.kv_dim + 2 * it.new_tokens * s.hidden),
+                    b
+                    * (
+                        2 * (it.context_tokens + it.new_tokens) * s.kv_dim
+                        + 2 * it.new_tokens * s.hidden
+                    ),
                     it.new_tokens,
                 )
                 for it in items
@@ -150,6 +167,8 @@ class RooflineCostModel:
             + self._elementwise_s(t, 3 * s.intermediate, 1)  # SiLU * up
             + self._gemm_s(t, s.intermediate, s.hidden)  # down projection (+ residual add)
         )
-        overhead = self.config.unit_overhead_s + self._elementwise_s(t, s.hidden, 1)  # embedding gather
+        overhead = self.config.unit_overhead_s + self._elementwise_s(
+            t, s.hidden, 1
+        )  # embedding gather
         tail = self._gemm_s(len(items), s.hidden, s.vocab)  # logits of each sequence's last token
         return UnitCost(overhead, attention, mlp, s.num_layers, tail)

@@ -43,7 +43,9 @@ def _int_field(row: dict[str, Any], key: str, path: str, line: int) -> int:
     except (TypeError, ValueError):
         raise TraceFormatError(path, line, f"field {key!r} is not a number: {value!r}") from None
     if as_float != int(as_float) or as_float < 0:
-        raise TraceFormatError(path, line, f"field {key!r} must be a non-negative integer, got {value!r}")
+        raise TraceFormatError(
+            path, line, f"field {key!r} must be a non-negative integer, got {value!r}"
+        )
     return int(as_float)
 
 
@@ -93,7 +95,9 @@ def _rebased(name: str, records: list[TraceRecord], skipped: int = 0) -> Workloa
         t0 = min(r.arrival_s for r in records)
         if t0 != 0:
             records = [
-                TraceRecord(r.arrival_s - t0, r.prompt_tokens, r.output_tokens, r.slo_class, r.hash_ids)
+                TraceRecord(
+                    r.arrival_s - t0, r.prompt_tokens, r.output_tokens, r.slo_class, r.hash_ids
+                )
                 for r in records
             ]
     return Workload(name, tuple(records), skipped)
@@ -135,7 +139,9 @@ def load_azure_raw(path: str | Path) -> Workload:
         try:
             t = parse_azure_timestamp(row["TIMESTAMP"] or "")
         except ValueError as e:
-            raise TraceFormatError(path, line, f"bad TIMESTAMP {row['TIMESTAMP']!r} ({e})") from None
+            raise TraceFormatError(
+                path, line, f"bad TIMESTAMP {row['TIMESTAMP']!r} ({e})"
+            ) from None
         records.append(
             TraceRecord(
                 t,
@@ -255,7 +261,9 @@ def load_bailian(path: str | Path, config: BailianConfig | None = None) -> Workl
         slo_class = config.type_to_slo_class.get(str(req_type)) if req_type is not None else None
         if slo_class is None and config.unknown_type == "error":
             known = ", ".join(sorted(config.type_to_slo_class))
-            raise TraceFormatError(path, line, f"request type {req_type!r} has no SLO class (known: {known})")
+            raise TraceFormatError(
+                path, line, f"request type {req_type!r} has no SLO class (known: {known})"
+            )
         hash_ids = row.get("hash_ids", [])
         records.append(
             TraceRecord(

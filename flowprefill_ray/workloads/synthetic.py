@@ -97,7 +97,9 @@ def _sampler(dist: FixedLength | UniformLength | LogNormalLength | TraceLength, 
         return lambda: rng.randint(dist.low, dist.high)
     if isinstance(dist, LogNormalLength):
         mu = math.log(dist.median)
-        return lambda: min(dist.max_tokens, max(dist.min_tokens, round(rng.lognormvariate(mu, dist.sigma))))
+        return lambda: min(
+            dist.max_tokens, max(dist.min_tokens, round(rng.lognormvariate(mu, dist.sigma)))
+        )
     raise TypeError(f"not a scalar length distribution: {dist!r}")
 
 
@@ -134,7 +136,10 @@ def synthetic_workload(config: SyntheticConfig) -> Workload:
         else:
             p, o = prompt_len(), output_len()
         records.append(TraceRecord(t, p, o))
-        t += rng.gammavariate(shape, scale) if config.arrival == "gamma" else rng.expovariate(config.rate_per_s)
+        t += (
+            rng.gammavariate(shape, scale)
+            if config.arrival == "gamma"
+            else rng.expovariate(config.rate_per_s)
+        )
     kind = config.arrival if config.arrival == "poisson" else f"gamma-cv{config.cv:g}"
     return Workload(f"synthetic-{kind}-{config.rate_per_s:g}rps-seed{config.seed}", tuple(records))
-

@@ -140,7 +140,9 @@ class Workload:
         recs = tuple(replace(r, slo_class=c) for r, c in zip(self.records, classes, strict=True))
         return Workload(self.name, recs, self.skipped_rows)
 
-    def to_requests(self, slo_config: SLOConfig | None = None, id_prefix: str | None = None) -> list[Request]:
+    def to_requests(
+        self, slo_config: SLOConfig | None = None, id_prefix: str | None = None
+    ) -> list[Request]:
         """Scheduling requests for this trace; see ``flowprefill_ray.workloads.requests``."""
         from .requests import to_requests
 
