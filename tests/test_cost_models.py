@@ -11,7 +11,12 @@ from flowprefill_ray.simulator.cost_model import (
     prefill_time_s,
 )
 from flowprefill_ray.simulator.goodput import GoodputSearchConfig, find_goodput
-from flowprefill_ray.simulator.measured import BlockMeasurement, MeasuredCostModel, fit_profile
+from flowprefill_ray.simulator.measured import (
+    BlockMeasurement,
+    MeasuredCostModel,
+    MeasuredProfile,
+    fit_profile,
+)
 from flowprefill_ray.simulator.roofline import (
     A800_SXM,
     H100_SXM,
@@ -159,3 +164,14 @@ def test_goodput_with_a_custom_measure_uses_it():
         measure=lambda r: r["worst"],
     )
     assert 1.45 < result.rate_scale <= 1.5
+
+
+def test_profiler_measures_our_model_and_writes_a_loadable_profile(tmp_path):
+    pytest.importorskip("torch")
+    from flowprefill_ray.simulator.profile_model import main as profile_main
+
+    out = tmp_path / "profile.json"
+    profile_main(["--quick", "--repeats", "1", "--out", str(out)])
+    model = MeasuredCostModel(MeasuredProfile.load(out))
+    assert model.num_layers == 4 and len(model.profile.measurements) == 5
+    assert 0 < prefill_time_s(model, 64) < prefill_time_s(model, 2048)
