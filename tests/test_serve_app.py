@@ -327,13 +327,14 @@ def test_wrong_method_is_405_in_openai_format(live_app):
 # ---------------------------------------------------------------------- cancellation
 
 
-def _wait_for(condition, timeout_s: float = 20.0, what: str = "condition"):
+def _wait_for(condition, timeout_s: float = 20.0, what: str = "condition",
+              poll_s: float = 0.05):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.05)
+        time.sleep(poll_s)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -354,18 +355,112 @@ def test_a_client_that_disconnects_mid_stream_frees_its_decode_slot(live_app):
     assert after["tokens_generated"] - before["tokens_generated"] < 1000
 
 
+async def _give_up_during_prefill(url: str, request: dict) -> None:
+    submitted = actor_stats("scheduler")["counts"].get("submitted", 0)
+    async with httpx.AsyncClient(base_url=url, timeout=60.0) as http:
+        task = asyncio.create_task(http.post("/v1/completions", json=request))
+        await asyncio.to_thread(
+            _wait_for, lambda: actor_stats("scheduler")["counts"].get("submitted", 0) > submitted,
+            30.0, "the request to reach the scheduler", 0.005)
+        task.cancel()  # closes the connection while the prompt is being prefilled
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 def test_a_client_that_gives_up_during_prefill_cancels_its_request(live_app):
+    _wait_for(_prefill_idle, what="prefill workers to be idle")
     cancelled_before = actor_stats("scheduler")["counts"].get("cancelled", 0)
-    request = {"model": MODEL, "prompt": long_prompt(6000, seed=9), "max_tokens": 4,
-               "slo_class": "file"}
-    with live_app.client() as http, pytest.raises(httpx.ReadTimeout):
-        # A non-streaming request whose prefill takes seconds; the client waits 0.5 s.
-        http.post("/v1/completions", json=request, timeout=httpx.Timeout(60.0, read=0.5))
+    # A non-streaming request whose prefill takes about a second on one CPU thread, with a
+    # target so loose that admission control cannot refuse it.
+    asyncio.run(_give_up_during_prefill(live_app.url, {
+        "model": MODEL, "prompt": long_prompt(3000, seed=9), "max_tokens": 4,
+        "ttft_slo_ms": 600_000}))
     stats = _wait_for(
         lambda: (s := actor_stats("scheduler"))["counts"].get("cancelled", 0) > cancelled_before
         and s, what="the scheduler to cancel the request")
-    _wait_for(lambda: actor_stats("scheduler")["in_prefill"] == 0, what="prefill to empty")
+    _wait_for(_prefill_idle, what="the cancelled prefill to stop")
     assert stats["counts"]["cancelled"] == cancelled_before + 1
+
+
+def _prefill_idle() -> bool:
+    stats = actor_stats("scheduler")
+    return (stats["in_prefill"] == 0
+            and all(unit is None for unit in stats["running_units"].values())
+            and not any(stats["paused_units"].values()))
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+def _scrape(port: int) -> set[str]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10.0).text
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+async def _exercise_every_metric(url: str) -> dict:
+    """Real requests that make every registry metric move: a preemption (a long relaxed
+    prefill, then an urgent request while it computes), an admission-control rejection, and
+    SLO misses (several requests at once, each with a target it could meet alone)."""
+    await asyncio.to_thread(_wait_for, _prefill_idle, 30.0, "prefill workers to be idle")
+    async with httpx.AsyncClient(base_url=url, timeout=120.0) as http:
+        long_task = asyncio.create_task(http.post("/v1/completions", json={
+            "model": MODEL, "prompt": long_prompt(3000, seed=5), "max_tokens": 2,
+            "slo_class": "file"}))
+        await asyncio.to_thread(
+            _wait_for, lambda: any(u is not None for u in
+                                   actor_stats("scheduler")["running_units"].values()),
+            30.0, "the long prefill to start")
+        urgent = await http.post("/v1/completions", json={
+            "model": MODEL, "prompt": "urgent", "max_tokens": 2, "slo_class": "text"})
+        rejected = await http.post("/v1/completions", json={
+            "model": MODEL, "prompt": "late", "max_tokens": 2, "ttft_slo_ms": 0.01})
+        long = await long_task
+        # Calibrate on this machine: one 800-token prefill alone, then eight at once, each
+        # with 3x that time as its target; the ones queued behind others miss it.
+        alone = await http.post("/v1/completions", json={
+            "model": MODEL, "prompt": long_prompt(800, seed=6), "max_tokens": 1})
+        target_ms = 3000 * alone.json()["flowprefill"]["ttft_s"]
+        crowd = await asyncio.gather(*(http.post("/v1/completions", json={
+            "model": MODEL, "prompt": long_prompt(800, seed=10 + i), "max_tokens": 1,
+            "ttft_slo_ms": target_ms}) for i in range(8)))
+    assert (long.status_code, urgent.status_code, rejected.status_code) == (200, 200, 429)
+    outcomes = [r.json()["flowprefill"]["slo_met"] if r.status_code == 200 else r.status_code
+                for r in crowd]
+    return {"preemptions": long.json()["flowprefill"]["preemptions"], "crowd": outcomes}
+
+
+def test_metrics_endpoint_exports_every_registry_metric(live_app):
+    import ray
+
+    from flowprefill_ray.runtime.metrics import METRICS
+
+    exercised = asyncio.run(_exercise_every_metric(live_app.url))
+    assert exercised["preemptions"] >= 1
+    assert False in exercised["crowd"], exercised  # at least one SLO miss
+    (node,) = ray.nodes()
+    port = node["MetricsExportPort"]
+    # Ray's naming: ray_ prefix; histograms as _bucket/_sum/_count; counters end in _total.
+    wanted = {}
+    for spec in METRICS:
+        base = f"ray_{spec.name}"
+        if spec.kind == "histogram":
+            wanted[spec.name] = f"{base}_bucket"
+        elif spec.kind == "counter" and not base.endswith("_total"):
+            wanted[spec.name] = f"{base}_total"
+        else:
+            wanted[spec.name] = base
+    # The metrics agent exports on an interval, and drops a gauge some seconds after its
+    # last update: collect what each scrape shows.
+    seen: set[str] = set()
+    deadline = time.monotonic() + 40.0
+    while True:
+        seen |= _scrape(port)
+        missing = {name for name, series in wanted.items() if series not in seen}
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert not missing, f"not exported after real requests: {sorted(missing)}"
 
 
 # ---------------------------------------------------------------------- last: engine loss
