@@ -116,6 +116,20 @@ class DecodeConfig(BaseModel):
     torch_threads: int = Field(1, ge=1, le=256)
 
 
+class FaultToleranceConfig(BaseModel):
+    """What the runtime does when a worker process dies (docs/RELIABILITY.md)."""
+
+    model_config = _STRICT
+
+    # Ray restarts a dead prefill or decode worker actor this many times (-1 = without limit,
+    # 0 = never). Calls in flight on the dead process fail instead of being retried: the
+    # scheduler re-queues prefill work itself, and a decode stream cannot be replayed.
+    worker_max_restarts: int = Field(-1, ge=-1)
+    # How long the scheduler waits for a restarted prefill worker to load its model and answer
+    # before it gives up on it for good (seconds).
+    rejoin_timeout_s: float = Field(300.0, gt=0)
+
+
 class RequestBounds(BaseModel):
     """What the engine accepts from a client; checked before anything reaches the scheduler."""
 
@@ -140,6 +154,7 @@ class RuntimeConfig(BaseModel):
     kv_transfer: KVTransferConfig = KVTransferConfig()
     decode: DecodeConfig = DecodeConfig()
     requests: RequestBounds = RequestBounds()
+    faults: FaultToleranceConfig = FaultToleranceConfig()
     # A TTFT predictor saved with TTFTPredictor.save; None = profile worker 0 at start.
     predictor_path: str | None = None
     namespace: str = "flowprefill"

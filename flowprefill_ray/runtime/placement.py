@@ -72,6 +72,10 @@ def create_workers(config: RuntimeConfig, ready_timeout_s: float = 300.0) -> Wor
             name=name,
             namespace=config.namespace,
             runtime_env={"env_vars": WORKER_ENV},
+            # A dead worker process is restarted (it reloads the model); its in-flight calls
+            # fail rather than re-run, because the scheduler re-queues prefill work itself.
+            max_restarts=config.faults.worker_max_restarts,
+            max_task_retries=0,
         )
         if workers.group is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
