@@ -49,6 +49,7 @@ from .errors import (
 )
 from .messages import AcceptAck, FirstToken, Handoff, PrefillDone, PrefillItemSpec, UnitOutcome
 from .metrics import RuntimeMetrics
+from .rejoin import wait_until_restarted
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ class Scheduler:
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self._started = False
+        # Prefill workers that died and are being restarted by Ray (they rejoin when ready).
+        self._rejoining: set[str] = set()
         transport = config.kv_transfer.mode
         self._kv_transport = None if transport == "object_store" else transport
         self._metrics = RuntimeMetrics()
@@ -148,7 +151,7 @@ class Scheduler:
         Raises ``RequestRejectedError`` if the policy refuses it, ``DuplicateRequestError`` if
         the id is in flight, ``EngineUnavailableError`` once closed or out of prefill workers.
         """
-        if self._closed or not self._prefill:
+        if self._closed or not (self._prefill or self._rejoining):
             raise EngineUnavailableError(
                 "the scheduler is not accepting requests (no prefill workers or shut down)"
             )
@@ -511,12 +514,31 @@ class Scheduler:
         if worker_id not in self._prefill:
             return
         logger.error("prefill worker %s is gone; its work is re-queued", worker_id)
-        del self._prefill[worker_id]
+        handle = self._prefill.pop(worker_id)
         self._running_unit.pop(worker_id, None)
         self._paused_units.pop(worker_id, None)
+        for unit_id in [u for u, unit in self._units.items() if unit.worker_id == worker_id]:
+            del self._units[unit_id]  # the policy re-queues their requests on WorkerLeft
         self._counts["workers_lost"] += 1
         self._handle(WorkerLeft(worker_id))
-        if not self._prefill:
+        if self.config.faults.worker_max_restarts != 0 and not self._closed:
+            self._rejoining.add(worker_id)
+            self._spawn(self._rejoin(worker_id, handle))
+        self._fail_all_if_no_worker()
+
+    async def _rejoin(self, worker_id: str, handle) -> None:
+        """Wait for Ray to restart a dead prefill worker, then give it work again."""
+        info = await wait_until_restarted(worker_id, handle, self.config.faults.rejoin_timeout_s)
+        self._rejoining.discard(worker_id)
+        if info is not None and not self._closed and worker_id not in self._prefill:
+            logger.warning("prefill worker %s restarted (pid %s) and rejoins", worker_id, info["pid"])
+            self._counts["workers_rejoined"] += 1
+            await self.add_prefill_worker(worker_id, handle)
+        self._fail_all_if_no_worker()
+
+    def _fail_all_if_no_worker(self) -> None:
+        # Requests wait for a restarting worker (bounded by rejoin_timeout_s), never forever.
+        if not self._prefill and not self._rejoining:
             for tracked in list(self._requests.values()):
                 if not tracked.done.done():
                     tracked.done.set_exception(
