@@ -186,3 +186,36 @@ def test_body_reader_rejects_bad_bytes_and_bad_json(raw, status):
 def test_nan_literal_parses_so_range_checks_can_name_it():
     body = read([b'{"model": "m", "prompt": "x", "temperature": NaN}'])
     assert status_of(body) == 400
+
+
+def test_build_app_refuses_bad_args_at_deploy_time_naming_the_field():
+    from flowprefill_ray.serve.app import build_app
+
+    bad_args = [
+        ({"runtime": {"placement": {"num_prefill_workers": 0}}}, "num_prefill_workers"),
+        ({"runtime": {"policy": {"name": "lottery"}}}, "policy.name"),
+        ({"runtime": {"slo": {"default_class": "gold"}}}, "default_class"),
+        ({"api": {"api_key_env": "sk-live abc"}}, "api_key_env"),
+        ({"api": {"max_body_bytes": 10}}, "max_body_bytes"),
+        ({"runtime": {"model": {"path": "/nonexistent/model"}}}, "model.path"),
+        ({"apii": {}}, "apii"),
+    ]
+    for args, field in bad_args:
+        with pytest.raises(ValidationError) as info:
+            build_app(args)
+        assert field in str(info.value), (args, str(info.value))
+
+
+def test_served_model_name_follows_the_model_source(tmp_path):
+    from flowprefill_ray.serve.config import ServeAppArgs
+
+    assert ServeAppArgs().served_model_name() == "flowprefill-tiny"
+    assert ServeAppArgs.model_validate(
+        {"runtime": {"model": {"path": "default"}}}).served_model_name() == "SmolLM2-135M-Instruct"
+    checkpoint = tmp_path / "my-llama"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    assert ServeAppArgs.model_validate(
+        {"runtime": {"model": {"path": str(checkpoint)}}}).served_model_name() == "my-llama"
+    assert ServeAppArgs.model_validate(
+        {"api": {"served_model_name": "prod"}}).served_model_name() == "prod"

@@ -88,9 +88,11 @@ class OpenAIFrontend:
     async def completion(self, body: dict[str, Any], headers: Mapping[str, str]):
         """POST /v1/completions. Returns a body dict, or an async iterator of SSE lines."""
         request = _parse(CompletionRequest, body)
+        self._check_model(request)
         prompt = request.prompt
         if isinstance(prompt, str):
-            prompt_ids = list(self.tokenizer(prompt)["input_ids"])
+            # Tokenizing a large body takes a while: keep the event loop serving others.
+            prompt_ids = await asyncio.to_thread(lambda: list(self.tokenizer(prompt)["input_ids"]))
         else:
             prompt_ids = list(prompt)
             bad = [t for t in prompt_ids if t >= self.vocab_size]
@@ -104,14 +106,20 @@ class OpenAIFrontend:
     async def chat_completion(self, body: dict[str, Any], headers: Mapping[str, str]):
         """POST /v1/chat/completions, prompt built with the tokenizer's chat template."""
         request = _parse(ChatCompletionRequest, body)
+        self._check_model(request)
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"model {self.model_name!r} has no chat template; use "
                            "/v1/completions", code="no_chat_template")
-        prompt_ids = self.tokenizer.apply_chat_template(
-            request.template_messages(), add_generation_prompt=True, tokenize=True,
-            return_dict=False,
+        prompt_ids = await asyncio.to_thread(
+            self.tokenizer.apply_chat_template, request.template_messages(),
+            add_generation_prompt=True, tokenize=True, return_dict=False,
         )
         return await self._serve(request, list(prompt_ids), headers, "chat", "chatcmpl")
+
+    def _check_model(self, request) -> None:
+        if request.model != self.model_name:
+            raise APIError(404, f"The model {request.model!r} does not exist; this server "
+                           f"serves {self.model_name!r}", param="model", code="model_not_found")
 
     # ------------------------------------------------------------------ shared path
 
@@ -133,9 +141,6 @@ class OpenAIFrontend:
         return await self._collect(prepared, first, events)
 
     def _prepare(self, request, prompt_ids, headers, kind, id_prefix) -> PreparedRequest:
-        if request.model != self.model_name:
-            raise APIError(404, f"The model {request.model!r} does not exist; this server "
-                           f"serves {self.model_name!r}", param="model", code="model_not_found")
         slo = resolve_slo(request.slo_class, request.ttft_slo_ms, headers,
                           self.slo_classes, self.default_slo_class)
         prompt_tokens = len(prompt_ids)
@@ -199,7 +204,7 @@ class OpenAIFrontend:
                 raise engine_error(exc) from None
             raise
         usage = usage_body(len(prepared.prompt_ids), tokens)
-        return full_body(prepared.ident, "".join(texts), _openai_finish(finish), usage,
+        return full_body(prepared.ident, "".join(texts), finish, usage,
                          extra=_extension(prepared, last))
 
     async def _stream(self, prepared: PreparedRequest, first, events) -> AsyncIterator[str]:
@@ -208,7 +213,7 @@ class OpenAIFrontend:
             event, is_first = first, True
             while True:
                 tokens += event.token_id is not None
-                chunk = chunk_body(ident, event.text, _openai_finish(event.finish_reason),
+                chunk = chunk_body(ident, event.text, event.finish_reason,
                                    first=is_first, include_usage=prepared.include_usage)
                 if event.finish_reason is not None:
                     chunk.update(_extension(prepared, event))
@@ -265,11 +270,6 @@ def _parse(model, body: dict[str, Any]):
         return model.model_validate(body)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
-
-
-def _openai_finish(reason: str | None) -> str | None:
-    # OpenAI knows "stop" and "length"; an aborted request reports "abort" as vLLM does.
-    return reason
 
 
 def _extension(prepared: PreparedRequest, event) -> dict[str, Any]:
