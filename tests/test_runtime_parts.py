@@ -131,7 +131,8 @@ def test_paused_prefill_resumes_to_the_same_kv_and_first_token(model):
     runner.join()
 
     assert paused and outcome["first"].status == "paused"
-    assert 0 <= blocking_s < 5.0
+    # It stopped at the next checkpoint: the wait is within the block that was in flight.
+    assert 0 < blocking_s <= outcome["first"].block_s + 0.002
     assert executor.stats()["paused_units"] == 1
     done = executor.resume(1)
     assert done.status == "completed"

@@ -19,7 +19,7 @@ import pytest
 pytestmark = pytest.mark.ray
 
 
-def test_workers_spread_over_two_nodes_and_requests_complete(tmp_path):
+def test_workers_spread_over_two_nodes_requests_complete_and_survive_a_worker_loss(tmp_path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     # Own process group, so that a hung child takes its Ray processes down with it.
     child = subprocess.Popen(
@@ -42,6 +42,7 @@ def test_workers_spread_over_two_nodes_and_requests_complete(tmp_path):
     prefill_nodes = {info["node_id"] for info in report["prefill"].values()}
     assert prefill_nodes == set(report["cluster_nodes"]), "both nodes should hold a prefill worker"
     assert report["completed"] == report["submitted"] == 6
+    assert report["survived_worker_loss"], "a request on a killed worker did not finish elsewhere"
     # Both prefill workers did work: the global scheduler used the whole cluster.
     assert all(count >= 1 for count in report["units_completed"].values()), report
 
@@ -71,7 +72,7 @@ def _child(out_dir: str) -> None:
                 "scheduler_num_cpus": 0.1,
             },
             "prefill": {"profile_tokens": [16, 64, 128, 256], "profile_repeats": 1},
-            "decode": {"kv_blocks": 128},
+            "decode": {"kv_blocks": 256},
         }
     )
 
@@ -84,8 +85,10 @@ def _child(out_dir: str) -> None:
         prefill = {
             wid: await handle.info.remote() for wid, handle in engine.prefill_workers.items()
         }
+        survived = await _kill_the_busy_worker(engine, sampling)
         await engine.shutdown()
         return {
+            "survived_worker_loss": survived,
             "cluster_nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
             "prefill": prefill,
             "submitted": len(prompts),
@@ -102,6 +105,25 @@ def _child(out_dir: str) -> None:
         cluster.shutdown()
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f)
+
+
+async def _kill_the_busy_worker(engine, sampling) -> bool:
+    """Kill the prefill worker running a long request: the scheduler hears WorkerLeft, the
+    policy re-queues the request, and it completes on the other worker."""
+    import ray
+
+    long = asyncio.ensure_future(
+        engine.generate([5 + j % 300 for j in range(1800)], sampling, "file")
+    )
+    busy = None
+    while busy is None and not long.done():
+        running = (await engine.stats())["scheduler"]["running_units"]
+        busy = next((wid for wid, unit in running.items() if unit is not None), None)
+        await asyncio.sleep(0.01)
+    ray.kill(engine.prefill_workers[busy])
+    outputs = await long
+    left = (await engine.stats())["scheduler"]["prefill_workers"]
+    return outputs[-1].finish_reason == "length" and busy not in left
 
 
 if __name__ == "__main__":

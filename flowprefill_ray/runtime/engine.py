@@ -419,14 +419,19 @@ class FlowPrefillEngine:
         """Scheduler counters and samples, and each worker's load (seconds, bytes, tokens)."""
         result = {"scheduler": await self._call(self._scheduler.stats.remote())}
         if self._workers is not None:
-            prefill = await asyncio.gather(
-                *(h.stats.remote() for h in self._workers.prefill.values())
+            kinds = (
+                ("prefill_workers", self._workers.prefill),
+                ("decode_workers", self._workers.decode),
             )
-            decode = await asyncio.gather(
-                *(h.stats.remote() for h in self._workers.decode.values())
-            )
-            result["prefill_workers"] = {s["worker_id"]: s for s in prefill}
-            result["decode_workers"] = {s["worker_id"]: s for s in decode}
+            for kind, workers in kinds:
+                # A dead worker shows up as an error entry rather than failing the whole call.
+                answers = await asyncio.gather(
+                    *(h.stats.remote() for h in workers.values()), return_exceptions=True
+                )
+                result[kind] = {
+                    wid: {"worker_id": wid, "error": str(a)} if isinstance(a, BaseException) else a
+                    for wid, a in zip(workers, answers, strict=True)
+                }
         return result
 
     async def _call(self, ref):

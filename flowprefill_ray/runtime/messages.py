@@ -52,7 +52,8 @@ class UnitOutcome:
     """How one ``run``/``resume`` call of a prefill worker ended.
 
     ``executed_s``: compute seconds of the unit over all its runs; ``blocking_s``: for a
-    paused unit, seconds from the preempt call reaching the worker to the stop.
+    paused unit, seconds from the preempt call reaching the worker to the stop; ``block_s``:
+    the block the preempt had to wait for (previous checkpoint to the stop), seconds.
     """
 
     unit_id: int
@@ -60,6 +61,7 @@ class UnitOutcome:
     executed_s: float
     blocking_s: float = 0.0
     first_tokens: tuple[FirstToken, ...] = ()
+    block_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

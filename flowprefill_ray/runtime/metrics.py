@@ -127,7 +127,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "flowprefill_time_to_first_token_seconds",
         "histogram",
-        "Time from arrival at the scheduler to the first token, seconds.",
+        "Time from submit at the engine (client side) to the first token there, seconds.",
         ("slo_class",),
         TTFT_BUCKETS_S,
     ),
@@ -141,34 +141,35 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "flowprefill_inter_token_latency_seconds",
         "histogram",
-        "Gap between consecutive decode tokens of a request, seconds.",
+        "Gap between consecutive tokens a decode worker makes for a request (the first "
+        "measured from its admission), seconds.",
         ("slo_class",),
         TOKEN_LATENCY_BUCKETS_S,
     ),
     MetricSpec(
         "flowprefill_e2e_request_latency_seconds",
         "histogram",
-        "Time from arrival to the last token, seconds.",
+        "Time from submit at the engine to the last token there, seconds.",
         ("slo_class",),
         E2E_BUCKETS_S,
     ),
     MetricSpec(
         "flowprefill_request_queue_time_seconds",
         "histogram",
-        "Time from arrival until the request's prefill first ran, seconds.",
+        "Time from arrival at the scheduler until the request's prefill first ran, seconds.",
         ("slo_class",),
         TTFT_BUCKETS_S,
     ),
     MetricSpec(
         "flowprefill_slo_met_total",
         "counter",
-        "Requests whose first token came within their TTFT SLO.",
+        "Requests whose first token came within their TTFT SLO (scheduler clock).",
         ("slo_class",),
     ),
     MetricSpec(
         "flowprefill_slo_missed_total",
         "counter",
-        "Requests whose first token came after their TTFT SLO.",
+        "Requests whose first token came after their TTFT SLO (scheduler clock).",
         ("slo_class",),
     ),
     MetricSpec(

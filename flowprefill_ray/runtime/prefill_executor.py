@@ -57,6 +57,17 @@ class _Unit:
     stopped: threading.Event = field(default_factory=threading.Event)
     pause_requested_at: float | None = None
     blocking_s: float = 0.0
+    # perf_counter() of the last checkpoint passed: a pause stops at the next one, so the
+    # block in flight when the preempt arrived runs from here to the stop.
+    checkpoint_at: float = 0.0
+    block_s: float = 0.0
+
+    def should_pause(self) -> bool:
+        """The checkpoint callback of ``PrefillState.run``."""
+        if self.pause.is_set():
+            return True
+        self.checkpoint_at = time.perf_counter()
+        return False
 
 
 class PrefillExecutor:
@@ -146,8 +157,8 @@ class PrefillExecutor:
                         granularity=self.granularity,
                         prefixes=[unit.items[i].kv for i in pending],
                     )
-                started = time.perf_counter()
-                finished = unit.state.run(unit.pause.is_set)
+                started = unit.checkpoint_at = time.perf_counter()
+                finished = unit.state.run(unit.should_pause)
                 unit.executed_s += time.perf_counter() - started
                 if not finished:
                     return self._paused(unit)
@@ -182,9 +193,13 @@ class PrefillExecutor:
     def _paused(self, unit: _Unit) -> UnitOutcome:
         with self._lock:
             requested = unit.pause_requested_at
-            unit.blocking_s = 0.0 if requested is None else time.perf_counter() - requested
+            now = time.perf_counter()
+            unit.blocking_s = 0.0 if requested is None else now - requested
+            unit.block_s = now - unit.checkpoint_at if unit.checkpoint_at else 0.0
             unit.stopped.set()
-        return UnitOutcome(unit.unit_id, "paused", unit.executed_s, unit.blocking_s)
+        return UnitOutcome(
+            unit.unit_id, "paused", unit.executed_s, unit.blocking_s, block_s=unit.block_s
+        )
 
     def _completed(self, unit: _Unit) -> UnitOutcome:
         firsts = []

@@ -122,6 +122,7 @@ class Scheduler:
         self._policy_seconds: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=_SAMPLES))
         self._gauges_at = 0.0
         self._blocking_s: deque[float] = deque(maxlen=_SAMPLES)
+        self._block_in_flight_s: deque[float] = deque(maxlen=_SAMPLES)
         self._transfers: deque[tuple[int, float]] = deque(maxlen=_SAMPLES)
         self._counts: dict[str, int] = defaultdict(int)
 
@@ -221,6 +222,8 @@ class Scheduler:
             "event_overhead_s": overhead,
             "policy_decision_s": policy_only,
             "preemption_blocking_s": list(self._blocking_s),
+            # The block each of those preemptions waited for, measured in the worker.
+            "preemption_block_in_flight_s": list(self._block_in_flight_s),
             "kv_transfers": list(self._transfers),
             "decode_load": {
                 wid: {
@@ -334,6 +337,7 @@ class Scheduler:
     def _paused(self, worker_id: str, outcome: UnitOutcome) -> None:
         self._paused_units[worker_id].add(outcome.unit_id)
         self._blocking_s.append(outcome.blocking_s)
+        self._block_in_flight_s.append(outcome.block_s)
         self._counts["preemptions"] += 1
         self._metrics.inc("flowprefill_preemptions_total", worker_id=worker_id)
         self._metrics.observe(
@@ -573,7 +577,12 @@ class Scheduler:
     def _spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("scheduler task failed", exc_info=task.exception())
 
     def _report_gauges(self) -> None:
         in_units = set()
