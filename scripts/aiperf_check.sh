@@ -21,6 +21,7 @@ OSL=${OSL:-16}
 OUT=${OUT:-results/aiperf}
 
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0   # Ray on 127.0.0.1 only
+unset RAY_ADDRESS
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}  # a throwaway local cluster (docs/DEPLOY.md)
 
 if [[ ! -x "$AIPERF_VENV/bin/aiperf" ]]; then
@@ -48,7 +49,9 @@ LOG="$OUT/serve.log"
 # Job control on while starting it: a background job of a plain script ignores SIGINT,
 # and SIGINT is how serve run shuts down cleanly.
 set -m
-HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "${PY%/python}/serve" run "$CONFIG" >"$LOG" 2>&1 &
+# --address local: always a new private cluster, never one that happens to run on this machine.
+HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "${PY%/python}/serve" run --address local "$CONFIG" \
+  >"$LOG" 2>&1 &
 SERVE_PID=$!
 set +m
 cleanup() {
