@@ -39,3 +39,29 @@ def write_results(
         for record in result.records:
             writer.writerow(record.to_row())
     return {"json": json_path, "csv": csv_path}
+
+
+def load_records(json_path: str | Path) -> list[RequestRecord]:
+    """The per-request records of a ``results.json`` written by ``write_results`` (to re-plot
+    or re-analyse a run without repeating it)."""
+    document = json.loads(Path(json_path).read_text())
+    return [
+        RequestRecord(
+            request_id=r["request_id"],
+            slo_class=r["slo_class"],
+            ttft_slo_s=r["ttft_slo_s"],
+            prompt_tokens=r["prompt_tokens"],
+            max_output_tokens=r["max_output_tokens"],
+            scheduled_s=r["scheduled_s"],
+            sent_s=r["sent_s"],
+            first_token_s=r["first_token_s"],
+            end_s=r["end_s"],
+            token_times_s=list(r["token_times_s"]),
+            output_tokens=r["output_tokens"],
+            status=r["status"],
+            http_status=r["http_status"],
+            error=r["error"],
+            server=dict(r["server"]),
+        )
+        for r in document["requests"]
+    ]

@@ -176,7 +176,8 @@ def plot_burst_timeline(
         handles,
         ["queue", "prefill", "decode", "preempted (count)", "TTFT deadline"],
         fontsize=7,
-        loc="lower right",
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
     )
     ax.set_title(title or f"busiest {window_s:g} s of the replay ({len(chosen)} requests)")
     ax.grid(alpha=0.3, axis="x")

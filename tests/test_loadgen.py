@@ -369,6 +369,12 @@ def test_results_files_carry_every_request(server, tmp_path):
     assert [r["status"] for r in document["requests"]] == ["ok", "not_sent"]
     assert len(document["requests"][0]["token_times_s"]) == 2
     assert "api_key" not in document["endpoint"]
+    from loadgen.output import load_records
+
+    reloaded = load_records(paths["json"])
+    assert [(r.status, r.ttft_s, r.output_tokens) for r in reloaded] == [
+        (r.status, r.ttft_s, r.output_tokens) for r in result.records
+    ]
 
 
 def test_busiest_window_finds_the_densest_sends():
