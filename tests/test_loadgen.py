@@ -108,6 +108,33 @@ class StreamingServer:
 
             return StreamingResponse(stream(), media_type="text/event-stream")
 
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            body = await request.json()
+            (message,) = body["messages"]
+            with self.lock:
+                self.arrivals.append(
+                    (
+                        time.perf_counter(),
+                        len(message["content"].split()),
+                        body.get("slo_class"),
+                        request.headers.get("x-slo-class"),
+                    )
+                )
+
+            async def stream():
+                for i in range(body["max_tokens"]):
+                    await asyncio.sleep(ITL_S)
+                    chunk = {
+                        "choices": [
+                            {"index": 0, "delta": {"content": f" w{i}"}, "finish_reason": None}
+                        ]
+                    }
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                yield "data: [DONE]\n\n"  # no usage chunk: the client counts token chunks
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
         return app
 
 
@@ -500,3 +527,15 @@ def test_calibration_reads_live_prefill_speed_from_unpreempted_requests():
     assert prefill_s(scaled, 512) == pytest.approx(2.0 * prefill_s(base, 512))
     with pytest.raises(ValueError, match="no unpreempted request"):
         calibration_factor([request(100, 1.0, preemptions=1)], base)
+
+
+def test_chat_api_sends_text_of_the_planned_length_and_counts_chunks_without_usage(server):
+    server.arrivals.clear()
+    plan = _plan((0.0, 37, 4, "image", 2.0))
+    result = asyncio.run(
+        run_open_loop(_endpoint(server, api="chat"), ReplayConfig(), plan, progress=False)
+    )
+    (record,) = result.records
+    assert record.status == "ok" and record.output_tokens == 4 and record.slo_met
+    # One word per intended token, and the class travelled with it.
+    assert [(a[1], a[2], a[3]) for a in server.arrivals] == [(37, "image", "image")]
