@@ -109,16 +109,34 @@ class LoadReport:
         }
 
 
+def _local_raylet_pid() -> int | None:
+    """The raylet of the cluster this driver started (its workers are the raylet's children),
+    so processes of other Ray clusters on the same host are not counted."""
+    try:
+        import ray._private.worker as ray_worker
+
+        return ray_worker._global_node.all_processes["raylet"][0].process.pid
+    except (AttributeError, KeyError, IndexError):  # attached to a remote cluster
+        return None
+
+
 def actors_rss_mib() -> float:
-    """Resident memory of every runtime actor process on this node, MiB."""
+    """Resident memory of the runtime's actor processes (scheduler, prefill and decode
+    workers) of this driver's local cluster, MiB; 0 when the driver started no cluster."""
+    raylet = _local_raylet_pid()
+    if raylet is None:
+        return 0.0
     total = 0
-    for proc in psutil.process_iter(["cmdline", "memory_info"]):
+    try:
+        children = psutil.Process(raylet).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0
+    for proc in children:
         try:
-            cmd = " ".join(proc.info["cmdline"] or ())
+            if " ".join(proc.cmdline()).startswith(_ACTOR_TITLES):
+                total += proc.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if cmd.startswith(_ACTOR_TITLES) and proc.info["memory_info"] is not None:
-            total += proc.info["memory_info"].rss
     return total / 2**20
 
 
