@@ -78,6 +78,19 @@ def live_app(ray_local, runtime_cache_dir):
     yield LiveApp(f"http://127.0.0.1:{port}", tokenizer)
     serve.delete(APP_NAME)
     serve.shutdown()
+    # Deleting the app shuts its engine down: no worker actor may outlive it.
+    _wait_for(lambda: not _engine_actors_alive(), 30.0, "the engine's actors to be removed")
+
+
+def _engine_actors_alive() -> list[str]:
+    alive = []
+    for name in ("scheduler", "prefill-0", "decode-0"):
+        try:
+            actor(name)
+        except ValueError:  # no live actor of that name
+            continue
+        alive.append(name)
+    return alive
 
 
 def actor(name: str):
