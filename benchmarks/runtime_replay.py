@@ -169,9 +169,12 @@ async def calibrate(engine, workload, predictor, samples: int = 16) -> float:
     return measured / sum(predictor.predict(n) for n in picked)
 
 
-async def isolated_blocking(engine, long_tokens: int, count: int) -> list[tuple[float, float]]:
+async def isolated_blocking(
+    engine, long_tokens: int, count: int, urgent_slo_s: float
+) -> list[tuple[float, float]]:
     """Preemption blocking with nothing else queued: ``count`` times, a long relaxed prefill
-    is interrupted at a random moment by an urgent short request. Seconds per preemption."""
+    is interrupted at a random moment by an urgent short request whose SLO it would miss by
+    waiting (the policy only preempts when that buys something). Seconds per preemption."""
     from flowprefill_ray.model.sampling import SamplingParams
 
     rng = random.Random(1)
@@ -180,11 +183,16 @@ async def isolated_blocking(engine, long_tokens: int, count: int) -> list[tuple[
     for i in range(count):
         long_prompt = [rng.randrange(3, 400) for _ in range(long_tokens)]
         long = asyncio.ensure_future(engine.generate(long_prompt, one, 600.0, f"iso-long-{i}"))
-        while not any((await engine.stats())["scheduler"]["running_units"].values()):
+        while not long.done() and not any(
+            (await engine.stats())["scheduler"]["running_units"].values()
+        ):
             await asyncio.sleep(0.002)
+        if long.done():  # finished (or failed) before the poll saw it run: no sample
+            await long
+            continue
         await asyncio.sleep(rng.uniform(0.0, 0.1))
         urgent = [rng.randrange(3, 400) for _ in range(16)]
-        await engine.generate(urgent, one, 30.0, f"iso-urgent-{i}")
+        await engine.generate(urgent, one, urgent_slo_s, f"iso-urgent-{i}")
         await long
     return _pairs((await engine.stats())["scheduler"])[before:]
 
@@ -328,8 +336,10 @@ async def run(args) -> dict:
         if "flowprefill" in engines:
             stats = (await engines["flowprefill"].stats())["scheduler"]
             replay_blocking = _pairs(stats)
+            # Waiting for the long prefill would miss this SLO; being preempted for keeps it.
+            long_s = slowdown * predictor.predict(max(prompt_lengths))
             isolated = await isolated_blocking(
-                engines["flowprefill"], max(prompt_lengths), args.preemptions
+                engines["flowprefill"], max(prompt_lengths), args.preemptions, 0.3 * long_s
             )
         stats = {policy: await engine.stats() for policy, engine in engines.items()}
     finally:

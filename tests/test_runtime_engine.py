@@ -189,7 +189,8 @@ def test_cancel_during_decode_frees_kv_blocks(runtime_engines):
 
     outputs, busy = asyncio.run(run())
     assert busy > 0
-    assert outputs[-1].finish_reason == "abort"
+    assert outputs[-1].finish_reason == "abort" and outputs[-1].token_id is None
+    assert [o.index for o in outputs] == list(range(len(outputs)))
     assert len(outputs) < 400
     decode = asyncio.run(engine.stats())["decode_workers"]["decode-0"]
     assert decode["used_blocks"] == 0 and decode["running"] == 0

@@ -316,15 +316,18 @@ class FlowPrefillEngine:
                 self._record(done, ttft_s, None, started, done.finish_reason)
                 return
             tpot_s = None
+            index = 0
             async for event in self._decode_events(done.decode_worker, request_id):
-                if event.index > 0:
-                    tpot_s = (time.monotonic() - first_at) / event.index
+                # An abort/error event has no position of its own: it follows the last token.
+                index = event.index if event.index >= 0 else index + 1
+                if event.token_id is not None:
+                    tpot_s = (time.monotonic() - first_at) / index
                 out = self._output(
                     done,
                     request_id,
                     event.token_id,
                     event.text,
-                    event.index,
+                    index,
                     event.finish_reason,
                     started,
                     ttft_s,
