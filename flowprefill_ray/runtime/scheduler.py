@@ -535,7 +535,9 @@ class Scheduler:
         info = await wait_until_restarted(worker_id, handle, self.config.faults.rejoin_timeout_s)
         self._rejoining.discard(worker_id)
         if info is not None and not self._closed and worker_id not in self._prefill:
-            logger.warning("prefill worker %s restarted (pid %s) and rejoins", worker_id, info["pid"])
+            logger.warning(
+                "prefill worker %s restarted (pid %s) and rejoins", worker_id, info["pid"]
+            )
             self._counts["workers_rejoined"] += 1
             await self.add_prefill_worker(worker_id, handle)
         self._fail_all_if_no_worker()
