@@ -12,6 +12,9 @@ from collections.abc import Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# Temperatures below this are treated as 0 (greedy): see ``sample``.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
 
 class SamplingParams(BaseModel):
     """How one request's output is generated (OpenAI-style semantics).
@@ -53,7 +56,7 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         """A generator seeded with ``seed`` on ``device``, or None (use torch's global RNG)."""
@@ -90,9 +93,10 @@ def sample(
 ) -> torch.Tensor:
     """Pick one token per row of ``logits[B, vocab]``; returns int64 token ids ``[B]``.
 
-    Row ``b`` is greedy (argmax) when ``temperatures[b] == 0``; otherwise it is sampled from
-    ``softmax(logits[b] / temperatures[b])`` restricted to the ``top_ps[b]`` nucleus, drawing from
-    ``generators[b]`` (None: torch's global RNG). Computed in fp32 whatever the logits' dtype.
+    Row ``b`` is greedy (argmax) when ``temperatures[b] < MIN_SAMPLING_TEMPERATURE`` (0 included);
+    otherwise it is sampled from ``softmax(logits[b] / temperatures[b])`` restricted to the
+    ``top_ps[b]`` nucleus, drawing from ``generators[b]`` (None: torch's global RNG). Computed
+    in fp32 whatever the logits' dtype.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
@@ -106,7 +110,9 @@ def sample(
             f"{len(tops)} top_ps and {len(gens)} generators"
         )
     tokens = torch.argmax(logits, dim=-1)
-    rows = [b for b in range(batch) if temps[b] != 0.0]
+    # A positive temperature this small is greedy in effect, and dividing by it would overflow
+    # (1e-53 is 0 in float32): such rows take the argmax too.
+    rows = [b for b in range(batch) if temps[b] >= MIN_SAMPLING_TEMPERATURE]
     if not rows:
         return tokens
     # Tempering and the nucleus are computed for all sampled rows at once; only the draw is
