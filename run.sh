@@ -45,7 +45,7 @@ case "$cmd" in
     exec "$PY" -m pytest "$@" ;;
   lint)
     install
-    exec "$VENV/bin/ruff" check flowprefill_ray loadgen tests benchmarks ;;
+    exec "$VENV/bin/ruff" check flowprefill_ray loadgen tests benchmarks scripts ;;
   *)
     install
     exec "$PY" -m flowprefill_ray "$cmd" "$@" ;;
