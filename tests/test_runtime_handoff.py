@@ -79,3 +79,26 @@ def test_a_burst_packed_into_units_streams_every_token_of_every_request(runtime_
     assert stats["prefill_workers"]["prefill-0"]["held_kv_bytes"] == 0
     decode = stats["decode_workers"]["decode-0"]
     assert decode["used_blocks"] == 0 and decode["reserved_blocks"] == 0
+
+
+def test_the_scheduler_sees_decode_load_fall_when_requests_finish(runtime_engines):
+    """The decode worker is chosen by load; a view that only rises (updated on accept alone)
+    would make a worker that once took a burst look busy for ever."""
+    engine = runtime_engines("edf")
+    sampling = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    async def scenario():
+        async def one(i: int):
+            return [out async for out in engine.submit([5 + i, 6, 7, 8], sampling, "text")]
+
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(6))), STREAM_BOUND_S)
+        # The update is fire-and-forget from the decode loop: give it a moment to land.
+        for _ in range(50):
+            view = (await engine.stats())["scheduler"]["decode_load"]["decode-0"]
+            if view["running"] == 0 and view["waiting"] == 0:
+                return view
+            await asyncio.sleep(0.1)
+        return view
+
+    view = asyncio.run(scenario())
+    assert view["running"] == 0 and view["waiting"] == 0, view

@@ -88,8 +88,16 @@ class DecodeWorker:
         self._tokens_generated = 0
         self._steps = 0
         self._transfer: list[tuple[int, float]] = []  # (bytes, seconds) per hand-off
+        # The scheduler picks decode workers by load; it hears ours on accept and, through
+        # this handle, whenever requests finish (see _loop).
+        self._load_listener = None
+        self._load_changed = False
 
     # ------------------------------------------------------------------ control calls
+
+    def report_load_to(self, scheduler) -> None:
+        """Send load updates to ``scheduler.decode_load`` when requests finish."""
+        self._load_listener = scheduler
 
     def info(self) -> dict:
         return {
@@ -231,6 +239,12 @@ class DecodeWorker:
             self._reap_cancelled()
             self._admit()
             self._report_load()
+            if self._load_changed and self._load_listener is not None:
+                self._load_changed = False
+                # Fire and forget: a lost update is corrected by the next accept's reply.
+                self._load_listener.decode_load.remote(
+                    self.worker_id, len(self._running), len(self._waiting), self.cache.usage
+                )
             batch = list(self._running.values())
             if not batch:
                 self._wake.clear()
@@ -304,6 +318,7 @@ class DecodeWorker:
         self._running.pop(seq.request_id, None)
         self.cache.free(seq.request_id)
         self._reserved -= seq.reserved_blocks
+        self._load_changed = True
         seq.freed.set()
 
     def _report_load(self) -> None:

@@ -134,6 +134,18 @@ class Scheduler:
             self._started = True
             for wid in self._prefill:
                 self._handle(WorkerJoined(wid))
+            # Decode workers report their load back when requests finish; without that the
+            # last accept reply would be all we knew, and it never goes down.
+            me = ray.get_runtime_context().current_actor
+            await asyncio.gather(
+                *(d.handle.report_load_to.remote(me) for d in self._decode.values())
+            )
+
+    def decode_load(self, decode_id: str, running: int, waiting: int, kv_usage: float) -> None:
+        """A decode worker's load changed (a request finished or was freed)."""
+        load = self._decode.get(decode_id)
+        if load is not None:
+            load.running, load.waiting, load.kv_usage = running, waiting, kv_usage
 
     def now(self) -> float:
         """Seconds on the scheduler's monotonic clock (the policy's time base)."""
