@@ -139,6 +139,9 @@ class RequestBounds(BaseModel):
     max_prompt_tokens: int | None = Field(None, ge=1)
     max_output_tokens: int = Field(1024, ge=1)
     max_in_flight: int = Field(4096, ge=1)
+    # Wall-clock bound on a whole request (prefill wait + decode), seconds. No request may hang
+    # for ever, also when a worker is alive but stuck; None lifts the bound.
+    request_timeout_s: float | None = Field(600.0, gt=0)
 
 
 class RuntimeConfig(BaseModel):

@@ -32,6 +32,7 @@ from flowprefill_ray.scheduling import TTFTPredictor
 from flowprefill_ray.scheduling.predictor import PredictorConfig
 
 from .config import RuntimeConfig
+from .deadline import RequestDeadline
 from .detokenizer import Detokenizer
 from .errors import (
     EngineUnavailableError,
@@ -247,12 +248,15 @@ class FlowPrefillEngine:
         sampling: SamplingParams | None = None,
         slo: str | float | None = None,
         request_id: str | None = None,
+        timeout_s: float | None = None,
     ) -> RequestStream:
         """Start a request; iterate the result to receive its tokens as they are produced.
 
         ``async for out in engine.submit(...)`` and ``stream = await engine.submit(...)`` both
         work. ``slo``: an SLO class name, an explicit TTFT target in seconds, or None (the
-        default class). Validation errors are raised by this call itself, before anything
+        default class). ``timeout_s`` bounds the whole request (seconds; None = the configured
+        ``requests.request_timeout_s``); past it the request fails with RequestTimeoutError and
+        what it held is released. Validation errors are raised by this call itself, before anything
         reaches the cluster. Abandoning the stream (``aclose``, or the consumer's task being
         cancelled) cancels the request.
         """
@@ -263,20 +267,26 @@ class FlowPrefillEngine:
         slo_class, ttft_slo_s = self._check(ids, sampling, slo)
         if len(self._in_flight) >= self.config.requests.max_in_flight:
             raise RequestRejectedError(request_id or "-", "too many requests in flight", 1.0)
+        if timeout_s is not None and not timeout_s > 0:
+            raise InvalidRequestError(f"timeout_s must be positive seconds, got {timeout_s!r}")
+        timeout_s = timeout_s if timeout_s is not None else self.config.requests.request_timeout_s
         request_id = request_id or uuid.uuid4().hex
         return RequestStream(
-            request_id, self._stream(request_id, ids, sampling, slo_class, ttft_slo_s)
+            request_id, self._stream(request_id, ids, sampling, slo_class, ttft_slo_s, timeout_s)
         )
 
     async def _stream(
-        self, request_id, ids, sampling, slo_class, ttft_slo_s
+        self, request_id, ids, sampling, slo_class, ttft_slo_s, timeout_s
     ) -> AsyncIterator[TokenOutput]:
         started = time.monotonic()
         finished = False
+        bound = RequestDeadline(request_id, timeout_s, started)
         self._in_flight.add(request_id)
         try:
-            done = await self._call(
-                self._scheduler.submit.remote(request_id, ids, sampling, slo_class, ttft_slo_s)
+            done = await bound.wait(
+                self._call(
+                    self._scheduler.submit.remote(request_id, ids, sampling, slo_class, ttft_slo_s)
+                )
             )
             if done is None:  # cancelled before its first token
                 finished = True
@@ -317,7 +327,7 @@ class FlowPrefillEngine:
                 return
             tpot_s = None
             index = 0
-            async for event in self._decode_events(done.decode_worker, request_id):
+            async for event in bound.iterate(self._decode_events(done.decode_worker, request_id)):
                 # An abort/error event has no position of its own: it follows the last token.
                 index = event.index if event.index >= 0 else index + 1
                 if event.token_id is not None:

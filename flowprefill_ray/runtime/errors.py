@@ -75,3 +75,10 @@ class RequestFailedError(RuntimeEngineError):
     """A request could not finish because a worker failed while serving it."""
 
     http_status = 500
+
+
+class RequestTimeoutError(RequestFailedError):
+    """A request did not finish within ``RequestBounds.request_timeout_s``; what it held was
+    released. Bounds a request even when a worker hangs while staying alive."""
+
+    http_status = 504
