@@ -133,7 +133,10 @@ def test_paused_prefill_resumes_to_the_same_kv_and_first_token(model):
     assert paused and outcome["first"].status == "paused"
     # It stopped at the next checkpoint: the wait is within the block that was in flight.
     assert 0 < blocking_s <= outcome["first"].block_s + 0.002
-    assert executor.stats()["paused_units"] == 1
+    paused_stats = executor.stats()
+    assert paused_stats["paused_units"] == 1
+    # The paused state's memory is counted: at least the fp32 hidden states of the prompt.
+    assert paused_stats["paused_bytes"] >= len(tokens) * model.config.hidden_size * 4
     done = executor.resume(1)
     assert done.status == "completed"
     assert done.executed_s >= outcome["first"].executed_s
@@ -141,6 +144,7 @@ def test_paused_prefill_resumes_to_the_same_kv_and_first_token(model):
     assert torch.equal(kv.k, reference.kv[0].k) and torch.equal(kv.v, reference.kv[0].v)
     assert done.first_tokens[0].token_id == int(reference.last_logits[0].argmax())
     assert executor.stats()["held_kv_bytes"] == 0
+    assert executor.stats()["paused_bytes"] == 0
 
 
 def test_long_prompt_runs_as_back_to_back_chunks_with_the_same_result(model):

@@ -307,4 +307,16 @@ class PrefillExecutor:
                 "partial_kv_requests": len(self._partial_kv),
                 "ready_kv_requests": len(self._ready_kv),
                 "held_kv_bytes": held,
+                # Activations and KV kept alive by paused units: memory a GPU must budget for.
+                "paused_bytes": sum(_paused_bytes(u) for u in paused),
             }
+
+
+def _paused_bytes(unit: _Unit) -> int:
+    """Bytes a paused unit keeps alive: its PrefillState (activations, the KV written so far and
+    the prefix KV it reads) and the KV of its items that are not in that state."""
+    total = unit.state.nbytes if unit.state is not None else 0
+    for index, item in enumerate(unit.items):
+        if item.kv is not None and index not in unit.in_state:
+            total += item.kv.nbytes
+    return total
