@@ -25,25 +25,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from model_bench import BENCH_MODEL_SHAPE, random_prompt, sync  # noqa: E402
 
 from flowprefill_ray.model import LlamaModel, PagedKVCache, load_model  # noqa: E402
-
-TINY_SHAPE = dict(num_layers=4, hidden=256, heads=4, kv_heads=2, intermediate=1024, vocab=2048)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _prompt(tokens: int, vocab: int) -> list[int]:
-    generator = torch.Generator().manual_seed(tokens)
-    return torch.randint(3, vocab, (tokens,), generator=generator).tolist()
 
 
 def time_ours(model: LlamaModel, context: int, batch: int, steps: int, block_size: int) -> float:
     """Median seconds per batched decode step with `batch` sequences at `context` tokens."""
-    kv = model.prefill(_prompt(context, model.config.vocab_size)).kv[0]
+    kv = model.prefill(random_prompt(context, model.config.vocab_size)).kv[0]
     blocks_per_seq = -(-(context + steps + 2) // block_size)
     cache = PagedKVCache(
         model.config, batch * blocks_per_seq, block_size, device=model.device, dtype=model.dtype
@@ -55,28 +44,28 @@ def time_ours(model: LlamaModel, context: int, batch: int, steps: int, block_siz
     model.decode_step(seq_ids, tokens, cache)  # warm-up
     times = []
     for _ in range(steps):
-        _sync(model.device)
+        sync(model.device)
         started = time.perf_counter()
         logits = model.decode_step(seq_ids, tokens, cache)
         tokens = logits.argmax(-1).tolist()
-        _sync(model.device)
+        sync(model.device)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
 def time_transformers(hf_model, context: int, steps: int, vocab: int, device) -> float:
     """Median seconds per one-token forward of transformers with its own KV cache."""
-    ids = torch.tensor([_prompt(context, vocab)], device=device)
+    ids = torch.tensor([random_prompt(context, vocab)], device=device)
     with torch.no_grad():
         out = hf_model(ids, use_cache=True, logits_to_keep=1)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         times = []
         for _ in range(steps + 1):
-            _sync(device)
+            sync(device)
             started = time.perf_counter()
             out = hf_model(token, past_key_values=cache, use_cache=True)
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - started)
     return statistics.median(times[1:])
 
@@ -102,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "tiny":
         from flowprefill_ray.model.checkpoints import tiny_checkpoint
 
-        path = tiny_checkpoint(workdir.name, max_position=max(contexts) + 64, **TINY_SHAPE)
+        path = tiny_checkpoint(workdir.name, max_position=max(contexts) + 64, **BENCH_MODEL_SHAPE)
     else:
         from flowprefill_ray.model.checkpoints import default_checkpoint
 

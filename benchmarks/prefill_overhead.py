@@ -29,31 +29,20 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from model_bench import BENCH_MODEL_SHAPE, random_prompt, sync  # noqa: E402
 
 from flowprefill_ray.model import Granularity, LlamaModel, load_model  # noqa: E402
 from flowprefill_ray.model.checkpoints import tiny_checkpoint  # noqa: E402
-
-MODEL_SHAPE = dict(num_layers=4, hidden=256, heads=4, kv_heads=2, intermediate=1024, vocab=2048)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _prompt(tokens: int, vocab: int) -> list[int]:
-    generator = torch.Generator().manual_seed(tokens)
-    return torch.randint(3, vocab, (tokens,), generator=generator).tolist()
 
 
 def time_transformers(hf_model, prompt: list[int], device: torch.device) -> float:
     """Seconds for one HF forward with a KV cache, logits for the last token only."""
     ids = torch.tensor([prompt], device=device)
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     with torch.no_grad():
         hf_model(ids, use_cache=True, logits_to_keep=1)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - started
 
 
@@ -63,7 +52,7 @@ def time_straight(model: LlamaModel, prompt: list[int]) -> float:
     state = model.start_prefill([prompt])
     while not state.done:
         state.step()
-    _sync(model.device)
+    sync(model.device)
     return time.perf_counter() - started
 
 
@@ -81,7 +70,7 @@ def time_with_checkpoints(
 def measure_prefill(model, hf_model, sizes, repeats, device, sync_modes) -> list[dict]:
     rows = []
     for tokens in sizes:
-        prompt = _prompt(tokens, model.config.vocab_size)
+        prompt = random_prompt(tokens, model.config.vocab_size)
         variants = {"transformers": lambda p=prompt: time_transformers(hf_model, p, device)}
         variants["ours straight"] = lambda p=prompt: time_straight(model, p)
         for mode in sync_modes:
@@ -183,7 +172,7 @@ def _quantile(values: list[float], q: float) -> float:
 def measure_pauses(model, sizes, trials) -> list[dict]:
     rows = []
     for tokens in sizes:
-        prompt = _prompt(tokens, model.config.vocab_size)
+        prompt = random_prompt(tokens, model.config.vocab_size)
         operator_times = segment_times(model, prompt, Granularity.OPERATOR)
         for granularity in Granularity:
             print(f"pauses {tokens} tokens, {granularity.value} ...", file=sys.stderr, flush=True)
@@ -248,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         max_position = max(args.sizes + args.pause_sizes)
-        path = tiny_checkpoint(tmp, max_position=max_position, **MODEL_SHAPE)
+        path = tiny_checkpoint(tmp, max_position=max_position, **BENCH_MODEL_SHAPE)
         model = load_model(path, device=device)
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
         hf_model.eval()
@@ -276,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "model_shape": MODEL_SHAPE,
+        "model_shape": BENCH_MODEL_SHAPE,
         "dtype": "float32",
         "device": str(device),
         "threads": args.threads,
