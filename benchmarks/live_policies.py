@@ -35,6 +35,8 @@ POLICIES = ("flowprefill", "fcfs", "chunked", "edf")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from loadgen.replay_args import add_replay_arguments
+
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -46,16 +48,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--first-scale", type=float, default=1.0, help="search: first rate scale")
     p.add_argument("--max-trials", type=int, default=5, help="search: replays per policy")
     p.add_argument("--rel-tol", type=float, default=0.25, help="search: relative bracket width")
-    p.add_argument("--trace", default="azure-conv")
-    p.add_argument("--start", type=float, default=0.0)
-    p.add_argument("--requests", type=int, default=40)
-    p.add_argument("--prompt-scale", type=float, default=0.1)
-    p.add_argument("--max-prompt-tokens", type=int, default=384)
-    p.add_argument("--max-output-tokens", type=int, default=8)
+    # The demo's CPU-sized slice; the rate scale is no flag: the search or --scales set it.
+    add_replay_arguments(
+        p,
+        omit=("rate_scale",),
+        max_requests=40,
+        prompt_scale=0.1,
+        max_prompt_tokens=384,
+        max_output_tokens=8,
+        duration_s=120.0,
+        drain_s=30.0,
+    )
     p.add_argument("--slo-scale", type=float, default=4.0)
-    p.add_argument("--duration", type=float, default=120.0)
-    p.add_argument("--drain", type=float, default=30.0)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--simulate", action="store_true", help="also predict each trial with the simulator"
     )
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from loadgen.goodput import live_goodput_search, run_trial
     from loadgen.local_serve import LocalServe, serve_app_args, served_model_name
     from loadgen.plots import plot_attainment_vs_rate
+    from loadgen.replay_args import replay_config
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = sorted(set(policies) - set(POLICIES))
@@ -133,17 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model = "tiny" if args.tiny else "default"
     slo = SLOConfig(scale=args.slo_scale)
-    replay = ReplayConfig(
-        trace=args.trace,
-        start_s=args.start,
-        prompt_scale=args.prompt_scale,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_output_tokens=args.max_output_tokens,
-        max_requests=args.requests,
-        duration_s=args.duration,
-        drain_s=args.drain,
-        seed=args.seed,
-    )
+    replay = replay_config(args)
     out = Path(args.out)
     trials_dir = out.with_suffix("")
     if args.resimulate:

@@ -1,7 +1,7 @@
 """``python -m loadgen``: replay a trace against an endpoint, or search its goodput.
 
     python -m loadgen run --url http://127.0.0.1:8000 --model M --trace azure-conv \
-        --rate-scale 2 --max-requests 200 --duration 120 --out results/run1
+        --rate-scale 2 --requests 200 --duration 120 --out results/run1
     python -m loadgen goodput --url ... --model M --trace azure-code --out results/goodput
 """
 
@@ -19,9 +19,10 @@ from pydantic import ValidationError
 from flowprefill_ray.scheduling.slo import SLOConfig
 
 from .config import EndpointConfig, ReplayConfig
+from .replay_args import add_replay_arguments, replay_config
 
 
-def _common_args(parser: argparse.ArgumentParser) -> None:
+def _common_args(parser: argparse.ArgumentParser, omit: tuple[str, ...] = ()) -> None:
     end = parser.add_argument_group("endpoint")
     end.add_argument(
         "--url", required=True, help="base URL, e.g. http://127.0.0.1:8000 (with or without /v1)"
@@ -42,31 +43,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     end.add_argument("--no-slo", action="store_true", help="do not send slo_class / X-SLO-Class")
     end.add_argument("--ignore-eos", action="store_true", help="send vLLM's ignore_eos extension")
 
-    rep = parser.add_argument_group("replay")
-    rep.add_argument(
-        "--trace", default="azure-conv", help="azure-conv, azure-code or a normalized CSV path"
-    )
-    rep.add_argument("--start", type=float, default=0.0, help="skip the trace's first seconds")
-    rep.add_argument("--rate-scale", type=float, default=1.0, help="arrival-rate multiplier")
-    rep.add_argument("--prompt-scale", type=float, default=1.0, help="prompt-length multiplier")
-    rep.add_argument("--max-prompt-tokens", type=int, default=None)
-    rep.add_argument("--max-output-tokens", type=int, default=None)
-    rep.add_argument("--max-requests", type=int, default=1000)
-    rep.add_argument(
-        "--duration", type=float, default=600.0, help="seconds during which requests are sent"
-    )
-    rep.add_argument(
-        "--drain", type=float, default=60.0, help="seconds in-flight requests get after --duration"
-    )
-    rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument(
-        "--token-id-range",
-        type=int,
-        nargs=2,
-        default=(16, 256),
-        metavar=("LOW", "HIGH"),
-        help="prompt token ids are drawn from [LOW, HIGH)",
-    )
+    rep = add_replay_arguments(parser, omit=omit)
     rep.add_argument(
         "--slo-scale",
         type=float,
@@ -87,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _common_args(sub.add_parser("run", help="replay a trace once"))
     goodput = sub.add_parser("goodput", help="bisect the rate scale for >= target TTFT attainment")
-    _common_args(goodput)
+    _common_args(goodput, omit=("rate_scale",))  # the search chooses the rate scale
     goodput.add_argument("--target", type=float, default=0.9, help="attainment to hold (0..1)")
     goodput.add_argument("--first-scale", type=float, default=1.0, help="first rate scale tried")
     goodput.add_argument("--max-scale", type=float, default=64.0, help="highest rate scale tried")
@@ -112,20 +89,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EndpointConfig, ReplayC
         send_slo=not args.no_slo,
         ignore_eos=args.ignore_eos,
     )
-    replay = ReplayConfig(
-        trace=args.trace,
-        start_s=args.start,
-        rate_scale=args.rate_scale,
-        prompt_scale=args.prompt_scale,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_output_tokens=args.max_output_tokens,
-        max_requests=args.max_requests,
-        duration_s=args.duration,
-        drain_s=args.drain,
-        seed=args.seed,
-        token_id_low=args.token_id_range[0],
-        token_id_high=args.token_id_range[1],
-    )
+    replay = replay_config(args)
     return endpoint, replay, SLOConfig(scale=args.slo_scale)
 
 

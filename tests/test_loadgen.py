@@ -9,18 +9,23 @@ names change its behaviour: ``busy`` answers 429, ``endless`` streams until the 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import csv
+import importlib.util
 import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 
+from flowprefill_ray.demos.serving import build_parser as demo_parser
 from flowprefill_ray.scheduling.slo import SLOConfig
 from loadgen import (
     EndpointConfig,
@@ -30,9 +35,11 @@ from loadgen import (
     summarize,
     write_results,
 )
+from loadgen.cli import build_parser as loadgen_parser
 from loadgen.cli import main as loadgen_main
 from loadgen.client import sse_payloads
 from loadgen.plan import load_trace_workload, plan_requests, ttft_targets
+from loadgen.replay_args import add_replay_arguments, replay_config
 from loadgen.summary import percentile
 
 PREFILL_S_PER_TOKEN = 0.002
@@ -354,7 +361,7 @@ def test_cli_replays_a_csv_trace_and_writes_json_and_csv(server, tmp_path, capsy
             str(trace),
             "--rate-scale",
             "2",
-            "--max-requests",
+            "--requests",
             "3",
             "--duration",
             "30",
@@ -539,3 +546,90 @@ def test_chat_api_sends_text_of_the_planned_length_and_counts_chunks_without_usa
     assert record.status == "ok" and record.output_tokens == 4 and record.slo_met
     # One word per intended token, and the class travelled with it.
     assert [(a[1], a[2], a[3]) for a in server.arrivals] == [(37, "image", "image")]
+
+
+# --- the shared replay flags (loadgen/replay_args.py) ---
+
+# A value different from ReplayConfig's default for every field a flag sets.
+_EVERY_REPLAY_FLAG = {
+    "--trace": ("azure-code", "trace", "azure-code"),
+    "--start": ("12.5", "start_s", 12.5),
+    "--rate-scale": ("3", "rate_scale", 3.0),
+    "--prompt-scale": ("0.25", "prompt_scale", 0.25),
+    "--max-prompt-tokens": ("700", "max_prompt_tokens", 700),
+    "--max-output-tokens": ("9", "max_output_tokens", 9),
+    "--requests": ("17", "max_requests", 17),
+    "--duration": ("45", "duration_s", 45.0),
+    "--drain": ("5", "drain_s", 5.0),
+    "--seed": ("3", "seed", 3),
+}
+
+
+def _live_policies_parse_args():
+    # benchmarks/ is a folder of scripts, not a package: load the script by path.
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "live_policies.py"
+    spec = importlib.util.spec_from_file_location("live_policies", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.parse_args
+
+
+def test_every_replay_flag_reaches_its_replay_config_field():
+    parser = argparse.ArgumentParser()
+    add_replay_arguments(parser)
+    argv = [a for flag, (value, _, _) in _EVERY_REPLAY_FLAG.items() for a in (flag, value)]
+    replay = replay_config(parser.parse_args([*argv, "--token-id-range", "4", "40"]))
+    expected = {field: value for _, field, value in _EVERY_REPLAY_FLAG.values()}
+    expected.update(token_id_low=4, token_id_high=40)
+    assert replay == ReplayConfig(**expected)
+    # Guard against a vacuous round trip: no expected value is ReplayConfig's default.
+    assert all(getattr(ReplayConfig(), f) != v for f, v in expected.items())
+
+
+def test_each_command_keeps_its_own_replay_defaults():
+    endpoint = ["--url", "http://127.0.0.1:1", "--model", "m"]
+    generic = ReplayConfig()
+    for command in ("run", "goodput"):
+        assert replay_config(loadgen_parser().parse_args([command, *endpoint])) == generic
+    cpu_slice = dict(
+        max_requests=48,
+        prompt_scale=0.1,
+        max_prompt_tokens=384,
+        max_output_tokens=8,
+        duration_s=120.0,
+        drain_s=30.0,
+    )
+    demo = demo_parser().parse_args([])
+    assert replay_config(demo) == ReplayConfig(**cpu_slice, rate_scale=0.6)
+    assert demo.slo_scale == 4.0
+    live = _live_policies_parse_args()([])
+    assert replay_config(live) == ReplayConfig(**{**cpu_slice, "max_requests": 40})
+
+
+def test_commands_whose_search_sets_the_rate_scale_offer_no_rate_scale_flag(capsys):
+    with pytest.raises(SystemExit):
+        loadgen_parser().parse_args(
+            ["goodput", "--url", "http://x", "--model", "m", "--rate-scale", "2"]
+        )
+    with pytest.raises(SystemExit):
+        _live_policies_parse_args()(["--rate-scale", "2"])
+    assert "unrecognized arguments: --rate-scale" in capsys.readouterr().err
+
+
+def test_max_requests_still_works_with_a_deprecation_warning(capsys):
+    parser = argparse.ArgumentParser()
+    add_replay_arguments(parser, max_requests=48)
+    assert replay_config(parser.parse_args(["--max-requests", "7"])).max_requests == 7
+    assert "--max-requests is deprecated, use --requests" in capsys.readouterr().err
+    assert "--max-requests" not in parser.format_help()  # not advertised any more
+
+
+def test_replay_flag_mistakes_are_named():
+    with pytest.raises(TypeError, match="max_request"):
+        add_replay_arguments(argparse.ArgumentParser(), max_request=5)
+    parser = argparse.ArgumentParser()
+    add_replay_arguments(parser)
+    with pytest.raises(ValidationError, match="rate_scale"):
+        replay_config(parser.parse_args(["--rate-scale", "0"]))
+    with pytest.raises(ValidationError, match="token id range"):
+        replay_config(parser.parse_args(["--token-id-range", "9", "9"]))

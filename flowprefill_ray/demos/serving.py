@@ -40,6 +40,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loadgen.replay_args import add_replay_arguments
+
     parser = argparse.ArgumentParser(
         prog="python -m flowprefill_ray demo",
         description="Serve a real trace slice with FlowPrefill on a local Ray cluster and report.",
@@ -54,29 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default: a free one)"
     )
-    parser.add_argument(
-        "--trace", default="azure-conv", help="azure-conv, azure-code or a normalized CSV"
+    # A short slice scaled to two CPU cores (see the module docstring for why these values).
+    add_replay_arguments(
+        parser,
+        max_requests=48,
+        rate_scale=0.6,
+        prompt_scale=0.1,
+        max_prompt_tokens=384,
+        max_output_tokens=8,
+        duration_s=120.0,
+        drain_s=30.0,
     )
-    parser.add_argument("--start", type=float, default=0.0, help="seconds of the trace to skip")
-    parser.add_argument("--requests", type=int, default=48, help="requests to replay")
-    parser.add_argument("--rate-scale", type=float, default=0.6, help="arrival-rate multiplier")
-    parser.add_argument("--prompt-scale", type=float, default=0.1, help="prompt-length multiplier")
-    parser.add_argument("--max-prompt-tokens", type=int, default=384)
-    parser.add_argument("--max-output-tokens", type=int, default=8)
     parser.add_argument(
         "--slo-scale", type=float, default=4.0, help="multiplies the four classes' TTFT targets"
     )
-    parser.add_argument(
-        "--duration", type=float, default=120.0, help="seconds during which requests are sent"
-    )
-    parser.add_argument(
-        "--drain",
-        type=float,
-        default=30.0,
-        help="seconds unfinished streams get after the last send",
-    )
     parser.add_argument("--prefill-workers", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -116,26 +110,16 @@ def goodput_estimate(summary: dict[str, Any], target: float = 0.9) -> dict[str, 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flowprefill_ray.serve.config import ServeAppArgs
-    from loadgen import EndpointConfig, ReplayConfig, format_report, summarize, write_results
+    from loadgen import EndpointConfig, format_report, summarize, write_results
     from loadgen.local_serve import LocalServe
     from loadgen.plan import load_trace_workload, plan_requests, ttft_targets
     from loadgen.plots import plot_burst_timeline, plot_ttft_cdf
+    from loadgen.replay_args import replay_config
     from loadgen.runner import run_open_loop
 
     deploy = app_args(args)
     validated = ServeAppArgs.model_validate(deploy)
-    replay = ReplayConfig(
-        trace=args.trace,
-        start_s=args.start,
-        rate_scale=args.rate_scale,
-        prompt_scale=args.prompt_scale,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_output_tokens=args.max_output_tokens,
-        max_requests=args.requests,
-        duration_s=args.duration,
-        drain_s=args.drain,
-        seed=args.seed,
-    )
+    replay = replay_config(args)
     plan = plan_requests(
         load_trace_workload(args.trace), replay, ttft_targets(validated.runtime.slo)
     )
