@@ -21,7 +21,7 @@ from conftest_ray import runtime_test_config
 
 from flowprefill_ray.model.sampling import SamplingParams
 from flowprefill_ray.runtime.engine import FlowPrefillEngine
-from flowprefill_ray.runtime.errors import RuntimeEngineError
+from flowprefill_ray.runtime.errors import EngineUnavailableError, RuntimeEngineError
 
 pytestmark = pytest.mark.ray
 
@@ -212,3 +212,91 @@ def test_decode_worker_killed_mid_decode_fails_its_requests_clearly_then_restart
     assert new_pid != old_pid
     stats = asyncio.run(engine.stats())
     assert stats["decode_workers"]["decode-0"]["used_blocks"] == 0
+
+
+def test_scheduler_killed_under_load_restarts_and_fails_only_its_prefills_clearly(fault_engine):
+    """The scheduler actor dies (SIGKILL) while requests are decoding and others are in
+    prefill. Ray restarts it; the requests it held in prefill fail with a clear 503 (the new
+    incarnation has no record of them), the decoding ones finish (their tokens come from the
+    decode worker), the workers drop what the dead scheduler left on them, and new requests are
+    served. Runs last in this module: the engine keeps working but its counters restart."""
+    engine = fault_engine
+    sampling_long = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+    sampling_short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+    async def scenario():
+        old = (await engine.stats())["scheduler"]
+        progress: dict[str, int] = {}
+
+        async def watched(i: int, ids, sampling):
+            stream = engine.submit(ids, sampling, slo="file")
+            try:
+                async for out in stream:
+                    progress[stream.request_id] = out.index
+                    if out.finish_reason is not None:
+                        return "ended", stream.request_id, out
+            except RuntimeEngineError as error:
+                return "failed", stream.request_id, error
+            return "lost", stream.request_id, None
+
+        decoding = [
+            asyncio.create_task(watched(i, prompt(400 + i, 64), sampling_long)) for i in range(3)
+        ]
+
+        async def all_decoding():
+            return len(progress) == 3 and min(progress.values()) >= 2
+
+        await wait_for(all_decoding, 60, "3 requests to be decoding")
+        in_prefill = [
+            asyncio.create_task(watched(10 + i, prompt(500 + i), sampling_short)) for i in range(6)
+        ]
+
+        async def prefilling():
+            sched = (await engine.stats())["scheduler"]
+            return sched["in_prefill"] >= 3 and sched
+
+        await wait_for(prefilling, 60, "prefills to be queued and running")
+        os.kill(old["pid"], signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*decoding, *in_prefill), REQUEST_BOUND_S)
+        return old, results, progress
+
+    old, results, progress = asyncio.run(scenario())
+    assert len({r[1] for r in results}) == len(results) == 9  # each request ended exactly once
+    decode_results, prefill_results = results[:3], results[3:]
+    # Decoding requests do not need the scheduler any more: every token arrives.
+    for kind, rid, final in decode_results:
+        assert kind == "ended" and final.finish_reason == "length", (kind, rid, final)
+        assert final.index == 299
+    # In-prefill requests either finished before the kill or failed with the clear 503.
+    failed = [r for r in prefill_results if r[0] == "failed"]
+    assert failed, "the kill landed after every prefill had finished: nothing was tested"
+    for kind, rid, outcome_ in prefill_results:
+        if kind == "failed":
+            assert isinstance(outcome_, EngineUnavailableError), outcome_
+            assert outcome_.http_status == 503 and "retry" in str(outcome_)
+        else:
+            assert kind == "ended" and outcome_.index == 2, (kind, rid, outcome_)
+
+    # Ray brings the scheduler back under the same name; a retried request is served by it.
+    async def retried():
+        deadline = time.monotonic() + 90
+        while True:
+            kind, rid, final = await outcome(engine, prompt(600), sampling_short, "file")
+            if kind == "completed" or time.monotonic() > deadline:
+                return kind, final
+            assert isinstance(final, EngineUnavailableError), final
+            await asyncio.sleep(0.5)
+
+    kind, final = asyncio.run(retried())
+    assert kind == "completed", final
+    stats = asyncio.run(engine.stats())
+    sched = stats["scheduler"]
+    assert sched["pid"] != old["pid"] and sched["epoch"] != old["epoch"]
+    assert sched["counts"]["scheduler_restarts"] == 1
+    assert sched["in_prefill"] == 0
+    # Nothing the dead scheduler left behind is still held: no unit, no KV.
+    for wid, worker in stats["prefill_workers"].items():
+        assert worker["paused_units"] == 0 and worker["held_kv_bytes"] == 0, (wid, worker)
+        assert worker["running_unit"] is None, (wid, worker)
+    for wid, worker in stats["decode_workers"].items():
+        assert worker["used_blocks"] == 0, (wid, worker)

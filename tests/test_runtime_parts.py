@@ -194,3 +194,40 @@ def test_first_token_that_ends_the_request_keeps_no_kv(model):
     done = executor.run(1, [_item("r", _prompt(40), sampling=one)])
     assert done.first_tokens[0].finish_reason == "length"
     assert executor.stats()["ready_kv_requests"] == 0
+
+
+def test_reset_stops_the_running_unit_and_drops_everything_a_dead_scheduler_left(model):
+    """What a restarted scheduler's adoption does to a worker: nothing stays held, and unit
+    ids start afresh (the new scheduler numbers its units from 1 again)."""
+    executor = PrefillExecutor(model, "block")
+    executor.run(1, [_item("ready", _prompt(40))])  # finished, its KV waits for a hand-off
+    outcome = {}
+    runner = threading.Thread(
+        target=lambda: outcome.update(r=executor.run(2, [_item("long", _prompt(1500, 1))]))
+    )
+    runner.start()
+    time.sleep(0.05)
+    dropped = executor.reset()
+    runner.join()
+    assert outcome["r"].status == "paused"  # stopped at a checkpoint, not run to the end
+    assert dropped["units"] == 1 and dropped["kv_requests"] == 1 and dropped["bytes"] > 0
+    stats = executor.stats()
+    assert stats["paused_units"] == 0 and stats["held_kv_bytes"] == 0
+    assert stats["running_unit"] is None
+    # Unit 1 is new again: it runs instead of being answered as "already finished".
+    done = executor.run(1, [_item("again", _prompt(30, 2))])
+    assert done.status == "completed" and done.first_tokens[0].request_id == "again"
+
+
+def test_worker_refuses_unit_calls_from_a_replaced_scheduler(tiny_dir):
+    from flowprefill_ray.runtime.config import ModelSource, PrefillConfig
+    from flowprefill_ray.runtime.prefill_worker import PrefillWorker, StaleSchedulerError
+
+    worker = PrefillWorker("p0", ModelSource(path=str(tiny_dir)), PrefillConfig(), 8192)
+    assert worker.adopt(epoch=7) == {"units": 0, "kv_requests": 0, "bytes": 0}
+    assert worker.run(1, [_item("a", _prompt(20))], epoch=7).status == "completed"
+    with pytest.raises(StaleSchedulerError, match="epoch 6, now serving epoch 7"):
+        worker.run(2, [_item("b", _prompt(20))], epoch=6)
+    with pytest.raises(StaleSchedulerError):
+        worker.preempt(2, epoch=6)
+    assert worker.stats()["ready_kv_requests"] == 1  # only the current scheduler's request

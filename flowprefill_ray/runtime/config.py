@@ -128,6 +128,10 @@ class FaultToleranceConfig(BaseModel):
     # How long the scheduler waits for a restarted prefill worker to load its model and answer
     # before it gives up on it for good (seconds).
     rejoin_timeout_s: float = Field(300.0, gt=0)
+    # Ray restarts a dead scheduler actor this many times (-1 = without limit, 0 = never). The
+    # restarted scheduler starts with an empty queue: requests that were in prefill fail with
+    # EngineUnavailableError (503, retry), requests already decoding finish (docs/RELIABILITY.md).
+    scheduler_max_restarts: int = Field(-1, ge=-1)
 
 
 class RequestBounds(BaseModel):

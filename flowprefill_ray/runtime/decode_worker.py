@@ -241,10 +241,15 @@ class DecodeWorker:
             self._report_load()
             if self._load_changed and self._load_listener is not None:
                 self._load_changed = False
-                # Fire and forget: a lost update is corrected by the next accept's reply.
-                self._load_listener.decode_load.remote(
-                    self.worker_id, len(self._running), len(self._waiting), self.cache.usage
-                )
+                # Fire and forget: a lost update is corrected by the next accept's reply. A
+                # scheduler that is dead or restarting must not stop the decode loop: the
+                # restarted one registers itself again (report_load_to).
+                try:
+                    self._load_listener.decode_load.remote(
+                        self.worker_id, len(self._running), len(self._waiting), self.cache.usage
+                    )
+                except Exception:  # noqa: BLE001 - any failure only loses one update
+                    logger.debug("load report to the scheduler failed", exc_info=True)
             batch = list(self._running.values())
             if not batch:
                 self._wake.clear()

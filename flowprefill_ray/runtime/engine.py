@@ -146,6 +146,10 @@ class FlowPrefillEngine:
                 namespace=config.namespace,
                 num_cpus=config.placement.scheduler_num_cpus,
                 max_concurrency=100_000,
+                max_restarts=config.faults.scheduler_max_restarts,
+                # A call in flight on a dead scheduler fails instead of being retried: the
+                # restarted one has no record of the request (the client sees 503 and retries).
+                max_task_retries=0,
             ).remote(config, predictor, workers.prefill, workers.decode)
             await scheduler.start.remote()
             if config.kv_transfer.mode != "object_store":
@@ -457,7 +461,17 @@ class FlowPrefillEngine:
                 raise cause from None
             raise
         except RayActorError as error:
-            raise EngineUnavailableError(f"a runtime actor is unavailable: {error}") from error
+            # The scheduler (or a worker) died or is being restarted by Ray: what it held for
+            # this call is gone, the request can be sent again once it is back.
+            raise EngineUnavailableError(
+                f"a runtime actor is unavailable (it failed or is restarting; retry the "
+                f"request): {_first_line(error)}"
+            ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    # Ray's actor errors carry pages of context; clients need the gist.
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _validated(config: RuntimeConfig | dict | None) -> RuntimeConfig:

@@ -276,6 +276,36 @@ class PrefillExecutor:
             self._finished[unit_id] = None
             return True
 
+    def reset(self, timeout_s: float = 60.0) -> dict:
+        """Forget every unit and every KV this worker holds (a new scheduler adopts it).
+
+        A unit still computing for the old scheduler is stopped at its next checkpoint first.
+        Returns what was dropped: ``{"units": n, "kv_requests": n, "bytes": n}``.
+        """
+        with self._lock:
+            running = self._units.get(self._running) if self._running is not None else None
+            if running is not None and not running.stopped.is_set():
+                running.pause_requested_at = time.perf_counter()
+                running.pause.set()
+        if running is not None and not running.stopped.wait(timeout_s):
+            raise TimeoutError(
+                f"unit {running.unit_id} did not reach a checkpoint in {timeout_s} s"
+            )
+        with self._lock:
+            units = [u for u in self._units.values() if u.items]
+            kv = [*self._partial_kv.values(), *self._ready_kv.values()]
+            dropped = {
+                "units": len(units),
+                "kv_requests": len(kv),
+                "bytes": sum(_paused_bytes(u) for u in units) + sum(k.nbytes for k in kv),
+            }
+            self._units.clear()
+            self._partial_kv.clear()
+            self._ready_kv.clear()
+            # The new scheduler numbers its units from 1 again.
+            self._finished.clear()
+            return dropped
+
     def take_kv(self, request_id: str) -> KVCache:
         """Hand over (and forget) a finished prompt's KV."""
         with self._lock:

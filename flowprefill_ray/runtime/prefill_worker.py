@@ -26,6 +26,11 @@ from .messages import PrefillItemSpec, UnitOutcome
 from .model_source import checkpoint_path, torch_device, torch_dtype
 from .prefill_executor import PrefillExecutor
 
+
+class StaleSchedulerError(RuntimeError):
+    """A call came from a scheduler that has since been replaced (see ``PrefillWorker.adopt``)."""
+
+
 # Enough call threads that preempts, KV take-outs and stats never queue behind run/resume.
 PREFILL_WORKER_CONCURRENCY = 32
 
@@ -54,6 +59,9 @@ class PrefillWorker:
 
         self.executor = PrefillExecutor(self.model, prefill.granularity, chunk_tokens, stop_checker)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prefill-{worker_id}")
+        # Which scheduler incarnation this worker serves (``adopt``). Calls stamped with another
+        # epoch come from a scheduler that died: their unit ids mean nothing any more.
+        self._epoch: int | None = None
 
     def info(self) -> dict:
         """Where this worker runs (the placement test checks the node)."""
@@ -65,22 +73,48 @@ class PrefillWorker:
             "max_position_embeddings": self.model.config.max_position_embeddings,
         }
 
-    def run(self, unit_id: int, items: list[PrefillItemSpec]) -> UnitOutcome:
+    def adopt(self, epoch: int) -> dict:
+        """A (new or restarted) scheduler takes this worker over: everything the previous one
+        left here - running, paused and finished units, KV waiting for hand-off - is dropped,
+        and from now on only calls stamped with ``epoch`` are served. Returns what was dropped."""
+        self._epoch = epoch
+        return self.executor.reset()
+
+    def run(
+        self, unit_id: int, items: list[PrefillItemSpec], epoch: int | None = None
+    ) -> UnitOutcome:
         """Run a new unit; returns when it completed or paused."""
-        return self._compute.submit(self.executor.run, unit_id, items).result()
+        return self._compute.submit(
+            self._checked(epoch, self.executor.run), unit_id, items
+        ).result()
 
-    def resume(self, unit_id: int) -> UnitOutcome:
+    def resume(self, unit_id: int, epoch: int | None = None) -> UnitOutcome:
         """Continue a paused unit; returns when it completed or paused again."""
-        return self._compute.submit(self.executor.resume, unit_id).result()
+        return self._compute.submit(self._checked(epoch, self.executor.resume), unit_id).result()
 
-    def preempt(self, unit_id: int) -> dict:
+    def preempt(self, unit_id: int, epoch: int | None = None) -> dict:
         """Stop ``unit_id`` at its next checkpoint; returns once it stopped, with the measured
         blocking time in seconds (``paused`` is False if the unit completed first)."""
-        paused, blocking_s = self.executor.request_pause(unit_id)
+        paused, blocking_s = self._checked(epoch, self.executor.request_pause)(unit_id)
         return {"paused": paused, "blocking_s": blocking_s}
 
-    def discard(self, unit_id: int) -> bool:
-        return self.executor.discard(unit_id)
+    def discard(self, unit_id: int, epoch: int | None = None) -> bool:
+        return self._checked(epoch, self.executor.discard)(unit_id)
+
+    def _checked(self, epoch: int | None, call):
+        """``call``, refused when it comes from a scheduler other than the current one. The
+        check runs when the call starts (a run may have queued behind the unit computing while
+        a new scheduler adopted this worker). ``epoch=None``: unchecked (tests, tools)."""
+
+        def guarded(*args):
+            if epoch is not None and epoch != self._epoch:
+                raise StaleSchedulerError(
+                    f"prefill worker {self.worker_id}: call from scheduler epoch {epoch}, "
+                    f"now serving epoch {self._epoch}"
+                )
+            return call(*args)
+
+        return guarded
 
     def take_kv(self, request_id: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The finished prompt's KV as ``(k, v)`` ``[layers, T, Hk, D]``. The scheduler calls

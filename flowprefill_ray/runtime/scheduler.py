@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -112,6 +113,10 @@ class Scheduler:
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self._started = False
+        self._ready = asyncio.Event()
+        # This incarnation's stamp on every unit call: a restarted scheduler numbers its units
+        # from 1 again, and the workers must not mistake a dead incarnation's calls for its own.
+        self._epoch = time.time_ns()
         # Prefill workers that died and are being restarted by Ray (they rejoin when ready).
         self._rejoining: set[str] = set()
         transport = config.kv_transfer.mode
@@ -129,17 +134,43 @@ class Scheduler:
     # ----------------------------------------------------------------- public calls
 
     async def start(self) -> None:
-        """Announce the prefill workers to the policy (must run inside the actor's loop)."""
-        if not self._started:
-            self._started = True
-            for wid in self._prefill:
-                self._handle(WorkerJoined(wid))
-            # Decode workers report their load back when requests finish; without that the
-            # last accept reply would be all we knew, and it never goes down.
-            me = ray.get_runtime_context().current_actor
-            await asyncio.gather(
-                *(d.handle.report_load_to.remote(me) for d in self._decode.values())
+        """Adopt the workers and announce the prefill workers to the policy (must run inside
+        the actor's loop). Runs once per incarnation: Ray re-creates this actor from the same
+        arguments when it restarts it, and the first call of the new one lands here."""
+        if self._started:
+            await self._ready.wait()
+            return
+        self._started = True
+        context = ray.get_runtime_context()
+        restarted = context.was_current_actor_reconstructed
+        if restarted:
+            self._counts["scheduler_restarts"] += 1
+            logger.warning(
+                "scheduler restarted: requests that were in prefill are lost (their clients got "
+                "an error); the prefill workers drop what the previous scheduler left on them"
             )
+        # Whatever a previous incarnation left on the workers (units, KV) has no owner now.
+        dropped = await asyncio.gather(
+            *(h.adopt.remote(self._epoch) for h in self._prefill.values()),
+            return_exceptions=True,
+        )
+        for wid, answer in zip(list(self._prefill), dropped, strict=True):
+            if isinstance(answer, BaseException):
+                logger.error("prefill worker %s could not be adopted: %s", wid, answer)
+                self._prefill.pop(wid)
+                self._running_unit.pop(wid, None)
+                self._paused_units.pop(wid, None)
+            elif answer["units"] or answer["kv_requests"]:
+                logger.warning("prefill worker %s dropped orphaned state: %s", wid, answer)
+        for wid in self._prefill:
+            self._handle(WorkerJoined(wid))
+        # Decode workers report their load back when requests finish; without that the
+        # last accept reply would be all we knew, and it never goes down.
+        me = context.current_actor
+        await asyncio.gather(*(d.handle.report_load_to.remote(me) for d in self._decode.values()))
+        if restarted and self._kv_transport is not None:
+            await self.setup_kv_transport()
+        self._ready.set()
 
     def decode_load(self, decode_id: str, running: int, waiting: int, kv_usage: float) -> None:
         """A decode worker's load changed (a request finished or was freed)."""
@@ -203,11 +234,13 @@ class Scheduler:
 
         actors = [*self._prefill.values(), *(d.handle for d in self._decode.values())]
         backend = "torch_gloo" if self._kv_transport == "gloo" else "nccl"
-        name = f"{self.config.name_prefix}-kv"
+        # A restarted scheduler makes its own group: the old one belonged to the dead process.
+        name = f"{self.config.name_prefix}-kv-{self._epoch}"
         await asyncio.to_thread(create_collective_group, actors, backend, name)
 
     async def add_prefill_worker(self, worker_id: str, handle) -> None:
         """A new prefill worker joined (scale-up or a replacement)."""
+        await handle.adopt.remote(self._epoch)  # a fresh process serves nobody's calls yet
         self._prefill[worker_id] = handle
         self._running_unit[worker_id] = None
         self._paused_units[worker_id] = set()
@@ -226,6 +259,8 @@ class Scheduler:
         overhead = {name: list(values) for name, values in self._event_seconds.items()}
         policy_only = {name: list(values) for name, values in self._policy_seconds.items()}
         return {
+            "pid": os.getpid(),
+            "epoch": self._epoch,
             "counts": dict(self._counts),
             "in_prefill": len(self._requests),
             "prefill_workers": sorted(self._prefill),
@@ -279,7 +314,9 @@ class Scheduler:
             handle = self._prefill[decision.worker_id]
             self._spawn(
                 self._await_unit(
-                    decision.worker_id, decision.unit_id, handle.resume.remote(decision.unit_id)
+                    decision.worker_id,
+                    decision.unit_id,
+                    handle.resume.remote(decision.unit_id, self._epoch),
                 )
             )
         elif isinstance(decision, Discard):
@@ -324,7 +361,9 @@ class Scheduler:
         self._metrics.observe("flowprefill_prefill_batch_tokens", unit.tokens)
         handle = self._prefill[unit.worker_id]
         self._spawn(
-            self._await_unit(unit.worker_id, unit.unit_id, handle.run.remote(unit.unit_id, items))
+            self._await_unit(
+                unit.worker_id, unit.unit_id, handle.run.remote(unit.unit_id, items, self._epoch)
+            )
         )
 
     async def _await_unit(self, worker_id: str, unit_id: int, call) -> None:
@@ -472,7 +511,7 @@ class Scheduler:
         if handle is None:
             return
         try:
-            await handle.preempt.remote(unit_id)
+            await handle.preempt.remote(unit_id, self._epoch)
         except _WORKER_GONE:
             self._worker_failed(worker_id)
         # The run/resume call of the unit returns with status "paused" (or "completed"); that
@@ -483,7 +522,7 @@ class Scheduler:
         if handle is None:
             return
         try:
-            await handle.discard.remote(unit_id)
+            await handle.discard.remote(unit_id, self._epoch)
             for rid in unit.request_ids if unit else ():
                 if rid not in self._requests:
                     await handle.drop_request.remote(rid)
@@ -550,8 +589,11 @@ class Scheduler:
             logger.warning(
                 "prefill worker %s restarted (pid %s) and rejoins", worker_id, info["pid"]
             )
-            self._counts["workers_rejoined"] += 1
-            await self.add_prefill_worker(worker_id, handle)
+            try:
+                await self.add_prefill_worker(worker_id, handle)
+                self._counts["workers_rejoined"] += 1
+            except _WORKER_GONE:
+                logger.error("prefill worker %s died again before it could rejoin", worker_id)
         self._fail_all_if_no_worker()
 
     def _fail_all_if_no_worker(self) -> None:
