@@ -485,6 +485,38 @@ def test_metrics_endpoint_exports_every_registry_metric(live_app):
 # ---------------------------------------------------------------------- last: engine loss
 
 
+def test_a_killed_scheduler_is_restarted_and_serves_again_through_http(live_app):
+    """SIGKILL of the scheduler process: while Ray restarts it requests get a clean 503 with
+    Retry-After (never a 500 or a hang); then the same deployment serves again, with the same
+    workers (Serve did not replace the replica and its engine)."""
+    import os
+    import signal
+
+    import ray
+
+    before = actor_stats("scheduler")
+    worker = actor("prefill-0")
+    worker_pid = ray.get(worker.info.remote())["pid"]
+    os.kill(before["pid"], signal.SIGKILL)
+    statuses = []
+    deadline = time.monotonic() + 90
+    with live_app.client() as http:
+        while time.monotonic() < deadline:
+            response = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                break
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "engine_unavailable"
+            assert int(response.headers["Retry-After"]) >= 1
+            time.sleep(0.3)
+    assert statuses[-1] == 200, statuses
+    after = actor_stats("scheduler")
+    assert after["pid"] != before["pid"] and after["counts"]["scheduler_restarts"] == 1
+    assert ray.get(worker.info.remote())["pid"] == worker_pid
+
+
+
 def test_requests_get_503_once_the_engine_is_gone(live_app):
     import ray
 

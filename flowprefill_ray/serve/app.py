@@ -13,6 +13,7 @@ replica, and two replicas would start two engines competing for the same workers
 # the route signatures of the Serve ingress class, not strings.
 import asyncio
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -60,6 +61,11 @@ def _respond(result):
     )
 
 
+# How long Serve's health check tolerates a scheduler that Ray is restarting (seconds): a
+# restart takes a few seconds; one that takes longer than this is treated as a dead engine.
+SCHEDULER_RESTART_GRACE_S = 60.0
+
+
 @serve.deployment(
     name="OpenAIIngress",
     num_replicas=1,
@@ -81,6 +87,7 @@ class OpenAIIngress:
         parsed = ServeAppArgs.model_validate(args)
         self._auth = APIKeyCheck.from_env(parsed.api.api_key_env)
         self._max_body_bytes = parsed.api.max_body_bytes
+        self._restarting_since: float | None = None  # when the scheduler was seen restarting
         self._engine = await FlowPrefillEngine.start(parsed.runtime)
         self._frontend = OpenAIFrontend(parsed, self._engine)
         logger.info("FlowPrefill ingress ready: model %s, context %d tokens, API key %s",
@@ -117,18 +124,44 @@ class OpenAIIngress:
         return _respond(await self._frontend.chat_completion(body, request.headers))
 
     async def check_health(self) -> None:
-        """Serve's replica health check: an engine that lost its scheduler is unhealthy."""
-        if not await self._engine_healthy():
-            raise RuntimeError("FlowPrefill engine is unavailable")
+        """Serve's replica health check: an engine that lost its scheduler is unhealthy.
+
+        A scheduler that Ray is restarting is not (for ``SCHEDULER_RESTART_GRACE_S``): failing
+        the check would make Serve replace this replica, and with it the whole engine - the
+        decode workers and every stream they are serving."""
+        state = await self._engine_state()
+        if state == "restarting":
+            now = time.monotonic()
+            self._restarting_since = self._restarting_since or now
+            if now - self._restarting_since < SCHEDULER_RESTART_GRACE_S:
+                return
+        elif state == "ok":
+            self._restarting_since = None
+            return
+        raise RuntimeError(f"FlowPrefill engine is unavailable ({state})")
 
     async def _engine_healthy(self) -> bool:
-        # The scheduler answering stats() within a few seconds means the engine can serve.
+        return await self._engine_state() == "ok"
+
+    async def _engine_state(self) -> str:
+        """The engine's state: "ok" when the scheduler answers stats() within a few seconds,
+        "restarting" while Ray restarts it, "down" otherwise."""
+        from ray.exceptions import ActorUnavailableError
+
+        from flowprefill_ray.runtime.errors import EngineUnavailableError
+
         try:
             await asyncio.wait_for(self._engine.stats(), timeout=5.0)
-        except Exception:  # noqa: BLE001 - any failure to answer means unhealthy
+        except EngineUnavailableError as error:
+            if isinstance(error.__cause__, ActorUnavailableError):
+                logger.warning("engine scheduler is restarting: %s", error)
+                return "restarting"
             logger.warning("engine health check failed", exc_info=True)
-            return False
-        return True
+            return "down"
+        except Exception:  # noqa: BLE001 - any other failure to answer means unhealthy
+            logger.warning("engine health check failed", exc_info=True)
+            return "down"
+        return "ok"
 
     async def __del__(self) -> None:
         engine = getattr(self, "_engine", None)
