@@ -35,7 +35,7 @@ POLICIES = ("flowprefill", "fcfs", "chunked", "edf")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from loadgen.replay_args import add_replay_arguments
+    from loadgen.replay_args import CPU_SLICE_DEFAULTS, add_replay_arguments
 
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -49,16 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-trials", type=int, default=5, help="search: replays per policy")
     p.add_argument("--rel-tol", type=float, default=0.25, help="search: relative bracket width")
     # The demo's CPU-sized slice; the rate scale is no flag: the search or --scales set it.
-    add_replay_arguments(
-        p,
-        omit=("rate_scale",),
-        max_requests=40,
-        prompt_scale=0.1,
-        max_prompt_tokens=384,
-        max_output_tokens=8,
-        duration_s=120.0,
-        drain_s=30.0,
-    )
+    add_replay_arguments(p, omit=("rate_scale",), **CPU_SLICE_DEFAULTS, max_requests=40)
     p.add_argument("--slo-scale", type=float, default=4.0)
     p.add_argument(
         "--simulate", action="store_true", help="also predict each trial with the simulator"
@@ -123,6 +114,8 @@ def _ratio(a: float, b: float) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from provenance import command_line
+
     from flowprefill_ray.scheduling.slo import SLOConfig
     from flowprefill_ray.simulator.goodput import GoodputSearchConfig
     from loadgen import EndpointConfig, ReplayConfig
@@ -219,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     document = {
-        "command": " ".join(
-            ["python benchmarks/live_policies.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": command_line(__file__, argv),
         "model": model,
         "replay": replay.model_dump(),
         "slo": slo.model_dump(),

@@ -35,6 +35,13 @@ _FLAGS: dict[str, tuple[str, type, str]] = {
 }
 _TOKEN_ID_FIELDS = ("token_id_low", "token_id_high")
 
+# The reshaped slice the CPU commands (the demo, benchmarks/live_policies.py) replay by default:
+# prompts at a tenth of the trace's (capped) and short answers, so SmolLM2 on two cores keeps up
+# with the trace's arrival pattern; 120 s of sending, 30 s for stragglers.
+CPU_SLICE_DEFAULTS: dict[str, Any] = dict(
+    prompt_scale=0.1, max_prompt_tokens=384, max_output_tokens=8, duration_s=120.0, drain_s=30.0
+)
+
 # Flags once spelled differently and still advertised somewhere: old flag -> field.
 _DEPRECATED_ALIASES = {"--max-requests": "max_requests"}
 

@@ -40,7 +40,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loadgen.replay_args import add_replay_arguments
+    from loadgen.replay_args import CPU_SLICE_DEFAULTS, add_replay_arguments
 
     parser = argparse.ArgumentParser(
         prog="python -m flowprefill_ray demo",
@@ -57,16 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default: a free one)"
     )
     # A short slice scaled to two CPU cores (see the module docstring for why these values).
-    add_replay_arguments(
-        parser,
-        max_requests=48,
-        rate_scale=0.6,
-        prompt_scale=0.1,
-        max_prompt_tokens=384,
-        max_output_tokens=8,
-        duration_s=120.0,
-        drain_s=30.0,
-    )
+    add_replay_arguments(parser, **CPU_SLICE_DEFAULTS, max_requests=48, rate_scale=0.6)
     parser.add_argument(
         "--slo-scale", type=float, default=4.0, help="multiplies the four classes' TTFT targets"
     )
