@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from model_bench import BENCH_MODEL_SHAPE, random_prompt, sync  # noqa: E402
+from provenance import command_line  # noqa: E402
 
 from flowprefill_ray.model import LlamaModel, PagedKVCache, load_model  # noqa: E402
 
@@ -130,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(
         json.dumps(
             {
-                "command": " ".join(
-                    [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
-                ),
+                "command": command_line(__file__, argv),
                 "model": args.model,
                 "device": str(device),
                 "kernels": model.ops.backend.value,

@@ -36,6 +36,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+# provenance.py lies beside this script: its folder is on sys.path when the script runs, but
+# not when a test loads this file by path, so put it there.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import command_line  # noqa: E402
+
 DEFAULT_OUT = Path("results") / "gpu_check.json"
 
 # Max |triton - reference| allowed as atol + rtol * |reference|, per dtype. fp32 dots run as tf32x3.
@@ -764,7 +769,7 @@ def compile_only_main(args: argparse.Namespace, argv: list[str] | None) -> int:
         "compile_only": True,
         "arch": args.compile_only,
         "triton": triton.__version__,
-        "command": " ".join(["gpu_check.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(__file__, argv),
         "wall_s": time.perf_counter() - began,
         "compiled": rows,
     }
@@ -866,9 +871,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
-        "command": " ".join(
-            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": command_line(__file__, argv),
         "wall_s": time.perf_counter() - began,
         "correctness": correctness,
         "timing": timing,

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import command_line
+
 from flowprefill_ray.scheduling import PolicyConfig, SLOConfig
 from flowprefill_ray.simulator import (
     GoodputSearchConfig,
@@ -149,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(
         json.dumps(
             {
-                "command": " ".join(
-                    ["benchmarks/policy_goodput.py", *(argv if argv is not None else sys.argv[1:])]
-                ),
+                "command": command_line(__file__, argv),
                 "target_attainment": search.target,
                 "criterion": args.criterion,
                 "granularity": args.granularity,

@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from model_bench import BENCH_MODEL_SHAPE, random_prompt, sync  # noqa: E402
+from provenance import command_line  # noqa: E402
 
 from flowprefill_ray.model import Granularity, LlamaModel, load_model  # noqa: E402
 from flowprefill_ray.model.checkpoints import tiny_checkpoint  # noqa: E402
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(__file__, argv),
         "model_shape": BENCH_MODEL_SHAPE,
         "dtype": "float32",
         "device": str(device),

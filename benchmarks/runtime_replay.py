@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import command_line
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -371,7 +373,6 @@ async def run(args) -> dict:
     ]
     mb = sum(b for b, _ in transfers) / 1e6
     return {
-        "command": " ".join([sys.executable, *sys.argv]),
         "machine": {
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
@@ -475,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=8)
     try:
-        report = asyncio.run(run(args))
+        report = {"command": command_line(__file__, argv), **asyncio.run(run(args))}
     finally:
         ray.shutdown()
     print_report(report)

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import command_line
+
 from flowprefill_ray.scheduling import PolicyConfig, SLOConfig
 from flowprefill_ray.simulator import (
     MeasuredCostModel,
@@ -105,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(
         json.dumps(
             {
-                "command": " ".join(
-                    [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
-                ),
+                "command": command_line(__file__, argv),
                 "trace": args.trace,
                 "workers": args.workers,
                 "target_wall_s": TARGET_WALL_S,

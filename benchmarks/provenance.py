@@ -1,0 +1,41 @@
+"""The command line a benchmark records in its JSON, in the form a reader can paste.
+
+Every result file says how it was made as the docs show commands:
+``.venv/bin/python benchmarks/policy_goodput.py --requests 4000 --out results/x.json``, to be run
+from the repository root. Paths inside the repository are written relative to it (so the line
+works in any checkout); an interpreter outside it (a system Python on a GPU machine) keeps its
+absolute path. Words are shell-quoted, so a value with spaces survives the paste.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).absolute().parent.parent
+
+
+def _from_repo_root(path: str | Path) -> str:
+    """``path`` relative to the repository root when it lies inside it, else absolute.
+
+    Symlinks are not resolved first: a venv's ``bin/python`` links to the base interpreter,
+    and the venv's own path is the one that runs with the venv's packages.
+    """
+    path = Path(path).absolute()
+    for root in (REPO_ROOT, REPO_ROOT.resolve()):
+        if path.is_relative_to(root):
+            return str(path.relative_to(root))
+    return str(path)
+
+
+def command_line(script: str | Path, argv: Sequence[str] | None = None) -> str:
+    """The shell command that reruns this benchmark from the repository root.
+
+    ``script``: the benchmark's ``__file__``. ``argv``: the arguments its ``main`` was given;
+    ``None`` means this process's own (``sys.argv[1:]``), as when run from the shell.
+    """
+    interpreter = _from_repo_root(sys.executable) if sys.executable else "python"
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join([interpreter, _from_repo_root(script), *arguments])
