@@ -56,6 +56,7 @@ class Sample:
     decode_used_blocks: int
     prefill_held_kv_bytes: int
     prefill_paused_requests: int
+    prefill_paused_bytes: int  # activations and KV kept alive by paused units
     actors_rss_mib: float
 
 
@@ -151,6 +152,7 @@ async def sample_resources(engine, started: float, in_flight: int) -> Sample:
         decode_used_blocks=sum(s["used_blocks"] for s in decode),
         prefill_held_kv_bytes=sum(s["held_kv_bytes"] for s in prefill),
         prefill_paused_requests=sum(s["paused_requests"] for s in prefill),
+        prefill_paused_bytes=sum(s["paused_bytes"] for s in prefill),
         actors_rss_mib=round(await asyncio.to_thread(actors_rss_mib), 1),
     )
 
