@@ -8,7 +8,7 @@ worker's service time, so capacity = prefill workers / that time (requests per s
 conservative figure, since batching raises it). Requests then arrive as a Poisson stream at
 ``--load`` x capacity for ``--minutes``; half are urgent (TTFT target ``--urgent-factor`` x
 the service time) and half relaxed (``--relaxed-factor`` x). Admission control is on
-(``reject_infeasible``, ``max_in_flight``). Once every ``--sample-s`` seconds it records the
+(``policy.admission`` reject, ``max_in_flight``). Once every ``--sample-s`` seconds it records the
 requests in the scheduler, decode KV blocks, prefill KV bytes and paused requests, and the
 resident memory of the runtime's actor processes. ``--load 3`` is the overload run.
 
@@ -58,7 +58,10 @@ def engine_config(args: argparse.Namespace, cache_dir: str) -> dict:
             "prefill_num_cpus": 0.5,
             "decode_num_cpus": 0.5,
         },
-        "policy": {"name": "flowprefill", "reject_infeasible": True},
+        "policy": {
+            "name": "flowprefill",
+            "admission": {"action": "reject", "estimate": "alone"},
+        },
         "prefill": {"profile_tokens": [16, 64, 128, 256, 512], "profile_repeats": 1},
         "decode": {"kv_blocks": 1024, "block_size": 16, "max_batch_size": 64},
         "requests": {"max_in_flight": args.max_in_flight},

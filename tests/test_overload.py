@@ -1,7 +1,7 @@
 """Overload: open-loop arrivals at about 3x the measured capacity, on the real runtime.
 
-Admission control (the policy's ``reject_infeasible`` and the engine's ``max_in_flight``
-bound) must turn the excess into fast 429-style rejections, so that what is admitted is still
+Admission control (the policy's ``admission`` reject of requests that cannot make it alone, and
+the engine's ``max_in_flight`` bound) must turn the excess into fast 429-style rejections, so that what is admitted is still
 served and memory stays flat instead of queues growing without bound. The long version is
 benchmarks/soak.py with ``--load 3``.
 """
@@ -38,7 +38,7 @@ def overload_engine(ray_local, runtime_cache_dir):
         name_prefix="fp-overload",
         requests={"max_in_flight": MAX_IN_FLIGHT},
     ).model_dump()
-    base["policy"].update(reject_infeasible=True, retry_after_s=1.0)
+    base["policy"].update(admission={"action": "reject", "estimate": "alone", "retry_after_s": 1.0})
     config = RuntimeConfig.model_validate(base)
     engine = asyncio.run(FlowPrefillEngine.start(config))
     yield engine

@@ -11,6 +11,7 @@ import random
 import pytest
 
 from flowprefill_ray.scheduling import (
+    AdmissionConfig,
     DuplicateRequestError,
     FlowPrefillPolicy,
     PolicyConfig,
@@ -379,7 +380,7 @@ def test_cancel_paused_unit_discards_it_and_running_request_does_not_finish():
 
 
 def test_admission_control_rejects_requests_that_cannot_make_it():
-    p = policy(reject_infeasible=True, retry_after_s=2.0)
+    p = policy(admission=AdmissionConfig(action="reject", estimate="alone", retry_after_s=2.0))
     decisions = arrive(p, "too-long", 0.0, 1024, 0.5)  # needs 1 s, has 0.5 s
     assert len(decisions) == 1 and isinstance(decisions[0], Reject)
     assert decisions[0].request_id == "too-long" and decisions[0].retry_after_s == 2.0

@@ -54,7 +54,10 @@ def app_args(cache_dir: str) -> dict:
             "model": {"path": "tiny", "cache_dir": cache_dir},
             "placement": {"prefill_num_cpus": 0.5, "decode_num_cpus": 0.5},
             # Admission control on, so an impossible TTFT target is refused with 429.
-            "policy": {"name": "flowprefill", "reject_infeasible": True, "retry_after_s": 2.0},
+            "policy": {
+                "name": "flowprefill",
+                "admission": {"action": "reject", "estimate": "alone", "retry_after_s": 2.0},
+            },
             "slo": {"scale": SLO_SCALE},
             "prefill": {"profile_tokens": [16, 64, 128, 256, 512], "profile_repeats": 1},
             "decode": {"kv_blocks": 512, "block_size": 16, "max_batch_size": 16},

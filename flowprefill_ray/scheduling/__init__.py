@@ -4,6 +4,7 @@ The simulator and the Ray scheduler actor drive the same policy objects: events 
 (``events.py``), decisions out, time in seconds on the driver's clock.
 """
 
+from .admission import AdmissionConfig, AdmissionControl
 from .chunked import ChunkedPolicy
 from .config import PolicyConfig
 from .edf import EDFPolicy
@@ -19,6 +20,8 @@ from .slo import DEFAULT_SLO_CONFIG, SLOClass, SLOConfig, UnknownSLOClassError
 
 __all__ = [
     "DEFAULT_SLO_CONFIG",
+    "AdmissionConfig",
+    "AdmissionControl",
     "ChunkedPolicy",
     "POLICIES",
     "DecisionCounts",

@@ -17,15 +17,20 @@ from .predictor import TTFTPredictor
 from .queues import KeyedQueue
 from .records import RequestRecord, WorkerRecord, WorkerState
 from .request import RequestStatus
+from .slo import SLOConfig
 
 
 class ChunkedPolicy(Policy):
     name = "chunked"
 
     def __init__(
-        self, config: PolicyConfig, predictor: TTFTPredictor, kv_check: KVCheck | None = None
+        self,
+        config: PolicyConfig,
+        predictor: TTFTPredictor,
+        kv_check: KVCheck | None = None,
+        slo: SLOConfig | None = None,
     ) -> None:
-        super().__init__(config, predictor, kv_check)
+        super().__init__(config, predictor, kv_check, slo)
         self._by_deadline = config.chunk_order == "edf"
         self.queue = KeyedQueue(self._order_value)
 

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveInt,
+    model_validator,
+)
+
+from .admission import AdmissionConfig
 
 PolicyName = Literal["flowprefill", "fcfs", "chunked", "edf"]
+
+# Keys that moved into ``admission`` (kept here only to name the new place in the error).
+_MOVED_TO_ADMISSION = {
+    "reject_infeasible": "admission: {action: reject, estimate: alone}",
+    "retry_after_s": "admission: {retry_after_s: ...}",
+}
 
 
 class PolicyConfig(BaseModel):
@@ -15,6 +30,15 @@ class PolicyConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: PolicyName = "flowprefill"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [f"{k} -> {v}" for k, v in _MOVED_TO_ADMISSION.items() if k in data]
+            if moved:
+                raise ValueError("policy keys moved into 'admission': " + "; ".join(moved))
+        return data
 
     # flowprefill: SLO-aware batching (FLOWPREFILL.md)
     token_bound: PositiveInt = Field(
@@ -35,6 +59,13 @@ class PolicyConfig(BaseModel):
         8192,
         description="flowprefill/fcfs/edf: a worker runs prompts longer than this as chunks of "
         "this size back to back, with no scheduling decision in between",
+    )
+    paused_token_budget: PositiveInt | None = Field(
+        None,
+        description="flowprefill: most prompt tokens one worker may hold in paused (and "
+        "pausing) units; a preemption that would exceed it first evicts the worker's "
+        "lowest-ranked paused units (recomputed later) and is skipped if the victim alone "
+        "exceeds it. Paused state bytes grow about linearly with tokens. None = unbounded",
     )
     rescore_threshold: NonNegativeFloat = Field(
         0.05,
@@ -59,11 +90,8 @@ class PolicyConfig(BaseModel):
     online_correction: bool = Field(
         True, description="feed completed whole-prompt units to the predictor's observe()"
     )
-    reject_infeasible: bool = Field(
-        False,
-        description="admission control: reject on arrival a request whose predicted prefill "
-        "alone exceeds its TTFT SLO (it cannot make it even if run at once)",
-    )
-    retry_after_s: NonNegativeFloat = Field(
-        1.0, description="Retry-After hint sent with a rejection, seconds"
+    admission: AdmissionConfig = Field(
+        default_factory=AdmissionConfig,
+        description="admission control on arrival: waiting-queue bound and what to do with "
+        "a request predicted to miss its TTFT SLO (see admission.py)",
     )

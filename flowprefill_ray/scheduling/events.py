@@ -10,6 +10,17 @@ whole-request prefill is one item ``[0, prompt_tokens)``; a chunk of a chunked p
 A running unit can be preempted: the worker stops at its next checkpoint, keeps the paused state
 (activations and KV) and reports ``UnitPaused``. A paused unit can only resume on its worker.
 
+Admission. On ``Arrival`` a policy may answer ``Reject`` (the request is refused: HTTP 429 with
+``Retry-After``; the request is terminal) or ``Downgrade`` (the request is admitted under a
+looser SLO class; its deadline is now ``arrival_s + ttft_slo_s`` of that class and every later
+decision uses it). A ``Downgrade`` always comes before any ``RunUnit`` that holds the request,
+in the same decision list; the executor tells the client and goes on as for an admitted request.
+
+Memory. A policy may ``Discard`` a paused unit whose requests are still live, to free memory
+(a paused-token budget): those requests are back in the policy's queue, WAITING, with no
+progress (they will be recomputed from token 0) and their deadlines unchanged. The executor
+frees the unit's state and keeps the requests open; they come back in a later ``RunUnit``.
+
 Time is always in seconds, on the clock of whoever drives the policy (simulated time in the
 simulator, the scheduler actor's monotonic clock in the runtime).
 """
@@ -140,7 +151,8 @@ class Resume:
 
 @dataclass(frozen=True, slots=True)
 class Discard:
-    """Drop a paused unit's state (its requests were cancelled, or memory is needed)."""
+    """Drop a paused unit's state: its requests were cancelled, or memory is needed (then
+    its live requests are re-queued by the policy and run again later from token 0)."""
 
     worker_id: str
     unit_id: int
@@ -155,4 +167,15 @@ class Reject:
     retry_after_s: float = 1.0
 
 
-Decision = Union[RunUnit, Preempt, Resume, Discard, Reject]
+@dataclass(frozen=True, slots=True)
+class Downgrade:
+    """Admission control moved a request to a looser SLO class, because it was predicted to
+    miss its own; it is admitted with the deadline ``arrival_s + ttft_slo_s`` (seconds).
+    Sent once, on its ``Arrival``, before any unit holding it starts."""
+
+    request_id: str
+    slo_class: str
+    ttft_slo_s: float
+
+
+Decision = Union[RunUnit, Preempt, Resume, Discard, Reject, Downgrade]

@@ -16,6 +16,12 @@ best thing for it; it never preempts. (A running unit's slack stays constant whi
 predicted, so it only turns late by overrunning its prediction, and then how much work it has
 left is unknown: preempting it on a guess is not worth the thrashing risk.)
 
+Paused state costs memory. With ``paused_token_budget`` set, a worker never holds more than
+that many prompt tokens in paused and pausing units: before its running unit is preempted,
+its lowest-ranked paused units are evicted (``Discard``; their requests go back to the queue
+with no progress and the same deadlines, to be recomputed later) until the unit fits, and a
+unit larger than the budget by itself is never preempted (the next victim is tried).
+
 Preemption is asynchronous: the worker is PAUSING until ``UnitPaused`` (or
 ``UnitCompleted``) arrives, and is then scheduled again. A long prompt is one unit
 ``[0, n)``; the worker runs it as ``long_chunk_tokens`` chunks back to back.
@@ -31,6 +37,7 @@ from .predictor import TTFTPredictor
 from .priority import rank_key
 from .queues import SlackQueue
 from .records import RequestRecord, UnitRecord, WorkerRecord, WorkerState
+from .slo import SLOConfig
 
 _IDLE = WorkerState.IDLE
 _RUNNING = WorkerState.RUNNING
@@ -41,9 +48,13 @@ class FlowPrefillPolicy(Policy):
     name = "flowprefill"
 
     def __init__(
-        self, config: PolicyConfig, predictor: TTFTPredictor, kv_check: KVCheck | None = None
+        self,
+        config: PolicyConfig,
+        predictor: TTFTPredictor,
+        kv_check: KVCheck | None = None,
+        slo: SLOConfig | None = None,
     ) -> None:
-        super().__init__(config, predictor, kv_check)
+        super().__init__(config, predictor, kv_check, slo)
         self.queue = SlackQueue(predictor, config.token_bound, config.rescore_threshold)
 
     def _enqueue(self, rec: RequestRecord, now: float) -> None:
@@ -141,7 +152,9 @@ class FlowPrefillPolicy(Policy):
         victims.sort(key=lambda v: v[0], reverse=True)
         # The best `pausing` waiting requests are expected to take the workers already pausing.
         skip = sum(1 for w in self.workers.values() if w.state is _PAUSING)
+        budget = self.config.paused_token_budget
         taken: list[RequestRecord] = []
+        evicted: list[RequestRecord] = []
         while victims:
             top = self.queue.peek(now)
             if top is None:
@@ -154,8 +167,15 @@ class FlowPrefillPolicy(Policy):
                 continue
             if not feasible:
                 break  # a late newcomer cannot be saved by preempting anyone
+            # The lowest-ranked victim whose unit could be held paused within the budget.
+            i = 0
+            if budget is not None:
+                while i < len(victims) and victims[i][3].running.tokens > budget:
+                    i += 1
+                if i == len(victims):
+                    break
             challenger_slack = self.queue.slack_s(rec, now)
-            victim_rank, victim_slack, _, victim = victims[0]
+            victim_rank, victim_slack, _, victim = victims[i]
             if not self._request_rank(rec, True) < victim_rank:
                 break
             # Until some running unit finishes, the newcomer cannot start without preemption.
@@ -165,10 +185,38 @@ class FlowPrefillPolicy(Policy):
             victim_keeps_slack = victim_slack - cost >= 0.0
             if not (would_miss or victim_keeps_slack):
                 break  # a preemption would buy nothing: avoid thrashing
+            if budget is not None:
+                self._make_room(victim, budget, now, out, evicted)
             out.append(self._preempt(victim))
-            victims.pop(0)
+            victims.pop(i)
         for rec in taken:
             self.queue.unpop(rec)
+        # Queued only now, so that this event's preemption scan sees the queue it started with.
+        for rec in evicted:
+            self._queue(rec, now)
+
+    def _make_room(
+        self,
+        w: WorkerRecord,
+        budget: int,
+        now: float,
+        out: list[Decision],
+        evicted: list[RequestRecord],
+    ) -> None:
+        """Evict ``w``'s lowest-ranked paused units until its running unit can join them
+        within ``budget`` tokens (the caller checked that the running unit alone fits)."""
+        running = w.running
+        assert running is not None and running.tokens <= budget
+        held = self.paused_tokens(w)
+        if held + running.tokens <= budget:
+            return
+        for u in sorted(w.paused.values(), key=lambda u: self._unit_rank(u, now), reverse=True):
+            discard, requeue = self._evict(u)
+            out.append(discard)
+            evicted.extend(requeue)
+            held -= u.tokens
+            if held + running.tokens <= budget:
+                return
 
     # ------------------------------------------------------------------ introspection
 

@@ -5,7 +5,10 @@ decisions. The base class keeps the state every policy needs - requests, workers
 paused units - and applies the consequences of each event (a completed unit finishes its
 requests, a lost worker re-queues its requests, ...). A subclass only says how waiting work
 is queued (``_enqueue``) and what to do next (``_schedule``), using the ``_start_unit``,
-``_preempt``, ``_resume`` and ``_discard`` helpers so that the bookkeeping stays in one place.
+``_preempt``, ``_resume``, ``_discard`` and ``_evict`` helpers so that the bookkeeping stays in
+one place. Admission control (``admission.py``) runs here, on every ``Arrival``, for every
+policy; every request that becomes WAITING goes through ``_queue`` so that the waiting count
+(and, for the ``queue`` estimate, the waiting-work index) stays exact.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .admission import AdmissionControl
 from .config import PolicyConfig
 from .events import (
     Arrival,
     Cancelled,
     Decision,
     Discard,
+    Downgrade,
     Event,
     Preempt,
     Reject,
@@ -44,6 +49,8 @@ from .records import (
     WorkerState,
 )
 from .request import RequestStatus
+from .slo import DEFAULT_SLO_CONFIG, SLOConfig
+from .waiting_work import WaitingWork
 
 # (worker_id, batch tokens) -> whether the worker has KV memory for a unit of that size.
 KVCheck = Callable[[str, int], bool]
@@ -76,10 +83,16 @@ class Policy(ABC):
         config: PolicyConfig,
         predictor: TTFTPredictor,
         kv_check: KVCheck | None = None,
+        slo: SLOConfig | None = None,
     ) -> None:
         self.config = config
         self.predictor = predictor
         self.kv_check = kv_check
+        self.slo = slo or DEFAULT_SLO_CONFIG
+        self.admission = AdmissionControl(config.admission, predictor, self.slo)
+        # Only the `queue` estimate needs the index; the count is kept for max_waiting.
+        self._waiting_work = WaitingWork(predictor) if self.admission.uses_queue_estimate else None
+        self.waiting = 0  # requests WAITING (queued, admitted, not started)
         self.requests: dict[str, RequestRecord] = {}
         self.workers: dict[str, WorkerRecord] = {}
         self.units: dict[int, UnitRecord] = {}  # running, pausing and paused units
@@ -91,9 +104,13 @@ class Policy(ABC):
                 "units_started",
                 "preemptions",
                 "resumes",
-                "discards",
-                "rejects",
-                "requeued",
+                "discards",  # every Discard: cancelled paused units and evictions
+                "rejects",  # every Reject
+                "rejects_queue_full",  # of which: admission.max_waiting reached
+                "downgrades",
+                "evictions",  # paused units discarded to stay within paused_token_budget
+                "evicted_requests",  # live requests in them, re-queued from token 0
+                "requeued",  # requests re-queued because their worker left
                 "stale_events",
             ),
             0,
@@ -151,27 +168,30 @@ class Policy(ABC):
             arrival_s=request.arrival_s,
             deadline_s=request.arrival_s + ttft_slo,
             ttft_slo_s=ttft_slo,
+            slo_class=request.slo_class,
             prompt_tokens=request.prompt_tokens,
             tiebreak=(-request.priority, self._next_order),
         )
         self._next_order += 1
         self.requests[rid] = rec
         self.counters["arrivals"] += 1
-        if self.config.reject_infeasible:
-            predicted = self.predictor.predict(rec.prompt_tokens)
-            if slack_s(rec.deadline_s, now, predicted) < 0.0:
-                rec.status = _REJECTED
-                self.counters["rejects"] += 1
-                out.append(
-                    Reject(
-                        rid,
-                        reason=f"predicted prefill {predicted:.3f}s exceeds the time left "
-                        f"before its TTFT deadline ({rec.deadline_s - now:.3f}s)",
-                        retry_after_s=self.config.retry_after_s,
-                    )
-                )
-                return
-        self._enqueue(rec, now)
+        verdict = self.admission.decide(
+            rec, now, self.waiting, self._saturated(), self.work_ahead_s
+        )
+        if isinstance(verdict, Reject):
+            rec.status = _REJECTED
+            self.counters["rejects"] += 1
+            if self.admission.queue_full(self.waiting):
+                self.counters["rejects_queue_full"] += 1
+            out.append(verdict)
+            return
+        if isinstance(verdict, Downgrade):
+            rec.slo_class = verdict.slo_class
+            rec.ttft_slo_s = verdict.ttft_slo_s
+            rec.deadline_s = rec.arrival_s + verdict.ttft_slo_s
+            self.counters["downgrades"] += 1
+            out.append(verdict)
+        self._queue(rec, now)
 
     def _on_unit_completed(self, event: UnitCompleted, now: float, out: list[Decision]) -> None:
         u = self.units.get(event.unit_id)
@@ -255,7 +275,7 @@ class Policy(ABC):
                 rec.worker_id = None
                 rec.unit_id = None
                 self.counters["requeued"] += 1
-                self._enqueue(rec, now)
+                self._queue(rec, now)
 
     def _on_cancelled(self, event: Cancelled, now: float, out: list[Decision]) -> None:
         rec = self.requests.get(event.request_id)
@@ -263,6 +283,8 @@ class Policy(ABC):
             self.counters["stale_events"] += 1
             return
         previous = rec.status
+        if previous is _WAITING:
+            self._left_waiting(rec)
         rec.status = _CANCELLED
         rec.queue_token = 0  # any queue entry is now stale
         if previous is _PAUSED:
@@ -276,6 +298,43 @@ class Policy(ABC):
             rec.worker_id = None
         # A RUNNING request's unit runs on; its completion will not mark it finished.
 
+    # ------------------------------------------------------------------ waiting requests
+
+    def _queue(self, rec: RequestRecord, now: float) -> None:
+        """Make ``rec`` WAITING and queue it (a new, re-queued or evicted request)."""
+        rec.status = _WAITING
+        self.waiting += 1
+        if self._waiting_work is not None:
+            self._waiting_work.add(rec, now)
+        self._enqueue(rec, now)
+
+    def _left_waiting(self, rec: RequestRecord) -> None:
+        """``rec`` stops WAITING (it starts or is cancelled); its queue entry goes stale."""
+        self.waiting -= 1
+        if self._waiting_work is not None:
+            self._waiting_work.remove(rec.request_id)
+
+    def _saturated(self) -> bool:
+        """No worker is idle (with no workers at all, nothing can run either)."""
+        return all(w.state is not WorkerState.IDLE for w in self.workers.values())
+
+    def work_ahead_s(self, deadline_s: float, now: float) -> float:
+        """Predicted seconds until a request due at ``deadline_s`` would start, if every
+        worker shared the work that runs before it under earliest-deadline-first: running
+        units' remaining compute, paused units due no later and still feasible, and waiting
+        feasible requests due no later (the ``queue`` admission estimate, O(workers + paused
+        units + log n))."""
+        total = 0.0
+        for w in self.workers.values():
+            if w.running is not None:
+                total += self.unit_remaining_s(w.running, now)
+            for u in w.paused.values():
+                if u.deadline_s <= deadline_s and self.unit_slack_s(u, now) >= 0.0:
+                    total += self.unit_remaining_s(u, now)
+        if self._waiting_work is not None:
+            total += self._waiting_work.work_before_s(deadline_s, now)
+        return total / len(self.workers) if self.workers else float("inf")
+
     # ------------------------------------------------------------------ decision helpers
 
     def _start_unit(self, w: WorkerRecord, items: list[WorkItem], now: float) -> RunUnit:
@@ -285,6 +344,8 @@ class Policy(ABC):
         head = None
         for item in items:
             rec = self.requests[item.request_id]
+            if rec.status is _WAITING:
+                self._left_waiting(rec)
             rec.status = _RUNNING
             rec.worker_id = w.worker_id
             rec.unit_id = unit.unit_id
@@ -332,13 +393,38 @@ class Policy(ABC):
         return Resume(w.worker_id, u.unit_id)
 
     def _discard(self, u: UnitRecord) -> Discard:
-        """Drop paused unit ``u`` (all of its requests are terminal)."""
+        """Drop paused unit ``u`` (its requests are terminal, or ``_evict`` re-queues them)."""
         self.units.pop(u.unit_id, None)
         w = self.workers.get(u.worker_id)
         if w is not None:
             w.paused.pop(u.unit_id, None)
         self.counters["discards"] += 1
         return Discard(u.worker_id, u.unit_id)
+
+    def _evict(self, u: UnitRecord) -> tuple[Discard, list[RequestRecord]]:
+        """Drop paused unit ``u`` to free memory. Its live requests lose their progress
+        (recomputed from token 0 later, same deadlines) and are returned for the caller to
+        ``_queue``; cancelled ones are simply gone."""
+        assert u.state is UnitState.PAUSED
+        requeue: list[RequestRecord] = []
+        for item in u.unit.items:
+            rec = self.requests[item.request_id]
+            if rec.status is _PAUSED:
+                rec.prefilled_tokens = 0
+                rec.executed_s = 0.0
+                rec.worker_id = None
+                rec.unit_id = None
+                requeue.append(rec)
+        self.counters["evictions"] += 1
+        self.counters["evicted_requests"] += len(requeue)
+        return self._discard(u), requeue
+
+    def paused_tokens(self, w: WorkerRecord) -> int:
+        """Prompt tokens held in ``w``'s paused units and in its pausing unit, if any."""
+        held = sum(u.tokens for u in w.paused.values())
+        if w.state is WorkerState.PAUSING and w.running is not None:
+            held += w.running.tokens
+        return held
 
     def _new_token(self) -> int:
         token = self._next_token
@@ -374,6 +460,8 @@ class Policy(ABC):
             prefilled_tokens=rec.prefilled_tokens,
             worker_id=rec.worker_id,
             unit_id=rec.unit_id,
+            slo_class=rec.slo_class,
+            ttft_slo_s=rec.ttft_slo_s,
         )
 
     def forget(self, request_id: str) -> None:
@@ -401,5 +489,7 @@ class Policy(ABC):
             "requests": by_status,
             "workers": {wid: w.state.value for wid, w in self.workers.items()},
             "paused_units": sum(len(w.paused) for w in self.workers.values()),
+            "paused_tokens": {wid: self.paused_tokens(w) for wid, w in self.workers.items()},
+            "waiting": self.waiting,
             "predictor_correction": self.predictor.correction,
         }

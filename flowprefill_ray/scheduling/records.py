@@ -30,8 +30,9 @@ class RequestRecord:
     request: Request
     request_id: str
     arrival_s: float
-    deadline_s: float
+    deadline_s: float  # arrival_s + ttft_slo_s (after a downgrade, of the new class)
     ttft_slo_s: float
+    slo_class: str  # the request's class, or the class it was downgraded to
     prompt_tokens: int
     tiebreak: tuple[int, int]  # (-priority, arrival order): equal keys break on these
     status: RequestStatus = RequestStatus.WAITING
@@ -93,3 +94,5 @@ class RequestView:
     prefilled_tokens: int
     worker_id: str | None
     unit_id: int | None
+    slo_class: str = ""  # the class in force (after a downgrade, the new one)
+    ttft_slo_s: float = 0.0  # the TTFT target in force, seconds

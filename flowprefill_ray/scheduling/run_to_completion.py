@@ -15,13 +15,18 @@ from .policy import KVCheck, Policy
 from .predictor import TTFTPredictor
 from .queues import KeyedQueue
 from .records import RequestRecord, WorkerState
+from .slo import SLOConfig
 
 
 class RunToCompletionPolicy(Policy):
     def __init__(
-        self, config: PolicyConfig, predictor: TTFTPredictor, kv_check: KVCheck | None = None
+        self,
+        config: PolicyConfig,
+        predictor: TTFTPredictor,
+        kv_check: KVCheck | None = None,
+        slo: SLOConfig | None = None,
     ) -> None:
-        super().__init__(config, predictor, kv_check)
+        super().__init__(config, predictor, kv_check, slo)
         self.queue = KeyedQueue(self._queue_key)
 
     @staticmethod

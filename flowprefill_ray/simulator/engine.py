@@ -9,6 +9,12 @@ reports ``UnitPaused``. Because the cost model splits a unit into blocks, the si
 where the unit is and when that checkpoint comes. A resumed unit continues with its remaining
 blocks; nothing is recomputed (an optional ``resume_overhead_s`` models restarting).
 
+Admission decisions: ``Reject`` closes a request unserved; ``Downgrade`` records the looser
+target it was given (results report attainment against both the original and the downgraded
+targets). A ``Discard`` of a paused unit whose requests are still live (an eviction to stay
+within a paused-token budget) drops the unit's progress; those requests stay open and must be
+run again from token 0, and the compute they lost is counted as wasted.
+
 The simulator checks every decision against the contract (idle worker, contiguous chunks on
 the worker that holds the earlier KV, paused unit present) and raises ``PolicyContractError``
 naming the decision, so a policy bug surfaces here rather than as a wrong number.
@@ -29,6 +35,7 @@ from flowprefill_ray.scheduling.events import (
     Arrival,
     Decision,
     Discard,
+    Downgrade,
     Event,
     Preempt,
     Reject,
@@ -215,6 +222,8 @@ class Simulator:
                 self._discard(decision)
             elif isinstance(decision, Reject):
                 self._reject(decision)
+            elif isinstance(decision, Downgrade):
+                self._downgrade(decision)
             else:
                 raise PolicyContractError(f"unknown decision {decision!r}")
 
@@ -320,6 +329,9 @@ class Simulator:
         self._work_s += run.progress_s  # the blocks it got through before it was dropped
         for item in run.unit.items:
             self._in_flight.pop(item.request_id, None)
+            if not self._closed(item.request_id):
+                # Still open: evicted for memory; the policy will run it again from token 0.
+                self._outcomes[item.request_id].evictions += 1
 
     def _reject(self, d: Reject) -> None:
         outcome = self._outcomes.get(d.request_id)
@@ -330,6 +342,19 @@ class Simulator:
         if outcome.finished or outcome.rejected:
             raise PolicyContractError(f"{d!r}: request is already finished or rejected")
         outcome.rejected = True
+
+    def _downgrade(self, d: Downgrade) -> None:
+        outcome = self._outcomes.get(d.request_id)
+        if outcome is None:
+            raise PolicyContractError(f"{d!r}: request has not arrived")
+        if d.request_id in self._in_flight or self._closed(d.request_id):
+            raise PolicyContractError(f"{d!r}: only a request on arrival can be downgraded")
+        if not d.ttft_slo_s > outcome.ttft_slo_s:
+            raise PolicyContractError(
+                f"{d!r}: a downgrade must loosen the target ({outcome.ttft_slo_s:.3f}s)"
+            )
+        outcome.downgraded_class = d.slo_class
+        outcome.downgraded_slo_s = d.ttft_slo_s
 
     # ------------------------------------------------------------------ worker events
 

@@ -73,7 +73,7 @@ def simulate(
 
     sim_config = sim_config or SimulatorConfig()
     base = predictor or fit_predictor(cost_model, sim_config.max_forward_tokens)
-    policy = make_policy(policy_config, fresh_copy(base))
+    policy = make_policy(policy_config, fresh_copy(base), slo=slo_config)
     requests = workload.to_requests(slo_config)
     return Simulator(policy, cost_model, sim_config).run(requests)
 

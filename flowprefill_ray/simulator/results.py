@@ -12,7 +12,9 @@ class RequestOutcome:
     """One request's fate. Times in seconds of simulated time.
 
     ``ttft_s`` is the time from arrival to the end of the request's prefill (its first token
-    comes out of the prefill); None when the request was rejected.
+    comes out of the prefill); None when the request was rejected. ``ttft_slo_s`` is the
+    request's original target; ``downgraded_slo_s`` the looser one admission control gave it
+    (None if it was not downgraded).
     """
 
     request_id: str
@@ -24,6 +26,9 @@ class RequestOutcome:
     preemptions: int = 0  # pauses of units that held this request
     rejected: bool = False
     prefill_completions: int = 0  # times its last prompt token was computed (must end at 1)
+    downgraded_class: str | None = None
+    downgraded_slo_s: float | None = None
+    evictions: int = 0  # times a paused unit holding it was discarded for memory (recomputed)
 
     @property
     def finished(self) -> bool:
@@ -31,8 +36,19 @@ class RequestOutcome:
 
     @property
     def met_slo(self) -> bool:
+        """Met its original target."""
         # A tolerance of 1 ns absorbs float error when TTFT equals the target exactly.
         return self.ttft_s is not None and self.ttft_s <= self.ttft_slo_s + 1e-9
+
+    @property
+    def target_in_force_s(self) -> float:
+        """The target it was admitted with: the downgraded one if any, else the original."""
+        return self.ttft_slo_s if self.downgraded_slo_s is None else self.downgraded_slo_s
+
+    @property
+    def met_target_in_force(self) -> bool:
+        """Met the target it was admitted with (a downgraded request: the looser one)."""
+        return self.ttft_s is not None and self.ttft_s <= self.target_in_force_s + 1e-9
 
 
 @dataclass(slots=True)
@@ -65,10 +81,36 @@ class SimulationResult:
 
     @property
     def attainment(self) -> float:
-        """Fraction of requests (rejected ones included) that met their TTFT SLO."""
+        """Fraction of requests (rejected ones included) that met their original TTFT SLO."""
         if not self.outcomes:
             return 1.0
         return sum(o.met_slo for o in self.outcomes) / len(self.outcomes)
+
+    @property
+    def attainment_in_force(self) -> float:
+        """Fraction of requests (rejected ones included) that met the target they were
+        admitted with (downgraded ones: the looser target)."""
+        if not self.outcomes:
+            return 1.0
+        return sum(o.met_target_in_force for o in self.outcomes) / len(self.outcomes)
+
+    @property
+    def admitted_attainment(self) -> float:
+        """Among admitted (not rejected) requests, the fraction that met the target they were
+        admitted with; 1.0 if none was admitted."""
+        admitted = [o for o in self.outcomes if not o.rejected]
+        if not admitted:
+            return 1.0
+        return sum(o.met_target_in_force for o in admitted) / len(admitted)
+
+    @property
+    def evictions(self) -> int:
+        """Requests' paused progress discarded for memory (each is recomputed)."""
+        return sum(o.evictions for o in self.outcomes)
+
+    @property
+    def downgraded(self) -> int:
+        return sum(o.downgraded_slo_s is not None for o in self.outcomes)
 
     @property
     def worst_class_attainment(self) -> float:
@@ -109,12 +151,17 @@ class SimulationResult:
         """A JSON-ready digest: attainment overall and per class, TTFT quantiles, counts."""
         return {
             "requests": len(self.outcomes),
-            "attainment": self.attainment,
+            "attainment": self.attainment,  # against the original targets
             "attainment_by_class": self.attainment_by_class(),
             "ttft_s": self.ttft_percentiles(),
             "preemptions": self.preemptions,
             "mean_blocking_ms": self.mean_blocking_s * 1e3,
             "rejected": self.rejected,
+            "downgraded": self.downgraded,
+            "evictions": self.evictions,
+            # Against the targets after admission: downgraded requests at their looser target.
+            "attainment_in_force": self.attainment_in_force,
+            "admitted_attainment": self.admitted_attainment,
             "decisions": dict(self.decisions),
             "utilisation": (
                 sum(w.busy_s for w in self.workers) / (self.makespan_s * len(self.workers))

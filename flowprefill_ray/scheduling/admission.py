@@ -1,0 +1,157 @@
+"""Admission control: on arrival, admit a request, reject it (HTTP 429), or downgrade it.
+
+Two checks, in this order:
+
+1. **Bounded waiting queue.** With ``max_waiting`` set, an arrival that finds that many
+   requests already WAITING is rejected, whatever ``action`` says. (Requests re-queued after
+   an eviction or a lost worker were admitted before and are never dropped for it, so they can
+   lift the count above the bound by the size of the units they came from.)
+2. **Predicted miss** (only when ``action`` is not ``admit``). The request would miss its TTFT
+   deadline if ``now + wait + predict(prompt) > deadline``, where ``wait`` is
+
+   - ``alone``: 0 (it cannot make it even if run at once on an idle worker);
+   - ``queue``: 0 while some worker is idle; when every worker is busy, an
+     earliest-deadline-first estimate of the work that runs before it, spread over the
+     workers: ``(remaining predicted compute of every running unit + that of paused units due
+     no later than it and still feasible + predicted prefill of waiting, still-feasible
+     requests due no later than it) / workers``. See ``waiting_work.py`` for how the last term
+     stays O(log n) per arrival.
+
+   On a predicted miss ``reject`` refuses the request; ``downgrade`` moves it to the tightest
+   looser SLO class (larger TTFT target) of the policy's ``SLOConfig`` under which the same
+   test passes, with deadline ``arrival + that target``, or rejects it if none does. Only a
+   request whose target is its class's target can be downgraded; an explicit per-request
+   target can only be rejected.
+
+The estimate's errors: it is a fluid bound (work divided evenly over workers, ignoring that a
+unit runs on one worker); it charges all running work before the newcomer although FlowPrefill
+may preempt some of it (pessimistic for urgent requests); it ignores work that will arrive
+later with an earlier deadline (optimistic); for ``fcfs`` it under-counts, since FCFS runs all
+earlier arrivals first, not only earlier deadlines.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt
+
+from .events import Downgrade, Reject
+from .predictor import TTFTPredictor
+from .priority import slack_s
+from .records import RequestRecord
+from .slo import SLOClass, SLOConfig
+
+AdmissionAction = Literal["admit", "reject", "downgrade"]
+
+
+class AdmissionConfig(BaseModel):
+    """What to do with a request predicted to miss its TTFT SLO, and the waiting-queue bound."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    action: AdmissionAction = Field(
+        "admit",
+        description="on a predicted miss: admit anyway (FlowPrefill demotes late requests), "
+        "reject (HTTP 429 with Retry-After), or downgrade to a looser SLO class (reject if "
+        "none helps)",
+    )
+    estimate: Literal["alone", "queue"] = Field(
+        "queue",
+        description="how a miss is predicted: 'alone' = its own predicted prefill exceeds the "
+        "time to its deadline; 'queue' = when no worker is idle, the predicted wait for "
+        "earlier-deadline work (seconds, spread over the workers) plus its own prefill does",
+    )
+    max_waiting: PositiveInt | None = Field(
+        10_000,
+        description="most requests WAITING in the policy (requests, not tokens); an arrival "
+        "beyond it is rejected whatever 'action' says; None = unbounded",
+    )
+    retry_after_s: NonNegativeFloat = Field(
+        1.0, description="Retry-After hint sent with a rejection, seconds"
+    )
+
+
+# (deadline_s, now_s) -> predicted seconds of work that runs before a request due then.
+WorkAhead = Callable[[float, float], float]
+
+
+class AdmissionControl:
+    """Applies an ``AdmissionConfig`` to arrivals. ``slo`` gives the downgrade classes."""
+
+    def __init__(self, config: AdmissionConfig, predictor: TTFTPredictor, slo: SLOConfig) -> None:
+        self.config = config
+        self.predictor = predictor
+        self.slo = slo
+        # Scaled classes, tightest first: the downgrade candidates in the order tried.
+        self._classes: list[SLOClass] = sorted(
+            (slo.resolve(name) for name in slo.class_names), key=lambda c: c.ttft_slo_s
+        )
+
+    @property
+    def uses_queue_estimate(self) -> bool:
+        """Whether arrivals need the waiting-work index (``queue`` estimate, not ``admit``)."""
+        return self.config.action != "admit" and self.config.estimate == "queue"
+
+    def queue_full(self, waiting: int) -> bool:
+        """Whether ``waiting`` WAITING requests leave no room for an arrival."""
+        bound = self.config.max_waiting
+        return bound is not None and waiting >= bound
+
+    def decide(
+        self,
+        rec: RequestRecord,
+        now: float,
+        waiting: int,
+        saturated: bool,
+        work_ahead: WorkAhead,
+    ) -> Reject | Downgrade | None:
+        """The verdict on a new request at ``now`` (seconds): ``None`` admits it as it is.
+
+        ``waiting``: requests WAITING before it; ``saturated``: no worker is idle;
+        ``work_ahead(deadline_s, now)``: seconds of predicted work that would run before a
+        request due at ``deadline_s`` (only called when ``saturated`` under ``queue``).
+        """
+        cfg = self.config
+        rid = rec.request_id
+        if self.queue_full(waiting):
+            return Reject(
+                rid,
+                reason=f"the waiting queue is full: {waiting} requests are waiting "
+                f"(admission.max_waiting = {cfg.max_waiting})",
+                retry_after_s=cfg.retry_after_s,
+            )
+        if cfg.action == "admit":
+            return None
+        own_s = self.predictor.predict(rec.remaining_tokens)
+        use_queue = saturated and cfg.estimate == "queue"
+        wait_s = work_ahead(rec.deadline_s, now) if use_queue else 0.0
+        if slack_s(rec.deadline_s, now + wait_s, own_s) >= 0.0:
+            return None
+        miss = (
+            f"predicted to miss its TTFT deadline: prefill {own_s:.3f}s"
+            + (f" after {wait_s:.3f}s of earlier work" if use_queue else "")
+            + f", {rec.deadline_s - now:.3f}s left"
+        )
+        if cfg.action == "downgrade":
+            looser = self._looser_classes(rec)
+            if looser is None:
+                miss += "; an explicit TTFT target cannot be downgraded"
+            else:
+                for cls in looser:
+                    deadline = rec.arrival_s + cls.ttft_slo_s
+                    wait_s = work_ahead(deadline, now) if use_queue else 0.0
+                    if slack_s(deadline, now + wait_s, own_s) >= 0.0:
+                        return Downgrade(rid, cls.name, cls.ttft_slo_s)
+                miss += "; no looser SLO class would make it"
+        return Reject(rid, reason=miss, retry_after_s=cfg.retry_after_s)
+
+    def _looser_classes(self, rec: RequestRecord) -> list[SLOClass] | None:
+        """Classes with a larger target than ``rec``'s, tightest first; ``None`` when the
+        request's target is not its class's target (an explicit per-request target)."""
+        own = next((c for c in self._classes if c.name == rec.slo_class), None)
+        if own is None or not math.isclose(own.ttft_slo_s, rec.ttft_slo_s, rel_tol=1e-9):
+            return None
+        return [c for c in self._classes if c.ttft_slo_s > rec.ttft_slo_s]
