@@ -46,6 +46,7 @@ _PAUSING = WorkerState.PAUSING
 
 class FlowPrefillPolicy(Policy):
     name = "flowprefill"
+    preemptive = True
 
     def __init__(
         self,

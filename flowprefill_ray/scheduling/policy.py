@@ -77,6 +77,9 @@ class Policy(ABC):
     """Base of all policies. Decisions happen only in ``on_event``."""
 
     name: ClassVar[str]
+    # Whether a waiting request can take a worker from a running unit that ranks below it
+    # (then only running units that rank before a newcomer delay it).
+    preemptive: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -91,7 +94,9 @@ class Policy(ABC):
         self.slo = slo or DEFAULT_SLO_CONFIG
         self.admission = AdmissionControl(config.admission, predictor, self.slo)
         # Only the `queue` estimate needs the index; the count is kept for max_waiting.
-        self._waiting_work = WaitingWork(predictor) if self.admission.uses_queue_estimate else None
+        self.waiting_work: WaitingWork | None = (
+            WaitingWork(predictor) if self.admission.uses_queue_estimate else None
+        )
         self.waiting = 0  # requests WAITING (queued, admitted, not started)
         self.requests: dict[str, RequestRecord] = {}
         self.workers: dict[str, WorkerRecord] = {}
@@ -175,9 +180,7 @@ class Policy(ABC):
         self._next_order += 1
         self.requests[rid] = rec
         self.counters["arrivals"] += 1
-        verdict = self.admission.decide(
-            rec, now, self.waiting, self._saturated(), self.work_ahead_s
-        )
+        verdict = self.admission.decide(rec, now, self.waiting, self._saturated(), self)
         if isinstance(verdict, Reject):
             rec.status = _REJECTED
             self.counters["rejects"] += 1
@@ -304,15 +307,15 @@ class Policy(ABC):
         """Make ``rec`` WAITING and queue it (a new, re-queued or evicted request)."""
         rec.status = _WAITING
         self.waiting += 1
-        if self._waiting_work is not None:
-            self._waiting_work.add(rec, now)
+        if self.waiting_work is not None:
+            self.waiting_work.add(rec, now)
         self._enqueue(rec, now)
 
     def _left_waiting(self, rec: RequestRecord) -> None:
         """``rec`` stops WAITING (it starts or is cancelled); its queue entry goes stale."""
         self.waiting -= 1
-        if self._waiting_work is not None:
-            self._waiting_work.remove(rec.request_id)
+        if self.waiting_work is not None:
+            self.waiting_work.remove(rec.request_id)
 
     def _saturated(self) -> bool:
         """No worker is idle (with no workers at all, nothing can run either)."""
@@ -326,14 +329,34 @@ class Policy(ABC):
         units + log n))."""
         total = 0.0
         for w in self.workers.values():
-            if w.running is not None:
-                total += self.unit_remaining_s(w.running, now)
+            u = w.running
+            if u is not None and (
+                not self.preemptive
+                or (u.deadline_s <= deadline_s and self.unit_slack_s(u, now) >= 0.0)
+            ):
+                total += self.unit_remaining_s(u, now)
             for u in w.paused.values():
                 if u.deadline_s <= deadline_s and self.unit_slack_s(u, now) >= 0.0:
                     total += self.unit_remaining_s(u, now)
-        if self._waiting_work is not None:
-            total += self._waiting_work.work_before_s(deadline_s, now)
+        if self.waiting_work is not None:
+            total += self.waiting_work.work_before_s(deadline_s, now)
         return total / len(self.workers) if self.workers else float("inf")
+
+    def spare_work_s(self, deadline_s: float, now: float) -> float:
+        """Seconds of prefill a request due at ``deadline_s`` may add without pushing a
+        protected waiting request due later past its deadline, charging every running unit
+        and every feasible paused unit before that request (``inf`` when nothing is
+        protected or the ``queue`` estimate is off)."""
+        if self.waiting_work is None or not self.config.admission.protect_admitted:
+            return float("inf")
+        busy = 0.0
+        for w in self.workers.values():
+            if w.running is not None:
+                busy += self.unit_remaining_s(w.running, now)
+            for u in w.paused.values():
+                if self.unit_slack_s(u, now) >= 0.0:
+                    busy += self.unit_remaining_s(u, now)
+        return self.waiting_work.spare_work_s(deadline_s, now, len(self.workers), busy)
 
     # ------------------------------------------------------------------ decision helpers
 
@@ -491,5 +514,9 @@ class Policy(ABC):
             "paused_units": sum(len(w.paused) for w in self.workers.values()),
             "paused_tokens": {wid: self.paused_tokens(w) for wid, w in self.workers.items()},
             "waiting": self.waiting,
+            # Waiting requests the queue estimate gave up protecting (admission.py).
+            "admission_unprotected": (
+                self.waiting_work.unprotected if self.waiting_work is not None else 0
+            ),
             "predictor_correction": self.predictor.correction,
         }
