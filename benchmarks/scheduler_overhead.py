@@ -10,6 +10,15 @@ queue back up to its depth. Requests mix the four paper SLO classes with prompts
 32..8192 tokens; simulated time advances 1 ms per event so requests keep turning late (the
 lazy feasible -> late migration is exercised). Reports p50 / p99 microseconds per event
 kind; the target is p99 <= 200 us at 10,000 queued requests.
+
+Admission control is off by default (``action=admit`` and no ``max_waiting``, which would
+otherwise refuse the arrivals at exactly 10,000 queued). ``--admission queue`` turns it on
+(``action=reject``, ``estimate=queue``, ``protect_admitted``): every arrival then also runs
+the queue estimate. Admission itself bounds the queue, so the top-up stops at the first
+rejected arrival; the rows report the mean number of requests actually waiting
+(``waiting_mean``) next to the depth asked for. ``--slo-scale`` multiplies the TTFT targets
+(with more workers it lets admission hold thousands of requests, to time the queue estimate at
+that size).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import time
 from pathlib import Path
 
 from flowprefill_ray.scheduling import (
+    AdmissionConfig,
     PolicyConfig,
     Request,
     TTFTPredictor,
@@ -32,6 +42,7 @@ from flowprefill_ray.scheduling import (
 from flowprefill_ray.scheduling.events import (
     Arrival,
     Preempt,
+    Reject,
     RunUnit,
     UnitCompleted,
     UnitPaused,
@@ -51,9 +62,18 @@ def profile_predictor() -> TTFTPredictor:
 class Driver:
     """Feeds one policy a steady stream of events and times each ``on_event`` call."""
 
-    def __init__(self, name: str, workers: int, seed: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        workers: int,
+        seed: int,
+        admission: AdmissionConfig | None = None,
+        slo_scale: float = 1.0,
+    ) -> None:
+        self.slo_scale = slo_scale
         self.predictor = profile_predictor()
-        self.policy = make_policy(PolicyConfig(name=name), self.predictor)
+        config = PolicyConfig(name=name, admission=admission or AdmissionConfig(max_waiting=None))
+        self.policy = make_policy(config, self.predictor)
         self.rng = random.Random(seed)
         self.now = 0.0
         self.next_id = 0
@@ -62,6 +82,8 @@ class Driver:
         # mostly the OS running someone else; the CPU time is what the policy itself costs.
         self.cpu_ns: dict[str, list[int]] = {"arrival": [], "completion": [], "paused": []}
         self.waiting = 0  # requests not yet started, tracked from the events and decisions
+        self.rejected = False  # the last arrival was refused by admission control
+        self.waiting_seen: list[int] = []  # policy.waiting after each timed round
         for i in range(workers):
             self.policy.on_event(WorkerJoined(f"w{i}"), self.now)
 
@@ -73,7 +95,7 @@ class Driver:
             arrival_s=self.now,
             prompt_tokens=self.rng.randint(32, 8192),
             slo_class=name,
-            ttft_slo_s=slo,
+            ttft_slo_s=slo * self.slo_scale,
         )
 
     def _event(self, kind: str | None, event) -> None:
@@ -88,7 +110,11 @@ class Driver:
             self.cpu_ns[kind].append(cpu)
         if isinstance(event, Arrival):
             self.waiting += 1
+            self.rejected = False
         for d in decisions:
+            if isinstance(d, Reject):
+                self.waiting -= 1
+                self.rejected = True
             if isinstance(d, RunUnit):
                 self.waiting -= sum(1 for item in d.unit.items if item.start == 0)
             elif isinstance(d, Preempt):
@@ -98,6 +124,8 @@ class Driver:
     def fill(self, depth: int) -> None:
         while self.waiting < depth:
             self._event(None, Arrival(self._request()))
+            if self.rejected:  # admission control holds the queue below `depth`
+                break
 
     def round(self, depth: int, timed: bool) -> None:
         self._event("arrival" if timed else None, Arrival(self._request()))
@@ -111,6 +139,8 @@ class Driver:
                 "completion" if timed else None, UnitCompleted(w.worker_id, unit.unit_id, executed)
             )
         self.fill(depth)
+        if timed:
+            self.waiting_seen.append(self.policy.waiting)
 
 
 def percentile(values: list[int], q: float) -> float:
@@ -126,12 +156,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2000, help="timed rounds per cell")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--admission",
+        choices=("admit", "queue"),
+        default="admit",
+        help="admit: no admission control; queue: reject on the queue estimate",
+    )
+    parser.add_argument("--slo-scale", type=float, default=1.0, help="multiplies TTFT targets")
     args = parser.parse_args(argv)
+    action = "reject" if args.admission == "queue" else "admit"
+    admission = AdmissionConfig(action=action, estimate="queue", max_waiting=None)
 
     rows = []
     for name in args.policies.split(","):
         for depth in (int(d) for d in args.depths.split(",")):
-            driver = Driver(name, args.workers, args.seed)
+            driver = Driver(name, args.workers, args.seed, admission, args.slo_scale)
             driver.fill(depth)
             for _ in range(200):  # warm-up: let units, pauses and late requests accumulate
                 driver.round(depth, timed=False)
@@ -154,17 +193,20 @@ def main(argv: list[str] | None = None) -> int:
                         "cpu_p50_us": percentile(driver.cpu_ns[kind], 0.50),
                         "cpu_p99_us": percentile(driver.cpu_ns[kind], 0.99),
                         "preemptions_in_cell": preemptions,
+                        "waiting_mean": statistics.fmean(driver.waiting_seen),
                     }
                 )
 
+    print(f"admission: {admission.model_dump()}")
     print(
-        f"{'policy':<12}{'queued':>8}  {'event':<11}{'n':>6}"
+        f"{'policy':<12}{'queued':>8}{'waiting':>9}  {'event':<11}{'n':>6}"
         f"{'p50 us':>9}{'p99 us':>9}{'cpu p50':>9}{'cpu p99':>9}"
     )
     for r in rows:
         print(
-            f"{r['policy']:<12}{r['queued']:>8}  {r['event']:<11}{r['samples']:>6}"
-            f"{r['p50_us']:>9.1f}{r['p99_us']:>9.1f}{r['cpu_p50_us']:>9.1f}{r['cpu_p99_us']:>9.1f}"
+            f"{r['policy']:<12}{r['queued']:>8}{r['waiting_mean']:>9.0f}  {r['event']:<11}"
+            f"{r['samples']:>6}{r['p50_us']:>9.1f}{r['p99_us']:>9.1f}{r['cpu_p50_us']:>9.1f}"
+            f"{r['cpu_p99_us']:>9.1f}"
         )
     at_10k = [r for r in rows if r["queued"] >= 10000 and r["event"] != "paused"]
     for key in ("p99_us", "cpu_p99_us"):
@@ -184,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 "python": platform.python_version(),
                 "machine": platform.machine(),
                 "target_p99_us": TARGET_P99_US,
+                "admission": admission.model_dump(),
                 "rows": rows,
             },
             indent=2,

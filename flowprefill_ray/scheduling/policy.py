@@ -98,6 +98,8 @@ class Policy(ABC):
             WaitingWork(predictor) if self.admission.uses_queue_estimate else None
         )
         self.waiting = 0  # requests WAITING (queued, admitted, not started)
+        self._loads: list[tuple[float, bool, bool, float]] = []  # see _unit_loads
+        self._loads_key: tuple[int, float] | None = None
         self.requests: dict[str, RequestRecord] = {}
         self.workers: dict[str, WorkerRecord] = {}
         self.units: dict[int, UnitRecord] = {}  # running, pausing and paused units
@@ -321,23 +323,42 @@ class Policy(ABC):
         """No worker is idle (with no workers at all, nothing can run either)."""
         return all(w.state is not WorkerState.IDLE for w in self.workers.values())
 
+    def _unit_loads(self, now: float) -> list[tuple[float, bool, bool, float]]:
+        """``(deadline_s, running, feasible, remaining_s)`` of every running, pausing and
+        paused unit at ``now``. Computed once per event: an arrival under ``downgrade`` asks
+        the estimate once per candidate class, and the state does not change in between."""
+        key = (self.counters["events"], now)
+        if self._loads_key != key:
+            loads = []
+            predict = self.predictor.predict
+            for w in self.workers.values():
+                u = w.running
+                if u is not None:
+                    ran = now - u.started_at_s  # as in UnitRecord.executed_at, inlined
+                    left = predict(u.tokens) - u.executed_s - (ran if ran > 0.0 else 0.0)
+                    remaining = left if left > 0.0 else 0.0
+                    feasible = u.deadline_s - now - remaining >= 0.0  # slack_s >= 0
+                    loads.append((u.deadline_s, True, feasible, remaining))
+                if w.paused:
+                    for u in w.paused.values():
+                        left = predict(u.tokens) - u.executed_s  # paused: no time accrues
+                        remaining = left if left > 0.0 else 0.0
+                        feasible = u.deadline_s - now - remaining >= 0.0
+                        loads.append((u.deadline_s, False, feasible, remaining))
+            self._loads, self._loads_key = loads, key
+        return self._loads
+
     def work_ahead_s(self, deadline_s: float, now: float) -> float:
         """Predicted seconds until a request due at ``deadline_s`` would start, if every
         worker shared the work that runs before it under earliest-deadline-first: running
-        units' remaining compute, paused units due no later and still feasible, and waiting
-        feasible requests due no later (the ``queue`` admission estimate, O(workers + paused
-        units + log n))."""
+        units' remaining compute (under a preemptive policy only those due no later and still
+        feasible), paused units due no later and still feasible, and waiting feasible
+        requests due no later (the ``queue`` admission estimate, O(units + log n))."""
         total = 0.0
-        for w in self.workers.values():
-            u = w.running
-            if u is not None and (
-                not self.preemptive
-                or (u.deadline_s <= deadline_s and self.unit_slack_s(u, now) >= 0.0)
-            ):
-                total += self.unit_remaining_s(u, now)
-            for u in w.paused.values():
-                if u.deadline_s <= deadline_s and self.unit_slack_s(u, now) >= 0.0:
-                    total += self.unit_remaining_s(u, now)
+        anyway = not self.preemptive  # a running unit keeps its worker whatever its rank
+        for due, running, feasible, remaining in self._unit_loads(now):
+            if (running and anyway) or (feasible and due <= deadline_s):
+                total += remaining
         if self.waiting_work is not None:
             total += self.waiting_work.work_before_s(deadline_s, now)
         return total / len(self.workers) if self.workers else float("inf")
@@ -349,13 +370,11 @@ class Policy(ABC):
         protected or the ``queue`` estimate is off)."""
         if self.waiting_work is None or not self.config.admission.protect_admitted:
             return float("inf")
-        busy = 0.0
-        for w in self.workers.values():
-            if w.running is not None:
-                busy += self.unit_remaining_s(w.running, now)
-            for u in w.paused.values():
-                if self.unit_slack_s(u, now) >= 0.0:
-                    busy += self.unit_remaining_s(u, now)
+        busy = sum(
+            remaining
+            for _, running, feasible, remaining in self._unit_loads(now)
+            if running or feasible
+        )
         return self.waiting_work.spare_work_s(deadline_s, now, len(self.workers), busy)
 
     # ------------------------------------------------------------------ decision helpers

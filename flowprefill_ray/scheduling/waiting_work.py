@@ -58,7 +58,7 @@ class _RingTree:
     slots ``b``, of ``start(b) * workers - (work of its slots from its first up to b)``,
     in seconds (``inf`` if none)."""
 
-    __slots__ = ("bucket", "low", "protected", "size", "slot_ns", "work", "workers")
+    __slots__ = ("bucket", "low", "protected", "size", "slot_ns", "version", "work", "workers")
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -68,9 +68,11 @@ class _RingTree:
         self.protected = [0] * size  # protected requests per slot
         self.bucket = [0] * size  # absolute bucket of the requests in each slot
         self.workers = 1
+        self.version = 0  # bumped on every change: lets a caller reuse a query's answer
 
     def refresh(self, slot: int) -> None:
         """Recompute leaf ``slot`` and its ancestors from the slot's contents."""
+        self.version += 1
         work, low = self.work, self.low
         i = slot + self.size
         ns = self.slot_ns[slot]
@@ -158,6 +160,10 @@ class WaitingWork:
         self._now = 0.0
         self._window = 0  # first bucket of the ring window: the bucket of the latest `now`
         self.unprotected = 0  # requests the estimate gave up protecting
+        # (window, last bucket, tree version) -> ring work ns of window..last: an arrival asks
+        # work_before_s and then spare_work_s for the same deadline.
+        self._prefix_key: tuple[int, int, int] | None = None
+        self._prefix_ns = 0
 
     def __len__(self) -> int:
         """Requests indexed (waiting and not yet late)."""
@@ -219,7 +225,15 @@ class WaitingWork:
             # Beyond the horizon: the whole ring plus the few far entries due by then.
             far = sum(e.work_ns for _, _, e in self._beyond_horizon if e.live and e.bucket <= last)
             return (self._tree.work[1] + far) / _NS
-        return self._ring_query(self._window, last)[0] / _NS
+        return self._prefix(last) / _NS
+
+    def _prefix(self, last: int) -> int:
+        """Ring work ns of buckets ``window..last`` (``window <= last < window + BUCKETS``)."""
+        key = (self._window, last, self._tree.version)
+        if key != self._prefix_key:
+            self._prefix_ns = self._ring_query(self._window, last)[0]
+            self._prefix_key = key
+        return self._prefix_ns
 
     def spare_work_s(self, deadline_s: float, now: float, workers: int, busy_s: float) -> float:
         """Seconds of work (on one worker) that can still run before a request due at
@@ -239,7 +253,7 @@ class WaitingWork:
         last = self._window + BUCKETS - 1
         if first > last:
             return _INF
-        before_ns = self._ring_query(self._window, first - 1)[0] if first > self._window else 0
+        before_ns = self._prefix(first - 1) if first > self._window else 0
         low = self._ring_query(first, last)[1]
         # Far entries are not protected until they reach the ring (a minute away).
         return low - before_ns / _NS - floor
