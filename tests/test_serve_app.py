@@ -30,6 +30,15 @@ MODEL = "flowprefill-tiny"
 # Targets x20: a busy 2-core CI machine must not miss SLOs by accident; the one request meant
 # to be rejected asks for 10 microseconds.
 SLO_SCALE = 20.0
+# The default classes plus one no prompt can meet (0.2 ms after scaling): admission control
+# downgrades its requests to "text", the tightest class they can make.
+SLO_CLASSES = [
+    {"name": "text", "ttft_slo_s": 0.25, "tpot_slo_s": 0.1},
+    {"name": "image", "ttft_slo_s": 0.5, "tpot_slo_s": 0.1},
+    {"name": "search", "ttft_slo_s": 4.0, "tpot_slo_s": 0.1},
+    {"name": "file", "ttft_slo_s": 6.0, "tpot_slo_s": 0.1},
+    {"name": "instant", "ttft_slo_s": 1e-5, "tpot_slo_s": 0.1},
+]
 CONTEXT_TOKENS = 16384  # the tiny checkpoint's max_position_embeddings
 
 
@@ -56,9 +65,11 @@ def app_args(cache_dir: str) -> dict:
             # Admission control on, so an impossible TTFT target is refused with 429.
             "policy": {
                 "name": "flowprefill",
-                "admission": {"action": "reject", "estimate": "alone", "retry_after_s": 2.0},
+                # A request that cannot make its class is served under a looser one; one
+                # with an explicit target has none to go to and is refused.
+                "admission": {"action": "downgrade", "estimate": "alone", "retry_after_s": 2.0},
             },
-            "slo": {"scale": SLO_SCALE},
+            "slo": {"scale": SLO_SCALE, "classes": SLO_CLASSES},
             "prefill": {"profile_tokens": [16, 64, 128, 256, 512], "profile_repeats": 1},
             "decode": {"kv_blocks": 512, "block_size": 16, "max_batch_size": 16},
             "name_prefix": NAME_PREFIX,
@@ -321,7 +332,7 @@ def test_each_bad_input_gets_a_clear_4xx_while_a_good_request_completes(live_app
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}, name
         assert error["message"], name
-    assert "known classes: file, image, search, text" in bad["unknown SLO class"].json()[
+    assert "known classes: file, image, instant, search, text" in bad["unknown SLO class"].json()[
         "error"]["message"]
     assert int(bad["impossible TTFT target"].headers["Retry-After"]) >= 1
     assert bad["huge max_tokens"].json()["error"]["param"] == "max_tokens"
@@ -431,6 +442,10 @@ async def _exercise_every_metric(url: str) -> dict:
             "model": MODEL, "prompt": "urgent", "max_tokens": 2, "slo_class": "text"})
         rejected = await http.post("/v1/completions", json={
             "model": MODEL, "prompt": "late", "max_tokens": 2, "ttft_slo_ms": 0.01})
+        downgraded = await http.post("/v1/completions", json={
+            "model": MODEL, "prompt": "hurry", "max_tokens": 2, "slo_class": "instant"})
+        info = downgraded.json()["flowprefill"]
+        assert (info["slo_class"], info["downgraded_from"]) == ("text", "instant"), info
         long = await long_task
         # SLO misses: a crowd of requests at once, each with a target a multiple of what
         # one of them takes alone here; the ones queued behind others miss it. The machine's

@@ -59,6 +59,8 @@ class TokenOutput:
     ``text`` is the text delta. Times in seconds, measured by this client: ``ttft_s`` from
     ``submit`` to the first token, ``tpot_s`` the mean time per output token after the first
     so far. ``queue_s`` (arrival to first run) and ``preemptions`` come from the scheduler.
+    ``slo_class``/``ttft_slo_s`` are what the request is served under; ``downgraded_from`` names
+    the class it asked for when admission control moved it to a looser one (else None).
     """
 
     request_id: str
@@ -72,6 +74,7 @@ class TokenOutput:
     preemptions: int
     slo_class: str
     ttft_slo_s: float
+    downgraded_from: str | None = None
 
 
 class RequestStream:
@@ -394,8 +397,9 @@ class FlowPrefillEngine:
             tpot_s,
             done.queue_s if done else 0.0,
             done.preemptions if done else 0,
-            slo_class,
+            done.slo_class if done else slo_class,
             done.ttft_slo_s if done else 0.0,
+            done.requested_slo_class if done else None,
         )
 
     def _record(

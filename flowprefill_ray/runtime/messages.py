@@ -117,7 +117,8 @@ class PrefillDone:
     ttft_s: float
     preemptions: int
     ttft_slo_s: float
-    slo_class: str
+    slo_class: str  # the class it was served under (admission control may have downgraded it)
+    requested_slo_class: str | None = None  # set when that differs from the class asked for
 
 
 @dataclass(slots=True)

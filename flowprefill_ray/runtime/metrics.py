@@ -184,6 +184,13 @@ METRICS: tuple[MetricSpec, ...] = (
         "Requests refused by admission control (HTTP 429).",
         ("slo_class",),
     ),
+    MetricSpec(
+        "flowprefill_requests_downgraded_total",
+        "counter",
+        "Requests admission control moved to a looser SLO class instead of rejecting them "
+        "(slo_class: the class asked for; served_class: the class served).",
+        ("slo_class", "served_class"),
+    ),
     MetricSpec("flowprefill_prompt_tokens_total", "counter", "Prompt tokens prefilled.", ()),
     MetricSpec("flowprefill_generation_tokens_total", "counter", "Tokens generated.", ()),
     # --- prefill scheduling (scheduler actor)

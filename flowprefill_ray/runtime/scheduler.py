@@ -29,6 +29,7 @@ from flowprefill_ray.scheduling.events import (
     Cancelled,
     Decision,
     Discard,
+    Downgrade,
     Event,
     Preempt,
     Reject,
@@ -72,6 +73,7 @@ class _Tracked:
     done: asyncio.Future
     first_run_s: float | None = None
     preemptions: int = 0
+    requested_slo_class: str | None = None  # set when admission control downgraded it
     workers: set[str] = field(default_factory=set)
 
 
@@ -102,7 +104,7 @@ class Scheduler:
     ):
         self.config = config
         self.predictor = predictor
-        self.policy = make_policy(config.policy, predictor)
+        self.policy = make_policy(config.policy, predictor, slo=config.slo)
         self._origin = time.monotonic()
         self._prefill = dict(prefill_workers)
         self._decode = {wid: _DecodeLoad(handle) for wid, handle in decode_workers.items()}
@@ -282,6 +284,8 @@ class Scheduler:
                 for wid, d in self._decode.items()
             },
             "predictor_correction": getattr(self.predictor, "correction", 1.0),
+            # The policy's own counters (preemptions, evictions, rejects, ...) and states.
+            "policy": self.policy.stats(),
         }
 
     # -------------------------------------------------------------- event handling
@@ -327,6 +331,8 @@ class Scheduler:
                 self._forget(rid, unit_gone=True)
         elif isinstance(decision, Reject):
             self._reject(decision)
+        elif isinstance(decision, Downgrade):
+            self._downgrade(decision)
         else:  # pragma: no cover - the contract has no other decisions
             raise TypeError(f"unknown decision {decision!r}")
 
@@ -459,6 +465,7 @@ class Scheduler:
                 tracked.preemptions,
                 request.ttft_target_s,
                 request.slo_class,
+                tracked.requested_slo_class,
             )
         )
 
@@ -549,6 +556,24 @@ class Scheduler:
             RequestRejectedError(decision.request_id, decision.reason, decision.retry_after_s)
         )
         self._forget(decision.request_id)
+
+    def _downgrade(self, decision: Downgrade) -> None:
+        tracked = self._requests.get(decision.request_id)
+        if tracked is None:
+            return
+        original = tracked.request.slo_class
+        tracked.requested_slo_class = original
+        # From here on the request is judged (SLO met/missed, metrics, client report) by the
+        # class it is served under; the client is told which it asked for.
+        tracked.request = tracked.request.model_copy(
+            update={"slo_class": decision.slo_class, "ttft_slo_s": decision.ttft_slo_s}
+        )
+        self._counts["downgraded"] += 1
+        self._metrics.inc(
+            "flowprefill_requests_downgraded_total",
+            slo_class=original,
+            served_class=decision.slo_class,
+        )
 
     def _cancel(self, request_id: str) -> bool:
         tracked = self._requests.pop(request_id, None)

@@ -286,6 +286,9 @@ def _extension(prepared: PreparedRequest, event) -> dict[str, Any]:
     }
     if event.tpot_s is not None:
         info["tpot_s"] = event.tpot_s
+    if event.downgraded_from is not None:
+        # Admission control served it under a looser class than the one asked for.
+        info["downgraded_from"] = event.downgraded_from
     return {"flowprefill": info}
 
 

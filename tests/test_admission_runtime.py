@@ -1,0 +1,144 @@
+"""Admission control and the paused-prefill memory budget, on the real runtime.
+
+The policy decides (tests/test_admission.py covers its logic without Ray); these tests check
+that the scheduler actor carries the decisions out: a downgraded request is served under the
+looser class and the client is told which class it asked for; a paused prefill evicted to stay
+within the budget is recomputed and still completes, and nothing stays held.
+
+One engine (one prefill worker, so preemptions are certain) with SLO classes made for the
+test: ``tight`` cannot be met by any prompt, ``urgent`` / ``mid`` / ``loose`` are met alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from conftest_ray import runtime_test_config
+
+from flowprefill_ray.model.sampling import SamplingParams
+from flowprefill_ray.runtime.config import RuntimeConfig
+from flowprefill_ray.runtime.engine import FlowPrefillEngine
+from flowprefill_ray.runtime.errors import RequestRejectedError
+
+pytestmark = pytest.mark.ray
+
+CLASSES = [
+    {"name": "tight", "ttft_slo_s": 0.002, "tpot_slo_s": 1.0},
+    {"name": "urgent", "ttft_slo_s": 20.0, "tpot_slo_s": 1.0},
+    {"name": "mid", "ttft_slo_s": 60.0, "tpot_slo_s": 1.0},
+    {"name": "loose", "ttft_slo_s": 120.0, "tpot_slo_s": 1.0},
+]
+LONG_TOKENS = 3000
+# Room for one paused long prompt, not two: the second preemption must evict the first.
+PAUSED_TOKEN_BUDGET = 4000
+SAMPLING = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def admission_engine(ray_local, runtime_cache_dir):
+    config = runtime_test_config_with(
+        runtime_cache_dir,
+        "flowprefill",
+        name_prefix="fp-admission",
+        slo={"classes": CLASSES, "default_class": "loose"},
+        policy_knobs={
+            "admission": {"action": "downgrade", "estimate": "alone"},
+            "paused_token_budget": PAUSED_TOKEN_BUDGET,
+        },
+    )
+    engine = asyncio.run(FlowPrefillEngine.start(config))
+    yield engine
+    asyncio.run(engine.shutdown())
+
+
+def runtime_test_config_with(cache_dir, policy, policy_knobs, **overrides):
+    config = runtime_test_config(cache_dir, policy, **overrides).model_dump()
+    config["policy"].update(policy_knobs)
+    return RuntimeConfig.model_validate(config)
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    return [(seed * 7919 + i * 104729) % 400 + 20 for i in range(length)]
+
+
+async def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_a_request_that_cannot_meet_its_class_is_served_under_a_looser_one(admission_engine):
+    engine = admission_engine
+
+    async def scenario():
+        before = (await engine.stats())["scheduler"]["counts"].get("downgraded", 0)
+        outs = await engine.generate(prompt(1, 200), SAMPLING, slo="tight")
+        # An explicit target has no looser class to go to: refused, with a reason.
+        with pytest.raises(RequestRejectedError, match="predicted"):
+            await engine.generate(prompt(2, 200), SAMPLING, slo=0.001)
+        after = (await engine.stats())["scheduler"]["counts"]["downgraded"]
+        return outs, after - before
+
+    outs, downgraded = asyncio.run(scenario())
+    final = outs[-1]
+    assert final.finish_reason == "length" and final.index == SAMPLING.max_tokens - 1
+    # The tightest looser class it can make: "urgent", not "mid" or "loose".
+    assert (final.slo_class, final.downgraded_from) == ("urgent", "tight")
+    assert final.ttft_slo_s == pytest.approx(20.0)
+    assert downgraded == 1
+    # A request that can make its own class is not touched.
+    plain = asyncio.run(engine.generate(prompt(3, 50), SAMPLING, slo="mid"))[-1]
+    assert (plain.slo_class, plain.downgraded_from) == ("mid", None)
+
+
+def test_paused_prefills_stay_within_the_budget_by_evicting_and_recomputing(admission_engine):
+    """A (loose) runs and is preempted by B (mid); B is preempted by C (urgent). Keeping both
+    A and B paused would hold 6000 prompt tokens, over the 4000 budget: A is evicted (its
+    paused state dropped), and recomputed from its first token later. All three complete."""
+    engine = admission_engine
+
+    async def scenario():
+        async def stats():
+            return (await engine.stats())["scheduler"]
+
+        first = await stats()
+        evictions_before = first["policy"]["evictions"]
+
+        async def run(ids, slo):
+            return await engine.generate(ids, SAMPLING, slo=slo)
+
+        a = asyncio.create_task(run(prompt(10, LONG_TOKENS), "loose"))
+        await wait_for(
+            lambda: _has(stats, lambda s: any(s["running_units"].values())), 60, "A to run"
+        )
+        b = asyncio.create_task(run(prompt(11, LONG_TOKENS), "mid"))
+        await wait_for(
+            lambda: _has(stats, lambda s: sum(map(len, s["paused_units"].values())) == 1),
+            60,
+            "A to be paused for B",
+        )
+        c = asyncio.create_task(run(prompt(12, 64), "urgent"))
+        results = await asyncio.wait_for(asyncio.gather(a, b, c), 180)
+        return evictions_before, results, await engine.stats()
+
+    evictions_before, results, stats = asyncio.run(scenario())
+    for outs in results:
+        assert outs[-1].finish_reason == "length" and outs[-1].index == SAMPLING.max_tokens - 1
+    policy = stats["scheduler"]["policy"]
+    assert policy["evictions"] == evictions_before + 1, policy
+    assert policy["preemptions"] >= 2, policy
+    # A restarted from token 0 and still completed; nothing is held afterwards.
+    worker = stats["prefill_workers"]["prefill-0"]
+    assert worker["paused_units"] == 0 and worker["paused_bytes"] == 0
+    assert worker["held_kv_bytes"] == 0
+    assert stats["decode_workers"]["decode-0"]["used_blocks"] == 0
+
+
+async def _has(stats, check):
+    return check(await stats())
