@@ -22,10 +22,11 @@ import asyncio
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from provenance import command_line
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,7 +70,7 @@ def engine_config(args: argparse.Namespace, cache_dir: str) -> dict:
     }
 
 
-async def soak(args: argparse.Namespace) -> dict:
+async def soak(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     from flowprefill_ray.reliability.steady_load import (
         LoadClass,
         measure_prefill_s,
@@ -98,7 +99,7 @@ async def soak(args: argparse.Namespace) -> dict:
     finally:
         await engine.shutdown()
     return {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(__file__, argv),
         "args": vars(args),
         "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "load_avg_at_end": os.getloadavg(),
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=8)
     started = time.monotonic()
     try:
-        result = asyncio.run(soak(args))
+        result = asyncio.run(soak(args, argv))
     finally:
         ray.shutdown()
     result["wall_s"] = time.monotonic() - started
