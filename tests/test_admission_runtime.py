@@ -12,10 +12,9 @@ test: ``tight`` cannot be met by any prompt, ``urgent`` / ``mid`` / ``loose`` ar
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
-from conftest_ray import runtime_test_config
+from conftest_ray import runtime_test_config, wait_for
 
 from flowprefill_ray.model.sampling import SamplingParams
 from flowprefill_ray.runtime.config import RuntimeConfig
@@ -61,16 +60,6 @@ def runtime_test_config_with(cache_dir, policy, policy_knobs, **overrides):
 
 def prompt(seed: int, length: int) -> list[int]:
     return [(seed * 7919 + i * 104729) % 400 + 20 for i in range(length)]
-
-
-async def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def test_a_request_that_cannot_meet_its_class_is_served_under_a_looser_one(admission_engine):

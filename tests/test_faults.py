@@ -17,7 +17,7 @@ import time
 
 import pytest
 import ray
-from conftest_ray import runtime_test_config
+from conftest_ray import runtime_test_config, wait_for
 
 from flowprefill_ray.model.sampling import SamplingParams
 from flowprefill_ray.runtime.engine import FlowPrefillEngine
@@ -79,14 +79,18 @@ def worker_pid(handle, timeout_s: float = 90.0) -> int:
             time.sleep(0.2)
 
 
-async def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+async def watched(engine, ids, sampling, progress: dict[str, int], slo: str = "file"):
+    """``("ended" | "failed" | "lost", request_id, final TokenOutput or error)``, recording
+    the index of each request's latest token in ``progress`` as it streams."""
+    stream = engine.submit(ids, sampling, slo=slo)
+    try:
+        async for out in stream:
+            progress[stream.request_id] = out.index
+            if out.finish_reason is not None:
+                return "ended", stream.request_id, out
+    except RuntimeEngineError as error:
+        return "failed", stream.request_id, error
+    return "lost", stream.request_id, None
 
 
 def test_prefill_worker_killed_mid_prefill_requeues_its_requests_and_comes_back(fault_engine):
@@ -169,18 +173,10 @@ def test_decode_worker_killed_mid_decode_fails_its_requests_clearly_then_restart
     async def scenario():
         progress: dict[str, int] = {}
 
-        async def watched(i: int):
-            stream = engine.submit(prompt(200 + i, 64), sampling, slo="file")
-            try:
-                async for out in stream:
-                    progress[stream.request_id] = out.index
-                    if out.finish_reason is not None:
-                        return "ended", stream.request_id, out
-            except RuntimeEngineError as error:
-                return "failed", stream.request_id, error
-            return "lost", stream.request_id, None
-
-        tasks = [asyncio.create_task(watched(i)) for i in range(4)]
+        tasks = [
+            asyncio.create_task(watched(engine, prompt(200 + i, 64), sampling, progress))
+            for i in range(4)
+        ]
 
         async def all_decoding():
             return len(progress) == 4 and min(progress.values()) >= 3
@@ -228,19 +224,9 @@ def test_scheduler_killed_under_load_restarts_and_fails_only_its_prefills_clearl
         old = (await engine.stats())["scheduler"]
         progress: dict[str, int] = {}
 
-        async def watched(i: int, ids, sampling):
-            stream = engine.submit(ids, sampling, slo="file")
-            try:
-                async for out in stream:
-                    progress[stream.request_id] = out.index
-                    if out.finish_reason is not None:
-                        return "ended", stream.request_id, out
-            except RuntimeEngineError as error:
-                return "failed", stream.request_id, error
-            return "lost", stream.request_id, None
-
         decoding = [
-            asyncio.create_task(watched(i, prompt(400 + i, 64), sampling_long)) for i in range(3)
+            asyncio.create_task(watched(engine, prompt(400 + i, 64), sampling_long, progress))
+            for i in range(3)
         ]
 
         async def all_decoding():
@@ -248,7 +234,8 @@ def test_scheduler_killed_under_load_restarts_and_fails_only_its_prefills_clearl
 
         await wait_for(all_decoding, 60, "3 requests to be decoding")
         in_prefill = [
-            asyncio.create_task(watched(10 + i, prompt(500 + i), sampling_short)) for i in range(6)
+            asyncio.create_task(watched(engine, prompt(500 + i), sampling_short, progress))
+            for i in range(6)
         ]
 
         async def prefilling():
