@@ -2,11 +2,10 @@
 
     .venv/bin/python benchmarks/admission_overload.py --out results/admission_overload.json
 
-Two prefill workers at 4e-4 s per prompt token (2 layers x 2 blocks x 1e-4 s per token, no
-overheads: batching buys nothing, so capacity is exact): prompts uniform in 100..900 tokens
-take 0.2 s on average, so the workers serve 10 requests/s. Requests arrive as a Poisson
-stream at ``--rate`` (30/s: 3x), classes in turn text / image / search / file at ``--slo-scale``
-(2) times the paper's targets (0.5 / 1 / 8 / 12 s). Each policy runs under each admission
+The scenario of ``flowprefill_ray/simulator/overload.py`` (the one tests/test_admission.py
+checks): two prefill workers serving 10 requests/s, Poisson arrivals at ``--rate`` (30/s: 3x),
+classes in turn text / image / search / file at ``--slo-scale`` (2) times the paper's targets
+(0.5 / 1 / 8 / 12 s). Each policy runs under each admission
 setting, for ``--requests`` arrivals and for twice as many (to see whether the queue grows
 with the length of the overload).
 
@@ -23,18 +22,14 @@ import json
 import platform
 from pathlib import Path
 
-from flowprefill_ray.scheduling import AdmissionConfig, PolicyConfig, SLOConfig, make_policy
-from flowprefill_ray.simulator import (
-    MeasuredCostModel,
-    MeasuredProfile,
-    Simulator,
-    SimulatorConfig,
+from flowprefill_ray.scheduling import AdmissionConfig, SLOConfig
+from flowprefill_ray.simulator.experiment import fit_predictor
+from flowprefill_ray.simulator.overload import (
+    linear_cost_model,
+    overload_requests,
+    simulate_admission,
 )
-from flowprefill_ray.simulator.experiment import fit_predictor, fresh_copy
-from flowprefill_ray.workloads import SyntheticConfig, synthetic_workload
-from flowprefill_ray.workloads.synthetic import UniformLength
 
-CLASSES = ("text", "image", "search", "file")
 SETTINGS = {
     "admit": AdmissionConfig(action="admit"),
     "reject/alone": AdmissionConfig(action="reject", estimate="alone"),
@@ -44,19 +39,6 @@ SETTINGS = {
     "reject/queue": AdmissionConfig(action="reject", estimate="queue"),
     "downgrade/queue": AdmissionConfig(action="downgrade", estimate="queue"),
 }
-
-
-class WaitingPeak:
-    """Forwards events to a policy and records the most requests it held WAITING."""
-
-    def __init__(self, policy) -> None:
-        self.policy = policy
-        self.peak = 0
-
-    def on_event(self, event, now):
-        out = self.policy.on_event(event, now)
-        self.peak = max(self.peak, self.policy.waiting)
-        return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,34 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=5)
     args = parser.parse_args(argv)
 
-    profile = MeasuredProfile(
-        name="linear-4e-4",
-        num_layers=2,
-        attention=(0.0, 1e-4, 0.0),
-        mlp=(0.0, 1e-4),
-        overhead=(0.0, 0.0),
-        tail=(0.0, 0.0),
-    )
-    cost = MeasuredCostModel(profile)
+    cost = linear_cost_model()
     predictor = fit_predictor(cost)
     slo = SLOConfig(scale=args.slo_scale)
     rows = []
     for n in (args.requests, 2 * args.requests):
-        workload = synthetic_workload(
-            SyntheticConfig(
-                rate_per_s=args.rate,
-                num_requests=n,
-                prompt=UniformLength(low=100, high=900),
-                seed=args.seed,
-            )
-        )
-        workload = workload.with_slo_classes([CLASSES[i % 4] for i in range(n)])
-        requests = workload.to_requests(slo)
+        requests = overload_requests(n, slo, rate_per_s=args.rate, seed=args.seed)
         for name in args.policies.split(","):
             for label, admission in SETTINGS.items():
-                config = PolicyConfig(name=name, admission=admission)
-                probe = WaitingPeak(make_policy(config, fresh_copy(predictor), slo=slo))
-                result = Simulator(probe, cost, SimulatorConfig(num_workers=2)).run(requests)
+                result, peak = simulate_admission(
+                    requests, cost, predictor, slo, admission, policy=name
+                )
                 rows.append(
                     {
                         "policy": name,
@@ -107,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                         "admitted_attainment": result.admitted_attainment,
                         "rejected": result.rejected,
                         "downgraded": result.downgraded,
-                        "peak_waiting": probe.peak,
+                        "peak_waiting": peak,
                         "attainment_by_class": result.attainment_by_class(),
                         "makespan_s": result.makespan_s,
                     }

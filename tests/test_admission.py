@@ -38,10 +38,13 @@ from flowprefill_ray.scheduling.events import (
 )
 from flowprefill_ray.scheduling.records import RequestRecord
 from flowprefill_ray.scheduling.waiting_work import BUCKET_S, WaitingWork
-from flowprefill_ray.simulator import MeasuredCostModel, MeasuredProfile, Simulator, SimulatorConfig
+from flowprefill_ray.simulator import Simulator, SimulatorConfig
 from flowprefill_ray.simulator.experiment import fit_predictor, fresh_copy
-from flowprefill_ray.workloads import SyntheticConfig, synthetic_workload
-from flowprefill_ray.workloads.synthetic import UniformLength
+from flowprefill_ray.simulator.overload import (
+    linear_cost_model,
+    overload_requests,
+    simulate_admission,
+)
 
 SPT = 2.0**-10  # predicted seconds per prompt token
 
@@ -505,62 +508,25 @@ def test_a_unit_larger_than_the_budget_is_never_preempted():
 # --------------------------------------------------------------------------- simulation
 
 
-class WaitingPeak:
-    """Forwards events to a policy and records the most requests it ever held WAITING."""
-
-    def __init__(self, policy) -> None:
-        self.policy = policy
-        self.peak = 0
-
-    def on_event(self, event, now):
-        out = self.policy.on_event(event, now)
-        self.peak = max(self.peak, self.policy.waiting)
-        return out
-
-
-def _overload_requests(num_requests: int) -> list[Request]:
-    """~3x the capacity of 2 workers (see ``overload``), ``num_requests`` long (20 s per 600)."""
-    workload = synthetic_workload(
-        SyntheticConfig(
-            rate_per_s=30.0,
-            num_requests=num_requests,
-            prompt=UniformLength(low=100, high=900),
-            seed=5,
-        )
-    )
-    classes = ("text", "image", "search", "file")
-    workload = workload.with_slo_classes([classes[i % 4] for i in range(len(workload))])
-    return workload.to_requests(OVERLOAD_SLO)
-
-
 OVERLOAD_SLO = SLOConfig(scale=2.0)  # text / image / search / file: 0.5 / 1 / 8 / 12 s
 
 
 @pytest.fixture(scope="module")
 def overload():
-    """Two workers at 4e-4 s per token (two layers, 1e-4 s per token per block, no overheads):
-    prompts of 100..900 tokens take 0.2 s on average, so two workers serve 10 requests/s;
-    requests arrive at 30/s, classes in turn text/image/search/file at twice the paper's
-    targets. Runs of 600 and 1200 requests (20 s and 40 s of arrivals)."""
-    profile = MeasuredProfile(
-        name="round",
-        num_layers=2,
-        attention=(0.0, 1e-4, 0.0),
-        mlp=(0.0, 1e-4),
-        overhead=(0.0, 0.0),
-        tail=(0.0, 0.0),
-    )
-    cost = MeasuredCostModel(profile)
-    return cost, fit_predictor(cost), {n: _overload_requests(n) for n in (600, 1200)}
+    """The scenario of ``simulator/overload.py``: two workers serving 10 requests/s, requests
+    arriving at 30/s, classes in turn at twice the paper's targets. Runs of 600 and 1200
+    requests (20 s and 40 s of arrivals)."""
+    cost = linear_cost_model()
+    requests = {n: overload_requests(n, OVERLOAD_SLO) for n in (600, 1200)}
+    return cost, fit_predictor(cost), requests
 
 
 def _simulate(overload, admission: AdmissionConfig, budget: int | None = None, n: int = 600):
     """One flowprefill run; returns the result and the most requests ever WAITING."""
     cost, predictor, requests = overload
-    config = PolicyConfig(admission=admission, paused_token_budget=budget)
-    probe = WaitingPeak(make_policy(config, fresh_copy(predictor), slo=OVERLOAD_SLO))
-    result = Simulator(probe, cost, SimulatorConfig(num_workers=2)).run(requests[n])
-    return result, probe.peak
+    return simulate_admission(
+        requests[n], cost, predictor, OVERLOAD_SLO, admission, paused_token_budget=budget
+    )
 
 
 def test_at_3x_capacity_queue_admission_keeps_admitted_requests_on_time_and_the_queue_bounded(
