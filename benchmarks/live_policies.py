@@ -9,7 +9,7 @@ then the same trace slice is replayed open loop through the OpenAI-compatible AP
   in the sweep that held 90 %.
 
 With ``--simulate`` each live trial is also run through the discrete-event simulator (same
-requests, arrivals, lengths and SLO targets; the measured tiny-CPU cost model), to show how well
+requests, arrivals, lengths and SLO targets; the runtime tiny model's measured CPU profile), to show how well
 the simulator predicts the runtime. That comparison is only meaningful with ``--tiny``.
 
 Prints a table and ratios (flowprefill / each baseline) and writes JSON (``--out``) plus plots
@@ -40,7 +40,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--tiny", action="store_true", help="the tiny generated model (else SmolLM2)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="docs/ENVIRONMENT's tiny generated model, the one the simulator's CPU profile "
+        "prices (else SmolLM2)",
+    )
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--chunk-size", type=int, default=64, help="chunked policy's chunk (tokens)")
     p.add_argument("--mode", choices=["search", "sweep"], default="search")
@@ -64,6 +69,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def tiny_model_path() -> str:
+    """docs/ENVIRONMENT's tiny Llama (hidden 256), generated once into the runtime's model
+    cache. Not the runtime's own ``tiny`` (hidden 128, for tests): this is the model
+    ``simulator/profiles/tiny_cpu.json`` was measured on, so ``--simulate`` prices the very
+    model the live system serves, and its prefills are long enough on CPU to load the worker
+    before the HTTP stack saturates the two cores."""
+    from flowprefill_ray.model.checkpoints import ENVIRONMENT_TINY_SHAPE, cached_tiny_checkpoint
+    from flowprefill_ray.runtime.config import ModelSource
+    from flowprefill_ray.runtime.model_source import cache_dir
+
+    path = cache_dir(ModelSource()) / "tiny-llama-environment"
+    return str(cached_tiny_checkpoint(path, **ENVIRONMENT_TINY_SHAPE))
+
+
 def policy_config(name: str, chunk_size: int) -> dict[str, Any]:
     return {"name": name, "chunk_size": chunk_size} if name == "chunked" else {"name": name}
 
@@ -72,37 +91,41 @@ def add_simulation(
     results: dict[str, Any], replay: Any, slo: Any, chunk_size: int, trials_dir: Path
 ) -> dict[str, Any]:
     """Predict every live trial with the simulator, twice: with the committed tiny-CPU
-    profile as is (``simulated_*``), and with it scaled by the speed the live system showed
-    in the lowest-rate trial of each policy (``calibrated_*``; see
-    ``loadgen.sim_compare.calibration_factor``). Returns the calibration and the mean
+    profile as is (``simulated_*``), and calibrated to the live system (``calibrated_*``):
+    its compute speed and per-unit and per-response overheads, fitted to the lowest-rate trial
+    of each policy (``loadgen.sim_compare.calibrate``). Returns the calibration and the mean
     absolute gap between live and predicted attainment, in points."""
     from flowprefill_ray.simulator.measured import MeasuredCostModel
-    from loadgen.sim_compare import ScaledCostModel, calibration_factor, simulate_trials
+    from loadgen.sim_compare import calibrate, simulate_trials
 
-    base = MeasuredCostModel()
     calibration_requests = []
     for policy, r in results.items():
         if r and r["points"]:
             low = min(r["points"], key=lambda p: p["rate_scale"])
             path = trials_dir / policy / f"x{low['rate_scale']:.4g}" / "results.json"
             calibration_requests += json.loads(path.read_text())["requests"]
-    factor, used = calibration_factor(calibration_requests, base)
+    calibration = calibrate(calibration_requests)
     gaps: dict[str, list[float]] = {"simulated": [], "calibrated": []}
     for policy, r in results.items():
         if not r:
             continue
         config = policy_config(policy, chunk_size)
-        simulate_trials(r["points"], replay, slo, config, base, prefix="simulated")
+        simulate_trials(r["points"], replay, slo, config, prefix="simulated")
         simulate_trials(
-            r["points"], replay, slo, config, ScaledCostModel(base, factor), prefix="calibrated"
+            r["points"], replay, slo, config, prefix="calibrated", calibration=calibration
         )
         for p in r["points"]:
             for prefix, values in gaps.items():
                 values.append(abs(p["attainment"] - p[f"{prefix}_attainment"]) * 100)
     return {
-        "cost_model": base.name,
-        "calibration_factor": factor,
-        "calibration_requests": used,
+        "cost_model": MeasuredCostModel().name,
+        "calibration": {
+            "speed": calibration.speed,
+            "unit_overhead_s": calibration.unit_overhead_s,
+            "response_overhead_s": calibration.response_overhead_s,
+            "requests": calibration.requests,
+        },
+        "calibration_text": calibration.describe(),
         "mean_abs_gap_points": {k: sum(v) / len(v) if v else None for k, v in gaps.items()},
         "max_abs_gap_points": {k: max(v) if v else None for k, v in gaps.items()},
     }
@@ -129,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown policies {unknown}; known: {list(POLICIES)}", file=sys.stderr)
         return 2
-    model = "tiny" if args.tiny else "default"
+    model = tiny_model_path() if args.tiny else "default"
     slo = SLOConfig(scale=args.slo_scale)
     replay = replay_config(args)
     out = Path(args.out)
@@ -147,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(document["policies"], document["ratios"], document["simulation"]))
         return 0
     deploys = {
-        p: serve_app_args(model, policy_config(p, args.chunk_size), args.slo_scale)
+        p: serve_app_args(
+            model,
+            policy_config(p, args.chunk_size),
+            args.slo_scale,
+            profile_max_tokens=args.max_prompt_tokens,
+        )
         for p in policies
     }
     results: dict[str, Any] = {}
@@ -235,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     plot = plot_attainment_vs_rate(
         series,
         trials_dir / "attainment_vs_rate.png",
-        title=f"live {model}, {args.trace}: TTFT SLO attainment",
+        title=f"live {'tiny' if args.tiny else 'SmolLM2'}, {args.trace}: TTFT SLO attainment",
     )
     print(format_table(results, document["ratios"], simulation))
     print(f"wrote {out} and {plot}")
@@ -276,7 +304,7 @@ def format_table(
         lines.append(
             f"simulator ({simulation['cost_model']}) vs live, mean |attainment gap|: "
             f"{gap['simulated']:.1f} points as profiled, {gap['calibrated']:.1f} points calibrated "
-            f"(cost x{simulation['calibration_factor']:.2f} from {simulation['calibration_requests']} requests)"
+            f"({simulation['calibration_text']})"
         )
     return "\n".join(lines)
 

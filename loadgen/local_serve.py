@@ -157,14 +157,18 @@ def serve_app_args(
     slo_scale: float,
     num_prefill_workers: int = 1,
     num_decode_workers: int = 1,
+    profile_max_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Args for ``build_app``: ``model`` is ``tiny``, ``default`` or a checkpoint directory;
     ``policy`` a ``PolicyConfig`` dict (``{"name": "fcfs"}``...); ``slo_scale`` multiplies the
-    four classes' TTFT targets. Validated here by the Serve app's own ``ServeAppArgs``, so a bad
-    value fails before Ray starts."""
+    four classes' TTFT targets; ``profile_max_tokens`` the longest prompt the TTFT predictor
+    times at start (the longest a replay sends: timing longer ones only slows the start-up; by
+    default the runtime's own profile lengths). Validated here by the Serve app's own
+    ``ServeAppArgs``, so a bad value fails before Ray starts."""
+    from flowprefill_ray.runtime.config import PrefillConfig
     from flowprefill_ray.serve.config import ServeAppArgs
 
-    runtime = {
+    runtime: dict[str, Any] = {
         "model": {"path": model},
         "placement": {
             "num_prefill_workers": num_prefill_workers,
@@ -173,6 +177,8 @@ def serve_app_args(
         "policy": policy,
         "slo": {"scale": slo_scale},
     }
+    if profile_max_tokens is not None:
+        runtime["prefill"] = {"profile_tokens": PrefillConfig().profile_lengths(profile_max_tokens)}
     return ServeAppArgs.model_validate({"runtime": runtime}).model_dump(mode="json")
 
 

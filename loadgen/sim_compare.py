@@ -10,6 +10,7 @@ comparison measures.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from flowprefill_ray.scheduling import PolicyConfig
@@ -41,15 +42,18 @@ def simulate_plan(
     slo: SLOConfig,
     cost_model: Any = None,
     num_workers: int = 1,
+    calibration: RuntimeCalibration | None = None,
 ) -> SimulationResult:
     """Simulate ``plan`` under ``policy`` (a ``PolicyConfig`` dict) with ``num_workers``
-    prefill workers; TTFT targets come from ``slo`` as in the live run."""
+    prefill workers; TTFT targets come from ``slo`` as in the live run. With ``calibration``
+    the cost model runs at the live speed and the runtime's overheads are added."""
+    cost_model = cost_model or MeasuredCostModel()
+    config = SimulatorConfig(num_workers=num_workers)
+    if calibration is not None:
+        cost_model = calibration.cost_model(cost_model)
+        config = calibration.simulator_config(num_workers)
     return simulate(
-        plan_workload(plan),
-        PolicyConfig.model_validate(policy),
-        cost_model or MeasuredCostModel(),
-        slo,
-        SimulatorConfig(num_workers=num_workers),
+        plan_workload(plan), PolicyConfig.model_validate(policy), cost_model, slo, config
     )
 
 
@@ -61,6 +65,7 @@ def simulate_trials(
     cost_model: Any = None,
     num_workers: int = 1,
     prefix: str = "simulated",
+    calibration: RuntimeCalibration | None = None,
 ) -> None:
     """Add ``<prefix>_attainment`` (0..1), ``<prefix>_by_class`` and ``<prefix>_preemptions``
     to each live trial point (dicts with ``rate_scale``), re-planning the very requests that
@@ -73,7 +78,7 @@ def simulate_trials(
             for p in plan_requests(workload, trial, ttft_targets(slo))
             if p.send_at_s < trial.duration_s
         ]
-        result = simulate_plan(plan, policy, slo, cost_model, num_workers)
+        result = simulate_plan(plan, policy, slo, cost_model, num_workers, calibration)
         point[f"{prefix}_attainment"] = result.attainment
         point[f"{prefix}_by_class"] = result.attainment_by_class()
         point[f"{prefix}_preemptions"] = result.preemptions
@@ -100,21 +105,57 @@ class ScaledCostModel:
         )
 
 
-def calibration_factor(requests: list[dict[str, Any]], base: Any = None) -> tuple[float, int]:
-    """Median of live prefill time / the cost model's single-prompt prefill time, over the
-    requests the server never preempted; returns (factor, requests used).
+@dataclass(frozen=True)
+class RuntimeCalibration:
+    """What the live system adds to the simulator's model, measured from a live run.
 
-    ``requests``: per-request dicts of a results.json (``prompt_tokens`` and the server's
-    ``ttft_s``, ``queue_s``, ``preemptions``). The server's TTFT minus its queue time is the
-    time from first start to first token: the prefill plus whatever the unit was batched with
-    and the hand-off, so the factor also absorbs the runtime's per-request overheads.
+    ``speed``: live compute time over the profile's (1 on a quiet machine, more when other
+    processes share the cores). ``unit_overhead_s``: per unit, the server's time beyond compute
+    (the scheduler's call to the worker and the reply; the worker idles for it between units).
+    ``response_overhead_s``: the client's TTFT minus the server's (HTTP, the Serve proxy and
+    replica, the engine's stream). ``requests``: how many requests the fit used."""
+
+    speed: float
+    unit_overhead_s: float
+    response_overhead_s: float
+    requests: int
+
+    def cost_model(self, base: Any) -> Any:
+        return base if self.speed == 1.0 else ScaledCostModel(base, self.speed)
+
+    def simulator_config(self, num_workers: int = 1) -> SimulatorConfig:
+        return SimulatorConfig(
+            num_workers=num_workers,
+            unit_overhead_s=self.unit_overhead_s,
+            response_overhead_s=self.response_overhead_s,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"compute x{self.speed:.2f}, +{self.unit_overhead_s * 1e3:.1f} ms per unit, "
+            f"+{self.response_overhead_s * 1e3:.1f} ms per response, from {self.requests} requests"
+        )
+
+
+def calibrate(requests: list[dict[str, Any]], base: Any = None) -> RuntimeCalibration:
+    """Fit a ``RuntimeCalibration`` to a live run's requests (dicts of a results.json).
+
+    Over the requests the server never preempted, the server's TTFT minus its queue time (first
+    run to first token: compute plus the calls around it) is fitted as
+    ``speed * profiled_prefill_s(prompt) + unit_overhead_s`` by least absolute deviations, which
+    shrugs off the few requests that shared their unit with others. The response overhead is
+    the median of client TTFT minus server TTFT. Fitting both terms matters: on a quiet
+    machine the runtime adds ~10 ms per unit whatever the prompt, which a single speed factor
+    turns into a 4x slowdown of short prompts and none of long ones.
     """
     from statistics import median
+
+    import numpy as np
 
     from flowprefill_ray.simulator.experiment import prefill_s
 
     base = base or MeasuredCostModel()
-    ratios = []
+    x, y, response = [], [], []
     for r in requests:
         server = r.get("server") or {}
         ttft, queue = server.get("ttft_s"), server.get("queue_s")
@@ -122,7 +163,24 @@ def calibration_factor(requests: list[dict[str, Any]], base: Any = None) -> tupl
             continue
         if server.get("preemptions", 0) or ttft - queue <= 0:
             continue
-        ratios.append((ttft - queue) / prefill_s(base, int(r["prompt_tokens"])))
-    if not ratios:
-        raise ValueError("no unpreempted request with server timings to calibrate from")
-    return median(ratios), len(ratios)
+        x.append(prefill_s(base, int(r["prompt_tokens"])))
+        y.append(ttft - queue)
+        if isinstance(r.get("ttft_s"), (int, float)):
+            response.append(max(r["ttft_s"] - ttft, 0.0))
+    if len(x) < 2:
+        raise ValueError("need at least 2 unpreempted requests with server timings to calibrate")
+    xs, ys = np.asarray(x), np.asarray(y)
+    design = np.stack([xs, np.ones_like(xs)], axis=1)
+    weights = np.ones_like(ys)
+    for _ in range(100):  # least absolute deviations by iteratively reweighted least squares
+        coef, *_ = np.linalg.lstsq(design * weights[:, None], ys * weights, rcond=None)
+        weights = 1.0 / np.sqrt(np.maximum(np.abs(ys - design @ coef), 1e-6))
+    speed, overhead = float(coef[0]), float(coef[1])
+    if speed <= 0.0:
+        raise ValueError(f"live prefill times do not grow with the profile's (slope {speed:.3g})")
+    return RuntimeCalibration(
+        speed=speed,
+        unit_overhead_s=max(overhead, 0.0),
+        response_overhead_s=median(response) if response else 0.0,
+        requests=len(x),
+    )

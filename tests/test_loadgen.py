@@ -507,39 +507,47 @@ def test_simulator_prediction_of_a_plan_shows_head_of_line_blocking_only_under_f
     assert fcfs.attainment_by_class() == {"file": 1.0, "text": 0.0}
 
 
-def test_calibration_reads_live_prefill_speed_from_unpreempted_requests():
+def test_calibration_separates_live_speed_from_per_unit_and_response_overheads():
     from flowprefill_ray.simulator.experiment import prefill_s
     from flowprefill_ray.simulator.measured import MeasuredCostModel
-    from loadgen.sim_compare import ScaledCostModel, calibration_factor
+    from loadgen.sim_compare import calibrate, simulate_plan
 
     base = MeasuredCostModel()
 
-    def request(tokens, speed, preemptions=0):
+    def request(tokens, speed=1.2, unit_s=0.010, response_s=0.012, preemptions=0, extra_s=0.0):
         queue = 0.3
+        server_ttft = queue + speed * prefill_s(base, tokens) + unit_s + extra_s
         return {
             "prompt_tokens": tokens,
-            "server": {
-                "queue_s": queue,
-                "ttft_s": queue + speed * prefill_s(base, tokens),
-                "preemptions": preemptions,
-            },
+            "ttft_s": server_ttft + response_s,
+            "server": {"queue_s": queue, "ttft_s": server_ttft, "preemptions": preemptions},
         }
 
-    requests = [
-        request(100, 2.0),
-        request(800, 2.0),
-        request(300, 3.0),
-        request(2000, 9.0, preemptions=2),
+    requests = [request(t) for t in (16, 64, 200, 512, 900, 1500, 2500, 4000)]
+    requests += [
+        request(300, extra_s=0.2),  # shared its unit with another request: an outlier
+        request(2000, speed=9.0, preemptions=2),  # preempted: left out
     ]
-    factor, used = calibration_factor(requests, base)
-    assert used == 3 and factor == pytest.approx(
-        2.0
-    )  # median of 2, 2, 3; the preempted one left out
-    scaled = ScaledCostModel(base, factor)
-    assert prefill_s(scaled, 512) == pytest.approx(2.0 * prefill_s(base, 512))
-    with pytest.raises(ValueError, match="no unpreempted request"):
-        calibration_factor([request(100, 1.0, preemptions=1)], base)
-
+    calibration = calibrate(requests, base)
+    assert calibration.requests == 9
+    assert calibration.speed == pytest.approx(1.2, rel=1e-3)
+    assert calibration.unit_overhead_s == pytest.approx(0.010, abs=1e-4)
+    assert calibration.response_overhead_s == pytest.approx(0.012)
+    assert "x1.20" in calibration.describe()
+    # The simulator pays both: a lone 64-token request's TTFT is compute + unit + response.
+    plan = _plan((0.0, 64, 1, "text", 10.0))
+    alone = simulate_plan(plan, {"name": "fcfs"}, SLOConfig(), base, calibration=calibration)
+    expected = 1.2 * prefill_s(base, 64) + 0.010 + 0.012
+    assert alone.outcomes[0].ttft_s == pytest.approx(expected, rel=1e-3)
+    # The unit overhead occupies the worker, the response overhead does not: a second request
+    # queued behind the first waits for the first one's unit overhead too.
+    plan = _plan((0.0, 2000, 1, "file", 10.0), (0.0, 64, 1, "file", 10.0))
+    fcfs = {"name": "fcfs"}  # 2000 + 64 tokens exceed max_batch_tokens: two units
+    pair = simulate_plan(plan, fcfs, SLOConfig(), base, calibration=calibration)
+    second = 1.2 * (prefill_s(base, 2000) + prefill_s(base, 64)) + 2 * 0.010 + 0.012
+    assert pair.outcomes[1].ttft_s == pytest.approx(second, rel=1e-3)
+    with pytest.raises(ValueError, match="at least 2 unpreempted"):
+        calibrate([request(100, preemptions=1)], base)
 
 def test_chat_api_sends_text_of_the_planned_length_and_counts_chunks_without_usage(server):
     server.arrivals.clear()

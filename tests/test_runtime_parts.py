@@ -60,6 +60,19 @@ def test_config_rejects_bad_combinations_with_clear_messages():
         RuntimeConfig.model_validate({"placement": {"num_prefil_workers": 2}})
     with pytest.raises(ValidationError):
         RuntimeConfig.model_validate({"policy": {"name": "lottery"}})
+    with pytest.raises(ValidationError, match="at least 4 distinct positive lengths"):
+        RuntimeConfig.model_validate({"prefill": {"profile_tokens": [16, 64, 64, 512]}})
+
+
+def test_predictor_profile_reaches_the_longest_prompt_served():
+    prefill = RuntimeConfig().prefill
+    # The default profile times the long prompts too (the predictor only extrapolates past it).
+    assert max(prefill.profile_tokens) >= 4096
+    assert prefill.profile_lengths(16383) == list(prefill.profile_tokens)
+    # Lengths the engine would refuse are not timed; the limit itself is.
+    assert prefill.profile_lengths(1000) == [16, 64, 128, 256, 512, 1000]
+    # A tiny context still gets the 4 lengths a cubic fit needs.
+    assert len(prefill.profile_lengths(40)) >= 4 and max(prefill.profile_lengths(40)) == 40
 
 
 def test_config_parses_nested_dicts_from_yaml_shape():

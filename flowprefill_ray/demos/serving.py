@@ -75,6 +75,7 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
         {"name": args.policy},
         args.slo_scale,
         num_prefill_workers=args.prefill_workers,
+        profile_max_tokens=args.max_prompt_tokens,
     )
 
 

@@ -7,6 +7,8 @@ chat template) that both this package and transformers load offline.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,34 @@ _TOKENIZER_TEXT = [
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 100 1000 2048 4096 8192.",
     "The quick brown fox jumps over the lazy dog while the decoder streams tokens to the client.",
 ]
+
+
+# The generated model the runtime serves as ``model.path: tiny`` (tests, CPU benchmarks): big
+# enough that a prefill has many checkpoints, small enough that a CPU test runs in milliseconds.
+TINY_MODEL_SHAPE = dict(
+    num_layers=4, hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=512, max_position=16384
+)
+# The tiny random-weight Llama of docs/ENVIRONMENT: the simulator's CPU profile
+# (simulator/profiles/tiny_cpu.json) and the live CPU policy benchmarks use it, so the
+# simulator-vs-live comparison prices the very model the live system ran.
+ENVIRONMENT_TINY_SHAPE = dict(
+    num_layers=4, hidden=256, heads=4, kv_heads=2, intermediate=1024, vocab=512, max_position=32768
+)
+
+
+def cached_tiny_checkpoint(path: str | Path, **shape) -> Path:
+    """``tiny_checkpoint(path, **shape)`` unless ``path`` already holds one. Several processes
+    may ask at once: each writes beside ``path`` and renames into place, and the losers of the
+    race drop their identical copy."""
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tiny_checkpoint(staging, **shape)
+        try:
+            staging.rename(path)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    return path
 
 
 def tiny_checkpoint(

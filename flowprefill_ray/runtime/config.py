@@ -87,8 +87,32 @@ class PrefillConfig(BaseModel):
     # Intra-op threads per worker; several workers on one CPU host must not oversubscribe it.
     torch_threads: int = Field(1, ge=1, le=256)
     # Prompt lengths (tokens) timed at start to fit the TTFT predictor, if no profile is given.
-    profile_tokens: tuple[int, ...] = (16, 64, 128, 256, 512)
+    # Lengths over the longest prompt the engine accepts are skipped (that one is timed
+    # instead). The predictor extrapolates past the longest length timed, so the profile
+    # should reach the prompts the deployment serves: a fit to short prompts alone
+    # underestimates long ones (docs/SCHEDULING.md).
+    profile_tokens: tuple[int, ...] = (16, 64, 128, 256, 512, 1024, 2048, 4096)
     profile_repeats: int = Field(2, ge=1, le=10)
+
+    @field_validator("profile_tokens")
+    @classmethod
+    def _enough_profile_lengths(cls, tokens: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(tokens)) < 4 or min(tokens) < 1:
+            raise ValueError(
+                f"profile_tokens needs at least 4 distinct positive lengths (a cubic fit), got {tokens}"
+            )
+        return tuple(sorted(set(tokens)))
+
+    def profile_lengths(self, max_prompt_tokens: int) -> list[int]:
+        """The lengths to time for an engine accepting prompts up to ``max_prompt_tokens``:
+        ``profile_tokens`` up to that limit, plus the limit itself if some were cut, and at
+        least 4 distinct lengths (a cubic fit needs them)."""
+        kept = [t for t in self.profile_tokens if t <= max_prompt_tokens]
+        if len(kept) < len(self.profile_tokens):
+            kept.append(max_prompt_tokens)
+        if len(set(kept)) < 4:  # a tiny context: spread four lengths over it
+            kept += [max(1, max_prompt_tokens * k // 4) for k in (1, 2, 3)]
+        return sorted(set(kept))
 
 
 class KVTransferConfig(BaseModel):

@@ -118,10 +118,7 @@ class FlowPrefillEngine:
         self._context = context_limit(model_config)
         # eos_token_ids reads model.config; the engine holds only the config.
         self._eos_ids = eos_token_ids(SimpleNamespace(config=model_config), tokenizer)
-        bounds = config.requests
-        self.max_prompt_tokens = min(
-            bounds.max_prompt_tokens or self._context - 1, self._context - 1
-        )
+        self.max_prompt_tokens = max_prompt_tokens(config, self._context)
         # What one decode worker can ever hold (prompt + output), tokens.
         self._decode_capacity = config.decode.kv_blocks * config.decode.block_size
         self._in_decode: dict[str, object] = {}  # request id -> decode worker handle
@@ -141,9 +138,12 @@ class FlowPrefillEngine:
                 "Ray is not initialized: call ray.init(...) before FlowPrefillEngine.start"
             )
         path = checkpoint_path(config.model)  # generate/convert once here, not in every worker
+        model_config = ModelConfig.from_pretrained(path)
         workers = await asyncio.to_thread(create_workers, config)
         try:
-            predictor = await _predictor(config, workers)
+            predictor = await _predictor(
+                config, workers, max_prompt_tokens(config, context_limit(model_config))
+            )
             scheduler = RemoteScheduler.options(
                 name=config.scheduler_name,
                 namespace=config.namespace,
@@ -160,9 +160,7 @@ class FlowPrefillEngine:
         except BaseException:
             destroy_workers(workers)
             raise
-        return cls(
-            config, scheduler, workers, load_tokenizer(path), ModelConfig.from_pretrained(path)
-        )
+        return cls(config, scheduler, workers, load_tokenizer(path), model_config)
 
     @classmethod
     async def connect(cls, config: RuntimeConfig | dict | None = None) -> FlowPrefillEngine:
@@ -486,11 +484,31 @@ def _validated(config: RuntimeConfig | dict | None) -> RuntimeConfig:
     return RuntimeConfig.model_validate(config)
 
 
-async def _predictor(config: RuntimeConfig, workers: Workers) -> TTFTPredictor:
+def max_prompt_tokens(config: RuntimeConfig, context_tokens: int) -> int:
+    """The longest prompt the engine accepts: the configured bound, within the context (one
+    position is left for the first generated token)."""
+    return min(config.requests.max_prompt_tokens or context_tokens - 1, context_tokens - 1)
+
+
+async def _predictor(config: RuntimeConfig, workers: Workers, max_prompt: int) -> TTFTPredictor:
     if config.predictor_path is not None:
-        return TTFTPredictor.load(config.predictor_path)
-    first = next(iter(workers.prefill.values()))
-    points = await first.profile.remote(
-        list(config.prefill.profile_tokens), config.prefill.profile_repeats
-    )
-    return TTFTPredictor.fit(points, PredictorConfig(chunk_tokens=config.policy.long_chunk_tokens))
+        predictor = TTFTPredictor.load(config.predictor_path)
+    else:
+        first = next(iter(workers.prefill.values()))
+        points = await first.profile.remote(
+            config.prefill.profile_lengths(max_prompt), config.prefill.profile_repeats
+        )
+        predictor = TTFTPredictor.fit(
+            points, PredictorConfig(chunk_tokens=config.policy.long_chunk_tokens)
+        )
+    if predictor.max_tokens < max_prompt:
+        # Not an error (a profile is a choice), but the urgent-request decisions depend on it.
+        logger.warning(
+            "TTFT predictor profiled up to %d tokens, prompts up to %d are accepted: longer "
+            "ones are predicted by extrapolation (%s); list longer prefill.profile_tokens to "
+            "time them",
+            predictor.max_tokens,
+            max_prompt,
+            predictor.extrapolation,
+        )
+    return predictor

@@ -7,18 +7,15 @@ file lock in the model package) so concurrent workers share one copy.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from flowprefill_ray.model.checkpoints import TINY_MODEL_SHAPE, cached_tiny_checkpoint
+
 from .config import ModelSource
 
-# Shape of the generated test model: big enough that a prefill has many checkpoints, small
-# enough that a CPU test runs in milliseconds.
-TINY_MODEL_SHAPE = dict(
-    num_layers=4, hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=512, max_position=16384
-)
+__all__ = ["TINY_MODEL_SHAPE", "cache_dir", "checkpoint_path", "torch_device", "torch_dtype"]
 
 
 def cache_dir(source: ModelSource) -> Path:
@@ -33,18 +30,8 @@ def checkpoint_path(source: ModelSource) -> Path:
 
         return Path(default_checkpoint())
     if source.path == "tiny":
-        from flowprefill_ray.model.checkpoints import tiny_checkpoint
-
-        path = cache_dir(source) / "tiny-llama-runtime"
-        if not (path / "model.safetensors").is_file():
-            # Several workers may start at once: write beside, then rename into place.
-            staging = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tiny_checkpoint(staging, **TINY_MODEL_SHAPE)
-            try:
-                staging.rename(path)
-            except OSError:  # another worker won the race; its copy is identical
-                shutil.rmtree(staging, ignore_errors=True)
-        return path
+        # Several workers may start at once; the cache write is atomic.
+        return cached_tiny_checkpoint(cache_dir(source) / "tiny-llama-runtime", **TINY_MODEL_SHAPE)
     return Path(source.path)
 
 

@@ -284,6 +284,7 @@ class Scheduler:
                 for wid, d in self._decode.items()
             },
             "predictor_correction": getattr(self.predictor, "correction", 1.0),
+            "predictor_max_tokens": getattr(self.predictor, "max_tokens", None),
             # The policy's own counters (preemptions, evictions, rejects, ...) and states.
             "policy": self.policy.stats(),
         }

@@ -7,7 +7,13 @@ range so that ``predict`` is a list lookup (it runs for every request on every e
 
 Beyond the profiled range the release's rule is used: a long prompt runs as full
 ``chunk_tokens`` chunks back to back, so ``n = q * chunk + r`` costs
-``q * (pred(chunk) + chunk_overhead_s) + pred(r)``.
+``q * (pred(chunk) + chunk_overhead_s) + pred(r)``. Where that needs a length the profile did
+not reach (it stopped short of a chunk), the fit is extrapolated, but only in a way a prefill
+can behave: the cubic if it keeps rising and bending upwards past the profile (never below
+linear growth from the last profiled point), otherwise a power law ``pred(M) * (n / M) ** e``
+from the top of the profile with ``1 <= e <= 2`` (the MLP grows linearly, attention at most
+quadratically). A cubic fitted to short prompts alone often turns down past them; extrapolated
+as is it once predicted 0 s for every prompt over ~1500 tokens.
 
 Online correction (not in the release): ``observe(tokens, seconds)`` feeds measured prefill
 times; the ratio measured / predicted is smoothed with an EWMA and multiplies every prediction,
@@ -18,6 +24,7 @@ schedule.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -105,10 +112,11 @@ class TTFTPredictor:
         self.kept_points: list[tuple[int, float]] = []
         self.dropped_points: list[tuple[int, float]] = []
         self._table = self._tabulate()
+        self._cubic_beyond, self._tail_exponent = self._extrapolation()
         chunk = cfg.chunk_tokens
         # The chunk rule needs pred(chunk) even if the profile stopped short of it.
         self._chunk_cost_s = (
-            self._cubic_at(chunk) if chunk > self.max_tokens else self._table[chunk]
+            self._beyond_profile(chunk) if chunk > self.max_tokens else self._table[chunk]
         )
 
     # ------------------------------------------------------------------ building
@@ -152,6 +160,37 @@ class TTFTPredictor:
         a, b, c, d = self.coefficients
         return max(((a * tokens + b) * tokens + c) * tokens + d, 0.0)
 
+    def _extrapolation(self) -> tuple[bool, float]:
+        """How to predict past the profiled range ``M``: (use the cubic?, power-law exponent).
+
+        The cubic is trusted only if it rises and bends upwards at ``M`` and has a
+        non-negative cubic term: then it rises for every longer prompt. The exponent is the
+        log-log slope of the table's top octave, clamped to ``[1, 2]``."""
+        a, b, c, _ = self.coefficients
+        top = self.max_tokens
+        rising = 3.0 * a * top * top + 2.0 * b * top + c > 0.0
+        convex = 6.0 * a * top + 2.0 * b >= 0.0
+        half = max(top // 2, 1)
+        exponent = 1.0
+        if half < top and 0.0 < self._table[half] < self._table[top]:
+            exponent = math.log(self._table[top] / self._table[half]) / math.log(top / half)
+        return (a >= 0.0 and rising and convex), min(max(exponent, 1.0), 2.0)
+
+    def _beyond_profile(self, tokens: int) -> float:
+        """Prediction for ``tokens`` > the profiled range (see the module docstring)."""
+        top_s = self._table[self.max_tokens]
+        ratio = tokens / self.max_tokens
+        if self._cubic_beyond:
+            return max(self._cubic_at(tokens), top_s * ratio)
+        return top_s * ratio**self._tail_exponent
+
+    @property
+    def extrapolation(self) -> str:
+        """How predictions past the profiled range are made (for logs and stats)."""
+        if self._cubic_beyond:
+            return f"cubic beyond {self.max_tokens} tokens"
+        return f"power law n^{self._tail_exponent:.2f} beyond {self.max_tokens} tokens"
+
     def _tabulate(self) -> list[float]:
         n = np.arange(self.max_tokens + 1, dtype=np.float64)
         values = np.maximum(np.polyval(self.coefficients, n), 0.0)
@@ -169,8 +208,8 @@ class TTFTPredictor:
             return self._table[tokens] if tokens > 0 else 0.0
         full, rest = divmod(tokens, self.config.chunk_tokens)
         # The remainder is shorter than a chunk; it can still exceed a profile that stopped
-        # below the chunk length, and then the cubic is extrapolated.
-        rest_s = self._table[rest] if rest <= self.max_tokens else self._cubic_at(rest)
+        # below the chunk length, and then the fit is extrapolated.
+        rest_s = self._table[rest] if rest <= self.max_tokens else self._beyond_profile(rest)
         return full * (self._chunk_cost_s + self.config.chunk_overhead_s) + rest_s
 
     def predict(self, tokens: int) -> float:

@@ -68,13 +68,22 @@ class SimulationStalled(RuntimeError):
 
 class SimulatorConfig(BaseModel):
     """``num_workers`` prefill workers; preemption stops at ``granularity`` checkpoints;
-    ``resume_overhead_s`` seconds are paid each time a paused unit restarts."""
+    ``resume_overhead_s`` seconds are paid each time a paused unit restarts.
+
+    Two optional terms stand for the serving stack around the model, so a simulation can be
+    compared with a live deployment (``loadgen.sim_compare`` measures them from one):
+    ``unit_overhead_s`` keeps a worker busy without compute at the start of every run of a unit
+    (the scheduler's call to the worker and the reply: the worker idles between units for that
+    long), ``response_overhead_s`` is added to every first token's time (HTTP, the Serve
+    replica, hand-off to the engine: on the request's path, not the worker's)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_workers: int = Field(default=1, gt=0)
     granularity: Granularity = "block"
     resume_overhead_s: float = Field(default=0.0, ge=0)
+    unit_overhead_s: float = Field(default=0.0, ge=0)
+    response_overhead_s: float = Field(default=0.0, ge=0)
     max_forward_tokens: int = Field(
         default=8192, gt=0, description="longest piece of one prompt run in one forward (tokens)"
     )
@@ -93,7 +102,7 @@ class _Run:
     progress_s: float = 0.0  # position in the unit's compute timeline at the last stop (s)
     compute_s: float = 0.0  # compute time of earlier runs, resume overheads included (s)
     run_start: float = 0.0  # simulated time this run began
-    lead_s: float = 0.0  # resume overhead at the start of this run (s)
+    lead_s: float = 0.0  # unit and resume overheads at the start of this run (s)
     token: int = 0  # matches the scheduled end/pause event of this run (unique per run)
     preempted_at: float | None = None
     stop_at_s: float | None = None  # the checkpoint it will stop at, once preempted
@@ -278,10 +287,12 @@ class Simulator:
         cost = plan_unit(self.cost_model, shapes, self.config.max_forward_tokens)
         for item in unit.items:
             self._in_flight[item.request_id] = unit.unit_id
-        run = _Run(unit, cost, run_start=self._now, token=self._new_token())
+        lead = self.config.unit_overhead_s
+        run = _Run(unit, cost, run_start=self._now, lead_s=lead, token=self._new_token())
+        self._work_s += lead
         worker.running = run
         worker.stats.units_started += 1
-        self._push(self._now + cost.total_s, _END, unit.worker_id, run.token)
+        self._push(self._now + lead + cost.total_s, _END, unit.worker_id, run.token)
 
     def _preempt(self, d: Preempt) -> None:
         worker = self._worker(d.worker_id, d)
@@ -311,7 +322,7 @@ class Simulator:
         if run is None:
             raise PolicyContractError(f"{d!r}: worker holds no paused unit {d.unit_id}")
         run.run_start = self._now
-        run.lead_s = self.config.resume_overhead_s
+        run.lead_s = self.config.resume_overhead_s + self.config.unit_overhead_s
         self._work_s += run.lead_s
         run.token = self._new_token()
         run.preempted_at = run.stop_at_s = None
@@ -384,7 +395,7 @@ class Simulator:
                 outcome = self._outcomes[rid]
                 outcome.prefill_completions += 1
                 if outcome.ttft_s is None:
-                    outcome.ttft_s = self._now - outcome.arrival_s
+                    outcome.ttft_s = self._now - outcome.arrival_s + self.config.response_overhead_s
         self._deliver(UnitCompleted(worker_id, run.unit.unit_id, run.compute_s))
 
     def _on_pause(self, worker_id: str, token: int) -> None:

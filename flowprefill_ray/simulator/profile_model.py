@@ -125,18 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from flowprefill_ray.model import load_model
-    from flowprefill_ray.model.checkpoints import tiny_checkpoint
+    from flowprefill_ray.model.checkpoints import ENVIRONMENT_TINY_SHAPE, tiny_checkpoint
 
     torch.set_num_threads(args.threads)
-    shape = dict(
-        num_layers=4,
-        hidden=256,
-        heads=4,
-        kv_heads=2,
-        intermediate=1024,
-        vocab=512,
-        max_position=32768,
-    )
+    shape = ENVIRONMENT_TINY_SHAPE
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or tiny_checkpoint(Path(tmp) / "tiny", **shape)
         model = load_model(path, device="cpu", dtype=torch.float32)
