@@ -11,6 +11,7 @@ import math
 import random
 
 import pytest
+from policy_helpers import arrive, policy, run
 
 from flowprefill_ray.scheduling import (
     AdmissionConfig,
@@ -32,9 +33,6 @@ from flowprefill_ray.scheduling.events import (
     RunUnit,
     UnitCompleted,
     UnitPaused,
-    WorkerJoined,
-    WorkItem,
-    WorkUnit,
 )
 from flowprefill_ray.scheduling.records import RequestRecord
 from flowprefill_ray.scheduling.waiting_work import BUCKET_S, WaitingWork
@@ -45,32 +43,6 @@ from flowprefill_ray.simulator.overload import (
     overload_requests,
     simulate_admission,
 )
-
-SPT = 2.0**-10  # predicted seconds per prompt token
-
-
-def linear_predictor() -> TTFTPredictor:
-    return TTFTPredictor.linear(SPT, max_tokens=16384)
-
-
-def policy(name: str = "flowprefill", workers: int = 1, slo: SLOConfig | None = None, **config):
-    p = make_policy(
-        PolicyConfig(name=name, online_correction=False, **config), linear_predictor(), slo=slo
-    )
-    for i in range(workers):
-        p.on_event(WorkerJoined(f"w{i}"), 0.0)
-    return p
-
-
-def arrive(p, rid: str, now: float, tokens: int, slo_s: float | None = None, cls: str = "text"):
-    req = Request(
-        request_id=rid, arrival_s=now, prompt_tokens=tokens, slo_class=cls, ttft_slo_s=slo_s
-    )
-    return p.on_event(Arrival(req), now)
-
-
-def run(unit_id: int, worker: str, *items: tuple[str, int, int]) -> RunUnit:
-    return RunUnit(WorkUnit(unit_id, worker, tuple(WorkItem(*item) for item in items)))
 
 
 def reject_with(estimate: str, **extra) -> AdmissionConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from policy_helpers import SPT, arrive, linear_predictor, policy, run
 
 from flowprefill_ray.scheduling import (
     AdmissionConfig,
@@ -17,7 +18,6 @@ from flowprefill_ray.scheduling import (
     PolicyConfig,
     Request,
     RequestStatus,
-    TTFTPredictor,
     make_policy,
     priority,
     rank_key,
@@ -35,32 +35,8 @@ from flowprefill_ray.scheduling.events import (
     UnitPaused,
     WorkerJoined,
     WorkerLeft,
-    WorkItem,
     WorkUnit,
 )
-
-SPT = 2.0**-10  # predicted seconds per prompt token
-
-
-def linear_predictor() -> TTFTPredictor:
-    return TTFTPredictor.linear(SPT, max_tokens=16384)
-
-
-def policy(name: str = "flowprefill", workers: int = 1, **config):
-    p = make_policy(PolicyConfig(name=name, online_correction=False, **config), linear_predictor())
-    for i in range(workers):
-        assert p.on_event(WorkerJoined(f"w{i}"), 0.0) == []
-    return p
-
-
-def arrive(p, rid: str, now: float, tokens: int, slo_s: float):
-    req = Request(request_id=rid, arrival_s=now, prompt_tokens=tokens, ttft_slo_s=slo_s)
-    return p.on_event(Arrival(req), now)
-
-
-def run(unit_id: int, worker: str, *items: tuple[str, int, int]) -> RunUnit:
-    return RunUnit(WorkUnit(unit_id, worker, tuple(WorkItem(*item) for item in items)))
-
 
 # --------------------------------------------------------------------------- priority rule
 
