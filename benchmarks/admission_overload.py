@@ -18,9 +18,8 @@ met the target in force; ``peak_wait`` = most requests the policy held WAITING a
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-from pathlib import Path
+
+from provenance import write_report
 
 from flowprefill_ray.scheduling import AdmissionConfig, SLOConfig
 from flowprefill_ray.simulator.experiment import fit_predictor
@@ -88,21 +87,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['attainment_in_force']:>9.3f}{r['admitted_attainment']:>9.3f}"
             f"{r['rejected']:>9}{r['downgraded']:>7}{r['peak_waiting']:>10}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "admission_overload",
-                "args": vars(args),
-                "python": platform.python_version(),
-                "settings": {k: v.model_dump() for k, v in SETTINGS.items()},
-                "rows": rows,
-            },
-            indent=2,
-        )
+    write_report(
+        args.out,
+        __file__,
+        argv,
+        "admission_overload",
+        args=vars(args),
+        settings={k: v.model_dump() for k, v in SETTINGS.items()},
+        rows=rows,
     )
-    print(f"wrote {out}")
     return 0
 
 

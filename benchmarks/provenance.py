@@ -9,6 +9,8 @@ absolute path. Words are shell-quoted, so a value with spaces survives the paste
 
 from __future__ import annotations
 
+import json
+import platform
 import shlex
 import sys
 from collections.abc import Sequence
@@ -39,3 +41,22 @@ def command_line(script: str | Path, argv: Sequence[str] | None = None) -> str:
     interpreter = _from_repo_root(sys.executable) if sys.executable else "python"
     arguments = sys.argv[1:] if argv is None else list(argv)
     return shlex.join([interpreter, _from_repo_root(script), *arguments])
+
+
+def write_report(
+    out: str | Path, script: str | Path, argv: Sequence[str] | None, benchmark: str, **fields
+) -> Path:
+    """Write a benchmark's JSON: its name, the command that reruns it (``command_line``), the
+    Python and machine it ran on, then ``fields``; says where on stdout. Returns the path."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "benchmark": benchmark,
+        "command": command_line(script, argv),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        **fields,
+    }
+    path.write_text(json.dumps(document, indent=2))
+    print(f"wrote {path}")
+    return path

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import platform
 import random
 import statistics
 import time
-from pathlib import Path
+
+from provenance import write_report
 
 from flowprefill_ray.scheduling import (
     AdmissionConfig,
@@ -216,23 +215,16 @@ def main(argv: list[str] | None = None) -> int:
             f"(target {TARGET_P99_US:.0f})"
         )
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "benchmark": "scheduler_overhead",
-                "args": vars(args),
-                "python": platform.python_version(),
-                "machine": platform.machine(),
-                "target_p99_us": TARGET_P99_US,
-                "admission": admission.model_dump(),
-                "rows": rows,
-            },
-            indent=2,
-        )
+    write_report(
+        args.out,
+        __file__,
+        argv,
+        "scheduler_overhead",
+        args=vars(args),
+        target_p99_us=TARGET_P99_US,
+        admission=admission.model_dump(),
+        rows=rows,
     )
-    print(f"wrote {out}")
     return 0
 
 
