@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         "policies": results,
         "wall_s": time.perf_counter() - started,
     }
+    if simulation is not None:
+        document["simulation"] = simulation
     base = (results.get("flowprefill") or {}).get("goodput_rps", 0.0)
     document["ratios"] = {
         f"flowprefill/{p}": _ratio(base, (results.get(p) or {}).get("goodput_rps", 0.0))

@@ -4,7 +4,10 @@ Commands:
   demo           the main job: a local Ray cluster, the Serve app with the embedded default
                  model, a short replay of a real trace with mixed SLO classes, a report and plots
   preempt-demo   one long prefill preempted by an urgent short request, on one model in-process
-  bench          the full policy comparison on the live system (see docs/BENCHMARKS.md)
+  bench          the full policy comparison on the live system: with no arguments a goodput
+                 bisection per policy on the tiny CPU model with the simulator's prediction
+                 (BENCH_DEFAULTS below, ~30 min on 2 cores); any arguments go to
+                 benchmarks/live_policies.py instead (--help lists them; docs/BENCHMARKS.md)
   prepare-model  convert the embedded SmolLM2 checkpoint once (later runs reuse the cache)
 """
 
@@ -37,13 +40,24 @@ def _prepare_model(argv: list[str]) -> int:
     return 0
 
 
+# `bench` without arguments: every policy's goodput on the live system, bisected on the rate,
+# with docs/ENVIRONMENT's tiny model: on 2 CPU cores it loads the prefill worker before the HTTP
+# stack saturates, and the simulator's CPU profile prices that very model (docs/BENCHMARKS.md).
+BENCH_DEFAULTS = (
+    "--tiny", "--mode", "search", "--first-scale", "1", "--max-trials", "6", "--rel-tol", "0.25",
+    "--requests", "160", "--prompt-scale", "1", "--max-prompt-tokens", "4096",
+    "--slo-scale", "3", "--chunk-size", "512", "--drain", "30", "--simulate",
+    "--out", "results/bench.json",
+)  # fmt: skip
+
+
 def _bench(argv: list[str]) -> int:
     # The benchmark scripts live beside the package in the repository (they are not installed).
     script = _REPO / "benchmarks" / "live_policies.py"
     if not script.exists():
         print(f"error: {script} not found; run `bench` from a source checkout", file=sys.stderr)
         return 2
-    sys.argv = [str(script), *argv]
+    sys.argv = [str(script), *(argv or BENCH_DEFAULTS)]
     runpy.run_path(str(script), run_name="__main__")
     return 0
 

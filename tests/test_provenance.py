@@ -1,4 +1,5 @@
-"""The command line benchmarks record in their JSON (benchmarks/provenance.py)."""
+"""The command line benchmarks record in their JSON (benchmarks/provenance.py), and the one
+`bench` runs by default."""
 
 from __future__ import annotations
 
@@ -55,3 +56,19 @@ def test_a_benchmark_records_the_command_that_reruns_it(tmp_path):
     out.unlink()
     subprocess.run(command, shell=True, cwd=ROOT, check=True, timeout=120)
     assert json.loads(out.read_text())["command"] == command
+
+
+def test_bench_without_arguments_runs_the_documented_tiny_model_bisection():
+    """`python -m flowprefill_ray bench` expands to BENCH_DEFAULTS; they must stay flags that
+    benchmarks/live_policies.py accepts, with the meaning docs/BENCHMARKS.md gives them."""
+    from flowprefill_ray.__main__ import BENCH_DEFAULTS
+
+    spec = importlib.util.spec_from_file_location(
+        "live_policies", ROOT / "benchmarks" / "live_policies.py"
+    )
+    live_policies = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(live_policies)
+    args = live_policies.parse_args(list(BENCH_DEFAULTS))
+    assert args.tiny and args.simulate and args.mode == "search"
+    assert (args.max_requests, args.max_prompt_tokens, args.slo_scale) == (160, 4096, 3.0)
+    assert args.policies.split(",") == list(live_policies.POLICIES)
