@@ -96,7 +96,7 @@ def add_simulation(
     of each policy (``loadgen.sim_compare.calibrate``). Returns the calibration and the mean
     absolute gap between live and predicted attainment, in points."""
     from flowprefill_ray.simulator.measured import MeasuredCostModel
-    from loadgen.sim_compare import calibrate, simulate_trials
+    from loadgen.sim_compare import calibrate, simulate_trials, simulated_goodput
 
     calibration_requests = []
     for policy, r in results.items():
@@ -106,10 +106,15 @@ def add_simulation(
             calibration_requests += json.loads(path.read_text())["requests"]
     calibration = calibrate(calibration_requests)
     gaps: dict[str, list[float]] = {"simulated": [], "calibrated": []}
+    goodput: dict[str, dict[str, float]] = {}
     for policy, r in results.items():
         if not r:
             continue
         config = policy_config(policy, chunk_size)
+        goodput[policy] = {
+            "simulated": simulated_goodput(replay, slo, config),
+            "calibrated": simulated_goodput(replay, slo, config, calibration),
+        }
         simulate_trials(r["points"], replay, slo, config, prefix="simulated")
         simulate_trials(
             r["points"], replay, slo, config, prefix="calibrated", calibration=calibration
@@ -126,6 +131,8 @@ def add_simulation(
             "requests": calibration.requests,
         },
         "calibration_text": calibration.describe(),
+        # The simulator's own goodput (rate scale) per policy: as profiled and calibrated.
+        "goodput_rate_scale": goodput,
         "mean_abs_gap_points": {k: sum(v) / len(v) if v else None for k, v in gaps.items()},
         "max_abs_gap_points": {k: max(v) if v else None for k, v in gaps.items()},
     }
@@ -308,6 +315,11 @@ def format_table(
             f"{gap['simulated']:.1f} points as profiled, {gap['calibrated']:.1f} points calibrated "
             f"({simulation['calibration_text']})"
         )
+        for policy, g in simulation.get("goodput_rate_scale", {}).items():
+            lines.append(
+                f"simulated goodput {policy}: x{g['simulated']:.3g} as profiled, "
+                f"x{g['calibrated']:.3g} calibrated"
+            )
     return "\n".join(lines)
 
 

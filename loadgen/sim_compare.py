@@ -84,6 +84,35 @@ def simulate_trials(
         point[f"{prefix}_preemptions"] = result.preemptions
 
 
+def simulated_goodput(
+    replay: ReplayConfig,
+    slo: SLOConfig,
+    policy: dict[str, Any],
+    calibration: RuntimeCalibration | None = None,
+    rel_tol: float = 0.05,
+) -> float:
+    """The simulator's goodput (rate scale) for the slice a live search replays: the same
+    bisection as ``live_goodput_search`` (>= 90 % attainment), finer, on the planned requests
+    of each scale, with the committed profile (and ``calibration`` if given)."""
+    from flowprefill_ray.simulator.goodput import GoodputSearchConfig, find_goodput
+
+    workload = load_trace_workload(replay.trace)
+
+    def at(scale: float) -> SimulationResult:
+        trial = replay.model_copy(update={"rate_scale": scale})
+        plan = [
+            p
+            for p in plan_requests(workload, trial, ttft_targets(slo))
+            if p.send_at_s < trial.duration_s
+        ]
+        return simulate_plan(plan, policy, slo, calibration=calibration)
+
+    search = GoodputSearchConfig(
+        start=1.0, rel_tol=rel_tol, max_evaluations=40, min_scale=0.01, max_scale=256
+    )
+    return find_goodput(at, search).rate_scale
+
+
 class ScaledCostModel:
     """A cost model whose every block time is ``factor`` times the base model's: the measured
     profile recalibrated to the speed the live workers actually ran at (a shared CPU is slower

@@ -549,6 +549,7 @@ def test_calibration_separates_live_speed_from_per_unit_and_response_overheads()
     with pytest.raises(ValueError, match="at least 2 unpreempted"):
         calibrate([request(100, preemptions=1)], base)
 
+
 def test_chat_api_sends_text_of_the_planned_length_and_counts_chunks_without_usage(server):
     server.arrivals.clear()
     plan = _plan((0.0, 37, 4, "image", 2.0))
@@ -646,3 +647,26 @@ def test_replay_flag_mistakes_are_named():
         replay_config(parser.parse_args(["--rate-scale", "0"]))
     with pytest.raises(ValidationError, match="token id range"):
         replay_config(parser.parse_args(["--token-id-range", "9", "9"]))
+
+
+def test_simulated_goodput_of_a_live_slice_holds_the_target_and_overheads_lower_it():
+    from loadgen.sim_compare import (
+        RuntimeCalibration,
+        simulate_plan,
+        simulated_goodput,
+    )
+
+    replay = ReplayConfig(
+        trace="azure-conv", max_requests=40, prompt_scale=1.0, max_prompt_tokens=4096,
+        max_output_tokens=8, duration_s=600.0,
+    )  # fmt: skip
+    slo = SLOConfig(scale=3.0)
+    fcfs = {"name": "fcfs"}
+    scale = simulated_goodput(replay, slo, fcfs)
+    trial = replay.model_copy(update={"rate_scale": scale})
+    plan = plan_requests(load_trace_workload(replay.trace), trial, ttft_targets(slo))
+    assert simulate_plan(plan, fcfs, slo).attainment >= 0.9
+    # Per-unit and per-response costs can only lower what the simulator says a policy holds.
+    slow = RuntimeCalibration(speed=1.5, unit_overhead_s=0.03, response_overhead_s=0.02, requests=1)
+    assert simulated_goodput(replay, slo, fcfs, slow) < scale
+    assert simulated_goodput(replay, slo, {"name": "flowprefill"}) > scale
