@@ -116,13 +116,14 @@ def print_table(result: dict) -> None:
         f"for {result['duration_s']:.0f} s"
     )
     print(f"{'t (s)':>8} {'in prefill':>10} {'decode blk':>10} {'prefill KV MiB':>14} "
-          f"{'paused':>6} {'paused MiB':>10} {'actors RSS MiB':>14}")  # fmt: skip
+          f"{'paused':>6} {'paused MiB':>10} {'actors RSS MiB':>14}  RSS MiB per actor kind")  # fmt: skip
     for s in result["samples"]:
+        by_kind = " ".join(f"{k} {v:.1f}" for k, v in s.get("actors_rss_by_kind_mib", {}).items())
         print(
             f"{s['at_s']:8.1f} {s['scheduler_in_prefill']:10d} {s['decode_used_blocks']:10d} "
             f"{s['prefill_held_kv_bytes'] / 2**20:14.2f} {s['prefill_paused_requests']:6d} "
             f"{s['prefill_paused_bytes'] / 2**20:10.2f} "
-            f"{s['actors_rss_mib']:14.1f}"
+            f"{s['actors_rss_mib']:14.1f}  {by_kind}"
         )
     print("counts:", result["counts"], "errors:", result["errors"] or "none")
     print(f"{'class':>8} {'sent':>6} {'rejected':>8} {'attainment':>10} {'p50 s':>7} {'p99 s':>7}")

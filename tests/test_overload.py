@@ -92,3 +92,6 @@ def test_three_times_capacity_is_shed_while_admitted_urgent_requests_keep_their_
     first = statistics.median(s.actors_rss_mib for s in samples[1:half])
     second = statistics.median(s.actors_rss_mib for s in samples[half:])
     assert second - first < 64.0, (first, second)
+    # Every runtime actor is sampled, by kind, and the kinds add up to the total.
+    assert set(end.actors_rss_by_kind_mib) == {"Scheduler", "PrefillWorker", "DecodeWorker"}
+    assert abs(sum(end.actors_rss_by_kind_mib.values()) - end.actors_rss_mib) < 0.5

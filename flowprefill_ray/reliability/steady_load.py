@@ -58,6 +58,9 @@ class Sample:
     prefill_paused_requests: int
     prefill_paused_bytes: int  # activations and KV kept alive by paused units
     actors_rss_mib: float
+    # The same per kind of actor (Scheduler, PrefillWorker, DecodeWorker), to tell which one
+    # grows when the total does.
+    actors_rss_by_kind_mib: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,28 +124,38 @@ def _local_raylet_pid() -> int | None:
         return None
 
 
-def actors_rss_mib() -> float:
+def actors_rss_by_kind_mib() -> dict[str, float]:
     """Resident memory of the runtime's actor processes (scheduler, prefill and decode
-    workers) of this driver's local cluster, MiB; 0 when the driver started no cluster."""
+    workers) of this driver's local cluster, MiB, summed per kind (``Scheduler``,
+    ``PrefillWorker``, ``DecodeWorker``); empty when the driver started no cluster."""
     raylet = _local_raylet_pid()
     if raylet is None:
-        return 0.0
-    total = 0
+        return {}
     try:
         children = psutil.Process(raylet).children(recursive=True)
     except psutil.NoSuchProcess:
-        return 0.0
+        return {}
+    totals: dict[str, int] = {}
     for proc in children:
         try:
-            if " ".join(proc.cmdline()).startswith(_ACTOR_TITLES):
-                total += proc.memory_info().rss
+            title = " ".join(proc.cmdline())
+            kind = next((t for t in _ACTOR_TITLES if title.startswith(t)), None)
+            if kind is not None:
+                name = kind.removeprefix("ray::")
+                totals[name] = totals.get(name, 0) + proc.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return total / 2**20
+    return {name: round(rss / 2**20, 1) for name, rss in sorted(totals.items())}
+
+
+def actors_rss_mib() -> float:
+    """All of ``actors_rss_by_kind_mib``, MiB."""
+    return sum(actors_rss_by_kind_mib().values())
 
 
 async def sample_resources(engine, started: float, in_flight: int) -> Sample:
     stats = await engine.stats()
+    by_kind = await asyncio.to_thread(actors_rss_by_kind_mib)
     prefill = [s for s in stats.get("prefill_workers", {}).values() if "error" not in s]
     decode = [s for s in stats.get("decode_workers", {}).values() if "error" not in s]
     return Sample(
@@ -153,7 +166,8 @@ async def sample_resources(engine, started: float, in_flight: int) -> Sample:
         prefill_held_kv_bytes=sum(s["held_kv_bytes"] for s in prefill),
         prefill_paused_requests=sum(s["paused_requests"] for s in prefill),
         prefill_paused_bytes=sum(s["paused_bytes"] for s in prefill),
-        actors_rss_mib=round(await asyncio.to_thread(actors_rss_mib), 1),
+        actors_rss_mib=round(sum(by_kind.values()), 1),
+        actors_rss_by_kind_mib=by_kind,
     )
 
 
