@@ -95,8 +95,12 @@ def test_tokens_after_kv_handoff_equal_single_process_generate(runtime_engines, 
         text = engine.tokenizer.decode(_token_ids(outs), skip_special_tokens=True)
         assert "".join(o.text for o in outs) == text
     stats = asyncio.run(engine.stats())
-    moved = stats["decode_workers"]["decode-0"]["kv_transfer_bytes"]
+    decode = stats["decode_workers"]["decode-0"]
+    moved = decode["kv_transfer_bytes"]
     assert moved >= 2 * 300 * reference_model.config.num_hidden_layers  # KV really travelled
+    # Running totals agree with the (bounded) per-hand-off samples while these are few.
+    samples = decode["kv_transfer_samples"]
+    assert decode["kv_transfers"] == len(samples) and sum(b for b, _ in samples) == moved
 
 
 def test_kv_by_ray_direct_transport_over_gloo_gives_the_same_tokens(

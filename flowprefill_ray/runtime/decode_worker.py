@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 # Remember this many cancelled ids, so a hand-off that arrives after its cancel is dropped.
 _CANCELLED_MEMORY = 4096
+# Per-hand-off (bytes, seconds) samples kept for stats; totals are kept separately.
+_TRANSFER_SAMPLES = 1000
 
 
 @dataclass
@@ -87,7 +89,12 @@ class DecodeWorker:
         self._metrics = RuntimeMetrics()
         self._tokens_generated = 0
         self._steps = 0
-        self._transfer: list[tuple[int, float]] = []  # (bytes, seconds) per hand-off
+        # Hand-off totals as running sums, plus only the latest samples: a list of every
+        # hand-off grew without bound on a long-lived worker (seen as RSS creep in the soak).
+        self._transfers = 0
+        self._transfer_bytes = 0
+        self._transfer_seconds = 0.0
+        self._transfer_samples: deque[tuple[int, float]] = deque(maxlen=_TRANSFER_SAMPLES)
         # The scheduler picks decode workers by load; it hears ours on accept and, through
         # this handle, whenever requests finish (see _loop).
         self._load_listener = None
@@ -132,7 +139,10 @@ class DecodeWorker:
 
     def _accept(self, handoff: Handoff, k, v, transfer_s: float) -> AcceptAck:
         kv = KVCache(k, v)
-        self._transfer.append((kv.nbytes, transfer_s))
+        self._transfers += 1
+        self._transfer_bytes += kv.nbytes
+        self._transfer_seconds += transfer_s
+        self._transfer_samples.append((kv.nbytes, transfer_s))
         self._metrics.inc("flowprefill_kv_transfer_bytes_total", kv.nbytes)
         self._metrics.observe("flowprefill_kv_transfer_seconds", transfer_s)
         rid = handoff.request_id
@@ -200,8 +210,6 @@ class DecodeWorker:
 
     def stats(self) -> dict:
         """Load and counters; ``used_blocks`` lets tests check that nothing leaks."""
-        moved = sum(b for b, _ in self._transfer)
-        seconds = sum(s for _, s in self._transfer)
         return {
             "worker_id": self.worker_id,
             "running": len(self._running),
@@ -212,10 +220,10 @@ class DecodeWorker:
             "reserved_blocks": self._reserved,
             "tokens_generated": self._tokens_generated,
             "steps": self._steps,
-            "kv_transfers": len(self._transfer),
-            "kv_transfer_bytes": moved,
-            "kv_transfer_seconds": seconds,
-            "kv_transfer_samples": list(self._transfer[-1000:]),
+            "kv_transfers": self._transfers,
+            "kv_transfer_bytes": self._transfer_bytes,
+            "kv_transfer_seconds": self._transfer_seconds,
+            "kv_transfer_samples": list(self._transfer_samples),
         }
 
     # --------------------------------------------------------------------- the loop
