@@ -6,7 +6,7 @@ Commands:
   preempt-demo   one long prefill preempted by an urgent short request, on one model in-process
   bench          the full policy comparison on the live system: with no arguments a goodput
                  bisection per policy on the tiny CPU model with the simulator's prediction
-                 (BENCH_DEFAULTS below, ~30 min on 2 cores); any arguments go to
+                 (BENCH_DEFAULTS below, ~20 min on 2 quiet cores); any arguments go to
                  benchmarks/live_policies.py instead (--help lists them; docs/BENCHMARKS.md)
   prepare-model  convert the embedded SmolLM2 checkpoint once (later runs reuse the cache)
 """
