@@ -11,6 +11,8 @@ the service time) and half relaxed (``--relaxed-factor`` x). Admission control i
 (``policy.admission`` reject, ``max_in_flight``). Once every ``--sample-s`` seconds it records the
 requests in the scheduler, decode KV blocks, prefill KV bytes and paused requests, and the
 resident memory of the runtime's actor processes. ``--load 3`` is the overload run.
+``--service-s`` fixes the service time instead (same rate and targets in two runs, e.g. an A/B
+of ``--malloc-arena-max``).
 
 Prints a table (memory over time, counts, attainment) and writes JSON to ``--out``.
 """
@@ -47,6 +49,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--service-s",
+        type=float,
+        default=None,
+        help="use this service time (s) instead of measuring it, so that two runs offer the "
+        "same rate and targets (A/B comparisons)",
+    )
+    p.add_argument(
+        "--malloc-arena-max",
+        type=int,
+        default=2,
+        help="placement.malloc_arena_max of the actors; 0 keeps glibc's default",
+    )
     p.add_argument("--out", default="results/soak.json")
     return p.parse_args(argv)
 
@@ -58,6 +73,7 @@ def engine_config(args: argparse.Namespace, cache_dir: str) -> dict:
             "num_prefill_workers": args.prefill_workers,
             "prefill_num_cpus": 0.5,
             "decode_num_cpus": 0.5,
+            "malloc_arena_max": args.malloc_arena_max or None,
         },
         "policy": {
             "name": "flowprefill",
@@ -81,7 +97,7 @@ async def soak(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
     cache_dir = os.environ.get("FLOWPREFILL_CACHE") or tempfile.mkdtemp(prefix="fp-soak-")
     engine = await FlowPrefillEngine.start(engine_config(args, cache_dir))
     try:
-        prefill_s = await measure_prefill_s(engine, args.prompt_tokens)
+        prefill_s = args.service_s or await measure_prefill_s(engine, args.prompt_tokens)
         capacity_rps = args.prefill_workers / prefill_s
         classes = [
             LoadClass("urgent", args.prompt_tokens, args.urgent_factor * prefill_s, 0.5),
