@@ -11,8 +11,9 @@ the service time) and half relaxed (``--relaxed-factor`` x). Admission control i
 (``policy.admission`` reject, ``max_in_flight``). Once every ``--sample-s`` seconds it records the
 requests in the scheduler, decode KV blocks, prefill KV bytes and paused requests, and the
 resident memory of the runtime's actor processes. ``--load 3`` is the overload run.
-``--service-s`` fixes the service time instead (same rate and targets in two runs, e.g. an A/B
-of ``--malloc-arena-max``).
+``--service-s`` fixes the service time instead (same rate and targets in two runs: A/B
+comparisons, e.g. of an environment variable such as ``MALLOC_ARENA_MAX`` exported before the
+run, which Ray passes on to the actors).
 
 Prints a table (memory over time, counts, attainment) and writes JSON to ``--out``.
 """
@@ -56,12 +57,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="use this service time (s) instead of measuring it, so that two runs offer the "
         "same rate and targets (A/B comparisons)",
     )
-    p.add_argument(
-        "--malloc-arena-max",
-        type=int,
-        default=2,
-        help="placement.malloc_arena_max of the actors; 0 keeps glibc's default",
-    )
     p.add_argument("--out", default="results/soak.json")
     return p.parse_args(argv)
 
@@ -73,7 +68,6 @@ def engine_config(args: argparse.Namespace, cache_dir: str) -> dict:
             "num_prefill_workers": args.prefill_workers,
             "prefill_num_cpus": 0.5,
             "decode_num_cpus": 0.5,
-            "malloc_arena_max": args.malloc_arena_max or None,
         },
         "policy": {
             "name": "flowprefill",

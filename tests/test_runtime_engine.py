@@ -297,19 +297,3 @@ def _is_loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
     mapped = getattr(address, "ipv4_mapped", None)  # "::ffff:127.0.0.1" on dual-stack sockets
     return (mapped or address).is_loopback
-
-
-def test_actor_processes_start_with_the_malloc_arena_limit(runtime_engines):
-    """placement.malloc_arena_max reaches the scheduler's and every worker's environment (glibc
-    reads it at process start, so it must come through the actors' runtime_env)."""
-    import ray
-
-    engine = runtime_engines("flowprefill")
-    assert engine.config.placement.malloc_arena_max == 2  # the default
-    pids = {"scheduler": asyncio.run(engine.stats())["scheduler"]["pid"]}
-    handles = [*engine.prefill_workers.values(), *engine.decode_workers.values()]
-    infos = ray.get([handle.info.remote() for handle in handles])
-    pids.update({info["worker_id"]: info["pid"] for info in infos})
-    assert len(pids) == 3
-    for who, pid in pids.items():
-        assert psutil.Process(pid).environ().get("MALLOC_ARENA_MAX") == "2", who

@@ -65,12 +65,6 @@ class PlacementConfig(BaseModel):
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
     # The scheduler does no compute; a fraction of a CPU keeps it from taking a whole core.
     scheduler_num_cpus: float = Field(0.1, ge=0)
-    # glibc malloc arenas per actor process (scheduler and workers), set as MALLOC_ARENA_MAX.
-    # glibc's default (8 per core) let a long-running actor's heap fragment: in a 40-minute
-    # soak the scheduler's RSS kept rising ~1-3 MiB/min with its Python objects flat (traced
-    # with tracemalloc); with 2 arenas the actors started ~100 MiB smaller and the scheduler
-    # grew half as fast (docs/RELIABILITY.md, "Soak benchmark"). None keeps glibc's default.
-    malloc_arena_max: int | None = Field(2, ge=1, le=64)
 
     @model_validator(mode="after")
     def _one_gpu_per_prefill_worker(self) -> PlacementConfig:

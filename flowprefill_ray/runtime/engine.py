@@ -45,7 +45,7 @@ from .errors import (
 from .messages import PrefillDone, TokenEvent
 from .metrics import RuntimeMetrics
 from .model_source import checkpoint_path
-from .placement import Workers, actor_env, create_workers, destroy_workers
+from .placement import Workers, create_workers, destroy_workers
 from .scheduler import RemoteScheduler
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,6 @@ class FlowPrefillEngine:
                 name=config.scheduler_name,
                 namespace=config.namespace,
                 num_cpus=config.placement.scheduler_num_cpus,
-                runtime_env={"env_vars": actor_env(config)},
                 max_concurrency=100_000,
                 max_restarts=config.faults.scheduler_max_restarts,
                 # A call in flight on a dead scheduler fails instead of being retried: the

@@ -21,15 +21,6 @@ from .prefill_worker import PREFILL_WORKER_CONCURRENCY, RemotePrefillWorker, Rem
 WORKER_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
-def actor_env(config: RuntimeConfig, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment variables of one of the engine's actor processes: ``base`` plus the malloc
-    arena limit (read by glibc when the process starts, hence a runtime_env, not os.environ)."""
-    env = dict(base or {})
-    if config.placement.malloc_arena_max is not None:
-        env["MALLOC_ARENA_MAX"] = str(config.placement.malloc_arena_max)
-    return env
-
-
 @dataclass
 class Workers:
     """Handles of the created workers, by worker id, and the placement group if any."""
@@ -80,7 +71,7 @@ def create_workers(config: RuntimeConfig, ready_timeout_s: float = 300.0) -> Wor
             num_gpus=num_gpus,
             name=name,
             namespace=config.namespace,
-            runtime_env={"env_vars": actor_env(config, WORKER_ENV)},
+            runtime_env={"env_vars": WORKER_ENV},
             # A dead worker process is restarted (it reloads the model); its in-flight calls
             # fail rather than re-run, because the scheduler re-queues prefill work itself.
             max_restarts=config.faults.worker_max_restarts,
