@@ -133,6 +133,38 @@ def test_urgent_short_request_preempts_long_relaxed_prefill_then_long_resumes():
     assert (p.decisions.events, p.decisions.decisions) == (4, 4)
 
 
+def test_a_paused_batch_whose_urgent_member_is_late_still_resumes_for_its_other_members():
+    # Seen live (SmolLM2, azure-conv at x3.6): a 2 s image request batched with 24 s file
+    # requests was preempted, turned late while paused, and the whole unit then ranked as late,
+    # below every feasible request: the file requests waited ~30 s for the queue to drain.
+    p = policy(workers=0)
+    arrive(p, "image", 0.0, 256, 2.0, cls="image")
+    arrive(p, "file", 0.0, 256, 24.0, cls="file")
+    assert p.on_event(WorkerJoined("w0"), 0.0) == [run(1, "w0", ("image", 0, 256), ("file", 0, 256))]
+    # 1.5 s of work due at 1.6 s cannot wait for the unit's remaining 0.4 s: it preempts.
+    assert arrive(p, "urgent", 0.1, 1536, 1.5) == [Preempt("w0", 1)]
+    assert p.on_event(UnitPaused("w0", 1, executed_s=0.1, blocking_s=0.0), 0.1) == [
+        run(2, "w0", ("urgent", 0, 1536))
+    ]
+    assert arrive(p, "relaxed", 0.2, 512, 60.0) == []  # feasible, due at 60.2 s
+    # The urgent unit overruns to 1.7 s: the image request (due 2.0, 0.4 s left) is now late,
+    # the file request (due 24.0) is not, and it is due before the relaxed one.
+    assert p.on_event(UnitCompleted("w0", 2, executed_s=1.6), 1.7) == [Resume("w0", 1)]
+    assert p.unit_slack_s(p.units[1], 1.7) == pytest.approx(24.0 - 1.7 - 0.4)
+
+
+def test_a_unit_is_due_at_its_earliest_deadline_it_can_still_make():
+    p = policy(workers=0)
+    arrive(p, "a", 0.0, 256, 1.0)
+    arrive(p, "b", 0.0, 256, 5.0)
+    p.on_event(WorkerJoined("w0"), 0.0)
+    unit = p.units[1]
+    assert unit.deadlines == (1.0, 5.0)
+    assert unit.due_s(0.0, 0.5) == (True, 1.0)
+    assert unit.due_s(0.75, 0.5) == (True, 5.0)  # "a" cannot make it any more, "b" can
+    assert unit.due_s(4.75, 0.5) == (False, 5.0)  # neither: ranked by the latest deadline
+
+
 def test_a_unit_that_completes_before_pausing_is_just_completed():
     p = policy("flowprefill")
     arrive(p, "long", 0.0, 4096, 6.0)

@@ -1,7 +1,9 @@
 """FlowPrefill: slack-aware preemptive scheduling across all prefill workers.
 
 On every event, with one ``now``: waiting requests and paused units are ranked by
-``priority = sign(slack) / deadline`` (see ``priority.py``). Then
+``priority = sign(slack) / deadline`` (see ``priority.py``); a unit of several requests by its
+most urgent member that can still make its deadline (``UnitRecord.due_s``), so one late member
+does not demote the members batched with it. Then
 
 1. every idle worker gets the best thing it can run: a paused unit it holds (resumed in place)
    or the best waiting request (started, with SLO-aware batching, see ``batching.py``);
@@ -34,7 +36,6 @@ from .config import PolicyConfig
 from .events import Decision
 from .policy import KVCheck, Policy
 from .predictor import TTFTPredictor
-from .priority import rank_key
 from .queues import SlackQueue
 from .records import RequestRecord, UnitRecord, WorkerRecord, WorkerState
 from .slo import SLOConfig
@@ -64,7 +65,9 @@ class FlowPrefillPolicy(Policy):
     # ------------------------------------------------------------------ ranking
 
     def _unit_rank(self, u: UnitRecord, now: float) -> tuple[tuple[int, float], tuple[int, int]]:
-        return rank_key(self.unit_slack_s(u, now), u.deadline_s), u.tiebreak
+        # Ranked by the member that can still make its deadline (``UnitRecord.due_s``).
+        feasible, due = u.due_s(now, self.unit_remaining_s(u, now))
+        return ((0, due) if feasible else (1, -due)), u.tiebreak
 
     @staticmethod
     def _request_rank(

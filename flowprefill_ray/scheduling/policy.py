@@ -337,14 +337,14 @@ class Policy(ABC):
                     ran = now - u.started_at_s  # as in UnitRecord.executed_at, inlined
                     left = predict(u.tokens) - u.executed_s - (ran if ran > 0.0 else 0.0)
                     remaining = left if left > 0.0 else 0.0
-                    feasible = u.deadline_s - now - remaining >= 0.0  # slack_s >= 0
-                    loads.append((u.deadline_s, True, feasible, remaining))
+                    feasible, due = u.due_s(now, remaining)
+                    loads.append((due, True, feasible, remaining))
                 if w.paused:
                     for u in w.paused.values():
                         left = predict(u.tokens) - u.executed_s  # paused: no time accrues
                         remaining = left if left > 0.0 else 0.0
-                        feasible = u.deadline_s - now - remaining >= 0.0
-                        loads.append((u.deadline_s, False, feasible, remaining))
+                        feasible, due = u.due_s(now, remaining)
+                        loads.append((due, False, feasible, remaining))
             self._loads, self._loads_key = loads, key
         return self._loads
 
@@ -402,6 +402,7 @@ class Policy(ABC):
             ttft_slo_s=head.ttft_slo_s,
             tiebreak=head.tiebreak,
             started_at_s=now,
+            deadlines=tuple(sorted(self.requests[i.request_id].deadline_s for i in items)),
         )
         self.units[unit.unit_id] = u
         w.running = u
@@ -484,8 +485,11 @@ class Policy(ABC):
         return remaining if remaining > 0.0 else 0.0
 
     def unit_slack_s(self, u: UnitRecord, now: float) -> float:
-        """Slack of ``u``'s most urgent request if ``u`` (re)started at ``now``, seconds."""
-        return slack_s(u.deadline_s, now, self.predictor.predict(u.tokens), u.executed_at(now))
+        """Slack of the request ``u`` is ranked by (``UnitRecord.due_s``: its most urgent
+        member that can still make its deadline) if ``u`` (re)started at ``now``, seconds;
+        negative when no member can."""
+        remaining = self.unit_remaining_s(u, now)
+        return slack_s(u.due_s(now, remaining)[1], now, remaining)
 
     # ------------------------------------------------------------------ views
 

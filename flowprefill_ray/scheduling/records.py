@@ -58,6 +58,8 @@ class UnitRecord:
     state: UnitState = UnitState.RUNNING
     executed_s: float = 0.0  # compute before the current run (from UnitPaused)
     started_at_s: float = 0.0  # when the current run started or resumed
+    # Every member request's deadline, ascending (``deadline_s`` is the first).
+    deadlines: tuple[float, ...] = ()
 
     @property
     def unit_id(self) -> int:
@@ -66,6 +68,20 @@ class UnitRecord:
     @property
     def worker_id(self) -> str:
         return self.unit.worker_id
+
+    def due_s(self, now_s: float, remaining_s: float) -> tuple[bool, float]:
+        """``(feasible, deadline)`` the unit is ranked by if it (re)starts at ``now_s`` with
+        ``remaining_s`` of compute left: the earliest member deadline it can still make, or,
+        when it can make none, the latest member deadline.
+
+        Ranking a batch by its most urgent member alone goes wrong once that member is late:
+        the whole unit would sink below every feasible request, and members with loose
+        targets (batched with it, or paused alongside it) would wait until the queue drained
+        and miss deadlines they could have made."""
+        for deadline in self.deadlines or (self.deadline_s,):
+            if deadline - now_s - remaining_s >= 0.0:
+                return True, deadline
+        return False, (self.deadlines or (self.deadline_s,))[-1]
 
     def executed_at(self, now_s: float) -> float:
         """Compute seconds spent on this unit by ``now_s`` (pauses excluded)."""
