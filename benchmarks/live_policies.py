@@ -9,8 +9,11 @@ then the same trace slice is replayed open loop through the OpenAI-compatible AP
   in the sweep that held 90 %.
 
 With ``--simulate`` each live trial is also run through the discrete-event simulator (same
-requests, arrivals, lengths and SLO targets; the runtime tiny model's measured CPU profile), to show how well
-the simulator predicts the runtime. That comparison is only meaningful with ``--tiny``.
+requests, arrivals, lengths and SLO targets; the committed CPU profile of the model served:
+``simulator/profiles/tiny_cpu.json`` with ``--tiny``, ``smollm2_cpu.json`` otherwise), to show
+how well the simulator predicts the runtime. Both profiles were measured on one thread of the
+development machine; elsewhere, measure one (``python -m flowprefill_ray.simulator.profile_model``)
+and pass it with ``--profile``.
 
 Prints a table and ratios (flowprefill / each baseline) and writes JSON (``--out``) plus plots
 next to it. Run:  python benchmarks/live_policies.py --tiny --out results/live_policies.json
@@ -64,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="no live runs: redo the simulator comparison for the trials already in --out",
     )
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="simulator profile JSON for --simulate/--resimulate (default: the committed "
+        "profile of the model served)",
+    )
     p.add_argument("--out", default="results/live_policies.json")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -87,15 +96,28 @@ def policy_config(name: str, chunk_size: int) -> dict[str, Any]:
     return {"name": name, "chunk_size": chunk_size} if name == "chunked" else {"name": name}
 
 
+def simulator_cost_model(model: str, profile: str | None) -> Any:
+    """The simulator's cost model for a live run that served ``model`` (``"default"`` or the
+    tiny model's path): ``profile`` if given, else the committed profile of that model."""
+    from flowprefill_ray.simulator.measured import MeasuredCostModel, MeasuredProfile, profile_path
+
+    path = profile or profile_path("default" if model == "default" else "tiny")
+    return MeasuredCostModel(MeasuredProfile.load(path))
+
+
 def add_simulation(
-    results: dict[str, Any], replay: Any, slo: Any, chunk_size: int, trials_dir: Path
+    results: dict[str, Any],
+    replay: Any,
+    slo: Any,
+    chunk_size: int,
+    trials_dir: Path,
+    cost_model: Any,
 ) -> dict[str, Any]:
-    """Predict every live trial with the simulator, twice: with the committed tiny-CPU
-    profile as is (``simulated_*``), and calibrated to the live system (``calibrated_*``):
+    """Predict every live trial with the simulator, twice: with ``cost_model`` (the served
+    model's profile) as is (``simulated_*``), and calibrated to the live system (``calibrated_*``):
     its compute speed and per-unit and per-response overheads, fitted to the lowest-rate trial
     of each policy (``loadgen.sim_compare.calibrate``). Returns the calibration and the mean
     absolute gap between live and predicted attainment, in points."""
-    from flowprefill_ray.simulator.measured import MeasuredCostModel
     from loadgen.sim_compare import calibrate, simulate_trials, simulated_goodput
 
     calibration_requests = []
@@ -104,7 +126,7 @@ def add_simulation(
             low = min(r["points"], key=lambda p: p["rate_scale"])
             path = trials_dir / policy / f"x{low['rate_scale']:.4g}" / "results.json"
             calibration_requests += json.loads(path.read_text())["requests"]
-    calibration = calibrate(calibration_requests)
+    calibration = calibrate(calibration_requests, cost_model)
     gaps: dict[str, list[float]] = {"simulated": [], "calibrated": []}
     goodput: dict[str, dict[str, float]] = {}
     for policy, r in results.items():
@@ -112,18 +134,26 @@ def add_simulation(
             continue
         config = policy_config(policy, chunk_size)
         goodput[policy] = {
-            "simulated": simulated_goodput(replay, slo, config),
-            "calibrated": simulated_goodput(replay, slo, config, calibration),
+            "simulated": simulated_goodput(replay, slo, config, cost_model=cost_model),
+            "calibrated": simulated_goodput(
+                replay, slo, config, calibration, cost_model=cost_model
+            ),
         }
-        simulate_trials(r["points"], replay, slo, config, prefix="simulated")
+        simulate_trials(r["points"], replay, slo, config, cost_model, prefix="simulated")
         simulate_trials(
-            r["points"], replay, slo, config, prefix="calibrated", calibration=calibration
+            r["points"],
+            replay,
+            slo,
+            config,
+            cost_model,
+            prefix="calibrated",
+            calibration=calibration,
         )
         for p in r["points"]:
             for prefix, values in gaps.items():
                 values.append(abs(p["attainment"] - p[f"{prefix}_attainment"]) * 100)
     return {
-        "cost_model": MeasuredCostModel().name,
+        "cost_model": cost_model.name,
         "calibration": {
             "speed": calibration.speed,
             "unit_overhead_s": calibration.unit_overhead_s,
@@ -172,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             SLOConfig(**document["slo"]),
             args.chunk_size,
             trials_dir,
+            simulator_cost_model(document["model"], args.profile),
         )
         out.write_text(json.dumps(document, indent=1))
         print(format_table(document["policies"], document["ratios"], document["simulation"]))
@@ -243,7 +274,16 @@ def main(argv: list[str] | None = None) -> int:
                 }
 
     simulation = (
-        add_simulation(results, replay, slo, args.chunk_size, trials_dir) if args.simulate else None
+        add_simulation(
+            results,
+            replay,
+            slo,
+            args.chunk_size,
+            trials_dir,
+            simulator_cost_model(model, args.profile),
+        )
+        if args.simulate
+        else None
     )
 
     document = {

@@ -3,9 +3,10 @@
 A live trial's plan (arrival offsets, prompt lengths after scaling, SLO classes, TTFT targets)
 becomes a ``Workload`` and runs through ``flowprefill_ray.simulator.experiment.simulate`` with
 the same policy config. The default cost model is the measured profile of the tiny model on
-this machine's CPU (``simulator/profiles/tiny_cpu.json``), so the comparison is meaningful for
-live runs of the tiny model; the simulator leaves out HTTP, Ray and decode, which is what the
-comparison measures.
+this machine's CPU (``simulator/profiles/tiny_cpu.json``); pass the profile of the model the
+live run served (``measured.profile_path``: the tiny model or the embedded SmolLM2), or the
+comparison prices a different model. The simulator leaves out HTTP, Ray and decode, which is
+what the comparison measures.
 """
 
 from __future__ import annotations
@@ -90,10 +91,12 @@ def simulated_goodput(
     policy: dict[str, Any],
     calibration: RuntimeCalibration | None = None,
     rel_tol: float = 0.05,
+    cost_model: Any = None,
 ) -> float:
     """The simulator's goodput (rate scale) for the slice a live search replays: the same
     bisection as ``live_goodput_search`` (>= 90 % attainment), finer, on the planned requests
-    of each scale, with the committed profile (and ``calibration`` if given)."""
+    of each scale, with ``cost_model`` (default: the tiny model's committed profile) and
+    ``calibration`` if given."""
     from flowprefill_ray.simulator.goodput import GoodputSearchConfig, find_goodput
 
     workload = load_trace_workload(replay.trace)
@@ -105,7 +108,7 @@ def simulated_goodput(
             for p in plan_requests(workload, trial, ttft_targets(slo))
             if p.send_at_s < trial.duration_s
         ]
-        return simulate_plan(plan, policy, slo, calibration=calibration)
+        return simulate_plan(plan, policy, slo, cost_model, calibration=calibration)
 
     search = GoodputSearchConfig(
         start=1.0, rel_tol=rel_tol, max_evaluations=40, min_scale=0.01, max_scale=256

@@ -15,7 +15,9 @@ from flowprefill_ray.simulator.measured import (
     BlockMeasurement,
     MeasuredCostModel,
     MeasuredProfile,
+    default_profile_path,
     fit_profile,
+    profile_path,
 )
 from flowprefill_ray.simulator.roofline import (
     A800_SXM,
@@ -112,15 +114,32 @@ def test_measured_fit_recovers_known_coefficients():
     )
 
 
-def test_committed_tiny_cpu_profile_loads_and_grows_with_prompt_length():
-    model = MeasuredCostModel()
-    assert model.num_layers == 4
+@pytest.mark.parametrize(("model_name", "layers"), [("tiny", 4), ("default", 30)])
+def test_committed_profiles_load_grow_with_prompt_length_and_fit_their_measurements(
+    model_name, layers
+):
+    model = MeasuredCostModel(MeasuredProfile.load(profile_path(model_name)))
+    assert model.num_layers == layers
     times = [prefill_time_s(model, n) for n in (16, 256, 1024, 4096)]
     assert times == sorted(times) and times[0] > 0
     # Every coefficient was fitted non-negative, so a bigger unit is never cheaper.
     p = model.profile
     assert min(p.attention + p.mlp + p.overhead + p.tail) >= 0
     assert len(p.measurements) >= 10 and "threads" in p.provenance
+    # The fitted forms reproduce what was timed: a profile whose fit is off prices every
+    # simulated unit wrongly. Median relative error over the timed shapes.
+    errors = sorted(
+        abs(model.unit_cost([ItemShape(t, c) for t, c in m.items]).total_s - m.total_s)
+        / m.total_s
+        for m in p.measurements
+    )
+    assert errors[len(errors) // 2] < 0.15, errors
+
+
+def test_profile_lookup_names_the_known_models():
+    assert profile_path("tiny") == default_profile_path()
+    with pytest.raises(ValueError, match="no committed simulator profile for model 'llama-70b'"):
+        profile_path("llama-70b")
 
 
 # ----------------------------------------------------------------------------- goodput search

@@ -579,13 +579,28 @@ _EVERY_REPLAY_FLAG = {
 }
 
 
-def _live_policies_parse_args():
+def _live_policies():
     # benchmarks/ is a folder of scripts, not a package: load the script by path.
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "live_policies.py"
     spec = importlib.util.spec_from_file_location("live_policies", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.parse_args
+    return module
+
+
+def _live_policies_parse_args():
+    return _live_policies().parse_args
+
+
+def test_live_comparison_prices_the_model_it_served():
+    from flowprefill_ray.simulator.measured import profile_path
+
+    choose = _live_policies().simulator_cost_model
+    # The default model (SmolLM2, 30 layers) and the tiny model (its cache path, 4 layers)
+    # each get their own committed profile; --profile overrides both.
+    assert choose("default", None).num_layers == 30
+    assert choose("/cache/tiny-llama-environment", None).num_layers == 4
+    assert choose("default", str(profile_path("tiny"))).num_layers == 4
 
 
 def test_every_replay_flag_reaches_its_replay_config_field():

@@ -57,9 +57,27 @@ class MeasuredProfile(BaseModel):
         return cls.model_validate(json.loads(Path(path).read_text()))
 
 
+PROFILES_DIR = Path(__file__).with_name("profiles")
+
+# The profiles committed with the package, by the model the live system serves: ``tiny`` is
+# docs/ENVIRONMENT's random-weight tiny Llama, ``default`` the embedded SmolLM2-135M; both
+# measured on one CPU thread of the development machine (a prefill worker's share).
+PROFILES = {"tiny": "tiny_cpu.json", "default": "smollm2_cpu.json"}
+
+
 def default_profile_path() -> Path:
     """The profile of the tiny CPU model committed with the package."""
-    return Path(__file__).with_name("profiles") / "tiny_cpu.json"
+    return PROFILES_DIR / PROFILES["tiny"]
+
+
+def profile_path(model: str) -> Path:
+    """The committed profile of ``model`` (a key of ``PROFILES``)."""
+    if model not in PROFILES:
+        raise ValueError(
+            f"no committed simulator profile for model {model!r}; known: {sorted(PROFILES)} "
+            "(measure one with python -m flowprefill_ray.simulator.profile_model --model ...)"
+        )
+    return PROFILES_DIR / PROFILES[model]
 
 
 def _pairs(item: ItemShape) -> float:

