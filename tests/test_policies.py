@@ -140,7 +140,9 @@ def test_a_paused_batch_whose_urgent_member_is_late_still_resumes_for_its_other_
     p = policy(workers=0)
     arrive(p, "image", 0.0, 256, 2.0, cls="image")
     arrive(p, "file", 0.0, 256, 24.0, cls="file")
-    assert p.on_event(WorkerJoined("w0"), 0.0) == [run(1, "w0", ("image", 0, 256), ("file", 0, 256))]
+    assert p.on_event(WorkerJoined("w0"), 0.0) == [
+        run(1, "w0", ("image", 0, 256), ("file", 0, 256))
+    ]
     # 1.5 s of work due at 1.6 s cannot wait for the unit's remaining 0.4 s: it preempts.
     assert arrive(p, "urgent", 0.1, 1536, 1.5) == [Preempt("w0", 1)]
     assert p.on_event(UnitPaused("w0", 1, executed_s=0.1, blocking_s=0.0), 0.1) == [
