@@ -36,6 +36,7 @@ from .config import PolicyConfig
 from .events import Decision
 from .policy import KVCheck, Policy
 from .predictor import TTFTPredictor
+from .priority import rank_key
 from .queues import SlackQueue
 from .records import RequestRecord, UnitRecord, WorkerRecord, WorkerState
 from .slo import SLOConfig
@@ -66,8 +67,7 @@ class FlowPrefillPolicy(Policy):
 
     def _unit_rank(self, u: UnitRecord, now: float) -> tuple[tuple[int, float], tuple[int, int]]:
         # Ranked by the member that can still make its deadline (``UnitRecord.due_s``).
-        feasible, due = u.due_s(now, self.unit_remaining_s(u, now))
-        return ((0, due) if feasible else (1, -due)), u.tiebreak
+        return rank_key(*self.unit_slack_and_due_s(u, now)), u.tiebreak
 
     @staticmethod
     def _request_rank(

@@ -398,11 +398,10 @@ class Policy(ABC):
         u = UnitRecord(
             unit=unit,
             tokens=unit.tokens,
-            deadline_s=head.deadline_s,
+            deadlines=tuple(sorted(self.requests[i.request_id].deadline_s for i in items)),
             ttft_slo_s=head.ttft_slo_s,
             tiebreak=head.tiebreak,
             started_at_s=now,
-            deadlines=tuple(sorted(self.requests[i.request_id].deadline_s for i in items)),
         )
         self.units[unit.unit_id] = u
         w.running = u
@@ -484,12 +483,17 @@ class Policy(ABC):
         remaining = self.predictor.predict(u.tokens) - u.executed_at(now)
         return remaining if remaining > 0.0 else 0.0
 
-    def unit_slack_s(self, u: UnitRecord, now: float) -> float:
-        """Slack of the request ``u`` is ranked by (``UnitRecord.due_s``: its most urgent
-        member that can still make its deadline) if ``u`` (re)started at ``now``, seconds;
-        negative when no member can."""
+    def unit_slack_and_due_s(self, u: UnitRecord, now: float) -> tuple[float, float]:
+        """``(slack, deadline)`` of the request ``u`` is ranked by (``UnitRecord.due_s``: its
+        most urgent member that can still make its deadline) if ``u`` (re)started at ``now``,
+        seconds; the slack is negative when no member can."""
         remaining = self.unit_remaining_s(u, now)
-        return slack_s(u.due_s(now, remaining)[1], now, remaining)
+        due = u.due_s(now, remaining)[1]
+        return slack_s(due, now, remaining), due
+
+    def unit_slack_s(self, u: UnitRecord, now: float) -> float:
+        """Slack of the request ``u`` is ranked by (see ``unit_slack_and_due_s``), seconds."""
+        return self.unit_slack_and_due_s(u, now)[0]
 
     # ------------------------------------------------------------------ views
 

