@@ -9,6 +9,8 @@ Commands:
                  (BENCH_DEFAULTS below, ~20 min on 2 quiet cores); any arguments go to
                  benchmarks/live_policies.py instead (--help lists them; docs/BENCHMARKS.md)
   prepare-model  convert the embedded SmolLM2 checkpoint once (later runs reuse the cache)
+  timeline       RUN_DIR_OR_JSON: why requests were late, from a saved scheduler timeline
+                 (timeline.json): prints the causes per SLO class, writes timeline.png beside it
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 _MODULE_COMMANDS = {
     "demo": "flowprefill_ray.demos.serving",
     "preempt-demo": "flowprefill_ray.demos.preemption",
+    "timeline": "flowprefill_ray.timeline_plot",
 }
 
 _REPO = Path(__file__).resolve().parent.parent

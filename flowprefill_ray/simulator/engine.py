@@ -52,6 +52,7 @@ from .results import RequestOutcome, SimulationResult, WorkerStats
 
 if TYPE_CHECKING:
     from flowprefill_ray.scheduling.request import Request
+    from flowprefill_ray.scheduling.timeline import Timeline
 
 
 class SchedulingPolicy(Protocol):
@@ -121,12 +122,20 @@ _END, _PAUSE, _ARRIVAL = 0, 1, 2
 
 
 class Simulator:
-    """Runs one policy over a list of requests. A simulator (and its policy) runs once."""
+    """Runs one policy over a list of requests. A simulator (and its policy) runs once.
+
+    ``timeline`` (optional, ``flowprefill_ray.scheduling.timeline.Timeline``) records every
+    event and the policy's answer, for the why-late attribution and the Gantt chart."""
 
     def __init__(
-        self, policy: SchedulingPolicy, cost_model: CostModel, config: SimulatorConfig | None = None
+        self,
+        policy: SchedulingPolicy,
+        cost_model: CostModel,
+        config: SimulatorConfig | None = None,
+        timeline: Timeline | None = None,
     ) -> None:
         self.policy = policy
+        self.timeline = timeline
         self.cost_model = cost_model
         self.config = config or SimulatorConfig()
         self.worker_ids = [
@@ -219,7 +228,10 @@ class Simulator:
 
     def _deliver(self, event: Event) -> None:
         self._last_event_s = self._now
-        for decision in self.policy.on_event(event, self._now):
+        decisions = self.policy.on_event(event, self._now)
+        if self.timeline is not None:
+            self.timeline.record(event, self._now, decisions)
+        for decision in decisions:
             self._decisions[type(decision).__name__] += 1
             if isinstance(decision, RunUnit):
                 self._run_unit(decision)
@@ -396,6 +408,9 @@ class Simulator:
                 outcome.prefill_completions += 1
                 if outcome.ttft_s is None:
                     outcome.ttft_s = self._now - outcome.arrival_s + self.config.response_overhead_s
+                    if self.timeline is not None and self.config.response_overhead_s:
+                        # What a client would see: the serving path's share shows up apart.
+                        self.timeline.note_client_ttft(rid, outcome.ttft_s)
         self._deliver(UnitCompleted(worker_id, run.unit.unit_id, run.compute_s))
 
     def _on_pause(self, worker_id: str, token: int) -> None:
