@@ -125,7 +125,8 @@ def test_paused_prefills_stay_within_the_budget_by_evicting_and_recomputing(admi
     # A restarted from token 0 and still completed; nothing is held afterwards.
     worker = stats["prefill_workers"]["prefill-0"]
     assert worker["paused_units"] == 0 and worker["paused_bytes"] == 0
-    assert worker["held_kv_bytes"] == 0
+    assert worker["held_kv_bytes"] == 0 and worker["held_bytes"] == 0
+    assert stats["disagreements"] == []
     assert stats["decode_workers"]["decode-0"]["used_blocks"] == 0
 
 

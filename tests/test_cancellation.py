@@ -35,6 +35,9 @@ async def _held(engine) -> dict:
         "prefill_running_unit": prefill["running_unit"],
         "prefill_paused_units": prefill["paused_units"],
         "prefill_held_kv_bytes": prefill["held_kv_bytes"],
+        # Paused activations too, and whether scheduler and worker agree (reconcile.py).
+        "prefill_held_bytes": prefill["held_bytes"],
+        "disagreements": stats["disagreements"],
         "decode_used_blocks": decode["used_blocks"],
         "decode_running": decode["running"],
         "decode_waiting": decode["waiting"],
@@ -46,6 +49,8 @@ _NOTHING_HELD = {
     "prefill_running_unit": None,
     "prefill_paused_units": 0,
     "prefill_held_kv_bytes": 0,
+    "prefill_held_bytes": 0,
+    "disagreements": [],
     "decode_used_blocks": 0,
     "decode_running": 0,
     "decode_waiting": 0,

@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Temperatures below this are treated as 0 (greedy): see ``sample``.
 MIN_SAMPLING_TEMPERATURE = 1e-5
+# The seeds torch's generators take: any 64-bit value, signed or unsigned (a negative seed is
+# taken modulo 2**64, as torch does). Outside this range ``manual_seed`` raises, so such a seed
+# is refused when the request is validated, never inside a batch it would fail.
+MIN_SEED = -(2**63)
+MAX_SEED = 2**64 - 1
 
 
 class SamplingParams(BaseModel):
@@ -24,7 +29,7 @@ class SamplingParams(BaseModel):
     ``top_p``: nucleus sampling; keep the smallest set of most likely tokens whose probability
     reaches ``top_p`` (1.0 keeps all).
     ``stop``: strings that end the output when they appear in the decoded text (not included).
-    ``seed``: makes sampling reproducible for this request.
+    ``seed``: makes sampling reproducible for this request; ``MIN_SEED``..``MAX_SEED``.
     ``ignore_eos``: keep generating past the end-of-sequence token (fixed-length benchmarks).
     """
 
@@ -34,7 +39,7 @@ class SamplingParams(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     ignore_eos: bool = False
 
     @field_validator("stop", mode="before")

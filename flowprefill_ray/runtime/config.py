@@ -172,6 +172,16 @@ class RequestBounds(BaseModel):
     request_timeout_s: float | None = Field(600.0, gt=0)
 
 
+class TimelineConfig(BaseModel):
+    """The scheduler's timeline (``flowprefill_ray.scheduling.timeline``): what happened to each
+    recent request, for "why was this request late?"."""
+
+    model_config = _STRICT
+
+    # Finished requests kept (a ring; live ones are always kept). ~1-2 KiB each.
+    capacity: int = Field(2000, ge=1, le=200_000)
+
+
 class RuntimeConfig(BaseModel):
     """Everything :meth:`FlowPrefillEngine.start` needs."""
 
@@ -186,6 +196,7 @@ class RuntimeConfig(BaseModel):
     decode: DecodeConfig = DecodeConfig()
     requests: RequestBounds = RequestBounds()
     faults: FaultToleranceConfig = FaultToleranceConfig()
+    timeline: TimelineConfig = TimelineConfig()
     # A TTFT predictor saved with TTFTPredictor.save; None = profile worker 0 at start.
     predictor_path: str | None = None
     namespace: str = "flowprefill"

@@ -40,12 +40,14 @@ from .errors import (
     PromptTooLongError,
     RequestFailedError,
     RequestRejectedError,
+    RequestTimeoutError,
     RuntimeEngineError,
 )
 from .messages import PrefillDone, TokenEvent
 from .metrics import RuntimeMetrics
 from .model_source import checkpoint_path
 from .placement import Workers, create_workers, destroy_workers
+from .reconcile import disagreements
 from .scheduler import RemoteScheduler
 
 logger = logging.getLogger(__name__)
@@ -124,6 +126,13 @@ class FlowPrefillEngine:
         self._in_decode: dict[str, object] = {}  # request id -> decode worker handle
         self._in_flight: set[str] = set()
         self._metrics = RuntimeMetrics()
+        # Every class's request counters exist at 0 from start-up (the scheduler's too: they
+        # sum across processes), so per-class panels and alerts see classes that never missed,
+        # were never rejected or never failed. The preemption counter per worker when this
+        # engine owns the workers.
+        self._metrics.zero_init(
+            slo_class=config.slo.class_names, worker_id=list(workers.prefill) if workers else ()
+        )
         self._closed = False
 
     # ------------------------------------------------------------------- lifecycle
@@ -271,6 +280,8 @@ class FlowPrefillEngine:
         ids = self.tokenize(prompt)
         slo_class, ttft_slo_s = self._check(ids, sampling, slo)
         if len(self._in_flight) >= self.config.requests.max_in_flight:
+            # A 429 like the scheduler's admission rejections, so counted with them.
+            self._metrics.inc("flowprefill_requests_rejected_total", slo_class=slo_class)
             raise RequestRejectedError(request_id or "-", "too many requests in flight", 1.0)
         if timeout_s is not None and not timeout_s > 0:
             raise InvalidRequestError(f"timeout_s must be positive seconds, got {timeout_s!r}")
@@ -285,6 +296,7 @@ class FlowPrefillEngine:
     ) -> AsyncIterator[TokenOutput]:
         started = time.monotonic()
         finished = False
+        done = None
         bound = RequestDeadline(request_id, timeout_s, started)
         self._in_flight.add(request_id)
         try:
@@ -295,10 +307,15 @@ class FlowPrefillEngine:
             )
             if done is None:  # cancelled before its first token
                 finished = True
+                self._count_finished(slo_class, "abort")
                 yield self._output(done, request_id, None, "", 0, "abort", started, None, slo_class)
                 return
             first_at = time.monotonic()
             ttft_s = first_at - started
+            if ttft_s > done.ttft_slo_s:
+                # A miss as the client sees it: the timeline needs this clock too, to tell the
+                # serving path's share from the scheduler's (not awaited; misses only).
+                self._scheduler.note_client_ttft.remote(request_id, ttft_s)
             detok = Detokenizer(self.tokenizer, sampling.stop)
             if done.finish_reason is None:
                 # From here on a cancel goes to the decode worker (even before its hand-off
@@ -317,6 +334,8 @@ class FlowPrefillEngine:
                 checker.add(done.first_token)
                 token = done.first_token if checker.token_ids else None
                 finished = True
+                # Recorded before the yield: a consumer may stop at the final output.
+                self._record(done, ttft_s, None, started, done.finish_reason)
                 yield self._output(
                     done,
                     request_id,
@@ -328,7 +347,6 @@ class FlowPrefillEngine:
                     ttft_s,
                     slo_class,
                 )
-                self._record(done, ttft_s, None, started, done.finish_reason)
                 return
             tpot_s = None
             index = 0
@@ -355,6 +373,21 @@ class FlowPrefillEngine:
                 yield out
                 if finished:
                     return
+        except (RequestRejectedError, InvalidRequestError):
+            # Not failures of the service: a rejection is counted where it is decided, and a
+            # bad request (a duplicate id) is the client's.
+            raise
+        except RequestTimeoutError:
+            self._count_finished(done.slo_class if done else slo_class, "timeout")
+            raise
+        except Exception:
+            # A worker died, the scheduler is restarting, ...: the client sees 500/503.
+            self._count_finished(done.slo_class if done else slo_class, "error")
+            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            if not finished:  # the consumer went away (client disconnect, aclose)
+                self._count_finished(done.slo_class if done else slo_class, "abort")
+            raise
         finally:
             self._in_flight.discard(request_id)
             if not finished:
@@ -412,8 +445,11 @@ class FlowPrefillEngine:
         self._metrics.observe(
             "flowprefill_e2e_request_latency_seconds", time.monotonic() - started, slo_class=cls
         )
+        self._count_finished(cls, reason)
+
+    def _count_finished(self, slo_class: str, reason: str) -> None:
         self._metrics.inc(
-            "flowprefill_requests_finished_total", slo_class=cls, finish_reason=reason
+            "flowprefill_requests_finished_total", slo_class=slo_class, finish_reason=reason
         )
 
     async def generate(self, prompt, sampling=None, slo=None, request_id=None) -> list[TokenOutput]:
@@ -434,6 +470,11 @@ class FlowPrefillEngine:
         except Exception:  # the engine may be shutting down; nothing left to free then
             logger.debug("cancel of %s after disconnect failed", request_id, exc_info=True)
 
+    async def timeline(self, last: int | None = 200) -> dict:
+        """The scheduler's timeline of the ``last`` most recent requests (None: all it keeps);
+        see ``flowprefill_ray.scheduling.timeline`` and ``why_late``."""
+        return await self._call(self._scheduler.timeline_export.remote(last))
+
     async def stats(self) -> dict:
         """Scheduler counters and samples, and each worker's load (seconds, bytes, tokens)."""
         result = {"scheduler": await self._call(self._scheduler.stats.remote())}
@@ -451,6 +492,8 @@ class FlowPrefillEngine:
                     wid: {"worker_id": wid, "error": str(a)} if isinstance(a, BaseException) else a
                     for wid, a in zip(workers, answers, strict=True)
                 }
+            # Where the scheduler's view and the workers' memory differ (see reconcile.py).
+            result["disagreements"] = disagreements(result)
         return result
 
     async def _call(self, ref):

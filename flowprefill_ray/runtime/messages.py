@@ -48,6 +48,15 @@ class FirstToken:
 
 
 @dataclass(frozen=True, slots=True)
+class FailedItem:
+    """A request whose prefill failed inside a unit that otherwise went on (its forward or its
+    first-token sampling raised). ``detail`` is for the server log, never for the client."""
+
+    request_id: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class UnitOutcome:
     """How one ``run``/``resume`` call of a prefill worker ended.
 
@@ -62,6 +71,7 @@ class UnitOutcome:
     blocking_s: float = 0.0
     first_tokens: tuple[FirstToken, ...] = ()
     block_s: float = 0.0
+    failed: tuple[FailedItem, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

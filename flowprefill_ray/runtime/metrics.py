@@ -9,6 +9,8 @@ Ray's metrics agent exports each one as ``ray_<name>`` (histograms as ``_bucket`
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -104,11 +106,21 @@ SCHEDULER_BUCKETS_S = (
     0.05,
     0.1,
 )
-BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+# Batch sizes are integers: boundaries halfway between them put each size k in its own bucket
+# (k - 0.5, k + 0.5], so histogram_quantile's linear interpolation inside a bucket stays within
+# 0.5 of k (and round() gives k). With boundaries on the integers (1, 2, ...) every unit of one
+# request sat in (0, 1] and the median read as a fraction (0.62).
+BATCH_SIZE_BUCKETS = (
+    0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 12.5, 16.5, 24.5, 32.5, 48.5, 64.5, 128.5, 256.5
+)
 BATCH_TOKENS_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 # observed / predicted prefill time: 1.0 is a perfect prediction.
 PREDICTION_RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 4.0)
 TRANSFER_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+# finish_reason values of flowprefill_requests_finished_total: the stream's own reasons, plus
+# "timeout" for a request past its end-to-end bound (RequestTimeoutError, HTTP 504). "error" is
+# any other failure the client sees (a worker died, the scheduler is restarting: 500/503).
+FINISH_REASONS = ("stop", "length", "abort", "error", "timeout")
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,13 +187,14 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "flowprefill_requests_finished_total",
         "counter",
-        "Finished requests by finish reason (stop, length, abort, error).",
+        "Finished requests by finish reason (stop, length, abort, error, timeout).",
         ("slo_class", "finish_reason"),
     ),
     MetricSpec(
         "flowprefill_requests_rejected_total",
         "counter",
-        "Requests refused by admission control (HTTP 429).",
+        "Requests refused with HTTP 429: by admission control (scheduler) or at the engine's "
+        "in-flight bound.",
         ("slo_class",),
     ),
     MetricSpec(
@@ -210,6 +223,13 @@ METRICS: tuple[MetricSpec, ...] = (
         "flowprefill_prefill_requests_paused",
         "gauge",
         "Requests in paused units held by a prefill worker.",
+        ("worker_id",),
+    ),
+    MetricSpec(
+        "flowprefill_prefill_held_bytes",
+        "gauge",
+        "Bytes a prefill worker holds between units: paused units' activations and KV, and "
+        "finished KV waiting for its decode hand-off. 0 when idle; growth while idle is a leak.",
         ("worker_id",),
     ),
     MetricSpec(
@@ -333,3 +353,22 @@ class RuntimeMetrics:
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         self._metric(name, "histogram", labels).observe(value, tags=labels or None)
+
+    def zero_init(self, **label_values: Iterable[str]) -> None:
+        """Create counter series at 0 so they exist from start-up, not from their first event.
+
+        To PromQL a missing series is not 0: ``met / (met + missed)`` drops a class that never
+        missed, and a rejections panel stays empty until the first rejection. Every counter
+        whose labels all have values in ``label_values`` (``finish_reason`` defaults to
+        FINISH_REASONS) gets one series per combination; unlabelled counters get theirs.
+        Calling it again, or from several processes, adds nothing (each adds 0).
+        """
+        values = {"finish_reason": FINISH_REASONS, **{k: tuple(v) for k, v in label_values.items()}}
+        for spec in METRICS:
+            if spec.kind != "counter" or not set(spec.labels) <= set(values):
+                continue
+            for combination in itertools.product(*(values[label] for label in spec.labels)):
+                labels = dict(zip(spec.labels, combination, strict=True))
+                # Ray's Counter.inc refuses 0; recording 0 creates the series without moving it
+                # (Ray 2.60's exporter then shows it with value 0.0).
+                self._metric(spec.name, "counter", labels)._record(0.0, tags=labels or None)

@@ -7,6 +7,11 @@ table: resuming continues at the next operator, nothing is recomputed.
 
 A unit whose items are longer than ``chunk_tokens`` runs as consecutive chunks back to back
 (each chunk attends the KV of the earlier ones); a pause can happen inside any chunk.
+
+One request's failure never fails the others in its unit: if a batched forward raises, the unit
+falls back to running its remaining items one at a time, so only the culprit fails; a failed
+item (forward or first-token sampling) is reported in ``UnitOutcome.failed`` and its KV dropped.
+A unit that ends in any way (completed, failed, discarded) leaves nothing behind on the worker.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from flowprefill_ray.model.generate import StopChecker, eos_token_ids
 from flowprefill_ray.model.kv import KVCache
 from flowprefill_ray.model.sampling import sample_with_params
 
-from .messages import FirstToken, PrefillItemSpec, UnitOutcome
+from .messages import FailedItem, FirstToken, PrefillItemSpec, UnitOutcome
 
 # How many finished unit ids to remember, so a preempt that arrives after its unit completed
 # answers at once instead of waiting for a unit that will never run again.
@@ -40,10 +45,15 @@ class _ItemProgress:
     done: int = 0  # tokens of [start, end) already prefilled
     kv: KVCache | None = None  # KV of [0, start + done)
     first_token: tuple[int, bytes | None] | None = None  # (token id, sampler RNG state)
+    error: str | None = None  # why this item failed (for the server log, never the client)
 
     @property
     def remaining(self) -> int:
         return self.spec.end - self.spec.start - self.done
+
+    @property
+    def pending(self) -> bool:
+        return self.error is None and self.remaining > 0
 
 
 @dataclass
@@ -61,6 +71,9 @@ class _Unit:
     # block in flight when the preempt arrived runs from here to the stop.
     checkpoint_at: float = 0.0
     block_s: float = 0.0
+    # Set once a batched forward of this unit raised: from then on its items run one at a
+    # time, so the item that raises is found and fails alone.
+    isolated: bool = False
 
     def should_pause(self) -> bool:
         """The checkpoint callback of ``PrefillState.run``."""
@@ -114,11 +127,12 @@ class PrefillExecutor:
             if spec.start > 0:
                 prefix = self._partial_kv.pop(spec.request_id, None)
                 if prefix is None or prefix.num_tokens != spec.start:
+                    # This item cannot continue; the others in the unit still can.
                     have = None if prefix is None else prefix.num_tokens
-                    raise ValueError(
-                        f"unit {unit_id}: item of {spec.request_id} starts at token {spec.start} "
-                        f"but this worker holds KV of {have} tokens for it"
-                    )
+                    progress.append(_ItemProgress(
+                        spec, error=f"starts at token {spec.start} but this worker holds KV "
+                        f"of {have} tokens for it"))
+                    continue
             progress.append(_ItemProgress(spec, kv=prefix))
         with self._lock:
             unit = self._units.get(unit_id)
@@ -148,24 +162,54 @@ class PrefillExecutor:
                 if unit.pause.is_set():
                     return self._paused(unit)
                 if unit.state is None:
-                    pending = [i for i, p in enumerate(unit.items) if p.remaining > 0]
+                    pending = [i for i, p in enumerate(unit.items) if p.pending]
                     if not pending:
                         return self._completed(unit)
+                    if unit.isolated:
+                        pending = pending[:1]
                     unit.in_state = pending
-                    unit.state = self.model.start_prefill(
-                        [self._next_chunk(unit.items[i]) for i in pending],
-                        granularity=self.granularity,
-                        prefixes=[unit.items[i].kv for i in pending],
-                    )
+                    try:
+                        unit.state = self.model.start_prefill(
+                            [self._next_chunk(unit.items[i]) for i in pending],
+                            granularity=self.granularity,
+                            prefixes=[unit.items[i].kv for i in pending],
+                        )
+                    except Exception as error:  # noqa: BLE001 - isolated per item below
+                        self._forward_failed(unit, error)
+                        continue
                 started = unit.checkpoint_at = time.perf_counter()
-                finished = unit.state.run(unit.should_pause)
+                try:
+                    finished = unit.state.run(unit.should_pause)
+                except Exception as error:  # noqa: BLE001 - isolated per item below
+                    unit.executed_s += time.perf_counter() - started
+                    self._forward_failed(unit, error)
+                    continue
                 unit.executed_s += time.perf_counter() - started
                 if not finished:
                     return self._paused(unit)
                 self._absorb_chunk(unit)
+        except BaseException:
+            # Anything else (a bug, an interrupt): the unit is over, and must not stay here
+            # looking paused while holding its activations and KV.
+            self._release(unit)
+            raise
         finally:
             with self._lock:
                 self._running = None
+
+    def _forward_failed(self, unit: _Unit, error: Exception) -> None:
+        """A forward over ``unit.in_state`` raised. With several items in it, nothing says which
+        one is at fault: rerun them one at a time from their last finished chunk (their KV is
+        only replaced when a chunk completes). With one item, that item has failed."""
+        members = unit.in_state
+        unit.state = None
+        unit.in_state = []
+        if len(members) > 1:
+            unit.isolated = True
+            return
+        item = unit.items[members[0]]
+        item.error = f"{type(error).__name__}: {error}"
+        item.kv = None
 
     def _next_chunk(self, item: _ItemProgress) -> list[int]:
         offset = item.done
@@ -178,7 +222,13 @@ class PrefillExecutor:
             item.done += min(self.chunk_tokens, item.remaining)
             item.kv = result.kv[row]
             if item.remaining == 0 and item.spec.is_last:
-                item.first_token = self._sample_first(item.spec, result.last_logits[row : row + 1])
+                try:
+                    item.first_token = self._sample_first(
+                        item.spec, result.last_logits[row : row + 1]
+                    )
+                except Exception as error:  # noqa: BLE001 - one request's sampler fails alone
+                    item.error = f"{type(error).__name__}: {error}"
+                    item.kv = None
         unit.state = None
         unit.in_state = []
 
@@ -202,10 +252,13 @@ class PrefillExecutor:
         )
 
     def _completed(self, unit: _Unit) -> UnitOutcome:
-        firsts = []
+        firsts, failed = [], []
         with self._lock:
             for item in unit.items:
                 spec = item.spec
+                if item.error is not None:
+                    failed.append(FailedItem(spec.request_id, item.error))
+                    continue
                 if spec.is_last:
                     token, gen_state = item.first_token
                     checker = self.stop_checker(spec)
@@ -229,7 +282,20 @@ class PrefillExecutor:
             requested = unit.pause_requested_at
             unit.blocking_s = 0.0 if requested is None else time.perf_counter() - requested
             unit.stopped.set()
-        return UnitOutcome(unit.unit_id, "completed", unit.executed_s, 0.0, tuple(firsts))
+        return UnitOutcome(
+            unit.unit_id, "completed", unit.executed_s, 0.0, tuple(firsts), failed=tuple(failed)
+        )
+
+    def _release(self, unit: _Unit) -> None:
+        """Forget a unit that ended abnormally, with everything its requests held here."""
+        with self._lock:
+            self._forget(unit)
+            for item in unit.items:
+                self._partial_kv.pop(item.spec.request_id, None)
+                self._ready_kv.pop(item.spec.request_id, None)
+            unit.state = None
+            unit.items = []
+            unit.stopped.set()
 
     def _forget(self, unit: _Unit) -> None:
         # Caller holds the lock.
@@ -329,16 +395,21 @@ class PrefillExecutor:
         with self._lock:
             paused = [u for u in self._units.values() if u.items and u.unit_id != self._running]
             held = sum(kv.nbytes for kv in (*self._partial_kv.values(), *self._ready_kv.values()))
+            paused_bytes = sum(_paused_bytes(u) for u in paused)
             return {
                 "running_unit": self._running,
                 "units_completed": self._units_completed,
                 "paused_units": len(paused),
+                # Which ones: the scheduler's view must name the same (engine.stats checks).
+                "paused_unit_ids": sorted(u.unit_id for u in paused),
                 "paused_requests": sum(len(u.items) for u in paused),
                 "partial_kv_requests": len(self._partial_kv),
                 "ready_kv_requests": len(self._ready_kv),
                 "held_kv_bytes": held,
                 # Activations and KV kept alive by paused units: memory a GPU must budget for.
-                "paused_bytes": sum(_paused_bytes(u) for u in paused),
+                "paused_bytes": paused_bytes,
+                # Everything this worker holds between units (exported as a gauge).
+                "held_bytes": held + paused_bytes,
             }
 
 

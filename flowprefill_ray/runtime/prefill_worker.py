@@ -23,6 +23,7 @@ from flowprefill_ray.model.generate import StopChecker, eos_token_ids
 
 from .config import ModelSource, PrefillConfig
 from .messages import PrefillItemSpec, UnitOutcome
+from .metrics import RuntimeMetrics
 from .model_source import checkpoint_path, torch_device, torch_dtype
 from .prefill_executor import PrefillExecutor
 
@@ -59,6 +60,7 @@ class PrefillWorker:
 
         self.executor = PrefillExecutor(self.model, prefill.granularity, chunk_tokens, stop_checker)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prefill-{worker_id}")
+        self._metrics = RuntimeMetrics()
         # Which scheduler incarnation this worker serves (``adopt``). Calls stamped with another
         # epoch come from a scheduler that died: their unit ids mean nothing any more.
         self._epoch: int | None = None
@@ -78,19 +80,33 @@ class PrefillWorker:
         left here - running, paused and finished units, KV waiting for hand-off - is dropped,
         and from now on only calls stamped with ``epoch`` are served. Returns what was dropped."""
         self._epoch = epoch
-        return self.executor.reset()
+        return self._reporting(self.executor.reset)
 
     def run(
         self, unit_id: int, items: list[PrefillItemSpec], epoch: int | None = None
     ) -> UnitOutcome:
         """Run a new unit; returns when it completed or paused."""
-        return self._compute.submit(
-            self._checked(epoch, self.executor.run), unit_id, items
-        ).result()
+        return self._reporting(
+            self._compute.submit(self._checked(epoch, self.executor.run), unit_id, items).result
+        )
 
     def resume(self, unit_id: int, epoch: int | None = None) -> UnitOutcome:
         """Continue a paused unit; returns when it completed or paused again."""
-        return self._compute.submit(self._checked(epoch, self.executor.resume), unit_id).result()
+        return self._reporting(
+            self._compute.submit(self._checked(epoch, self.executor.resume), unit_id).result
+        )
+
+    def _reporting(self, call):
+        """``call()``, then the held-bytes gauge: every change of what this worker holds
+        passes through a unit ending, a discard, a KV take-out or a drop."""
+        try:
+            return call()
+        finally:
+            self._metrics.set(
+                "flowprefill_prefill_held_bytes",
+                self.executor.stats()["held_bytes"],
+                worker_id=self.worker_id,
+            )
 
     def preempt(self, unit_id: int, epoch: int | None = None) -> dict:
         """Stop ``unit_id`` at its next checkpoint; returns once it stopped, with the measured
@@ -99,7 +115,7 @@ class PrefillWorker:
         return {"paused": paused, "blocking_s": blocking_s}
 
     def discard(self, unit_id: int, epoch: int | None = None) -> bool:
-        return self._checked(epoch, self.executor.discard)(unit_id)
+        return self._reporting(lambda: self._checked(epoch, self.executor.discard)(unit_id))
 
     def _checked(self, epoch: int | None, call):
         """``call``, refused when it comes from a scheduler other than the current one. The
@@ -120,11 +136,11 @@ class PrefillWorker:
         """The finished prompt's KV as ``(k, v)`` ``[layers, T, Hk, D]``. The scheduler calls
         this with the chosen tensor transport and hands the resulting ObjectRef to a decode
         worker, so the bytes go from here to the decode worker directly."""
-        kv = self.executor.take_kv(request_id)
+        kv = self._reporting(lambda: self.executor.take_kv(request_id))
         return kv.k.contiguous(), kv.v.contiguous()
 
     def drop_request(self, request_id: str) -> int:
-        return self.executor.drop_request(request_id)
+        return self._reporting(lambda: self.executor.drop_request(request_id))
 
     def stats(self) -> dict:
         return {"worker_id": self.worker_id, **self.executor.stats()}

@@ -41,6 +41,7 @@ from flowprefill_ray.scheduling.events import (
     WorkerLeft,
     WorkUnit,
 )
+from flowprefill_ray.scheduling.timeline import Timeline
 
 from .config import RuntimeConfig
 from .errors import (
@@ -105,6 +106,8 @@ class Scheduler:
         self.config = config
         self.predictor = predictor
         self.policy = make_policy(config.policy, predictor, slo=config.slo)
+        # Every event and decision, for "why was this request late?" (bounded ring).
+        self.timeline = Timeline.for_policy(self.policy, config.timeline.capacity)
         self._origin = time.monotonic()
         self._prefill = dict(prefill_workers)
         self._decode = {wid: _DecodeLoad(handle) for wid, handle in decode_workers.items()}
@@ -229,6 +232,16 @@ class Scheduler:
         """Cancel a request still in prefill. Returns False if it is not (or no longer) here."""
         return self._cancel(request_id)
 
+    def timeline_export(self, last: int | None = 200) -> dict:
+        """The timeline of the ``last`` most recent requests (all kept when None): JSON-able,
+        token counts only, never prompt text (``Timeline.export``)."""
+        return self.timeline.export(last)
+
+    def note_client_ttft(self, request_id: str, ttft_s: float) -> None:
+        """The TTFT the client saw, from the engine: the why-late attribution tells the serving
+        path's share apart with it. The engine sends it only for requests that missed."""
+        self.timeline.note_client_ttft(request_id, ttft_s)
+
     async def setup_kv_transport(self) -> None:
         """Join every worker into one collective group for Ray Direct Transport of the KV.
         Created from this actor because it is the one that issues the tensor-transport calls."""
@@ -293,7 +306,9 @@ class Scheduler:
 
     def _handle(self, event: Event) -> None:
         started = time.perf_counter()
-        decisions = self.policy.on_event(event, self.now())
+        now = self.now()
+        decisions = self.policy.on_event(event, now)
+        self.timeline.record(event, now, decisions)
         decided = time.perf_counter()
         for decision in decisions:
             self._dispatch(decision)
@@ -419,6 +434,13 @@ class Scheduler:
         rids = unit.request_ids if unit else ()
         # Requests cancelled while their unit ran (decided before first tokens are taken out).
         cancelled = [rid for rid in rids if rid not in self._requests]
+        # Members whose own prefill failed (the worker isolated them): they fail alone, before
+        # the policy hears of the completion, so it does not treat them as served.
+        for failed in outcome.failed:
+            logger.error(
+                "prefill of %s failed on %s: %s", failed.request_id, worker_id, failed.detail
+            )
+            self._fail_request(failed.request_id)
         self._handle(UnitCompleted(worker_id, outcome.unit_id, outcome.executed_s))
         for first in outcome.first_tokens:
             self._first_token(worker_id, first)
@@ -633,17 +655,31 @@ class Scheduler:
             self._requests.clear()
 
     def _unit_failed(self, worker_id: str, unit_id: int, error: Exception) -> None:
+        # The worker isolates per-request failures itself (``UnitOutcome.failed``); reaching
+        # here means the unit as a whole broke, and the worker has already released it.
         unit = self._units.pop(unit_id, None)
         if self._running_unit.get(worker_id) == unit_id:
             self._running_unit[worker_id] = None
         for rid in unit.request_ids if unit else ():
-            tracked = self._requests.pop(rid, None)
-            if tracked is not None and not tracked.done.done():
-                tracked.done.set_exception(RequestFailedError(f"prefill of {rid} failed: {error}"))
-            if tracked is not None:
-                self._handle(Cancelled(rid))
+            self._fail_request(rid)
         # The worker is idle again; the policy frees it on the unit's completion.
         self._handle(UnitCompleted(worker_id, unit_id, 0.0))
+
+    def _fail_request(self, request_id: str) -> None:
+        """End one request with an error. The client sees a generic message and its request
+        id; the cause is in this actor's log (it may hold internals: paths, tracebacks)."""
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None:
+            return
+        # Counted in stats here; the metric (finish_reason="error") is counted where the
+        # client's stream ends, in the engine, so that decode failures count too.
+        self._counts["failed"] += 1
+        if not tracked.done.done():
+            tracked.done.set_exception(
+                RequestFailedError(f"the prefill of request {request_id} failed")
+            )
+        self.timeline.note_failed(request_id, self.now())
+        self._handle(Cancelled(request_id))
 
     # ------------------------------------------------------------------- helpers
 
