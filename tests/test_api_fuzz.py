@@ -30,7 +30,7 @@ MAX_OUTPUT_TOKENS = 8
 # The engine's in-flight bound: far below the connection storm, so the storm meets it.
 MAX_IN_FLIGHT = 48
 STORM_CONNECTIONS = 1000
-ERROR_KEYS = {"message", "type", "param", "code"}
+ERROR_KEYS = {"message", "type", "param", "code", "request_id"}
 
 
 def _free_port() -> int:
@@ -71,12 +71,24 @@ def fuzz_url(ray_local, runtime_cache_dir):
 
 # ----------------------------------------------------------------------------- strategies
 
+# Issue 15's hostile inputs: integers far outside every numeric field's range (2**64 overflowed
+# torch's seed inside a shared batch), strings with lone surrogates (the tokenizer raised),
+# and strings or numbers where a boolean belongs ("false" was once read as true).
+_huge_ints = st.sampled_from([2**63, 2**64, 10**40, -(2**63) - 1, -(10**40)]) | st.integers(
+    min_value=-(2**200), max_value=2**200
+)
+_surrogate_text = st.builds(
+    lambda a, s, b: a + s + b, st.text(max_size=5),
+    st.sampled_from(["\ud800", "\udfff", "\ud83d", "\udc00\ud800"]), st.text(max_size=5),
+)
+_not_bools = st.sampled_from(["false", "true", "", 0, 1, 0.0, [], {}])
 _scalars = (
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=40)
+    | _surrogate_text
 )
 _json_values = st.recursive(
     _scalars,
@@ -130,6 +142,20 @@ _near_valid_options = {
     "ttft_slo_ms": st.floats(1, 1e6),
     "ignore_eos": st.booleans(),
 }
+# The same with one hostile value: each must be refused alone with a 4xx.
+_hostile_values = {
+    "max_tokens": _huge_ints,
+    "temperature": _huge_ints,
+    "top_p": _huge_ints,
+    "n": _huge_ints,
+    "seed": _huge_ints,
+    "ttft_slo_ms": _huge_ints,
+    "stream": _not_bools,
+    "ignore_eos": _not_bools,
+    "stop": st.lists(_surrogate_text, min_size=1, max_size=2),
+    "user": _surrogate_text,
+    "prompt": _surrogate_text,
+}
 _completion_bodies = st.fixed_dictionaries(
     {"model": st.just(MODEL), "prompt": st.text(min_size=1, max_size=30)},
     optional=_near_valid_options,
@@ -147,10 +173,21 @@ _chat_bodies = st.fixed_dictionaries(
     },
     optional=_near_valid_options,
 )
+_hostile_bodies = st.builds(
+    lambda body, hostile: {**body, hostile[0]: hostile[1]},
+    _completion_bodies,
+    st.sampled_from(sorted(_hostile_values)).flatmap(
+        lambda field: st.tuples(st.just(field), _hostile_values[field])
+    ),
+)
+# (path, body, hostile): a hostile body must get a 4xx, never a 200.
 _cases = (
-    st.tuples(st.just("/v1/completions"), _completion_bodies)
-    | st.tuples(st.just("/v1/chat/completions"), _chat_bodies)
-    | st.tuples(st.sampled_from(["/v1/completions", "/v1/chat/completions"]), _bodies)
+    st.tuples(st.just("/v1/completions"), _completion_bodies, st.just(False))
+    | st.tuples(st.just("/v1/completions"), _hostile_bodies, st.just(True))
+    | st.tuples(st.just("/v1/chat/completions"), _chat_bodies, st.just(False))
+    | st.tuples(
+        st.sampled_from(["/v1/completions", "/v1/chat/completions"]), _bodies, st.just(False)
+    )
 )
 # Printable ASCII; no surrounding blanks (the HTTP client itself refuses those).
 _header_values = st.text(
@@ -219,16 +256,22 @@ def test_random_bodies_and_headers_get_200_or_an_openai_4xx_never_a_5xx(fuzz_url
             derandomize=True,  # the same cases on every CI run; a failure reproduces
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )
-        @given(case=_cases, headers=_headers, raw=st.integers(0, 9))
-        def one_request(case, headers, raw):
-            path, body = case
+        @given(case=_cases, headers=_headers, raw=st.integers(0, 9),
+               depth=st.sampled_from([0, 0, 0, 0, 8, 40, 1000, 50_000]))
+        def one_request(case, headers, raw, depth):
+            path, body, hostile = case
             # allow_nan: NaN/Infinity literals are what a sloppy client sends.
             content = json.dumps(body, allow_nan=True).encode()
+            if depth and content.startswith(b"{"):  # one field nested ``depth`` arrays deep
+                content = b'{"deep": ' + b"[" * depth + b"]" * depth + b", " + content[1:]
+                content = content.replace(b", }", b"}")
             if raw == 0:  # sometimes cut the body short: malformed JSON
                 content = content[: max(0, len(content) // 2)]
             response = http.post(path, content=content, headers=headers)
             statuses.append(response.status_code)
             _check_answer(response)
+            if hostile:
+                assert 400 <= response.status_code < 500, (body, response.text[:300])
 
         statuses: list[int] = []
         one_request()

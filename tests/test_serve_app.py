@@ -74,7 +74,7 @@ def app_args(cache_dir: str) -> dict:
             "decode": {"kv_blocks": 512, "block_size": 16, "max_batch_size": 16},
             "name_prefix": NAME_PREFIX,
         },
-        "api": {"default_max_tokens": 8},
+        "api": {"default_max_tokens": 8, "body_read_timeout_s": 2.0},
     }
 
 
@@ -304,6 +304,22 @@ BAD_REQUESTS = {
     "no messages field": (422, _post("/v1/chat/completions", json={"model": MODEL})),
     "impossible TTFT target": (429, _post("/v1/completions", json={
         "model": MODEL, "prompt": long_prompt(200), "ttft_slo_ms": 0.01})),
+    # Issue 15: each of these once failed inside the engine or gave a plain-text 500.
+    "seed 2**64": (400, _post("/v1/completions", json={
+        "model": MODEL, "prompt": "hi", "seed": 2**64})),
+    "seed below -2**63": (400, _post("/v1/completions", json={
+        "model": MODEL, "prompt": "hi", "seed": -(2**63) - 1})),
+    "JSON nested 50,000 deep": (400, _post("/v1/completions", content=(
+        b'{"model": "%s", "prompt": "hi", "x": ' % MODEL.encode()
+        + b"[" * 50_000 + b"]" * 50_000 + b"}"), headers={"Content-Type": "application/json"})),
+    "lone surrogate in a prompt": (400, _post("/v1/completions", content=(
+        b'{"model": "%s", "prompt": "a\\ud800b"}' % MODEL.encode()),
+        headers={"Content-Type": "application/json"})),
+    "lone surrogate in chat content": (400, _post("/v1/chat/completions", content=(
+        b'{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}]}'
+        % MODEL.encode()), headers={"Content-Type": "application/json"})),
+    "ignore_eos as a string": (422, _post("/v1/completions", json={
+        "model": MODEL, "prompt": "hi", "ignore_eos": "false"})),
 }
 
 
@@ -330,8 +346,9 @@ def test_each_bad_input_gets_a_clear_4xx_while_a_good_request_completes(live_app
         expected = BAD_REQUESTS[name][0]
         assert response.status_code == expected, (name, response.status_code, response.text)
         error = response.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"}, name
+        assert set(error) == {"message", "type", "param", "code", "request_id"}, name
         assert error["message"], name
+        assert error["request_id"] == response.headers["X-Request-Id"], name
     assert "known classes: file, image, instant, search, text" in bad["unknown SLO class"].json()[
         "error"]["message"]
     assert int(bad["impossible TTFT target"].headers["Retry-After"]) >= 1
@@ -342,6 +359,88 @@ def test_each_bad_input_gets_a_clear_4xx_while_a_good_request_completes(live_app
     assert payloads[-1] == "[DONE]"
     assert payloads[-2]["choices"][0]["finish_reason"] == "length"
     assert "error" not in json.dumps(payloads[:-1])
+
+
+def test_a_poisoned_request_among_innocent_ones_fails_alone(live_app):
+    """Issue 15: six requests sent together with one carrying ``seed: 2**64`` once got five
+    HTTP 500s (the whole prefill batch failed on torch's seed overflow). Three rounds."""
+    async def round_():
+        async with httpx.AsyncClient(base_url=live_app.url, timeout=60.0) as http:
+            innocent = [http.post("/v1/completions", json={
+                "model": MODEL, "prompt": long_prompt(40 + i, seed=i), "max_tokens": 4,
+                "seed": 7 + i, "temperature": 0.8}) for i in range(6)]
+            poisoned = http.post("/v1/completions", json={
+                "model": MODEL, "prompt": long_prompt(50, seed=99), "max_tokens": 4,
+                "seed": 2**64, "temperature": 0.8})
+            return await asyncio.gather(*innocent, poisoned)
+
+    for _ in range(3):
+        *innocent, poisoned = asyncio.run(round_())
+        assert [r.status_code for r in innocent] == [200] * 6, [r.text for r in innocent]
+        assert poisoned.status_code == 400
+        assert poisoned.json()["error"]["param"] == "seed"
+    _wait_for(_prefill_idle, what="prefill workers to be idle")
+    assert actor_stats("prefill-0")["held_bytes"] == 0
+
+
+def test_a_body_that_never_finishes_arriving_is_cut_off(live_app):
+    """A client that announces 1,000 bytes and sends 20 gets a 408 once the body read timeout
+    passes (the test app sets 2 s), instead of holding its connection open."""
+    host, port = live_app.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                     b'{"model": "flowpre')
+        started = time.monotonic()
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - started < 20
+
+
+def test_engine_failures_answer_a_generic_5xx_with_the_cause_only_in_the_log(caplog):
+    from flowprefill_ray.runtime.errors import (
+        EngineUnavailableError,
+        RequestFailedError,
+        RequestTimeoutError,
+    )
+    from flowprefill_ray.serve.frontend import engine_error
+
+    secret = "Traceback (most recent call last): File \"/opt/x/worker.py\", pid=4242 actor_id=ab12"
+    for exc, status in ((RequestFailedError(secret), 500), (EngineUnavailableError(secret), 503),
+                        (RequestTimeoutError(secret), 504)):
+        error = engine_error(exc, "cmpl-abc")
+        assert error.status_code == status
+        body = json.dumps(error.body("cmpl-abc"))
+        assert "Traceback" not in body and "pid" not in body and "/opt" not in body
+    assert "pid=4242" in caplog.text and "cmpl-abc" in caplog.text
+
+
+def test_the_timeline_tells_what_happened_to_each_request_without_its_text(live_app):
+    """GET /v1/flowprefill/timeline: the last N requests with their units, workers and
+    first-token times, the why-late verdicts of misses, and no prompt text anywhere."""
+    secret = "a prompt nobody else may read"
+    with live_app.client() as http:
+        served = http.post("/v1/completions", json={
+            "model": MODEL, "prompt": secret, "max_tokens": 2, "slo_class": "file"})
+        assert served.status_code == 200, served.text
+        rid = served.json()["flowprefill"]["request_id"]
+        timeline = http.get("/v1/flowprefill/timeline", params={"last": 3})
+        bad = http.get("/v1/flowprefill/timeline", params={"last": "all"})
+    assert timeline.status_code == 200, timeline.text
+    body = timeline.json()
+    assert secret not in timeline.text and len(body["requests"]) <= 3
+    mine = next(r for r in body["requests"] if r["request_id"] == rid)
+    assert mine["status"] == "finished" and mine["slo_class"] == "file"
+    assert mine["first_token_s"] >= mine["arrival_s"]
+    unit_ids = {u["unit_id"] for u in body["units"]}
+    assert any(u["worker_id"] == "prefill-0" for u in body["units"]) and unit_ids
+    assert {"why_late", "why_late_summary"} <= set(body)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "last"
 
 
 def test_wrong_method_is_405_in_openai_format(live_app):

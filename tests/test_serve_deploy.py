@@ -154,3 +154,8 @@ def test_serve_deploy_to_a_token_auth_cluster_then_requests_with_the_api_key(hea
         assert completion.json()["usage"]["completion_tokens"] == 3
         unauthorized = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hello"})
         assert unauthorized.status_code == 401
+        # The scheduler timeline sits behind the same key; the schema routes are not served.
+        assert http.get("/v1/flowprefill/timeline").status_code == 401
+        timeline = http.get("/v1/flowprefill/timeline", headers=authorized)
+        assert timeline.status_code == 200 and timeline.json()["requests"], timeline.text
+        assert http.get("/openapi.json").status_code == 404

@@ -86,8 +86,9 @@ def test_chat_messages_flatten_text_parts_and_prefer_max_completion_tokens():
 
 def test_error_body_is_openai_shaped_and_retry_after_rounds_up():
     error = APIError(429, "busy", code="rejected", retry_after_s=1.2)
-    assert error.body() == {
-        "error": {"message": "busy", "type": "rate_limit_error", "param": None, "code": "rejected"}
+    assert error.body("r1") == {
+        "error": {"message": "busy", "type": "rate_limit_error", "param": None,
+                  "code": "rejected", "request_id": "r1"}
     }
     assert error.headers["Retry-After"] == "2"
 

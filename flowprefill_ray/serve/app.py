@@ -14,6 +14,8 @@ replica, and two replicas would start two engines competing for the same workers
 import asyncio
 import logging
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,17 +25,42 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import APIKeyCheck
 from .config import ServeAppArgs
-from .errors import APIError, error_response
+from .errors import APIError, error_response, server_error
 from .request_body import read_json_object
 
 logger = logging.getLogger(__name__)
 
-api = FastAPI(title="FlowPrefill OpenAI-compatible API", docs_url=None, redoc_url=None)
+# No schema or docs routes: they would answer without the API key and describe the server.
+api = FastAPI(
+    title="FlowPrefill OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None
+)
+
+
+def _request_id(request: Request) -> str:
+    """This HTTP request's id, as in every error body and the log. It is Serve's own request
+    id, which Serve's proxy returns as the ``X-Request-Id`` header (taken from the client's
+    header when it sends one) and writes in Serve's access log."""
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        from ray.serve.context import _get_serve_request_context
+
+        rid = _get_serve_request_context().request_id or uuid.uuid4().hex
+        request.state.request_id = rid
+    return rid
 
 
 @api.exception_handler(APIError)
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc, _request_id(request))
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # Last resort: whatever escaped a route is logged with its traceback and answered with a
+    # generic 500 in the usual JSON shape, never Starlette's plain-text page.
+    rid = _request_id(request)
+    logger.error("request %s failed", rid, exc_info=exc)
+    return error_response(server_error(), rid)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -46,7 +73,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     else:
         message = str(exc.detail)
     return error_response(APIError(exc.status_code, message, code="route_not_found"
-                                   if exc.status_code == 404 else None))
+                                   if exc.status_code == 404 else None), _request_id(request))
 
 
 # Defined before the ingress class: serve.ingress pickles the routes (and what they
@@ -59,6 +86,34 @@ def _respond(result):
         result, media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def _answer(request: Request, call: Callable[[str], Awaitable[Any]]):
+    """Run a route's work under this request's id; every failure becomes an OpenAI-style
+    JSON error carrying that id (an unexpected one a generic 500, its cause in the log)."""
+    rid = _request_id(request)
+    try:
+        return _respond(await call(rid))
+    except APIError as exc:
+        return error_response(exc, rid)
+    except Exception:  # noqa: BLE001 - nothing internal reaches the client
+        logger.exception("request %s failed", rid)
+        return error_response(server_error(), rid)
+
+
+def _last_param(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 100_000:
+        raise APIError(400, f"last must be a whole number from 1 to 100000, got {raw[:20]!r}",
+                       param="last", code="invalid_parameter")
+    return int(raw)
+
+
+def timeline_report(export: dict) -> dict:
+    """A timeline export plus the why-late verdicts of its missed requests and their summary."""
+    from flowprefill_ray.scheduling.why_late import summarize, why_late
+
+    verdicts = why_late(export)
+    return {**export, "why_late": verdicts, "why_late_summary": summarize(export, verdicts)}
 
 
 # How long Serve's health check tolerates a scheduler that Ray is restarting (seconds): a
@@ -87,6 +142,7 @@ class OpenAIIngress:
         parsed = ServeAppArgs.model_validate(args)
         self._auth = APIKeyCheck.from_env(parsed.api.api_key_env)
         self._max_body_bytes = parsed.api.max_body_bytes
+        self._body_timeout_s = parsed.api.body_read_timeout_s
         self._restarting_since: float | None = None  # when the scheduler was seen restarting
         self._engine = await FlowPrefillEngine.start(parsed.runtime)
         self._frontend = OpenAIFrontend(parsed, self._engine)
@@ -96,9 +152,17 @@ class OpenAIIngress:
 
     async def _json_body(self, request: Request) -> dict[str, Any]:
         self._auth.check(request.headers.get("authorization"))
-        return await read_json_object(
+        reading = read_json_object(
             request.stream(), request.headers.get("content-length"), self._max_body_bytes
         )
+        try:
+            # A client that never finishes its body must not hold a request slot forever.
+            return await asyncio.wait_for(reading, self._body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(
+                408, f"The request body did not arrive within {self._body_timeout_s:g} s",
+                code="body_read_timeout",
+            ) from None
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
@@ -109,19 +173,40 @@ class OpenAIIngress:
         return JSONResponse({"status": "ok"})
 
     @api.get("/v1/models")
-    async def models(self, request: Request) -> JSONResponse:
-        self._auth.check(request.headers.get("authorization"))
-        return JSONResponse(self._frontend.models())
+    async def models(self, request: Request):
+        async def answer(_: str):
+            self._auth.check(request.headers.get("authorization"))
+            return self._frontend.models()
+
+        return await _answer(request, answer)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        body = await self._json_body(request)
-        return _respond(await self._frontend.completion(body, request.headers))
+        async def answer(rid: str):
+            body = await self._json_body(request)
+            return await self._frontend.completion(body, request.headers, rid)
+
+        return await _answer(request, answer)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        body = await self._json_body(request)
-        return _respond(await self._frontend.chat_completion(body, request.headers))
+        async def answer(rid: str):
+            body = await self._json_body(request)
+            return await self._frontend.chat_completion(body, request.headers, rid)
+
+        return await _answer(request, answer)
+
+    @api.get("/v1/flowprefill/timeline")
+    async def timeline(self, request: Request):
+        """The scheduler timeline of the ``last`` most recent requests (default 200), with the
+        why-late verdict of every miss and their sum per class. Behind the API key like the
+        API; token counts only, never prompt text (docs/SCHEDULING.md)."""
+        async def answer(_: str):
+            self._auth.check(request.headers.get("authorization"))
+            last = _last_param(request.query_params.get("last", "200"))
+            return timeline_report(await self._engine.timeline(last))
+
+        return await _answer(request, answer)
 
     async def check_health(self) -> None:
         """Serve's replica health check: an engine that lost its scheduler is unhealthy.

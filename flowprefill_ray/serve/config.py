@@ -43,6 +43,8 @@ class APIConfig(BaseModel):
     api_key_env: str | None = None
     # Bodies larger than this (bytes) are refused with 413 before they are parsed.
     max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+    # A body still arriving after this many seconds is refused with 408 (slow-body clients).
+    body_read_timeout_s: float = Field(30.0, gt=0, le=600, allow_inf_nan=False)
     # max_tokens of a request that sends none (tokens; still capped by the context left).
     default_max_tokens: int = Field(256, ge=1)
 

@@ -1,9 +1,15 @@
 """HTTP errors in OpenAI's JSON error format.
 
-Every error the API returns has the body ``{"error": {"message", "type", "param", "code"}}``
-so that OpenAI clients surface the message instead of a parse failure. ``APIError`` carries
-the status code and optional headers (``Retry-After`` for 429 and 503, ``WWW-Authenticate``
-for 401); the FastAPI app renders it with ``error_response``.
+Every error the API returns has the body
+``{"error": {"message", "type", "param", "code", "request_id"}}`` so that OpenAI clients
+surface the message instead of a parse failure. ``APIError`` carries the status code and
+optional headers (``Retry-After`` for 429 and 503, ``WWW-Authenticate`` for 401); the FastAPI
+app renders it with ``error_response``. ``request_id`` is Serve's request id: also the
+``X-Request-Id`` response header, and in the server log beside the details.
+
+A 4xx message tells the client what to fix. A 5xx message is generic (``server_error``):
+the cause (a traceback, a worker's pid, a source path) goes to the server log only, under the
+request id the client can quote.
 """
 
 from __future__ import annotations
@@ -23,8 +29,17 @@ _TYPE_BY_STATUS = {
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    408: "invalid_request_error",
     500: "internal_error",
     503: "service_unavailable",
+    504: "timeout_error",
+}
+
+# What a 5xx says instead of its cause.
+_GENERIC_5XX = {
+    500: "The server could not complete this request",
+    503: "The service is temporarily unavailable; retry later",
+    504: "The request did not complete in time",
 }
 
 # Pydantic error types that mean "the JSON has the wrong shape" (HTTP 422). Every other
@@ -78,19 +93,30 @@ class APIError(Exception):
         if retry_after_s is not None:
             self.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
 
-    def body(self) -> dict[str, Any]:
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
         return {
             "error": {
                 "message": self.message,
                 "type": self.error_type,
                 "param": self.param,
                 "code": self.code,
+                "request_id": request_id,
             }
         }
 
 
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+def error_response(error: APIError, request_id: str | None = None) -> JSONResponse:
+    # No X-Request-Id header here: Serve's proxy adds it, with this same id.
+    return JSONResponse(error.body(request_id), status_code=error.status_code,
+                        headers=error.headers)
+
+
+def server_error(
+    status_code: int = 500, *, code: str = "server_error", retry_after_s: float | None = None
+) -> APIError:
+    """A 5xx whose message says nothing of its cause (the caller logs that)."""
+    message = _GENERIC_5XX.get(status_code, _GENERIC_5XX[500])
+    return APIError(status_code, message, code=code, retry_after_s=retry_after_s)
 
 
 def from_validation_error(exc: ValidationError) -> APIError:

@@ -31,11 +31,12 @@ from flowprefill_ray.runtime.errors import (
     InvalidRequestError,
     PromptTooLongError,
     RequestRejectedError,
+    RequestTimeoutError,
     RuntimeEngineError,
 )
 
 from .config import ServeAppArgs
-from .errors import APIError, from_validation_error
+from .errors import APIError, from_validation_error, server_error
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import ResponseIdentity, chunk_body, full_body, usage_body, usage_chunk
 from .slo_selection import RequestSLO, resolve_slo
@@ -85,8 +86,12 @@ class OpenAIFrontend:
                       "owned_by": "flowprefill", "max_model_len": self.context_tokens}],
         }
 
-    async def completion(self, body: dict[str, Any], headers: Mapping[str, str]):
-        """POST /v1/completions. Returns a body dict, or an async iterator of SSE lines."""
+    async def completion(
+        self, body: dict[str, Any], headers: Mapping[str, str], request_id: str | None = None
+    ):
+        """POST /v1/completions. Returns a body dict, or an async iterator of SSE lines.
+        ``request_id``: the HTTP request's id (``X-Request-Id``); the response id is
+        ``cmpl-<request_id>``."""
         request = _parse(CompletionRequest, body)
         self._check_model(request)
         prompt = request.prompt
@@ -101,9 +106,11 @@ class OpenAIFrontend:
                     400, f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
                     param="prompt", code="invalid_token_id",
                 )
-        return await self._serve(request, prompt_ids, headers, "completion", "cmpl")
+        return await self._serve(request, prompt_ids, headers, "completion", "cmpl", request_id)
 
-    async def chat_completion(self, body: dict[str, Any], headers: Mapping[str, str]):
+    async def chat_completion(
+        self, body: dict[str, Any], headers: Mapping[str, str], request_id: str | None = None
+    ):
         """POST /v1/chat/completions, prompt built with the tokenizer's chat template."""
         request = _parse(ChatCompletionRequest, body)
         self._check_model(request)
@@ -114,7 +121,9 @@ class OpenAIFrontend:
             self.tokenizer.apply_chat_template, request.template_messages(),
             add_generation_prompt=True, tokenize=True, return_dict=False,
         )
-        return await self._serve(request, list(prompt_ids), headers, "chat", "chatcmpl")
+        return await self._serve(
+            request, list(prompt_ids), headers, "chat", "chatcmpl", request_id
+        )
 
     def _check_model(self, request) -> None:
         if request.model != self.model_name:
@@ -123,8 +132,8 @@ class OpenAIFrontend:
 
     # ------------------------------------------------------------------ shared path
 
-    async def _serve(self, request, prompt_ids, headers, kind, id_prefix):
-        prepared = self._prepare(request, prompt_ids, headers, kind, id_prefix)
+    async def _serve(self, request, prompt_ids, headers, kind, id_prefix, request_id=None):
+        prepared = self._prepare(request, prompt_ids, headers, kind, id_prefix, request_id)
         # The engine takes a class name or an explicit TTFT target in seconds (which it
         # labels with the default class).
         slo = prepared.slo.ttft_slo_s if prepared.slo.ttft_slo_s is not None else (
@@ -134,13 +143,15 @@ class OpenAIFrontend:
                 prepared.prompt_ids, prepared.sampling, slo, request_id=prepared.request_id
             )
         except RuntimeEngineError as exc:
-            raise engine_error(exc) from None
+            raise engine_error(exc, prepared.request_id) from None
         first = await self._first_event(prepared, events)
         if prepared.stream:
             return self._stream(prepared, first, events)
         return await self._collect(prepared, first, events)
 
-    def _prepare(self, request, prompt_ids, headers, kind, id_prefix) -> PreparedRequest:
+    def _prepare(
+        self, request, prompt_ids, headers, kind, id_prefix, request_id=None
+    ) -> PreparedRequest:
         slo = resolve_slo(request.slo_class, request.ttft_slo_ms, headers,
                           self.slo_classes, self.default_slo_class)
         prompt_tokens = len(prompt_ids)
@@ -167,9 +178,9 @@ class OpenAIFrontend:
         sampling = SamplingParams(
             max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
             stop=request.stop_sequences, seed=request.seed,
-            ignore_eos=bool((request.model_extra or {}).get("ignore_eos", False)),
+            ignore_eos=request.ignore_eos,
         )
-        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
+        request_id = f"{id_prefix}-{request_id or uuid.uuid4().hex}"
         ident = ResponseIdentity(request_id, int(time.time()), self.model_name, kind)
         return PreparedRequest(request_id, list(prompt_ids), sampling, slo, request.stream,
                                request.include_usage, ident)
@@ -182,7 +193,7 @@ class OpenAIFrontend:
         except BaseException as exc:
             await self._abandon(prepared.request_id, events)
             if isinstance(exc, RuntimeEngineError):
-                raise engine_error(exc) from None
+                raise engine_error(exc, prepared.request_id) from None
             raise
 
     async def _collect(self, prepared: PreparedRequest, first, events) -> dict[str, Any]:
@@ -201,7 +212,7 @@ class OpenAIFrontend:
         except BaseException as exc:
             await self._abandon(prepared.request_id, events)
             if isinstance(exc, RuntimeEngineError):
-                raise engine_error(exc) from None
+                raise engine_error(exc, prepared.request_id) from None
             raise
         usage = usage_body(len(prepared.prompt_ids), tokens)
         return full_body(prepared.ident, "".join(texts), finish, usage,
@@ -229,7 +240,7 @@ class OpenAIFrontend:
         except RuntimeEngineError as exc:
             # Headers are sent: report in the stream, as OpenAI-compatible servers do.
             finished = True
-            yield sse_event(engine_error(exc).body())
+            yield sse_event(engine_error(exc, prepared.request_id).body(prepared.request_id))
         finally:
             if not finished:  # the client went away (or the server is stopping)
                 await self._abandon(prepared.request_id, events)
@@ -251,18 +262,24 @@ class OpenAIFrontend:
                 pass
 
 
-def engine_error(exc: RuntimeEngineError) -> APIError:
+def engine_error(exc: RuntimeEngineError, request_id: str | None = None) -> APIError:
     """Map the engine's typed errors to HTTP: a prompt over the context is 413, a rejection
-    429 with Retry-After, an unavailable engine 503, other invalid requests 400."""
+    429 with Retry-After, an unavailable engine 503, other invalid requests 400. A 5xx keeps
+    its cause out of the answer (it can carry Ray's actor ids and tracebacks): the cause is
+    logged here under ``request_id``."""
     if isinstance(exc, PromptTooLongError):
         return APIError(413, str(exc), param="prompt", code="context_length_exceeded")
     if isinstance(exc, RequestRejectedError):
         return APIError(429, str(exc), code="request_rejected", retry_after_s=exc.retry_after_s)
-    if isinstance(exc, EngineUnavailableError):
-        return APIError(503, str(exc), code="engine_unavailable", retry_after_s=5.0)
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc), code="invalid_request")
-    return APIError(getattr(exc, "http_status", 500), str(exc), code="engine_error")
+    status = getattr(exc, "http_status", 500)
+    logger.warning("request %s failed with %d: %s", request_id, status, exc)
+    if isinstance(exc, EngineUnavailableError):
+        return server_error(503, code="engine_unavailable", retry_after_s=5.0)
+    if isinstance(exc, RequestTimeoutError):
+        return server_error(504, code="request_timeout")
+    return server_error(status if status >= 500 else 500)
 
 
 def _parse(model, body: dict[str, Any]):

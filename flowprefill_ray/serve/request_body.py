@@ -50,12 +50,52 @@ async def read_json_object(
             f"Malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
             code="json_invalid",
         ) from None
+    except RecursionError:
+        raise _too_deep() from None
     if not isinstance(value, dict):
         raise APIError(
             422, f"Request body must be a JSON object, got {type(value).__name__}",
             code="json_type",
         )
+    _check_values(value)
     return value
+
+
+# No request field nests deeper than a few levels (chat content parts are 4); anything far
+# deeper is refused before validation or a tokenizer has to walk it.
+MAX_JSON_DEPTH = 32
+
+
+def _check_values(value: Any) -> None:
+    """Refuse nesting beyond ``MAX_JSON_DEPTH`` and strings that are not Unicode text: JSON's
+    ``\ud800`` escapes decode to lone surrogates, which no tokenizer can encode. Iterative, so
+    a deep body cannot exhaust the stack here."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+        if isinstance(item, dict):
+            stack.extend((k, depth) for k in item)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise APIError(
+                    400,
+                    f"Request body has a string with an unpaired surrogate "
+                    f"(\\u{ord(item[exc.start]):04x}); send valid Unicode text",
+                    code="invalid_encoding",
+                ) from None
+
+
+def _too_deep() -> APIError:
+    return APIError(
+        400, f"Request body nests deeper than {MAX_JSON_DEPTH} levels", code="json_too_deep"
+    )
 
 
 def _too_large(max_bytes: int) -> APIError:
