@@ -188,13 +188,17 @@ def test_podmonitor_scrapes_the_metrics_port_of_every_ray_pod(rayservice):
         assert named[endpoint["port"]] == port
 
 
-def test_alerts_cover_slo_attainment_and_queue_depth_with_exported_metrics():
+def _alerts() -> list[dict]:
     (rule,) = load_all(K8S / "prometheusrule.yaml")
     assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["kind"] == "PrometheusRule"
-    alerts = [r for group in rule["spec"]["groups"] for r in group["rules"]]
-    allowed = exported_series()
+    return [r for group in rule["spec"]["groups"] for r in group["rules"]]
+
+
+def test_alerts_cover_slo_attainment_queues_errors_and_scraping_with_exported_metrics():
+    # What each alert shows on recorded samples is checked in test_dashboard.py.
+    allowed = exported_series() | {"up"}  # Prometheus' own per-target series
     read: set[str] = set()
-    for alert in alerts:
+    for alert in _alerts():
         names = metric_names_in(alert["expr"])
         assert names and names <= allowed, (alert["alert"], names - allowed)
         assert alert["labels"]["severity"] in ("warning", "critical")
@@ -202,3 +206,128 @@ def test_alerts_cover_slo_attainment_and_queue_depth_with_exported_metrics():
         read |= names
     assert "ray_flowprefill_slo_missed_total" in read
     assert "ray_flowprefill_prefill_requests_waiting" in read
+    assert "ray_flowprefill_requests_finished_total" in read and "up" in read
+    exprs = " ".join(a["expr"] for a in _alerts())
+    assert 'finish_reason=~"error|timeout"' in exprs and "absent(" in exprs
+
+
+def test_scrape_alerts_select_the_job_the_podmonitor_gives_the_pods(rayservice):
+    (monitor,) = load_all(K8S / "podmonitor.yaml")
+    job_label = monitor["spec"]["jobLabel"]
+    jobs = {group["template"]["metadata"]["labels"][job_label] for group in all_groups(rayservice)}
+    (job,) = jobs
+    for alert in _alerts():
+        if "up" in metric_names_in(alert["expr"]):
+            assert f'up{{job="{job}"}}' in alert["expr"], alert["alert"]
+
+
+# --------------------------------------------------------------------- network policy
+#
+# Who may connect to which port of the Ray pods, by Kubernetes' NetworkPolicy rules (ingress;
+# podSelector/namespaceSelector peers with matchLabels; numbered or named ports), on the ports
+# k8s/rayservice.yaml actually uses.
+
+NAMESPACE = "default"  # where the RayService runs in these checks
+PROMETHEUS = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
+OPERATOR = ("kuberay-system", {"app.kubernetes.io/name": "kuberay-operator"})
+STRANGER = (NAMESPACE, {"app.kubernetes.io/name": "something-else"})
+RANDOM_RAY_PORT = 43117  # raylet, object manager, worker and Serve replica gRPC ports are random
+
+
+def network_policies() -> list[dict]:
+    return [doc for doc in manifests() if doc.get("kind") == "NetworkPolicy"]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert not selector.get("matchExpressions"), "only matchLabels is modelled here"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _peer_admits(peer: dict, source: tuple[str, dict]) -> bool:
+    namespace, labels = source
+    assert "ipBlock" not in peer, "ipBlock peers are not modelled here"
+    if "namespaceSelector" in peer:
+        namespace_labels = {"kubernetes.io/metadata.name": namespace}
+        if not _selects(peer["namespaceSelector"], namespace_labels):
+            return False
+    elif namespace != NAMESPACE:  # a podSelector alone means the policy's own namespace
+        return False
+    return "podSelector" not in peer or _selects(peer["podSelector"], labels)
+
+
+def _port_admits(entry: dict, port: int, named: dict[str, int]) -> bool:
+    assert entry.get("protocol", "TCP") == "TCP"
+    wanted = entry["port"]
+    number = named.get(wanted) if isinstance(wanted, str) else wanted
+    return number is not None and number <= port <= entry.get("endPort", number)
+
+
+def admitted(source: tuple[str, dict], group: dict, port: int) -> bool:
+    """Whether ``source`` (namespace, pod labels) may open ``port`` on a pod of ``group``."""
+    labels = group["template"]["metadata"]["labels"]
+    named = {p["name"]: p["containerPort"] for c in containers_of(group) for p in c["ports"]}
+    selecting = [policy for policy in network_policies()
+                 if _selects(policy["spec"]["podSelector"], labels)
+                 and "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True  # not isolated: everything is admitted
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            peers, ports = rule.get("from", []), rule.get("ports", [])
+            if peers and not any(_peer_admits(peer, source) for peer in peers):
+                continue
+            if ports and not any(_port_admits(entry, port, named) for entry in ports):
+                continue
+            return True
+    return False
+
+
+def _cluster_pod(group: dict) -> tuple[str, dict]:
+    return NAMESPACE, group["template"]["metadata"]["labels"]
+
+
+def test_network_policies_parse_and_isolate_every_ray_pod(rayservice):
+    policies = network_policies()
+    assert policies
+    for policy in policies:
+        assert policy["apiVersion"] == "networking.k8s.io/v1"
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+    for group in all_groups(rayservice):
+        # Isolated: a pod outside the cluster cannot reach a Ray port.
+        assert not admitted(STRANGER, group, RANDOM_RAY_PORT), group.get("groupName", "head")
+
+
+def test_ray_ports_are_open_only_to_the_ray_cluster_itself(rayservice):
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+    (head_container,) = containers_of(head)
+    head_ports = {p["name"]: p["containerPort"] for p in head_container["ports"]}
+    internal = [head_ports["gcs-server"], head_ports["client"], RANDOM_RAY_PORT]
+    groups = all_groups(rayservice)
+    for group in groups:
+        ports = internal if group is head else [RANDOM_RAY_PORT]
+        for port in ports:
+            assert all(admitted(_cluster_pod(peer), group, port) for peer in groups), port
+            for outsider in (STRANGER, PROMETHEUS, OPERATOR):
+                assert not admitted(outsider, group, port), (outsider, port)
+
+
+def test_metrics_port_is_open_to_prometheus_only(rayservice):
+    for group in all_groups(rayservice):
+        port = int(group["rayStartParams"]["metrics-export-port"])
+        assert admitted(PROMETHEUS, group, port)
+        assert not admitted(STRANGER, group, port) and not admitted(OPERATOR, group, port)
+
+
+def test_dashboard_is_open_to_the_kuberay_operator_only(rayservice):
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+    (container,) = containers_of(head)
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["dashboard"]
+    assert admitted(OPERATOR, head, port)
+    assert not admitted(STRANGER, head, port) and not admitted(PROMETHEUS, head, port)
+
+
+def test_serve_http_port_is_open_to_clients(rayservice):
+    port = serve_config_of(rayservice)["http_options"]["port"]
+    # proxy_location EveryNode: a Serve proxy listens on every node.
+    for group in all_groups(rayservice):
+        assert admitted(STRANGER, group, port)

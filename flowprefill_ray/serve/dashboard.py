@@ -51,9 +51,27 @@ def _quantile(q: float, histogram: str, by: str) -> str:
     )
 
 
-def _rate(counter: str, by: str = "") -> str:
+def _rate(counter: str, by: str = "", matchers: str = "", window: str = RATE) -> str:
     grouping = f" by ({by})" if by else ""
-    return f"sum{grouping} (rate({exported(counter)}[{RATE}]))"
+    selector = f"{exported(counter)}{{{matchers}}}" if matchers else exported(counter)
+    return f"sum{grouping} (rate({selector}[{window}]))"
+
+
+# finish_reason values that mean the request failed (the client got an error, not tokens).
+FAILED_REASONS = "error|timeout"
+
+
+def attainment(window: str = RATE) -> str:
+    """Per class, the fraction of requests whose first token met the TTFT SLO.
+
+    PromQL drops a class from ``met / (met + missed)`` as soon as one of the two series is
+    missing (a class that never missed, or never met), so each side falls back to 0 times the
+    other with ``or``, and the total is ``met + missed``, else whichever exists. A class with
+    no requests in the window stays undefined (0 / 0), not 0 %.
+    """
+    met = _rate("flowprefill_slo_met_total", "slo_class", window=window)
+    missed = _rate("flowprefill_slo_missed_total", "slo_class", window=window)
+    return f"({met} or 0 * {missed}) / ({met} + {missed} or {met} or {missed})"
 
 
 def _target(ref: str, expr: str, legend: str) -> dict[str, Any]:
@@ -88,6 +106,8 @@ def _panels() -> list[dict[str, Any]]:
     itl = "flowprefill_inter_token_latency_seconds"
     kv_seconds = "flowprefill_kv_transfer_seconds"
     running = exported("flowprefill_prefill_requests_running")
+    finished = "flowprefill_requests_finished_total"
+    failed = f'finish_reason=~"{FAILED_REASONS}"'
     return [
         _panel("TTFT percentiles per SLO class",
                "Time to first token (arrival to first token) by SLO class.", "s",
@@ -96,13 +116,14 @@ def _panels() -> list[dict[str, Any]]:
         _panel("SLO attainment per class",
                "Fraction of finished requests whose first token met their TTFT SLO.",
                "percentunit",
-               [(f"{_rate(met, 'slo_class')} / ({_rate(met, 'slo_class')} + "
-                 f"{_rate(missed, 'slo_class')})", "{{slo_class}}")], max_value=1),
+               [(attainment(), "{{slo_class}}")], max_value=1),
         _panel("Goodput (SLO-meeting requests/s)",
                "Requests per second that met their TTFT SLO, beside all finished requests.",
                "reqps",
-               [(_rate(met), "goodput"),
-                (f"{_rate(met)} + {_rate(missed)}", "finished"),
+               # `or vector(0)` / `or`: a line at 0 rather than none before the first event.
+               [(f"{_rate(met)} or vector(0)", "goodput"),
+                (f"{_rate(met)} + {_rate(missed)} or {_rate(met)} or {_rate(missed)}",
+                 "finished"),
                 (_rate(met, "slo_class"), "goodput {{slo_class}}"),
                 (_rate("flowprefill_requests_rejected_total", "slo_class"),
                  "rejected {{slo_class}}")]),
@@ -146,9 +167,29 @@ def _panels() -> list[dict[str, Any]]:
                [(_quantile(q, "flowprefill_ttft_prediction_ratio", ""), f"p{int(q * 100)}")
                 for q in (0.1, 0.5, 0.9)]),
         _panel("Prefill batch size",
-               "Requests and tokens per prefill work unit (median).", "short",
-               [(_quantile(0.5, "flowprefill_prefill_batch_size", ""), "requests p50"),
+               "Requests per prefill work unit (median and mean) and tokens per unit (median).",
+               "short",
+               # Batch sizes are integers; the buckets sit halfway between them, so the
+               # interpolated median is within 0.5 of the true one and round() gives it.
+               [(f"round({_quantile(0.5, 'flowprefill_prefill_batch_size', '')})",
+                 "requests p50"),
+                (f"sum(rate({exported('flowprefill_prefill_batch_size', 'sum')}[{RATE}])) / "
+                 f"sum(rate({exported('flowprefill_prefill_batch_size', 'count')}[{RATE}]))",
+                 "requests mean"),
                 (_quantile(0.5, "flowprefill_prefill_batch_tokens", ""), "tokens p50")]),
+        _panel("Request outcomes",
+               "Requests per second by how they ended: finish reason (stop, length, abort; "
+               "error and timeout are failures the client saw), and refusals (HTTP 429).",
+               "reqps",
+               [(_rate(finished, "finish_reason"), "{{finish_reason}}"),
+                (_rate("flowprefill_requests_rejected_total"), "rejected")]),
+        _panel("Failed requests",
+               "Share of finished requests that failed (finish reason error or timeout), "
+               "overall and per SLO class.",
+               "percentunit",
+               [(f"{_rate(finished, matchers=failed)} / {_rate(finished)}", "all classes"),
+                (f"{_rate(finished, 'slo_class', failed)} / {_rate(finished, 'slo_class')}",
+                 "{{slo_class}}")], max_value=1),
     ]
 
 
