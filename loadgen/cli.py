@@ -96,14 +96,16 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EndpointConfig, ReplayC
 def _run(args: argparse.Namespace) -> int:
     from .output import write_results
     from .replay import replay_trace
+    from .server_timeline import save_timeline
     from .summary import format_report, summarize
 
     endpoint, replay, slo = configs_from_args(args)
     result = asyncio.run(replay_trace(endpoint, replay, slo, progress=not args.no_progress))
     paths = write_results(result, args.out, extra={"slo": slo.model_dump()})
+    timeline = save_timeline(endpoint, args.out, len(result.records))
 
     print(format_report(summarize(result)))
-    print(f"wrote {paths['json']} and {paths['csv']}")
+    print(f"wrote {paths['json']} and {paths['csv']}" + (f" and {timeline}" if timeline else ""))
     return 0
 
 

@@ -24,6 +24,7 @@ from .config import EndpointConfig, ReplayConfig
 from .output import write_results
 from .plan import load_trace_workload, plan_requests, ttft_targets
 from .runner import run_open_loop
+from .server_timeline import save_timeline
 from .summary import summarize
 
 
@@ -61,7 +62,9 @@ def run_trial(
     result = asyncio.run(run_open_loop(endpoint, trial, plan, progress=progress))
     summary = summarize(result)
     if out_dir is not None:
-        write_results(result, out_dir / f"x{rate_scale:.4g}", extra={"slo": slo.model_dump()})
+        trial_dir = out_dir / f"x{rate_scale:.4g}"
+        write_results(result, trial_dir, extra={"slo": slo.model_dump()})
+        save_timeline(endpoint, trial_dir, len(plan))
     attainment = summary["overall"]["attainment"] or 0.0
     return LiveTrial(rate_scale, attainment, planned_rate_rps([p.send_at_s for p in plan]), summary)
 

@@ -7,8 +7,9 @@
 2. replays a slice of the Azure 2023 conversation trace through the OpenAI-compatible HTTP
    API with the open-loop load generator, each request carrying one of four SLO classes;
 3. prints TTFT p50/p99 and attainment per class, preemptions and a goodput estimate;
-4. writes ``results.json``, ``requests.csv``, ``ttft_cdf.png`` and ``burst_timeline.png`` to
-   the output directory (default ``out/demo``);
+4. writes ``results.json``, ``requests.csv``, ``ttft_cdf.png``, ``burst_timeline.png``, the
+   scheduler's ``timeline.json`` and its Gantt chart ``timeline.png`` to the output directory
+   (default ``out/demo``), and prints why each missed request was late;
 5. shuts Serve and Ray down, also on Ctrl-C, SIGTERM or an error.
 
 Why the workload is reshaped. The trace was served by GPUs; on two CPU cores SmolLM2 prefills
@@ -101,13 +102,16 @@ def goodput_estimate(summary: dict[str, Any], target: float = 0.9) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from flowprefill_ray.scheduling.why_late import format_summary
     from flowprefill_ray.serve.config import ServeAppArgs
+    from flowprefill_ray.timeline_plot import draw_gantt
     from loadgen import EndpointConfig, format_report, summarize, write_results
     from loadgen.local_serve import LocalServe
     from loadgen.plan import load_trace_workload, plan_requests, ttft_targets
     from loadgen.plots import plot_burst_timeline, plot_ttft_cdf
     from loadgen.replay_args import replay_config
     from loadgen.runner import run_open_loop
+    from loadgen.server_timeline import save_timeline
 
     deploy = app_args(args)
     validated = ServeAppArgs.model_validate(deploy)
@@ -135,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             result = asyncio.run(
                 run_open_loop(endpoint, replay, plan, progress=not args.no_progress)
             )
+            # While the server is still up: what its scheduler did with every request.
+            timeline_path = save_timeline(endpoint, out, len(plan))
     except KeyboardInterrupt:
         print("[demo] interrupted; Serve and Ray were shut down", file=sys.stderr)
         return 130
@@ -164,10 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         f"goodput estimate: {estimate['goodput_bound']} (DistServe: highest rate with >= 90 % "
         f"TTFT attainment); {estimate['slo_meeting_rps'] or 0:.2f} SLO-meeting req/s at this rate"
     )
-    print(
-        f"wrote {paths['json']}, {paths['csv']}, {out / 'ttft_cdf.png'}, {out / 'burst_timeline.png'} "
-        f"in {time.perf_counter() - started:.0f} s"
-    )
+    written = [paths["json"], paths["csv"], out / "ttft_cdf.png", out / "burst_timeline.png"]
+    if timeline_path is not None:
+        timeline = json.loads(timeline_path.read_text())
+        print("why the missed requests were late (scheduler timeline):")
+        print(format_summary(timeline["why_late_summary"]))
+        written += [timeline_path, draw_gantt(timeline, out / "timeline.png",
+                                              timeline["why_late"])]
+    print(f"wrote {', '.join(map(str, written))} in {time.perf_counter() - started:.0f} s")
     return 0
 
 
