@@ -9,14 +9,21 @@ absolute path. Words are shell-quoted, so a value with spaces survives the paste
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import platform
 import shlex
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).absolute().parent.parent
+# When this benchmark started and how loaded the machine was then (this module is imported
+# at a benchmark's start): a figure measured on a busy machine says so in its JSON.
+STARTED_AT = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+LOAD_BEFORE = os.getloadavg()
 
 
 def _from_repo_root(path: str | Path) -> str:
@@ -53,10 +60,38 @@ def write_report(
     document = {
         "benchmark": benchmark,
         "command": command_line(script, argv),
+        "commit": commit(),
+        "started_at": STARTED_AT,
         "python": platform.python_version(),
-        "machine": platform.machine(),
+        "machine": machine(),
         **fields,
     }
     path.write_text(json.dumps(document, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def commit() -> str:
+    """The commit measured: ``git rev-parse HEAD``, with ``-dirty`` when tracked files differ
+    from it (the figure then belongs to uncommitted code); ``unknown`` outside a checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def machine() -> dict:
+    """Architecture, cores and the load average (1, 5, 15 min) at start and now."""
+    return {
+        "arch": platform.machine(),
+        "cores": os.cpu_count(),
+        "load_avg_before": [round(x, 2) for x in LOAD_BEFORE],
+        "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+    }
