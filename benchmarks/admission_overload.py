@@ -37,6 +37,9 @@ SETTINGS = {
     ),
     "reject/queue": AdmissionConfig(action="reject", estimate="queue"),
     "downgrade/queue": AdmissionConfig(action="downgrade", estimate="queue"),
+    # The shipped configs' margin (deployments/*.yaml): what it costs where predictions are
+    # exact (here), against what it buys live (tests/test_overload.py, RELIABILITY.md).
+    "reject/queue+headroom": AdmissionConfig(action="reject", estimate="queue", headroom=0.05),
 }
 
 

@@ -133,6 +133,30 @@ def test_admission_protects_admitted_requests_due_later():
     assert arrive(unprotected, "urgent", 0.0, 1536, 5.5) == []
 
 
+def test_headroom_admits_only_with_that_share_of_the_target_to_spare():
+    """With headroom 0.1, a request must be predicted to finish a tenth of its target before
+    its deadline, and protection keeps that margin for admitted requests too."""
+    plain = policy(admission=reject_with("queue"))
+    margin = policy(admission=reject_with("queue", headroom=0.1))
+    for p in (plain, margin):
+        # 4 s due at 4.5 s: admitted either way; nothing due later preempts it.
+        assert arrive(p, "long", 0.0, 4096, 4.5) == [run(1, "w0", ("long", 0, 4096))]
+    # 4 s running + 1 s of its own = 5 s: due at 5 s it makes it exactly, but not 0.5 s early.
+    assert arrive(plain, "exact", 0.0, 1024, 5.0) == []
+    (refused,) = arrive(margin, "exact", 0.0, 1024, 5.0)
+    assert isinstance(refused, Reject) and "predicted to miss" in refused.reason
+    # Due at 5.75 s: 5 s <= 5.75 - 0.575, admitted with 0.175 s to spare before its margin.
+    assert arrive(margin, "roomy", 0.0, 1024, 5.75) == []
+    # 0.5 s due at 5.25 s makes its own margin (4.5 <= 4.725) but would finish "roomy" at
+    # 5.5 s, inside roomy's: refused. Without headroom roomy has 0.75 s to spare: admitted.
+    (pushed,) = arrive(margin, "urgent", 0.0, 512, 5.25)
+    assert isinstance(pushed, Reject) and "push an admitted request" in pushed.reason
+    plain = policy(admission=reject_with("queue"))
+    arrive(plain, "long", 0.0, 4096, 4.5)
+    arrive(plain, "roomy", 0.0, 1024, 5.75)
+    assert arrive(plain, "urgent", 0.0, 512, 5.25) == []
+
+
 def test_a_request_the_estimate_gives_up_on_does_not_block_arrivals():
     p = policy(admission=reject_with("queue"))
     arrive(p, "long", 0.0, 4096, 4.0)

@@ -171,3 +171,51 @@ def test_loading_a_bad_file_names_the_problem(tmp_path):
 def test_config_rejects_bounds_that_exclude_one():
     with pytest.raises(ValidationError, match="min_correction <= 1 <= max_correction"):
         PredictorConfig(min_correction=1.5, max_correction=4.0)
+
+
+def test_unit_overhead_is_learned_added_to_every_prediction_and_capped():
+    predictor = TTFTPredictor.linear(0.001, max_tokens=4096)
+    assert predictor.predict(1000) == pytest.approx(1.0)
+    for _ in range(200):  # a live runtime: each unit took 10 ms beyond its compute
+        predictor.observe_unit_overhead(0.010)
+    assert predictor.unit_overhead_s == pytest.approx(0.010, rel=1e-6)
+    assert predictor.predict(1000) == pytest.approx(1.010, rel=1e-6)
+    assert predictor.predict(0) == 0.0
+    for _ in range(200):  # negative samples (clock noise) count as none
+        predictor.observe_unit_overhead(-0.5)
+    assert predictor.unit_overhead_s == pytest.approx(0.0, abs=1e-9)
+    for _ in range(200):
+        predictor.observe_unit_overhead(30.0)
+    assert predictor.unit_overhead_s == predictor.config.max_unit_overhead_s
+
+
+def test_a_simulated_run_learns_no_unit_overhead():
+    """The simulator's clock is the compute itself: its predictions stay exactly the fit's,
+    so simulated results do not move with this term."""
+    from flowprefill_ray.scheduling import PolicyConfig, SLOConfig, make_policy
+    from flowprefill_ray.simulator.engine import Simulator
+    from flowprefill_ray.simulator.overload import linear_cost_model, overload_requests
+
+    predictor = TTFTPredictor.linear(4e-4, max_tokens=4096)
+    policy = make_policy(PolicyConfig(), predictor, slo=SLOConfig())
+    result = Simulator(policy, linear_cost_model()).run(
+        overload_requests(200, SLOConfig(), rate_per_s=5.0)
+    )
+    assert len(result.outcomes) == 200
+    assert predictor.unit_overhead_s == 0.0
+
+
+def test_the_policy_feeds_each_units_wall_time_beyond_its_compute():
+    """A unit dispatched at 0 s whose completion (1 s of compute on the worker) is heard at
+    1.02 s cost 20 ms of dispatch and report: the policy's predictor learns that."""
+    from flowprefill_ray.scheduling import PolicyConfig, Request, make_policy
+    from flowprefill_ray.scheduling.events import Arrival, UnitCompleted, WorkerJoined
+
+    predictor = TTFTPredictor.linear(2.0**-10, max_tokens=8192)
+    policy = make_policy(PolicyConfig(), predictor)
+    policy.on_event(WorkerJoined("w0"), 0.0)
+    request = Request(request_id="r", arrival_s=0.0, prompt_tokens=1024, slo_class="file")
+    (run,) = policy.on_event(Arrival(request), 0.0)
+    policy.on_event(UnitCompleted("w0", run.unit.unit_id, 1.0), 1.02)
+    weight = predictor.config.ewma_weight
+    assert predictor.unit_overhead_s == pytest.approx(weight * 0.02)

@@ -27,6 +27,13 @@ Two checks, in this order:
    cost about one admitted request in nine its SLO). A request the estimate already gives up
    on is not protected (it would block every earlier-deadline arrival until it turns late).
 
+   With ``headroom`` h the deadline tested is ``deadline - h x target``: a request is
+   admitted only with that margin left. The queue estimate sums predicted compute alone; on
+   the live runtime each unit also costs a dispatch round trip (~5 ms on CPU, measured with
+   the scheduler timeline), and a request admitted to finish exactly at its deadline behind
+   a deep queue turns late by those gaps - and, once late, FlowPrefill demotes it behind all
+   feasible work (tests/test_overload.py showed such requests waiting 70 s).
+
    On a predicted miss ``reject`` refuses the request; ``downgrade`` moves it to the tightest
    looser SLO class (larger TTFT target) of the policy's ``SLOConfig`` under which the same
    test passes, with deadline ``arrival + that target``, or rejects it if none does. Only a
@@ -86,6 +93,14 @@ class AdmissionConfig(BaseModel):
     )
     retry_after_s: NonNegativeFloat = Field(
         1.0, description="Retry-After hint sent with a rejection, seconds"
+    )
+    headroom: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="admit only if predicted to finish this fraction of its TTFT target "
+        "before its deadline: a margin for what the predictions miss (a live runtime's "
+        "dispatch gaps between units, noise); 0 = admit up to the deadline itself",
     )
 
 
@@ -151,7 +166,10 @@ class AdmissionControl:
             return None
         own_s = self.predictor.predict(rec.remaining_tokens)
         use_queue = saturated and cfg.estimate == "queue"
-        miss = self._miss(rec.deadline_s, now, own_s, queue if use_queue else None)
+        miss = self._miss(
+            rec.deadline_s - cfg.headroom * rec.ttft_slo_s, now, own_s,
+            queue if use_queue else None,
+        )
         if miss is None:
             return None
         if cfg.action == "downgrade":
@@ -160,7 +178,7 @@ class AdmissionControl:
                 miss += "; an explicit TTFT target cannot be downgraded"
             else:
                 for cls in looser:
-                    deadline = rec.arrival_s + cls.ttft_slo_s
+                    deadline = rec.arrival_s + cls.ttft_slo_s * (1.0 - cfg.headroom)
                     if self._miss(deadline, now, own_s, queue if use_queue else None) is None:
                         return Downgrade(rid, cls.name, cls.ttft_slo_s)
                 miss += "; no looser SLO class would make it"

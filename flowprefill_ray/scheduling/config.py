@@ -90,6 +90,11 @@ class PolicyConfig(BaseModel):
     online_correction: bool = Field(
         True, description="feed completed whole-prompt units to the predictor's observe()"
     )
+    learn_unit_overhead: bool = Field(
+        True,
+        description="with online_correction: learn each unit's wall time beyond its compute "
+        "(a live runtime's dispatch and report round trips) and add it to every prediction",
+    )
     admission: AdmissionConfig = Field(
         default_factory=AdmissionConfig,
         description="admission control on arrival: waiting-queue bound and what to do with "

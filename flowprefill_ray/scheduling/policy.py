@@ -95,7 +95,9 @@ class Policy(ABC):
         self.admission = AdmissionControl(config.admission, predictor, self.slo)
         # Only the `queue` estimate needs the index; the count is kept for max_waiting.
         self.waiting_work: WaitingWork | None = (
-            WaitingWork(predictor) if self.admission.uses_queue_estimate else None
+            WaitingWork(predictor, config.admission.headroom)
+            if self.admission.uses_queue_estimate
+            else None
         )
         self.waiting = 0  # requests WAITING (queued, admitted, not started)
         self._loads: list[tuple[float, bool, bool, float]] = []  # see _unit_loads
@@ -210,6 +212,11 @@ class Policy(ABC):
             w.state = WorkerState.IDLE
         w.paused.pop(u.unit_id, None)
         items = u.unit.items
+        if self.config.online_correction and self.config.learn_unit_overhead:
+            # This run's wall time on the policy's clock beyond the worker's compute in it
+            # (``u.executed_s``: the compute of its earlier runs, from UnitPaused).
+            run_compute_s = event.executed_s - u.executed_s
+            self.predictor.observe_unit_overhead(now - u.started_at_s - run_compute_s)
         if self.config.online_correction and all(item.start == 0 for item in items):
             # Chunks that attend an earlier prefix cost more than their token count says.
             self.predictor.observe(u.tokens, event.executed_s)

@@ -18,7 +18,9 @@ as is it once predicted 0 s for every prompt over ~1500 tokens.
 Online correction (not in the release): ``observe(tokens, seconds)`` feeds measured prefill
 times; the ratio measured / predicted is smoothed with an EWMA and multiplies every prediction,
 bounded to ``[min_correction, max_correction]`` so one wild measurement cannot wreck the
-schedule.
+schedule. ``observe_unit_overhead(seconds)`` learns, the same way, what each unit costs beyond
+its compute on a live runtime (dispatch and report round trips, ~5 ms per unit on CPU) and adds
+it to every prediction: a queue of 100 units is then predicted 0.5 s longer, as it runs.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class PredictorConfig(BaseModel):
     )
     min_correction: PositiveFloat = 0.25
     max_correction: PositiveFloat = 4.0
+    max_unit_overhead_s: float = Field(
+        0.5, ge=0.0, description="cap on the learned per-unit overhead (observe_unit_overhead), s"
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> PredictorConfig:
@@ -109,6 +114,10 @@ class TTFTPredictor:
         self.max_tokens = int(max_tokens)
         cfg = self.config
         self.correction = min(max(float(correction), cfg.min_correction), cfg.max_correction)
+        # Seconds a unit costs on top of its compute where the policy runs (dispatch and
+        # report round trips of a live runtime; 0 in the simulator): learned online by
+        # ``observe_unit_overhead``, added to every prediction, never saved with the fit.
+        self.unit_overhead_s = 0.0
         self.kept_points: list[tuple[int, float]] = []
         self.dropped_points: list[tuple[int, float]] = []
         self._table = self._tabulate()
@@ -216,8 +225,10 @@ class TTFTPredictor:
         """Predicted prefill time for ``tokens`` prompt tokens (one request or a batch's
         total), seconds, including the online correction. O(1)."""
         if 0 < tokens <= self.max_tokens:
-            return self._table[tokens] * self.correction
-        return self.predict_uncorrected(tokens) * self.correction
+            return self._table[tokens] * self.correction + self.unit_overhead_s
+        if tokens <= 0:
+            return 0.0
+        return self.predict_uncorrected(tokens) * self.correction + self.unit_overhead_s
 
     def observe(self, tokens: int, seconds: float) -> None:
         """Feed one measured prefill (``tokens`` total, ``seconds`` of compute)."""
@@ -230,6 +241,16 @@ class TTFTPredictor:
         w = cfg.ewma_weight
         updated = (1.0 - w) * self.correction + w * (seconds / base)
         self.correction = min(max(updated, cfg.min_correction), cfg.max_correction)
+
+    def observe_unit_overhead(self, seconds: float) -> None:
+        """Feed one unit's wall time beyond its compute (from the policy's dispatch to the
+        report of its completion, minus the compute the worker measured), seconds. Smoothed
+        like the correction. Where nothing separates the two (the simulator) it stays 0."""
+        if abs(seconds) < 1e-9:
+            seconds = 0.0  # float noise of a driver whose clock is the compute itself
+        w = self.config.ewma_weight
+        updated = (1.0 - w) * self.unit_overhead_s + w * max(seconds, 0.0)
+        self.unit_overhead_s = min(updated, self.config.max_unit_overhead_s)
 
     # ------------------------------------------------------------------ persistence
 

@@ -105,8 +105,8 @@ class SlackQueue:
         self._small = _FeasibleLateHeaps()
         self._large = _FeasibleLateHeaps()
         self._token = _Tokens()
-        self._reference_correction = predictor.correction
-        self._seen_correction = predictor.correction  # skip the check until it changes
+        self._reference_correction = _scale(predictor)
+        self._seen_correction = _scale(predictor)  # skip the check until it changes
         self.rescores = 0  # how often the late heaps were re-checked
 
     def slack_s(self, rec: RequestRecord, now: float) -> float:
@@ -136,14 +136,17 @@ class SlackQueue:
             heapq.heappush(heaps.feasible, (rec.deadline_s, rec.tiebreak, token, rec))
 
     def _check_correction(self, now: float) -> None:
-        correction = self._predictor.correction
-        self._seen_correction = correction
-        reference = self._reference_correction
-        if correction > reference:
-            # Requests judged late at a lower correction are later still: nothing to redo.
-            self._reference_correction = correction
-        elif correction < reference * (1.0 - self._threshold):
-            self._reference_correction = correction
+        correction, overhead = scale = _scale(self._predictor)
+        self._seen_correction = scale
+        ref_correction, ref_overhead = self._reference_correction
+        keep = 1.0 - self._threshold
+        if correction >= ref_correction * keep and overhead >= ref_overhead * keep:
+            # Requests judged late at a lower scale are later still: nothing to redo.
+            self._reference_correction = (
+                max(correction, ref_correction), max(overhead, ref_overhead)
+            )
+        else:
+            self._reference_correction = scale
             self.rescores += 1
             for heaps in (self._small, self._large):
                 # Only requests whose deadline has not passed can turn feasible; the late
@@ -181,7 +184,7 @@ class SlackQueue:
         return None
 
     def _best(self, now: float) -> tuple[RequestRecord, _FeasibleLateHeaps] | None:
-        if self._predictor.correction != self._seen_correction:
+        if _scale(self._predictor) != self._seen_correction:
             self._check_correction(now)
         small = self._top(self._small, now)
         large = self._top(self._large, now)
@@ -210,7 +213,7 @@ class SlackQueue:
 
     def pop_small(self, now: float) -> RequestRecord | None:
         """Remove and return the best waiting request of at most ``small_tokens`` tokens."""
-        if self._predictor.correction != self._seen_correction:
+        if _scale(self._predictor) != self._seen_correction:
             self._check_correction(now)
         rec = self._top(self._small, now)
         if rec is not None:
@@ -226,6 +229,12 @@ class SlackQueue:
         for rec in taken:
             self.unpop(rec)
         return taken
+
+
+def _scale(predictor: TTFTPredictor) -> tuple[float, float]:
+    """What moves every prediction at once: the online correction and the per-unit overhead.
+    A fall of either can make late requests feasible again."""
+    return predictor.correction, predictor.unit_overhead_s
 
 
 def _ranks_before(a: RequestRecord, b: RequestRecord) -> bool:

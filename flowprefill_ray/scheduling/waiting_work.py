@@ -29,6 +29,10 @@ Scanning the queue would cost O(n) per arrival. Here both answers take O(log K):
   work still counts in the sums, it just no longer vetoes arrivals). ``spare_work_s`` finds
   such buckets by descending the tree, so each request is unprotected at most once.
 
+With a ``headroom`` h (``AdmissionConfig.headroom``) every request stands in the index at
+``deadline - h x target`` instead of its deadline: it leaves the index once it can no longer
+make that, and protection keeps that margin for it. h = 0 is the plain rule above.
+
 Approximations (documented in SCHEDULING.md): deadlines are rounded down to their bucket
 (requests due within one bucket of ``D`` count as before it; protection asks a request to
 finish by the start of its bucket); work is predicted with the online correction in force when
@@ -149,8 +153,11 @@ class _Entry:
 class WaitingWork:
     """Index of waiting, still-feasible requests' predicted prefill by deadline."""
 
-    def __init__(self, predictor: TTFTPredictor) -> None:
+    def __init__(self, predictor: TTFTPredictor, headroom: float = 0.0) -> None:
         self._predictor = predictor
+        # Admission's margin (``AdmissionConfig.headroom``): a request is indexed, ordered and
+        # protected by ``deadline - headroom x target``, so that arrivals leave it that margin.
+        self._headroom = headroom
         self._tree = _RingTree(BUCKETS)
         self._entries: dict[str, _Entry] = {}
         self._by_slot: dict[int, list[_Entry]] = {}  # ring entries per occupied slot
@@ -180,12 +187,11 @@ class WaitingWork:
         self.remove(rec.request_id)  # a re-queued request replaces its old entry
         predicted = self._predictor.predict(rec.remaining_tokens)
         remaining = predicted - rec.executed_s
-        latest_start = rec.deadline_s - (remaining if remaining > 0.0 else 0.0)
+        due = rec.deadline_s - self._headroom * rec.ttft_slo_s
+        latest_start = due - (remaining if remaining > 0.0 else 0.0)
         if latest_start < self._now:
             return
-        entry = _Entry(
-            rec.request_id, math.floor(rec.deadline_s / BUCKET_S), round(predicted * _NS)
-        )
+        entry = _Entry(rec.request_id, math.floor(due / BUCKET_S), round(predicted * _NS))
         self._entries[rec.request_id] = entry
         self._seq += 1
         heapq.heappush(self._by_latest_start, (latest_start, self._seq, entry))
