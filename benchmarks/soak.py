@@ -57,11 +57,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="use this service time (s) instead of measuring it, so that two runs offer the "
         "same rate and targets (A/B comparisons)",
     )
+    p.add_argument(
+        "--admission",
+        choices=["alone", "shipped"],
+        default="alone",
+        help="alone: reject what cannot make it alone; shipped: deployments/local.yaml's "
+        "admission (queue estimate, headroom, bounded queue) and max_in_flight",
+    )
+    p.add_argument("--headroom", type=float, default=None, help="override admission.headroom")
+    p.add_argument(
+        "--no-unit-overhead",
+        action="store_true",
+        help="do not learn the per-unit overhead into the predictor (PolicyConfig)",
+    )
     p.add_argument("--out", default="results/soak.json")
     return p.parse_args(argv)
 
 
+def shipped_runtime() -> dict:
+    """The runtime args of deployments/local.yaml."""
+    import yaml
+
+    path = Path(__file__).resolve().parent.parent / "deployments" / "local.yaml"
+    return yaml.safe_load(path.read_text())["applications"][0]["args"]["runtime"]
+
+
 def engine_config(args: argparse.Namespace, cache_dir: str) -> dict:
+    config = _engine_config(args, cache_dir)
+    if args.admission == "shipped":
+        shipped = shipped_runtime()
+        config["policy"]["admission"] = dict(shipped["policy"]["admission"])
+        config["requests"]["max_in_flight"] = shipped["requests"]["max_in_flight"]
+        config["prefill"]["profile_tokens"] = sorted({64, 256, 1024, args.prompt_tokens})
+    if args.headroom is not None:
+        config["policy"]["admission"]["headroom"] = args.headroom
+    if args.no_unit_overhead:
+        config["policy"]["learn_unit_overhead"] = False
+    return config
+
+
+def _engine_config(args: argparse.Namespace, cache_dir: str) -> dict:
     return {
         "model": {"path": "tiny", "cache_dir": cache_dir},
         "placement": {
@@ -76,6 +111,7 @@ def engine_config(args: argparse.Namespace, cache_dir: str) -> dict:
         "prefill": {"profile_tokens": [16, 64, 128, 256, 512], "profile_repeats": 1},
         "decode": {"kv_blocks": 1024, "block_size": 16, "max_batch_size": 64},
         "requests": {"max_in_flight": args.max_in_flight},
+        "timeline": {"capacity": 20000},
         "name_prefix": "fp-soak",
     }
 
@@ -87,6 +123,7 @@ async def soak(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         run_steady_load,
     )
     from flowprefill_ray.runtime.engine import FlowPrefillEngine
+    from flowprefill_ray.scheduling.why_late import summarize
 
     cache_dir = os.environ.get("FLOWPREFILL_CACHE") or tempfile.mkdtemp(prefix="fp-soak-")
     engine = await FlowPrefillEngine.start(engine_config(args, cache_dir))
@@ -106,6 +143,7 @@ async def soak(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
             sample_period_s=args.sample_s,
             seed=args.seed,
         )
+        timeline = await engine.timeline(None)
     finally:
         await engine.shutdown()
     return {
@@ -113,13 +151,19 @@ async def soak(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         "args": vars(args),
         "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "load_avg_at_end": os.getloadavg(),
+        "engine_config": engine_config(args, cache_dir),
         "prefill_service_s": prefill_s,
         "capacity_rps": capacity_rps,
         **report.to_json(),
+        "reject_s": sorted(o.reject_s for o in report.outcomes if o.reject_s is not None),
+        # Why each admitted request that missed was late (the scheduler timeline's ring).
+        "why_late": summarize(timeline),
     }
 
 
 def print_table(result: dict) -> None:
+    from flowprefill_ray.scheduling.why_late import format_summary
+
     print(
         f"service time {result['prefill_service_s'] * 1000:.1f} ms, capacity "
         f"{result['capacity_rps']:.2f} req/s, offered {result['rate_rps']:.2f} req/s "
@@ -136,6 +180,12 @@ def print_table(result: dict) -> None:
             f"{s['actors_rss_mib']:14.1f}  {by_kind}"
         )
     print("counts:", result["counts"], "errors:", result["errors"] or "none")
+    refusals = result["reject_s"]
+    if refusals:
+        p99 = refusals[min(len(refusals) - 1, int(0.99 * len(refusals)))]
+        print(f"429 decided in: p50 {refusals[len(refusals) // 2] * 1000:.1f} ms, "
+              f"p99 {p99 * 1000:.1f} ms")
+    print(format_summary(result["why_late"]))
     print(f"{'class':>8} {'sent':>6} {'rejected':>8} {'attainment':>10} {'p50 s':>7} {'p99 s':>7}")
     for name, c in result["per_class"].items():
         att = "-" if c["attainment"] is None else f"{c['attainment']:.3f}"

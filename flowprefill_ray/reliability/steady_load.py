@@ -44,6 +44,8 @@ class Outcome:
     ttft_s: float | None = None
     ttft_slo_s: float = 0.0
     error: str = ""
+    # Seconds from submission until the request was refused (rejected requests only).
+    reject_s: float | None = None
 
 
 @dataclass
@@ -207,6 +209,7 @@ async def run_steady_load(
     async def one(cls: LoadClass) -> None:
         ids = [rng.randrange(3, vocab) for _ in range(cls.prompt_tokens)]
         outcome = Outcome(cls.name, "failed", ttft_slo_s=cls.ttft_slo_s)
+        submitted = time.monotonic()
         try:
             async with asyncio.timeout(request_bound_s):
                 async for out in engine.submit(ids, sampling, slo=cls.ttft_slo_s):
@@ -218,6 +221,7 @@ async def run_steady_load(
                         outcome.error = "" if ok else f"finish_reason={out.finish_reason}"
         except RequestRejectedError:
             outcome.status = "rejected"
+            outcome.reject_s = time.monotonic() - submitted
         except (RuntimeEngineError, TimeoutError) as error:
             outcome.error = f"{type(error).__name__}: {error}"[:200]
         report.outcomes.append(outcome)
