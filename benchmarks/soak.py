@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from provenance import command_line
+from provenance import STARTED_AT, command_line, commit, machine
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -148,6 +148,9 @@ async def soak(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
         await engine.shutdown()
     return {
         "command": command_line(__file__, argv),
+        "commit": commit(),
+        "started_at": STARTED_AT,
+        "machine": machine(),
         "args": vars(args),
         "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "load_avg_at_end": os.getloadavg(),
