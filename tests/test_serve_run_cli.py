@@ -1,0 +1,111 @@
+"""The README's local command, `serve run --address local deployments/local.yaml`, as a user
+runs it: it starts its own Ray instance even when an earlier run left a stale
+``ray_current_cluster`` behind (plain `serve run` attaches to that address and hangs), serves,
+and Ctrl-C stops it and everything it started within 10 s.
+
+The shipped config with the tiny model (CI time) on a free port; Ray's temp dir is private to
+the test (``RAY_TMPDIR``), so the stale file and the new instance touch nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parent.parent
+SERVE = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "serve"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ray_processes(temp_dir: str) -> list[str]:
+    """Command lines of live processes started for the Ray instance under ``temp_dir``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1]
+        except OSError:
+            continue
+        if state != "Z" and (temp_dir in cmd or f"RAY_TMPDIR={temp_dir}".encode() in env):
+            found.append(cmd[:120])
+    return found
+
+
+@pytest.fixture
+def private_tmp():
+    # Short: Ray's socket paths under it must stay within the 107-byte limit of AF_UNIX.
+    path = tempfile.mkdtemp(prefix="fpsr", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_serve_run_address_local_ignores_a_stale_cluster_and_stops_on_ctrl_c(
+    private_tmp, runtime_cache_dir
+):
+    stale = Path(private_tmp) / "ray" / "ray_current_cluster"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("127.0.0.1:1\n")  # a cluster that is gone: nothing listens there
+    port = _free_port()
+    config = yaml.safe_load((REPO / "deployments" / "local.yaml").read_text())
+    config["http_options"]["port"] = port
+    runtime = config["applications"][0]["args"]["runtime"]
+    runtime["model"] = {"path": "tiny", "cache_dir": runtime_cache_dir}
+    runtime["prefill"] = {"profile_tokens": [16, 64, 256, 512], "profile_repeats": 1}
+    runtime["placement"]["prefill_num_cpus"] = 0.5
+    config_path = Path(private_tmp) / "local.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_TMPDIR": private_tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    log = open(Path(private_tmp) / "serve.log", "w")  # noqa: SIM115 - closed below
+    serve = subprocess.Popen(
+        [str(SERVE), "run", "--address", "local", str(config_path)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        healthy = False
+        while not healthy and time.monotonic() < deadline and serve.poll() is None:
+            try:
+                healthy = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert healthy, (Path(private_tmp) / "serve.log").read_text()[-3000:]
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
+            "model": "flowprefill-tiny", "prompt": "Hello", "max_tokens": 2})  # fmt: skip
+        assert answer.status_code == 200, answer.text
+
+        # Ctrl-C in a terminal: SIGINT to the whole foreground process group.
+        stopped_at = time.monotonic()
+        os.killpg(serve.pid, signal.SIGINT)
+        serve.wait(timeout=30)
+        took_s = time.monotonic() - stopped_at
+        assert took_s < 10.0, took_s
+        leftover = []
+        for _ in range(50):  # Ray's own processes exit right after serve run's
+            leftover = _ray_processes(private_tmp)
+            if not leftover:
+                break
+            time.sleep(0.1)
+        assert leftover == []
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+        log.close()
