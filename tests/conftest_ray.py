@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +89,25 @@ async def wait_for(predicate, timeout_s: float, what: str, period_s: float = 0.0
             return value
         await asyncio.sleep(period_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids whose environment carries ``marker`` (e.g. ``RAY_TMPDIR=/tmp/x``): what a command
+    under test started, its Ray processes included (processes of this user only)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone, or another user's
+            continue
+    return found

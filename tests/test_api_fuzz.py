@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
-import socket
 import threading
 
 import httpx
 import pytest
+from conftest_ray import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,11 +32,6 @@ MAX_IN_FLIGHT = 48
 STORM_CONNECTIONS = 1000
 ERROR_KEYS = {"message", "type", "param", "code", "request_id"}
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +56,7 @@ def fuzz_url(ray_local, runtime_cache_dir):
         },
         "api": {"default_max_tokens": 4},
     }
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     yield f"http://127.0.0.1:{port}"

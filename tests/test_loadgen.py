@@ -14,13 +14,13 @@ import asyncio
 import csv
 import importlib.util
 import json
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import uvicorn
+from conftest_ray import free_port
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
@@ -145,16 +145,11 @@ class StreamingServer:
         return app
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server():
     fake = StreamingServer()
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(
         fake.app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
     )
@@ -286,7 +281,7 @@ def test_rejected_requests_count_as_slo_misses_with_the_servers_message(server):
 
 
 def test_unreachable_endpoint_is_recorded_not_raised():
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     plan = _plan((0.0, 10, 1, "text", 1.0))
     endpoint = EndpointConfig(base_url=f"http://127.0.0.1:{port}", model="m")
     result = asyncio.run(run_open_loop(endpoint, ReplayConfig(), plan, progress=False))

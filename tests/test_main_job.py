@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,28 +17,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest_ray import free_port, processes_with
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _processes_with(marker: str) -> list[int]:
-    """Pids whose environment carries ``marker`` (processes of this user only)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker.encode() in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
-        except OSError:  # gone, or another user's
-            continue
-    return found
 
 
 @pytest.mark.ray
@@ -59,7 +39,7 @@ def test_demo_serves_a_trace_slice_reports_and_shuts_everything_down(tmp_path):
         "--rate-scale",
         "2",
         "--port",
-        str(_free_port()),
+        str(free_port()),
         "--out",
         str(out),
         "--no-progress",
@@ -88,6 +68,6 @@ def test_demo_serves_a_trace_slice_reports_and_shuts_everything_down(tmp_path):
 
     # Nothing the demo started survives it.
     deadline = time.monotonic() + 20
-    while (left := _processes_with(marker)) and time.monotonic() < deadline:
+    while (left := processes_with(marker)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"processes left behind by the demo: {left}"

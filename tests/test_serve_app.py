@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
+from conftest_ray import free_port
 
 from flowprefill_ray.model import load_tokenizer
 from flowprefill_ray.runtime.config import ModelSource
@@ -50,11 +51,6 @@ class LiveApp:
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60.0, **kwargs)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def app_args(cache_dir: str) -> dict:

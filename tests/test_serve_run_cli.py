@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from conftest_ray import free_port, processes_with
 
 pytestmark = pytest.mark.ray
 
@@ -28,25 +28,12 @@ REPO = Path(__file__).resolve().parent.parent
 SERVE = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "serve"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _ray_processes(temp_dir: str) -> list[str]:
-    """Command lines of live processes started for the Ray instance under ``temp_dir``."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            env = Path(f"/proc/{pid}/environ").read_bytes()
-            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1]
-        except OSError:
-            continue
-        if state != "Z" and (temp_dir in cmd or f"RAY_TMPDIR={temp_dir}".encode() in env):
-            found.append(cmd[:120])
-    return found
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.fixture
@@ -63,7 +50,7 @@ def test_serve_run_address_local_ignores_a_stale_cluster_and_stops_on_ctrl_c(
     stale = Path(private_tmp) / "ray" / "ray_current_cluster"
     stale.parent.mkdir(parents=True)
     stale.write_text("127.0.0.1:1\n")  # a cluster that is gone: nothing listens there
-    port = _free_port()
+    port = free_port()
     config = yaml.safe_load((REPO / "deployments" / "local.yaml").read_text())
     config["http_options"]["port"] = port
     runtime = config["applications"][0]["args"]["runtime"]
@@ -100,7 +87,7 @@ def test_serve_run_address_local_ignores_a_stale_cluster_and_stops_on_ctrl_c(
         assert took_s < 10.0, took_s
         leftover = []
         for _ in range(50):  # Ray's own processes exit right after serve run's
-            leftover = _ray_processes(private_tmp)
+            leftover = [p for p in processes_with(f"RAY_TMPDIR={private_tmp}") if _alive(p)]
             if not leftover:
                 break
             time.sleep(0.1)

@@ -21,21 +21,14 @@ from flowprefill_ray.scheduling.events import Arrival, Cancelled, UnitCompleted,
 from flowprefill_ray.scheduling.timeline import Timeline
 from flowprefill_ray.scheduling.timeline_records import UnitTrace
 from flowprefill_ray.scheduling.why_late import CAUSES, format_summary, summarize, why_late
-from flowprefill_ray.simulator import MeasuredCostModel, MeasuredProfile, UnitCost
+from flowprefill_ray.simulator import UnitCost
 from flowprefill_ray.simulator.engine import Simulator, SimulatorConfig
 from flowprefill_ray.simulator.experiment import fit_predictor, fresh_copy
+from flowprefill_ray.simulator.overload import linear_cost_model
 from flowprefill_ray.workloads import SLOAssignmentConfig, assign_slo_classes, load_builtin
 
-ROUND = MeasuredCostModel(
-    MeasuredProfile(
-        name="round",
-        num_layers=2,
-        attention=(0.0, 1e-4, 0.0),
-        mlp=(0.0, 1e-4),
-        overhead=(0.0, 0.0),
-        tail=(0.0, 0.0),
-    )
-)
+# 4e-4 s per prompt token, nothing else: every time in these scenarios is easy to follow.
+ROUND = linear_cost_model()
 PREDICTOR = fit_predictor(ROUND)
 
 
