@@ -74,6 +74,7 @@ def write_report(
 def commit() -> str:
     """The commit measured: ``git rev-parse HEAD``, with ``-dirty`` when tracked files differ
     from it (the figure then belongs to uncommitted code); ``unknown`` outside a checkout."""
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True

@@ -186,8 +186,10 @@ def print_table(result: dict) -> None:
     refusals = result["reject_s"]
     if refusals:
         p99 = refusals[min(len(refusals) - 1, int(0.99 * len(refusals)))]
-        print(f"429 decided in: p50 {refusals[len(refusals) // 2] * 1000:.1f} ms, "
-              f"p99 {p99 * 1000:.1f} ms")
+        print(
+            f"429 decided in: p50 {refusals[len(refusals) // 2] * 1000:.1f} ms, "
+            f"p99 {p99 * 1000:.1f} ms"
+        )
     print(format_summary(result["why_late"]))
     print(f"{'class':>8} {'sent':>6} {'rejected':>8} {'attainment':>10} {'p50 s':>7} {'p99 s':>7}")
     for name, c in result["per_class"].items():

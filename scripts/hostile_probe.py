@@ -83,9 +83,16 @@ async def _poisoned_rounds(http: httpx.AsyncClient, model: str, rounds: int) -> 
     results = []
     for r in range(rounds):
         innocent = [
-            http.post("/v1/completions", json={"model": model, "prompt": f"Story {r}.{i}:",
-                                               "max_tokens": 8, "seed": 7 + i,
-                                               "temperature": 0.8})  # fmt: skip
+            http.post(
+                "/v1/completions",
+                json={
+                    "model": model,
+                    "prompt": f"Story {r}.{i}:",
+                    "max_tokens": 8,
+                    "seed": 7 + i,
+                    "temperature": 0.8,
+                },
+            )  # fmt: skip
             for i in range(6)
         ]
         culprit = http.post("/v1/completions", json={
@@ -143,8 +150,9 @@ async def probe(args: argparse.Namespace) -> dict:
         rounds = await _poisoned_rounds(http, args.model, args.rounds)
         hostile = {}
         for name, (path, content) in _hostile_bodies(args.model).items():
-            answer = await http.post(path, content=content,
-                                     headers={"Content-Type": "application/json"})
+            answer = await http.post(
+                path, content=content, headers={"Content-Type": "application/json"}
+            )
             hostile[name] = {"status": answer.status_code, "body": answer.text[:400]}
         slow = await asyncio.to_thread(_slow_body, args.url, args.slow_body_wait_s)
         burst = await _burst(http, args.model, args.burst)

@@ -395,8 +395,7 @@ class _Evaluator:
         if name == "avg_over_time":
             (arg,) = node.args
             matrix = self.eval(arg, t)
-            return {without_name(k): sum(v for _, v in pts) / len(pts)
-                    for k, pts in matrix.items()}
+            return {without_name(k): sum(v for _, v in pts) / len(pts) for k, pts in matrix.items()}
         if name == "histogram_quantile":
             q = self.eval(node.args[0], t)
             vector = self.eval(node.args[1], t)
@@ -415,8 +414,11 @@ class _Evaluator:
                 return {}
             equal = {}
             if isinstance(arg, Selector):
-                equal = {label: value for label, op, value in arg.matchers
-                         if op == "=" and label != "__name__"}
+                equal = {
+                    label: value
+                    for label, op, value in arg.matchers
+                    if op == "=" and label != "__name__"
+                }
             return {labels_of(equal): 1.0}
         if name == "vector":
             return {(): float(self.eval(node.args[0], t))}
@@ -424,8 +426,9 @@ class _Evaluator:
             vector = self.eval(node.args[0], t)
             to_nearest = self.eval(node.args[1], t) if len(node.args) > 1 else 1.0
             inverse = 1.0 / to_nearest
-            return {without_name(k): math.floor(v * inverse + 0.5) / inverse
-                    for k, v in vector.items()}
+            return {
+                without_name(k): math.floor(v * inverse + 0.5) / inverse for k, v in vector.items()
+            }
         raise NotImplementedError(f"function {name}")
 
     def _aggregate(self, node: Aggregate, t: float) -> Vector:
@@ -436,13 +439,19 @@ class _Evaluator:
         for labels, value in vector.items():
             mapping = dict(labels)
             if node.without:
-                key = {k: v for k, v in mapping.items()
-                       if k not in node.grouping and k != "__name__"}
+                key = {
+                    k: v for k, v in mapping.items() if k not in node.grouping and k != "__name__"
+                }
             else:
                 key = {k: v for k, v in mapping.items() if k in node.grouping}
             groups[labels_of(key)].append(value)
-        combine = {"sum": sum, "max": max, "min": min, "count": len,
-                   "avg": lambda values: sum(values) / len(values)}[node.op]
+        combine = {
+            "sum": sum,
+            "max": max,
+            "min": min,
+            "count": len,
+            "avg": lambda values: sum(values) / len(values),
+        }[node.op]
         return {key: float(combine(values)) for key, values in groups.items()}
 
     def _binary(self, node: Binary, t: float):
@@ -528,8 +537,7 @@ def _apply(op: str, a: float, b: float) -> float:
         return a / b
     if op == "%":
         return math.fmod(a, b) if b else math.nan
-    comparisons = {"==": a == b, "!=": a != b, "<": a < b, ">": a > b, "<=": a <= b,
-                   ">=": a >= b}
+    comparisons = {"==": a == b, "!=": a != b, "<": a < b, ">": a > b, "<=": a <= b, ">=": a >= b}
     if op in comparisons:
         return float(comparisons[op])
     raise NotImplementedError(f"operator {op}")

@@ -9,8 +9,19 @@ from flowprefill_ray.runtime.metrics import METRICS
 
 # PromQL words that look like identifiers but are not metric names.
 _PROMQL_KEYWORDS = {
-    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
-    "unless", "offset", "inf", "nan",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
 }
 
 
@@ -43,7 +54,7 @@ def metric_names_in(expr: str) -> set[str]:
     names = set()
     for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
         word = match.group(0)
-        following = text[match.end():].lstrip()
+        following = text[match.end() :].lstrip()
         if following.startswith("(") or word.lower() in _PROMQL_KEYWORDS:
             continue
         names.add(word)

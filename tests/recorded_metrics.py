@@ -101,13 +101,20 @@ class FakeRay:
             def _record(self, value, tags=None):
                 tags = dict(tags or {})
                 assert set(tags) == set(self._tag_keys), (self._name, tags)
-                key = (self._process.pod, self._process.worker_id, self._name,
-                       tuple(sorted(tags.items())))
+                key = (
+                    self._process.pod,
+                    self._process.worker_id,
+                    self._name,
+                    tuple(sorted(tags.items())),
+                )
                 series = fake.series.get(key)
                 if series is None:
                     series = fake.series[key] = _Series(
-                        self.kind, self._description, boundaries=self._boundaries,
-                        buckets=[0] * len(self._boundaries))
+                        self.kind,
+                        self._description,
+                        boundaries=self._boundaries,
+                        buckets=[0] * len(self._boundaries),
+                    )
                 series.updated_s = fake.now
                 if self.kind == "counter":
                     series.value += value
@@ -179,8 +186,10 @@ class FakeRay:
                 continue
             base = f"ray_{name}"
             types[base] = (series.kind, series.description)
-            ray_labels = (f'Component="core_worker",NodeAddress="{pod}",SessionName="session_x",'
-                          f'Version="2.60.0",WorkerId="{worker_id}"')
+            ray_labels = (
+                f'Component="core_worker",NodeAddress="{pod}",SessionName="session_x",'
+                f'Version="2.60.0",WorkerId="{worker_id}"'
+            )
             ours = "".join(f',{k}="{v}"' for k, v in tags)
             lines = families.setdefault(base, [])
             if series.kind == "histogram":
@@ -211,8 +220,15 @@ HEAD, DECODE_POD = "flowprefill-head", "flowprefill-decode-gpu-0"
 
 
 def target_labels(pod: str, job: str = JOB) -> dict[str, str]:
-    return {"job": job, "namespace": "default", "pod": pod, "instance": f"{pod}:8080",
-            "container": "ray", "endpoint": "metrics", **PODS[pod]}
+    return {
+        "job": job,
+        "namespace": "default",
+        "pod": pod,
+        "instance": f"{pod}:8080",
+        "container": "ray",
+        "endpoint": "metrics",
+        **PODS[pod],
+    }
 
 
 def fake_engine(config: RuntimeConfig, prefill_workers=PREFILL_WORKERS, scheduler=None):
@@ -220,10 +236,16 @@ def fake_engine(config: RuntimeConfig, prefill_workers=PREFILL_WORKERS, schedule
     from flowprefill_ray.runtime.engine import FlowPrefillEngine
     from flowprefill_ray.runtime.placement import Workers
 
-    model_config = SimpleNamespace(max_position_embeddings=4096, sliding_window=None,
-                                   eos_token_id=2, vocab_size=1000)
-    return FlowPrefillEngine(config, scheduler, Workers(prefill=dict.fromkeys(prefill_workers)),
-                             SimpleNamespace(eos_token_id=2), model_config)
+    model_config = SimpleNamespace(
+        max_position_embeddings=4096, sliding_window=None, eos_token_id=2, vocab_size=1000
+    )
+    return FlowPrefillEngine(
+        config,
+        scheduler,
+        Workers(prefill=dict.fromkeys(prefill_workers)),
+        SimpleNamespace(eos_token_id=2),
+        model_config,
+    )
 
 
 @dataclass
@@ -264,22 +286,39 @@ def record(ray: FakeRay, *, engine_zero_init: bool = True) -> Recording:
 # The metrics each simulated process emits below; every other registry metric gets one
 # generic sample per interval (so a panel added for a new metric has data to show).
 _COVERED = {
-    "flowprefill_time_to_first_token_seconds", "flowprefill_time_per_output_token_seconds",
-    "flowprefill_e2e_request_latency_seconds", "flowprefill_requests_finished_total",
-    "flowprefill_request_queue_time_seconds", "flowprefill_slo_met_total",
-    "flowprefill_slo_missed_total", "flowprefill_requests_rejected_total",
-    "flowprefill_prompt_tokens_total", "flowprefill_prefill_batch_size",
-    "flowprefill_prefill_batch_tokens", "flowprefill_preemptions_total",
-    "flowprefill_preemption_blocking_seconds", "flowprefill_prefill_requests_waiting",
-    "flowprefill_prefill_requests_running", "flowprefill_prefill_requests_paused",
-    "flowprefill_ttft_prediction_ratio", "flowprefill_scheduler_event_seconds",
-    "flowprefill_kv_transfer_bytes_total", "flowprefill_kv_transfer_seconds",
-    "flowprefill_inter_token_latency_seconds", "flowprefill_generation_tokens_total",
-    "flowprefill_decode_batch_size", "flowprefill_decode_requests_waiting",
+    "flowprefill_time_to_first_token_seconds",
+    "flowprefill_time_per_output_token_seconds",
+    "flowprefill_e2e_request_latency_seconds",
+    "flowprefill_requests_finished_total",
+    "flowprefill_request_queue_time_seconds",
+    "flowprefill_slo_met_total",
+    "flowprefill_slo_missed_total",
+    "flowprefill_requests_rejected_total",
+    "flowprefill_prompt_tokens_total",
+    "flowprefill_prefill_batch_size",
+    "flowprefill_prefill_batch_tokens",
+    "flowprefill_preemptions_total",
+    "flowprefill_preemption_blocking_seconds",
+    "flowprefill_prefill_requests_waiting",
+    "flowprefill_prefill_requests_running",
+    "flowprefill_prefill_requests_paused",
+    "flowprefill_ttft_prediction_ratio",
+    "flowprefill_scheduler_event_seconds",
+    "flowprefill_kv_transfer_bytes_total",
+    "flowprefill_kv_transfer_seconds",
+    "flowprefill_inter_token_latency_seconds",
+    "flowprefill_generation_tokens_total",
+    "flowprefill_decode_batch_size",
+    "flowprefill_decode_requests_waiting",
     "flowprefill_decode_kv_usage_ratio",
 }
-_GENERIC_LABELS = {"slo_class": "text", "worker_id": "prefill-0", "event": "arrival",
-                   "served_class": "search", "finish_reason": "stop"}
+_GENERIC_LABELS = {
+    "slo_class": "text",
+    "worker_id": "prefill-0",
+    "event": "arrival",
+    "served_class": "search",
+    "finish_reason": "stop",
+}
 
 
 def _one_interval(t: float, engine, scheduler, decode) -> None:
@@ -300,8 +339,9 @@ def _one_interval(t: float, engine, scheduler, decode) -> None:
             engine.observe("flowprefill_e2e_request_latency_seconds", 1.0, slo_class=cls)
             decode.observe("flowprefill_inter_token_latency_seconds", 0.02, slo_class=cls)
         for reason, count in reasons.items():
-            engine.inc("flowprefill_requests_finished_total", count, slo_class=cls,
-                       finish_reason=reason)
+            engine.inc(
+                "flowprefill_requests_finished_total", count, slo_class=cls, finish_reason=reason
+            )
         if rejected:
             scheduler.inc("flowprefill_requests_rejected_total", rejected, slo_class=cls)
     for size, units in UNIT_SIZES:

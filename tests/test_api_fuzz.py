@@ -33,7 +33,6 @@ STORM_CONNECTIONS = 1000
 ERROR_KEYS = {"message", "type", "param", "code", "request_id"}
 
 
-
 @pytest.fixture(scope="module")
 def fuzz_url(ray_local, runtime_cache_dir):
     from ray import serve
@@ -73,8 +72,10 @@ _huge_ints = st.sampled_from([2**63, 2**64, 10**40, -(2**63) - 1, -(10**40)]) | 
     min_value=-(2**200), max_value=2**200
 )
 _surrogate_text = st.builds(
-    lambda a, s, b: a + s + b, st.text(max_size=5),
-    st.sampled_from(["\ud800", "\udfff", "\ud83d", "\udc00\ud800"]), st.text(max_size=5),
+    lambda a, s, b: a + s + b,
+    st.text(max_size=5),
+    st.sampled_from(["\ud800", "\udfff", "\ud83d", "\udc00\ud800"]),
+    st.text(max_size=5),
 )
 _not_bools = st.sampled_from(["false", "true", "", 0, 1, 0.0, [], {}])
 _scalars = (
@@ -251,8 +252,12 @@ def test_random_bodies_and_headers_get_200_or_an_openai_4xx_never_a_5xx(fuzz_url
             derandomize=True,  # the same cases on every CI run; a failure reproduces
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )
-        @given(case=_cases, headers=_headers, raw=st.integers(0, 9),
-               depth=st.sampled_from([0, 0, 0, 0, 8, 40, 1000, 50_000]))
+        @given(
+            case=_cases,
+            headers=_headers,
+            raw=st.integers(0, 9),
+            depth=st.sampled_from([0, 0, 0, 0, 8, 40, 1000, 50_000]),
+        )
         def one_request(case, headers, raw, depth):
             path, body, hostile = case
             # allow_nan: NaN/Infinity literals are what a sloppy client sends.

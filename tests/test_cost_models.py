@@ -129,8 +129,7 @@ def test_committed_profiles_load_grow_with_prompt_length_and_fit_their_measureme
     # The fitted forms reproduce what was timed: a profile whose fit is off prices every
     # simulated unit wrongly. Median relative error over the timed shapes.
     errors = sorted(
-        abs(model.unit_cost([ItemShape(t, c) for t, c in m.items]).total_s - m.total_s)
-        / m.total_s
+        abs(model.unit_cost([ItemShape(t, c) for t, c in m.items]).total_s - m.total_s) / m.total_s
         for m in p.measurements
     )
     assert errors[len(errors) // 2] < 0.15, errors

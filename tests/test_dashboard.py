@@ -56,8 +56,11 @@ def test_every_panel_query_names_only_exported_metrics(dashboard):
             assert not unknown, f"panel {panel['title']!r} queries unexported {sorted(unknown)}"
             seen |= names
     # The dashboard reads the SLO counters and the TTFT histogram at least.
-    assert {"ray_flowprefill_slo_met_total", "ray_flowprefill_slo_missed_total",
-            "ray_flowprefill_time_to_first_token_seconds_bucket"} <= seen
+    assert {
+        "ray_flowprefill_slo_met_total",
+        "ray_flowprefill_slo_missed_total",
+        "ray_flowprefill_time_to_first_token_seconds_bucket",
+    } <= seen
 
 
 def test_panels_use_the_datasource_variable(dashboard):
@@ -93,8 +96,11 @@ def test_dashboard_has_each_required_view(dashboard, topic, metric):
 
 
 def test_per_class_panels_group_by_slo_class(dashboard):
-    for title in ("TTFT percentiles per SLO class", "SLO attainment per class",
-                  "Decode inter-token latency"):
+    for title in (
+        "TTFT percentiles per SLO class",
+        "SLO attainment per class",
+        "Decode inter-token latency",
+    ):
         panel = next(p for p in dashboard["panels"] if p["title"] == title)
         assert all("slo_class" in t["expr"] for t in panel["targets"])
 
@@ -198,20 +204,22 @@ def test_rejections_and_failures_are_series_at_zero_from_start_up(dashboard, rec
     assert set(early) == set(recording.classes)
     assert early["text"] > 0 and early["search"] == early["image"] == early["file"] == 0.0
     healthy = _at(rejected, recording, HEALTHY_AT_S)
-    assert healthy == {"text": pytest.approx(1 / STEP_S), "image": 0.0, "search": 0.0,
-                       "file": 0.0}
+    assert healthy == {"text": pytest.approx(1 / STEP_S), "image": 0.0, "search": 0.0, "file": 0.0}
     outcomes = _target(dashboard, "Request outcomes", "{{finish_reason}}")
     assert _at(outcomes, recording, HEALTHY_AT_S, "finish_reason") == {
-        "stop": pytest.approx(42 / STEP_S), "length": pytest.approx(2 / STEP_S),
-        "abort": pytest.approx(1 / STEP_S), "error": 0.0, "timeout": 0.0}
+        "stop": pytest.approx(42 / STEP_S),
+        "length": pytest.approx(2 / STEP_S),
+        "abort": pytest.approx(1 / STEP_S),
+        "error": 0.0,
+        "timeout": 0.0,
+    }
     failing = _at(outcomes, recording, FAILING_AT_S, "finish_reason")
     assert failing["error"] == pytest.approx(9 / STEP_S)
     assert failing["timeout"] == pytest.approx(3 / STEP_S)
     share = _target(dashboard, "Failed requests", "all classes")
     assert _at(share, recording, HEALTHY_AT_S) == {"": 0.0}
     assert _at(share, recording, FAILING_AT_S) == {"": pytest.approx(12 / 47)}
-    per_class = _at(_target(dashboard, "Failed requests", "{{slo_class}}"), recording,
-                    FAILING_AT_S)
+    per_class = _at(_target(dashboard, "Failed requests", "{{slo_class}}"), recording, FAILING_AT_S)
     assert per_class["text"] == pytest.approx(12 / 30) and per_class["search"] == 0.0
 
 
@@ -223,8 +231,9 @@ def test_prefill_batch_size_median_is_the_integer_batch_size(dashboard, recordin
     # bounds on the integers it read 1.2, which rounds to 1).
     raw = expr.removeprefix("round(").removesuffix(")")
     assert 1.5 < evaluate(raw, recording.store, HEALTHY_AT_S)[()] <= 2.5
-    mean = evaluate(_target(dashboard, "Prefill batch size", "requests mean"),
-                    recording.store, HEALTHY_AT_S)
+    mean = evaluate(
+        _target(dashboard, "Prefill batch size", "requests mean"), recording.store, HEALTHY_AT_S
+    )
     assert mean == {(): pytest.approx((10 + 2 * 12 + 3 * 3) / 25)}
 
 
@@ -265,9 +274,12 @@ def test_no_alert_fires_on_the_healthy_recording(recording):
 def test_failure_alerts_fire_on_the_failing_recording(recording, recording_without_zero_init):
     fired = _firing(recording.store, FAILING_AT_S)
     assert set(fired) == {
-        "FlowPrefillSLOAttainmentLow", "FlowPrefillSLOAttainmentCritical",
-        "FlowPrefillPrefillQueueDeep", "FlowPrefillRejectingRequests",
-        "FlowPrefillErrorRateHigh", "FlowPrefillScrapeTargetDown",
+        "FlowPrefillSLOAttainmentLow",
+        "FlowPrefillSLOAttainmentCritical",
+        "FlowPrefillPrefillQueueDeep",
+        "FlowPrefillRejectingRequests",
+        "FlowPrefillErrorRateHigh",
+        "FlowPrefillScrapeTargetDown",
     }
     for name in ("FlowPrefillSLOAttainmentLow", "FlowPrefillSLOAttainmentCritical"):
         # image never met its SLO; search never missed and must not fire.
@@ -277,7 +289,9 @@ def test_failure_alerts_fire_on_the_failing_recording(recording, recording_witho
     # The SLO alerts do not depend on the zero-initialised series either.
     fired = _firing(recording_without_zero_init.store, FAILING_AT_S)
     assert set(by_label(fired["FlowPrefillSLOAttainmentCritical"], "slo_class")) == {
-        "text", "image"}
+        "text",
+        "image",
+    }
 
 
 def test_scrape_alerts_fire_without_targets_or_without_the_engine():
@@ -306,15 +320,19 @@ def test_the_evaluator_agrees_with_promtool(dashboard, recording, tmp_path):
         for t in (HEALTHY_AT_S, FAILING_AT_S):
             wrapped = f"round(({expr}) == ({expr}), 0.000001)"
             expected = evaluate(wrapped, recording.store, t)
-            tests.append({
-                "expr": wrapped.replace("$__rate_interval", "1m"),
-                "eval_time": f"{int(t)}s",
-                "exp_samples": [
-                    {"labels": "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}",
-                     "value": value}
-                    for labels, value in expected.items()
-                ],
-            })
+            tests.append(
+                {
+                    "expr": wrapped.replace("$__rate_interval", "1m"),
+                    "eval_time": f"{int(t)}s",
+                    "exp_samples": [
+                        {
+                            "labels": "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}",
+                            "value": value,
+                        }
+                        for labels, value in expected.items()
+                    ],
+                }
+            )
     steps = int(END_S // STEP_S) + 1
     input_series = []
     for labels, points in recording.store.series.items():
@@ -324,10 +342,14 @@ def test_the_evaluator_agrees_with_promtool(dashboard, recording, tmp_path):
         name = dict(labels)["__name__"]
         rest = ",".join(f'{k}="{v}"' for k, v in labels if k != "__name__")
         input_series.append({"series": f"{name}{{{rest}}}", "values": " ".join(values)})
-    spec = {"rule_files": [], "evaluation_interval": "15s", "tests": [
-        {"interval": "15s", "input_series": input_series, "promql_expr_test": tests}]}
+    spec = {
+        "rule_files": [],
+        "evaluation_interval": "15s",
+        "tests": [{"interval": "15s", "input_series": input_series, "promql_expr_test": tests}],
+    }
     path = tmp_path / "promtool_test.yaml"
     path.write_text(yaml.safe_dump(spec))
-    done = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

@@ -63,15 +63,19 @@ def make_engine(scheduler, **requests):
     config = RuntimeConfig.model_validate({"requests": requests}) if requests else RuntimeConfig()
     engine = fake_engine(config, scheduler=scheduler)
     engine.tokenizer = SimpleNamespace(
-        eos_token_id=2, decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids)))
+        eos_token_id=2, decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids))
+    )
     return engine
 
 
 def counted(fake: FakeRay, name: str) -> dict[tuple, float]:
     """{label values in the registry's label order: count} of a counter, zeros included."""
     order = METRICS_BY_NAME[name].labels
-    return {tuple(dict(tags)[label] for label in order): series.value
-            for (_, _, series_name, tags), series in fake.series.items() if series_name == name}
+    return {
+        tuple(dict(tags)[label] for label in order): series.value
+        for (_, _, series_name, tags), series in fake.series.items()
+        if series_name == name
+    }
 
 
 def moved(fake: FakeRay, name: str) -> dict[tuple, float]:
@@ -91,14 +95,20 @@ def test_engine_start_creates_every_class_counter_at_zero(fake_ray):
     for name in ("flowprefill_slo_met_total", "flowprefill_slo_missed_total"):
         assert counted(fake_ray, name) == {(c,): 0.0 for c in classes}
     assert counted(fake_ray, "flowprefill_preemptions_total") == {
-        ("prefill-0",): 0.0, ("prefill-1",): 0.0}
+        ("prefill-0",): 0.0,
+        ("prefill-1",): 0.0,
+    }
 
 
-@pytest.mark.parametrize("error", [
-    RequestFailedError("the prefill of request r failed"),
-    EngineUnavailableError("a runtime actor is unavailable"),
-    RuntimeError("an unexpected worker bug"),
-], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "error",
+    [
+        RequestFailedError("the prefill of request r failed"),
+        EngineUnavailableError("a runtime actor is unavailable"),
+        RuntimeError("an unexpected worker bug"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
 def test_a_failed_request_counts_as_error(fake_ray, error):
     engine = make_engine(FakeScheduler(error))
     with pytest.raises(type(error)):

@@ -59,8 +59,11 @@ def test_poisoned_members_fail_alone_and_the_innocent_member_is_served(model):
 
     outcome = executor.run(
         1,
-        [_item("innocent", innocent), _item("bad-token", bad_token),
-         _item("bad-seed", bad_seed, sampling=overflow)],
+        [
+            _item("innocent", innocent),
+            _item("bad-token", bad_token),
+            _item("bad-seed", bad_seed, sampling=overflow),
+        ],
     )
 
     assert outcome.status == "completed"
@@ -118,7 +121,8 @@ def test_a_poisoned_request_fails_alone_in_the_live_runtime(runtime_engines):
         long = asyncio.create_task(engine.generate(_prompt(3000, 9), GREEDY, 600.0))
         await wait_for(
             lambda: _has(stats, lambda s: any(s["scheduler"]["running_units"].values())),
-            60, "the long prefill to run",
+            60,
+            "the long prefill to run",
         )
         innocents = [
             asyncio.create_task(engine.generate(_prompt(40 + i, 20 + i), GREEDY, 600.0))

@@ -266,9 +266,12 @@ def admitted(source: tuple[str, dict], group: dict, port: int) -> bool:
     """Whether ``source`` (namespace, pod labels) may open ``port`` on a pod of ``group``."""
     labels = group["template"]["metadata"]["labels"]
     named = {p["name"]: p["containerPort"] for c in containers_of(group) for p in c["ports"]}
-    selecting = [policy for policy in network_policies()
-                 if _selects(policy["spec"]["podSelector"], labels)
-                 and "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])]
+    selecting = [
+        policy
+        for policy in network_policies()
+        if _selects(policy["spec"]["podSelector"], labels)
+        and "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+    ]
     if not selecting:
         return True  # not isolated: everything is admitted
     for policy in selecting:

@@ -145,7 +145,6 @@ class StreamingServer:
         return app
 
 
-
 @pytest.fixture(scope="module")
 def server():
     fake = StreamingServer()

@@ -52,7 +52,6 @@ class LiveApp:
         return httpx.Client(base_url=self.url, timeout=60.0, **kwargs)
 
 
-
 def app_args(cache_dir: str) -> dict:
     return {
         "runtime": {
@@ -84,7 +83,9 @@ def live_app(ray_local, runtime_cache_dir):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # serve.run returns once the ingress (and so the engine) is up.
     serve.run(build_app(app_args(runtime_cache_dir)), name=APP_NAME, route_prefix="/")
-    tokenizer = load_tokenizer(checkpoint_path(ModelSource(path="tiny", cache_dir=runtime_cache_dir)))
+    tokenizer = load_tokenizer(
+        checkpoint_path(ModelSource(path="tiny", cache_dir=runtime_cache_dir))
+    )
     yield LiveApp(f"http://127.0.0.1:{port}", tokenizer)
     serve.delete(APP_NAME)
     serve.shutdown()
@@ -141,18 +142,27 @@ def test_health_and_models(live_app):
 def test_completion_counts_usage_and_reports_server_timings(live_app):
     prompt = "The quick brown fox"
     with live_app.client() as http:
-        response = http.post("/v1/completions", json={
-            "model": MODEL, "prompt": prompt, "max_tokens": 5, "temperature": 0,
-            "ignore_eos": True,
-        })
+        response = http.post(
+            "/v1/completions",
+            json={
+                "model": MODEL,
+                "prompt": prompt,
+                "max_tokens": 5,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     (choice,) = body["choices"]
     assert choice["finish_reason"] == "length" and isinstance(choice["text"], str)
     prompt_tokens = len(live_app.tokenizer.encode(prompt))
-    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 5,
-                             "total_tokens": prompt_tokens + 5}
+    assert body["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 5,
+        "total_tokens": prompt_tokens + 5,
+    }
     server = body["flowprefill"]
     assert server["slo_class"] == "text"  # the configured default class
     assert server["ttft_slo_s"] == pytest.approx(0.25 * SLO_SCALE)
@@ -160,20 +170,33 @@ def test_completion_counts_usage_and_reports_server_timings(live_app):
 
 
 def test_streamed_text_equals_the_whole_response_and_ends_with_usage(live_app):
-    request = {"model": MODEL, "prompt": long_prompt(40), "max_tokens": 12, "temperature": 0,
-               "ignore_eos": True}
+    request = {
+        "model": MODEL,
+        "prompt": long_prompt(40),
+        "max_tokens": 12,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     with live_app.client() as http:
         whole = http.post("/v1/completions", json=request).json()
-        streamed = http.post("/v1/completions", json={
-            **request, "stream": True, "stream_options": {"include_usage": True},
-        })
+        streamed = http.post(
+            "/v1/completions",
+            json={
+                **request,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
     assert streamed.headers["content-type"].startswith("text/event-stream")
     payloads = sse_payloads(streamed.text)
     assert payloads[-1] == "[DONE]"
     usage_chunk = payloads[-2]
     assert usage_chunk["choices"] == []
-    assert usage_chunk["usage"] == {"prompt_tokens": 40, "completion_tokens": 12,
-                                    "total_tokens": 52}
+    assert usage_chunk["usage"] == {
+        "prompt_tokens": 40,
+        "completion_tokens": 12,
+        "total_tokens": 52,
+    }
     chunks = payloads[:-2]
     assert all(c["usage"] is None for c in chunks)
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
@@ -183,16 +206,30 @@ def test_streamed_text_equals_the_whole_response_and_ends_with_usage(live_app):
 def test_chat_uses_the_chat_template_streaming_and_not(live_app):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     expected_prompt = live_app.tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     with live_app.client() as http:
-        whole = http.post("/v1/chat/completions", json={
-            "model": MODEL, "messages": messages, "max_completion_tokens": 6,
-            "temperature": 0, "ignore_eos": True,
-        }).json()
-        streamed = http.post("/v1/chat/completions", json={
-            "model": MODEL, "messages": messages, "max_tokens": 6, "temperature": 0,
-            "ignore_eos": True, "stream": True,
-        })
+        whole = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": messages,
+                "max_completion_tokens": 6,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        ).json()
+        streamed = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": messages,
+                "max_tokens": 6,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        )
     assert whole["object"] == "chat.completion"
     assert whole["choices"][0]["message"]["role"] == "assistant"
     assert whole["usage"]["prompt_tokens"] == len(expected_prompt)
@@ -204,14 +241,22 @@ def test_chat_uses_the_chat_template_streaming_and_not(live_app):
 
 
 def test_stop_string_ends_the_output_before_it(live_app):
-    request = {"model": MODEL, "prompt": long_prompt(30, seed=3), "max_tokens": 24,
-               "temperature": 0, "ignore_eos": True}
+    request = {
+        "model": MODEL,
+        "prompt": long_prompt(30, seed=3),
+        "max_tokens": 24,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     with live_app.client() as http:
         full = http.post("/v1/completions", json=request).json()["choices"][0]["text"]
         # A stop string from the middle of the greedy output: the same greedy run must end
         # right before its first occurrence.
-        stop = next(full[i:i + 2] for i in range(3, len(full) - 2)
-                    if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2])
+        stop = next(
+            full[i : i + 2]
+            for i in range(3, len(full) - 2)
+            if full[i : i + 2].strip() and "\ufffd" not in full[i : i + 2]
+        )
         stopped = http.post("/v1/completions", json={**request, "stop": [stop]}).json()
     assert stopped["choices"][0]["finish_reason"] == "stop"
     assert stopped["choices"][0]["text"] == full[: full.index(stop)]
@@ -229,11 +274,13 @@ def test_stop_string_ends_the_output_before_it(live_app):
     ],
     ids=["body-class", "header-class", "body-beats-header", "body-ms", "header-ms"],
 )
-def test_slo_comes_from_body_field_or_header(live_app, extra_body, headers, slo_class,
-                                             ttft_slo_s):
+def test_slo_comes_from_body_field_or_header(live_app, extra_body, headers, slo_class, ttft_slo_s):
     with live_app.client() as http:
-        response = http.post("/v1/completions", headers=headers, json={
-            "model": MODEL, "prompt": "hello", "max_tokens": 2, **extra_body})
+        response = http.post(
+            "/v1/completions",
+            headers=headers,
+            json={"model": MODEL, "prompt": "hello", "max_tokens": 2, **extra_body},
+        )
     assert response.status_code == 200, response.text
     server = response.json()["flowprefill"]
     assert server["slo_class"] == slo_class
@@ -242,18 +289,27 @@ def test_slo_comes_from_body_field_or_header(live_app, extra_body, headers, slo_
 
 def test_the_openai_client_streams_and_not(live_app):
     client = openai.OpenAI(base_url=f"{live_app.url}/v1", api_key="unused", max_retries=0)
-    completion = client.completions.create(model=MODEL, prompt="Once upon a time",
-                                           max_tokens=4, temperature=0)
+    completion = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=4, temperature=0
+    )
     assert completion.usage.completion_tokens >= 1 and completion.choices[0].text is not None
     chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4,
-        extra_body={"slo_class": "image", "ignore_eos": True})
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=4,
+        extra_body={"slo_class": "image", "ignore_eos": True},
+    )
     assert chat.choices[0].message.role == "assistant"
     assert chat.usage.completion_tokens == 4
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4,
-        temperature=0, stream=True, stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True})
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     assert chunks[-1].usage.completion_tokens == 4
     assert chunks[-2].choices[0].finish_reason == "length"
@@ -271,58 +327,138 @@ def _post(path: str, **kwargs) -> tuple[str, dict]:
 
 BAD_REQUESTS = {
     "empty prompt": (400, _post("/v1/completions", json={"model": MODEL, "prompt": ""})),
-    "prompt over the context": (413, _post("/v1/completions", json={
-        "model": MODEL, "prompt": [5] * (CONTEXT_TOKENS + 1), "max_tokens": 1})),
-    "huge max_tokens": (400, _post("/v1/completions", json={
-        "model": MODEL, "prompt": "hi", "max_tokens": 10**9})),
-    "NaN temperature": (400, _post("/v1/completions", content=(
-        b'{"model": "%s", "prompt": "hi", "temperature": NaN}' % MODEL.encode()),
-        headers={"Content-Type": "application/json"})),
-    "negative temperature": (400, _post("/v1/completions", json={
-        "model": MODEL, "prompt": "hi", "temperature": -0.7})),
+    "prompt over the context": (
+        413,
+        _post(
+            "/v1/completions",
+            json={"model": MODEL, "prompt": [5] * (CONTEXT_TOKENS + 1), "max_tokens": 1},
+        ),
+    ),
+    "huge max_tokens": (
+        400,
+        _post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 10**9}),
+    ),
+    "NaN temperature": (
+        400,
+        _post(
+            "/v1/completions",
+            content=(b'{"model": "%s", "prompt": "hi", "temperature": NaN}' % MODEL.encode()),
+            headers={"Content-Type": "application/json"},
+        ),
+    ),
+    "negative temperature": (
+        400,
+        _post("/v1/completions", json={"model": MODEL, "prompt": "hi", "temperature": -0.7}),
+    ),
     "n=2": (400, _post("/v1/completions", json={"model": MODEL, "prompt": "hi", "n": 2})),
-    "unknown SLO class": (400, _post("/v1/completions", json={
-        "model": MODEL, "prompt": "hi", "slo_class": "platinum"})),
-    "unknown SLO class header": (400, _post("/v1/chat/completions", json={
-        "model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
-        headers={"X-SLO-Class": "platinum"})),
-    "invalid UTF-8": (400, _post("/v1/completions", content=(
-        b'{"model": "%s", "prompt": "caf\xe9"}' % MODEL.encode()),
-        headers={"Content-Type": "application/json"})),
+    "unknown SLO class": (
+        400,
+        _post("/v1/completions", json={"model": MODEL, "prompt": "hi", "slo_class": "platinum"}),
+    ),
+    "unknown SLO class header": (
+        400,
+        _post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"X-SLO-Class": "platinum"},
+        ),
+    ),
+    "invalid UTF-8": (
+        400,
+        _post(
+            "/v1/completions",
+            content=(b'{"model": "%s", "prompt": "caf\xe9"}' % MODEL.encode()),
+            headers={"Content-Type": "application/json"},
+        ),
+    ),
     "unknown model": (404, _post("/v1/completions", json={"model": "gpt-4", "prompt": "hi"})),
     "unknown route": (404, _post("/v1/embeddings", json={"model": MODEL, "input": "hi"})),
-    "10 MB body": (413, _post("/v1/completions", content=b'{"prompt": "' + b"a" * (10 << 20)
-                              + b'"}', headers={"Content-Type": "application/json"})),
-    "malformed JSON": (422, _post("/v1/completions", content=b'{"model": "x", "prompt": ',
-                                  headers={"Content-Type": "application/json"})),
-    "wrong types": (422, _post("/v1/completions", json={
-        "model": MODEL, "prompt": "hi", "max_tokens": "ten"})),
+    "10 MB body": (
+        413,
+        _post(
+            "/v1/completions",
+            content=b'{"prompt": "' + b"a" * (10 << 20) + b'"}',
+            headers={"Content-Type": "application/json"},
+        ),
+    ),
+    "malformed JSON": (
+        422,
+        _post(
+            "/v1/completions",
+            content=b'{"model": "x", "prompt": ',
+            headers={"Content-Type": "application/json"},
+        ),
+    ),
+    "wrong types": (
+        422,
+        _post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": "ten"}),
+    ),
     "no messages field": (422, _post("/v1/chat/completions", json={"model": MODEL})),
-    "impossible TTFT target": (429, _post("/v1/completions", json={
-        "model": MODEL, "prompt": long_prompt(200), "ttft_slo_ms": 0.01})),
+    "impossible TTFT target": (
+        429,
+        _post(
+            "/v1/completions",
+            json={"model": MODEL, "prompt": long_prompt(200), "ttft_slo_ms": 0.01},
+        ),
+    ),
     # Issue 15: each of these once failed inside the engine or gave a plain-text 500.
-    "seed 2**64": (400, _post("/v1/completions", json={
-        "model": MODEL, "prompt": "hi", "seed": 2**64})),
-    "seed below -2**63": (400, _post("/v1/completions", json={
-        "model": MODEL, "prompt": "hi", "seed": -(2**63) - 1})),
-    "JSON nested 50,000 deep": (400, _post("/v1/completions", content=(
-        b'{"model": "%s", "prompt": "hi", "x": ' % MODEL.encode()
-        + b"[" * 50_000 + b"]" * 50_000 + b"}"), headers={"Content-Type": "application/json"})),
-    "lone surrogate in a prompt": (400, _post("/v1/completions", content=(
-        b'{"model": "%s", "prompt": "a\\ud800b"}' % MODEL.encode()),
-        headers={"Content-Type": "application/json"})),
-    "lone surrogate in chat content": (400, _post("/v1/chat/completions", content=(
-        b'{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}]}'
-        % MODEL.encode()), headers={"Content-Type": "application/json"})),
-    "ignore_eos as a string": (422, _post("/v1/completions", json={
-        "model": MODEL, "prompt": "hi", "ignore_eos": "false"})),
+    "seed 2**64": (
+        400,
+        _post("/v1/completions", json={"model": MODEL, "prompt": "hi", "seed": 2**64}),
+    ),
+    "seed below -2**63": (
+        400,
+        _post("/v1/completions", json={"model": MODEL, "prompt": "hi", "seed": -(2**63) - 1}),
+    ),
+    "JSON nested 50,000 deep": (
+        400,
+        _post(
+            "/v1/completions",
+            content=(
+                b'{"model": "%s", "prompt": "hi", "x": ' % MODEL.encode()
+                + b"[" * 50_000
+                + b"]" * 50_000
+                + b"}"
+            ),
+            headers={"Content-Type": "application/json"},
+        ),
+    ),
+    "lone surrogate in a prompt": (
+        400,
+        _post(
+            "/v1/completions",
+            content=(b'{"model": "%s", "prompt": "a\\ud800b"}' % MODEL.encode()),
+            headers={"Content-Type": "application/json"},
+        ),
+    ),
+    "lone surrogate in chat content": (
+        400,
+        _post(
+            "/v1/chat/completions",
+            content=(
+                b'{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}]}'
+                % MODEL.encode()
+            ),
+            headers={"Content-Type": "application/json"},
+        ),
+    ),
+    "ignore_eos as a string": (
+        422,
+        _post("/v1/completions", json={"model": MODEL, "prompt": "hi", "ignore_eos": "false"}),
+    ),
 }
 
 
 async def _bad_requests_while_a_good_one_streams(url: str):
     async with httpx.AsyncClient(base_url=url, timeout=60.0) as http:
-        good_request = {"model": MODEL, "prompt": long_prompt(64), "max_tokens": 200,
-                        "temperature": 0, "ignore_eos": True, "stream": True}
+        good_request = {
+            "model": MODEL,
+            "prompt": long_prompt(64),
+            "max_tokens": 200,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
 
         async def good():
             async with http.stream("POST", "/v1/completions", json=good_request) as response:
@@ -330,14 +466,16 @@ async def _bad_requests_while_a_good_one_streams(url: str):
 
         good_task = asyncio.create_task(good())
         await asyncio.sleep(0.05)
-        bad = await asyncio.gather(*(
-            http.post(path, **kwargs) for _, (path, kwargs) in BAD_REQUESTS.values()))
+        bad = await asyncio.gather(
+            *(http.post(path, **kwargs) for _, (path, kwargs) in BAD_REQUESTS.values())
+        )
         return await good_task, dict(zip(BAD_REQUESTS, bad, strict=True))
 
 
 def test_each_bad_input_gets_a_clear_4xx_while_a_good_request_completes(live_app):
     (good_status, good_body), bad = asyncio.run(
-        _bad_requests_while_a_good_one_streams(live_app.url))
+        _bad_requests_while_a_good_one_streams(live_app.url)
+    )
     for name, response in bad.items():
         expected = BAD_REQUESTS[name][0]
         assert response.status_code == expected, (name, response.status_code, response.text)
@@ -345,8 +483,10 @@ def test_each_bad_input_gets_a_clear_4xx_while_a_good_request_completes(live_app
         assert set(error) == {"message", "type", "param", "code", "request_id"}, name
         assert error["message"], name
         assert error["request_id"] == response.headers["X-Request-Id"], name
-    assert "known classes: file, image, instant, search, text" in bad["unknown SLO class"].json()[
-        "error"]["message"]
+    assert (
+        "known classes: file, image, instant, search, text"
+        in bad["unknown SLO class"].json()["error"]["message"]
+    )
     assert int(bad["impossible TTFT target"].headers["Retry-After"]) >= 1
     assert bad["huge max_tokens"].json()["error"]["param"] == "max_tokens"
     # The request that was streaming meanwhile finished normally, every token delivered.
@@ -360,14 +500,32 @@ def test_each_bad_input_gets_a_clear_4xx_while_a_good_request_completes(live_app
 def test_a_poisoned_request_among_innocent_ones_fails_alone(live_app):
     """Issue 15: six requests sent together with one carrying ``seed: 2**64`` once got five
     HTTP 500s (the whole prefill batch failed on torch's seed overflow). Three rounds."""
+
     async def round_():
         async with httpx.AsyncClient(base_url=live_app.url, timeout=60.0) as http:
-            innocent = [http.post("/v1/completions", json={
-                "model": MODEL, "prompt": long_prompt(40 + i, seed=i), "max_tokens": 4,
-                "seed": 7 + i, "temperature": 0.8}) for i in range(6)]
-            poisoned = http.post("/v1/completions", json={
-                "model": MODEL, "prompt": long_prompt(50, seed=99), "max_tokens": 4,
-                "seed": 2**64, "temperature": 0.8})
+            innocent = [
+                http.post(
+                    "/v1/completions",
+                    json={
+                        "model": MODEL,
+                        "prompt": long_prompt(40 + i, seed=i),
+                        "max_tokens": 4,
+                        "seed": 7 + i,
+                        "temperature": 0.8,
+                    },
+                )
+                for i in range(6)
+            ]
+            poisoned = http.post(
+                "/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": long_prompt(50, seed=99),
+                    "max_tokens": 4,
+                    "seed": 2**64,
+                    "temperature": 0.8,
+                },
+            )
             return await asyncio.gather(*innocent, poisoned)
 
     for _ in range(3):
@@ -384,9 +542,11 @@ def test_a_body_that_never_finishes_arriving_is_cut_off(live_app):
     passes (the test app sets 2 s), instead of holding its connection open."""
     host, port = live_app.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-                     b'{"model": "flowpre')
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+            b'{"model": "flowpre'
+        )
         started = time.monotonic()
         answer = b""
         while b"\r\n\r\n" not in answer:
@@ -406,9 +566,12 @@ def test_engine_failures_answer_a_generic_5xx_with_the_cause_only_in_the_log(cap
     )
     from flowprefill_ray.serve.frontend import engine_error
 
-    secret = "Traceback (most recent call last): File \"/opt/x/worker.py\", pid=4242 actor_id=ab12"
-    for exc, status in ((RequestFailedError(secret), 500), (EngineUnavailableError(secret), 503),
-                        (RequestTimeoutError(secret), 504)):
+    secret = 'Traceback (most recent call last): File "/opt/x/worker.py", pid=4242 actor_id=ab12'
+    for exc, status in (
+        (RequestFailedError(secret), 500),
+        (EngineUnavailableError(secret), 503),
+        (RequestTimeoutError(secret), 504),
+    ):
         error = engine_error(exc, "cmpl-abc")
         assert error.status_code == status
         body = json.dumps(error.body("cmpl-abc"))
@@ -421,8 +584,10 @@ def test_the_timeline_tells_what_happened_to_each_request_without_its_text(live_
     first-token times, the why-late verdicts of misses, and no prompt text anywhere."""
     secret = "a prompt nobody else may read"
     with live_app.client() as http:
-        served = http.post("/v1/completions", json={
-            "model": MODEL, "prompt": secret, "max_tokens": 2, "slo_class": "file"})
+        served = http.post(
+            "/v1/completions",
+            json={"model": MODEL, "prompt": secret, "max_tokens": 2, "slo_class": "file"},
+        )
         assert served.status_code == 200, served.text
         rid = served.json()["flowprefill"]["request_id"]
         timeline = http.get("/v1/flowprefill/timeline", params={"last": 3})
@@ -449,8 +614,7 @@ def test_wrong_method_is_405_in_openai_format(live_app):
 # ---------------------------------------------------------------------- cancellation
 
 
-def _wait_for(condition, timeout_s: float = 20.0, what: str = "condition",
-              poll_s: float = 0.05):
+def _wait_for(condition, timeout_s: float = 20.0, what: str = "condition", poll_s: float = 0.05):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = condition()
@@ -462,17 +626,30 @@ def _wait_for(condition, timeout_s: float = 20.0, what: str = "condition",
 
 def test_a_client_that_disconnects_mid_stream_frees_its_decode_slot(live_app):
     before = actor_stats("decode-0")
-    with live_app.client() as http, http.stream("POST", "/v1/completions", json={
-        "model": MODEL, "prompt": long_prompt(32), "max_tokens": 1000, "temperature": 0,
-        "ignore_eos": True, "stream": True,
-    }) as response:
+    with (
+        live_app.client() as http,
+        http.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "model": MODEL,
+                "prompt": long_prompt(32),
+                "max_tokens": 1000,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        ) as response,
+    ):
         lines = response.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["text"] is not None
         _wait_for(lambda: actor_stats("decode-0")["running"] == 1, what="decode to start")
     # Leaving the block closed the connection after one token of a 1000-token request.
-    after = _wait_for(lambda: (s := actor_stats("decode-0"))["running"] == 0 and s,
-                      what="the decode worker to drop the request")
+    after = _wait_for(
+        lambda: (s := actor_stats("decode-0"))["running"] == 0 and s,
+        what="the decode worker to drop the request",
+    )
     assert after["used_blocks"] == before["used_blocks"]
     assert after["tokens_generated"] - before["tokens_generated"] < 1000
 
@@ -482,8 +659,12 @@ async def _give_up_during_prefill(url: str, request: dict) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=60.0) as http:
         task = asyncio.create_task(http.post("/v1/completions", json=request))
         await asyncio.to_thread(
-            _wait_for, lambda: actor_stats("scheduler")["counts"].get("submitted", 0) > submitted,
-            30.0, "the request to reach the scheduler", 0.005)
+            _wait_for,
+            lambda: actor_stats("scheduler")["counts"].get("submitted", 0) > submitted,
+            30.0,
+            "the request to reach the scheduler",
+            0.005,
+        )
         task.cancel()  # closes the connection while the prompt is being prefilled
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -494,21 +675,34 @@ def test_a_client_that_gives_up_during_prefill_cancels_its_request(live_app):
     cancelled_before = actor_stats("scheduler")["counts"].get("cancelled", 0)
     # A non-streaming request whose prefill takes about a second on one CPU thread, with a
     # target so loose that admission control cannot refuse it.
-    asyncio.run(_give_up_during_prefill(live_app.url, {
-        "model": MODEL, "prompt": long_prompt(3000, seed=9), "max_tokens": 4,
-        "ttft_slo_ms": 600_000}))
+    asyncio.run(
+        _give_up_during_prefill(
+            live_app.url,
+            {
+                "model": MODEL,
+                "prompt": long_prompt(3000, seed=9),
+                "max_tokens": 4,
+                "ttft_slo_ms": 600_000,
+            },
+        )
+    )
     stats = _wait_for(
-        lambda: (s := actor_stats("scheduler"))["counts"].get("cancelled", 0) > cancelled_before
-        and s, what="the scheduler to cancel the request")
+        lambda: (
+            (s := actor_stats("scheduler"))["counts"].get("cancelled", 0) > cancelled_before and s
+        ),
+        what="the scheduler to cancel the request",
+    )
     _wait_for(_prefill_idle, what="the cancelled prefill to stop")
     assert stats["counts"]["cancelled"] == cancelled_before + 1
 
 
 def _prefill_idle() -> bool:
     stats = actor_stats("scheduler")
-    return (stats["in_prefill"] == 0
-            and all(unit is None for unit in stats["running_units"].values())
-            and not any(stats["paused_units"].values()))
+    return (
+        stats["in_prefill"] == 0
+        and all(unit is None for unit in stats["running_units"].values())
+        and not any(stats["paused_units"].values())
+    )
 
 
 # ---------------------------------------------------------------------- metrics
@@ -516,8 +710,11 @@ def _prefill_idle() -> bool:
 
 def _scrape(port: int) -> set[str]:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10.0).text
-    return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
-            if line and not line.startswith("#")}
+    return {
+        line.split("{")[0].split(" ")[0]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 async def _exercise_every_metric(url: str) -> dict:
@@ -526,19 +723,35 @@ async def _exercise_every_metric(url: str) -> dict:
     SLO misses (several requests at once, each with a target it could meet alone)."""
     await asyncio.to_thread(_wait_for, _prefill_idle, 30.0, "prefill workers to be idle")
     async with httpx.AsyncClient(base_url=url, timeout=120.0) as http:
-        long_task = asyncio.create_task(http.post("/v1/completions", json={
-            "model": MODEL, "prompt": long_prompt(3000, seed=5), "max_tokens": 2,
-            "slo_class": "file"}))
+        long_task = asyncio.create_task(
+            http.post(
+                "/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": long_prompt(3000, seed=5),
+                    "max_tokens": 2,
+                    "slo_class": "file",
+                },
+            )
+        )
         await asyncio.to_thread(
-            _wait_for, lambda: any(u is not None for u in
-                                   actor_stats("scheduler")["running_units"].values()),
-            30.0, "the long prefill to start")
-        urgent = await http.post("/v1/completions", json={
-            "model": MODEL, "prompt": "urgent", "max_tokens": 2, "slo_class": "text"})
-        rejected = await http.post("/v1/completions", json={
-            "model": MODEL, "prompt": "late", "max_tokens": 2, "ttft_slo_ms": 0.01})
-        downgraded = await http.post("/v1/completions", json={
-            "model": MODEL, "prompt": "hurry", "max_tokens": 2, "slo_class": "instant"})
+            _wait_for,
+            lambda: any(u is not None for u in actor_stats("scheduler")["running_units"].values()),
+            30.0,
+            "the long prefill to start",
+        )
+        urgent = await http.post(
+            "/v1/completions",
+            json={"model": MODEL, "prompt": "urgent", "max_tokens": 2, "slo_class": "text"},
+        )
+        rejected = await http.post(
+            "/v1/completions",
+            json={"model": MODEL, "prompt": "late", "max_tokens": 2, "ttft_slo_ms": 0.01},
+        )
+        downgraded = await http.post(
+            "/v1/completions",
+            json={"model": MODEL, "prompt": "hurry", "max_tokens": 2, "slo_class": "instant"},
+        )
         info = downgraded.json()["flowprefill"]
         assert (info["slo_class"], info["downgraded_from"]) == ("text", "instant"), info
         long = await long_task
@@ -548,14 +761,29 @@ async def _exercise_every_metric(url: str) -> dict:
         # gets 429s (admission control), one too large lets every request make it.
         outcomes: list = []
         for multiple in (2.0, 1.3, 4.0, 8.0):
-            alone = await http.post("/v1/completions", json={
-                "model": MODEL, "prompt": long_prompt(800, seed=6), "max_tokens": 1})
+            alone = await http.post(
+                "/v1/completions",
+                json={"model": MODEL, "prompt": long_prompt(800, seed=6), "max_tokens": 1},
+            )
             target_ms = 1000 * multiple * alone.json()["flowprefill"]["ttft_s"]
-            crowd = await asyncio.gather(*(http.post("/v1/completions", json={
-                "model": MODEL, "prompt": long_prompt(800, seed=10 + i), "max_tokens": 1,
-                "ttft_slo_ms": target_ms}) for i in range(12)))
-            outcomes = [r.json()["flowprefill"]["slo_met"] if r.status_code == 200
-                        else r.status_code for r in crowd]
+            crowd = await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/completions",
+                        json={
+                            "model": MODEL,
+                            "prompt": long_prompt(800, seed=10 + i),
+                            "max_tokens": 1,
+                            "ttft_slo_ms": target_ms,
+                        },
+                    )
+                    for i in range(12)
+                )
+            )
+            outcomes = [
+                r.json()["flowprefill"]["slo_met"] if r.status_code == 200 else r.status_code
+                for r in crowd
+            ]
             if False in outcomes:
                 break
     assert (long.status_code, urgent.status_code, rejected.status_code) == (200, 200, 429)
@@ -627,7 +855,6 @@ def test_a_killed_scheduler_is_restarted_and_serves_again_through_http(live_app)
     after = actor_stats("scheduler")
     assert after["pid"] != before["pid"] and after["counts"]["scheduler_restarts"] == 1
     assert ray.get(worker.info.remote())["pid"] == worker_pid
-
 
 
 def test_requests_get_503_once_the_engine_is_gone(live_app):

@@ -29,7 +29,6 @@ BIN = Path(sys.executable).parent
 MODEL = "flowprefill-tiny"
 
 
-
 def wait_until(condition, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -73,25 +72,44 @@ def head_cluster(tmp_path_factory):
     }
     dashboard = free_port()
     command = [
-        str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-        "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-        f"--port={free_port()}", f"--dashboard-port={dashboard}",
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--num-cpus=4",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--port={free_port()}",
+        f"--dashboard-port={dashboard}",
         f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}",
         f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
     ]
     log = open(tmp / "ray-start.log", "w")  # noqa: SIM115 - closed in teardown
-    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    head = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_until(lambda: head.poll() is None and socket.create_connection(
-            ("127.0.0.1", dashboard), timeout=1).close() is None, 90, "the Ray dashboard")
+        wait_until(
+            lambda: (
+                head.poll() is None
+                and socket.create_connection(("127.0.0.1", dashboard), timeout=1).close() is None
+            ),
+            90,
+            "the Ray dashboard",
+        )
         yield env, address, api_key, tmp
     finally:
-        subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", address], env=env,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [str(BIN / "serve"), "shutdown", "-y", "--address", address],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
         stop_head_cluster(head)
         log.close()
 
@@ -111,8 +129,9 @@ def stop_head_cluster(head: subprocess.Popen) -> None:
 
 
 def serve_cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "serve"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "serve"), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_serve_deploy_to_a_token_auth_cluster_then_requests_with_the_api_key(head_cluster):
@@ -122,16 +141,20 @@ def test_serve_deploy_to_a_token_auth_cluster_then_requests_with_the_api_key(hea
     config_path.write_text(yaml.safe_dump(deploy_config(http_port, str(tmp / "models"))))
 
     # Token auth is on: the CLI with a wrong token is refused.
-    wrong = serve_cli({**env, "RAY_AUTH_TOKEN": "not-the-token"}, "deploy", str(config_path),
-                      "--address", address)
+    wrong = serve_cli(
+        {**env, "RAY_AUTH_TOKEN": "not-the-token"}, "deploy", str(config_path), "--address", address
+    )
     assert wrong.returncode != 0
     assert "auth" in (wrong.stdout + wrong.stderr).lower()
 
     deployed = serve_cli(env, "deploy", str(config_path), "--address", address)
     assert deployed.returncode == 0, deployed.stderr
     url = f"http://127.0.0.1:{http_port}"
-    wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, 240,
-               "the app to become healthy (engine start)")
+    wait_until(
+        lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200,
+        240,
+        "the app to become healthy (engine start)",
+    )
     status = serve_cli(env, "status", "--address", address)
     assert status.returncode == 0 and "RUNNING" in status.stdout, status.stdout + status.stderr
 
@@ -143,9 +166,13 @@ def test_serve_deploy_to_a_token_auth_cluster_then_requests_with_the_api_key(hea
         assert wrong_key.headers["WWW-Authenticate"] == "Bearer"
         authorized = {"Authorization": f"Bearer {api_key}"}
         assert [m["id"] for m in http.get("/v1/models", headers=authorized).json()["data"]] == [
-            MODEL]
-        completion = http.post("/v1/completions", headers=authorized, json={
-            "model": MODEL, "prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
+            MODEL
+        ]
+        completion = http.post(
+            "/v1/completions",
+            headers=authorized,
+            json={"model": MODEL, "prompt": "Hello", "max_tokens": 3, "ignore_eos": True},
+        )
         assert completion.status_code == 200, completion.text
         assert completion.json()["usage"]["completion_tokens"] == 3
         unauthorized = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hello"})

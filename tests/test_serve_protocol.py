@@ -70,8 +70,10 @@ def test_chat_messages_flatten_text_parts_and_prefer_max_completion_tokens():
             "model": "m",
             "messages": [
                 {"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "Hi "},
-                                             {"type": "text", "text": "there"}]},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}],
+                },
             ],
             "max_tokens": 5,
             "max_completion_tokens": 9,
@@ -87,8 +89,13 @@ def test_chat_messages_flatten_text_parts_and_prefer_max_completion_tokens():
 def test_error_body_is_openai_shaped_and_retry_after_rounds_up():
     error = APIError(429, "busy", code="rejected", retry_after_s=1.2)
     assert error.body("r1") == {
-        "error": {"message": "busy", "type": "rate_limit_error", "param": None,
-                  "code": "rejected", "request_id": "r1"}
+        "error": {
+            "message": "busy",
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "rejected",
+            "request_id": "r1",
+        }
     }
     assert error.headers["Retry-After"] == "2"
 
@@ -104,7 +111,7 @@ def test_sse_events_are_single_data_lines():
     event = sse_event({"text": "a\nb"})
     assert event.startswith("data: ") and event.endswith("\n\n")
     assert event.count("\n") == 2  # the newline inside the text is escaped by JSON
-    assert json.loads(event[len("data: "):]) == {"text": "a\nb"}
+    assert json.loads(event[len("data: ") :]) == {"text": "a\nb"}
     assert DONE == "data: [DONE]\n\n"
 
 
@@ -119,8 +126,13 @@ def test_slo_from_body_then_header_then_default():
 
 @pytest.mark.parametrize(
     "body_class, headers",
-    [("gold", {}), (None, {"x-slo-class": "gold"}), (None, {"x-ttft-slo-ms": "soon"}),
-     (None, {"x-ttft-slo-ms": "-5"}), (None, {"x-ttft-slo-ms": "nan"})],
+    [
+        ("gold", {}),
+        (None, {"x-slo-class": "gold"}),
+        (None, {"x-ttft-slo-ms": "soon"}),
+        (None, {"x-ttft-slo-ms": "-5"}),
+        (None, {"x-ttft-slo-ms": "nan"}),
+    ],
 )
 def test_bad_slo_is_a_400_that_says_what_is_allowed(body_class, headers):
     with pytest.raises(APIError) as info:
@@ -211,12 +223,20 @@ def test_served_model_name_follows_the_model_source(tmp_path):
     from flowprefill_ray.serve.config import ServeAppArgs
 
     assert ServeAppArgs().served_model_name() == "flowprefill-tiny"
-    assert ServeAppArgs.model_validate(
-        {"runtime": {"model": {"path": "default"}}}).served_model_name() == "SmolLM2-135M-Instruct"
+    assert (
+        ServeAppArgs.model_validate({"runtime": {"model": {"path": "default"}}}).served_model_name()
+        == "SmolLM2-135M-Instruct"
+    )
     checkpoint = tmp_path / "my-llama"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text("{}")
-    assert ServeAppArgs.model_validate(
-        {"runtime": {"model": {"path": str(checkpoint)}}}).served_model_name() == "my-llama"
-    assert ServeAppArgs.model_validate(
-        {"api": {"served_model_name": "prod"}}).served_model_name() == "prod"
+    assert (
+        ServeAppArgs.model_validate(
+            {"runtime": {"model": {"path": str(checkpoint)}}}
+        ).served_model_name()
+        == "my-llama"
+    )
+    assert (
+        ServeAppArgs.model_validate({"api": {"served_model_name": "prod"}}).served_model_name()
+        == "prod"
+    )

@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         timeline = json.loads(timeline_path.read_text())
         print("why the missed requests were late (scheduler timeline):")
         print(format_summary(timeline["why_late_summary"]))
-        written += [timeline_path, draw_gantt(timeline, out / "timeline.png",
-                                              timeline["why_late"])]
+        written += [timeline_path, draw_gantt(timeline, out / "timeline.png", timeline["why_late"])]
     print(f"wrote {', '.join(map(str, written))} in {time.perf_counter() - started:.0f} s")
     return 0
 

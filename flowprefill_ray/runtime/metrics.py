@@ -111,7 +111,23 @@ SCHEDULER_BUCKETS_S = (
 # 0.5 of k (and round() gives k). With boundaries on the integers (1, 2, ...) every unit of one
 # request sat in (0, 1] and the median read as a fraction (0.62).
 BATCH_SIZE_BUCKETS = (
-    0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 12.5, 16.5, 24.5, 32.5, 48.5, 64.5, 128.5, 256.5
+    0.5,
+    1.5,
+    2.5,
+    3.5,
+    4.5,
+    5.5,
+    6.5,
+    7.5,
+    8.5,
+    12.5,
+    16.5,
+    24.5,
+    32.5,
+    48.5,
+    64.5,
+    128.5,
+    256.5,
 )
 BATCH_TOKENS_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 # observed / predicted prefill time: 1.0 is a perfect prediction.

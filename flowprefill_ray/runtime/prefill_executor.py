@@ -129,9 +129,13 @@ class PrefillExecutor:
                 if prefix is None or prefix.num_tokens != spec.start:
                     # This item cannot continue; the others in the unit still can.
                     have = None if prefix is None else prefix.num_tokens
-                    progress.append(_ItemProgress(
-                        spec, error=f"starts at token {spec.start} but this worker holds KV "
-                        f"of {have} tokens for it"))
+                    progress.append(
+                        _ItemProgress(
+                            spec,
+                            error=f"starts at token {spec.start} but this worker holds KV "
+                            f"of {have} tokens for it",
+                        )
+                    )
                     continue
             progress.append(_ItemProgress(spec, kv=prefix))
         with self._lock:

@@ -37,7 +37,9 @@ def disagreements(stats: dict) -> list[str]:
         if not mine and running is None and not scheduler.get("in_prefill"):
             # Nothing in prefill: only KV on its way to a decode worker may remain, and only
             # while hand-offs are in flight.
-            in_flight = sum(d.get("in_flight", 0) for d in scheduler.get("decode_load", {}).values())
+            in_flight = sum(
+                d.get("in_flight", 0) for d in scheduler.get("decode_load", {}).values()
+            )
             if worker.get("paused_bytes", 0) or (worker.get("held_kv_bytes", 0) and not in_flight):
                 found.append(
                     f"{wid}: idle, yet holds {worker.get('held_bytes', 0)} bytes "

@@ -167,7 +167,9 @@ class AdmissionControl:
         own_s = self.predictor.predict(rec.remaining_tokens)
         use_queue = saturated and cfg.estimate == "queue"
         miss = self._miss(
-            rec.deadline_s - cfg.headroom * rec.ttft_slo_s, now, own_s,
+            rec.deadline_s - cfg.headroom * rec.ttft_slo_s,
+            now,
+            own_s,
             queue if use_queue else None,
         )
         if miss is None:

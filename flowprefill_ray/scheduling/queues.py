@@ -143,7 +143,8 @@ class SlackQueue:
         if correction >= ref_correction * keep and overhead >= ref_overhead * keep:
             # Requests judged late at a lower scale are later still: nothing to redo.
             self._reference_correction = (
-                max(correction, ref_correction), max(overhead, ref_overhead)
+                max(correction, ref_correction),
+                max(overhead, ref_overhead),
             )
         else:
             self._reference_correction = scale

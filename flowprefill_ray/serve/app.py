@@ -72,8 +72,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         message = f"Method {request.method} is not allowed on {request.url.path}"
     else:
         message = str(exc.detail)
-    return error_response(APIError(exc.status_code, message, code="route_not_found"
-                                   if exc.status_code == 404 else None), _request_id(request))
+    return error_response(
+        APIError(
+            exc.status_code, message, code="route_not_found" if exc.status_code == 404 else None
+        ),
+        _request_id(request),
+    )
 
 
 # Defined before the ingress class: serve.ingress pickles the routes (and what they
@@ -83,7 +87,8 @@ def _respond(result):
     if isinstance(result, dict):
         return JSONResponse(result)
     return StreamingResponse(
-        result, media_type="text/event-stream",
+        result,
+        media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -103,8 +108,12 @@ async def _answer(request: Request, call: Callable[[str], Awaitable[Any]]):
 
 def _last_param(raw: str) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= 100_000:
-        raise APIError(400, f"last must be a whole number from 1 to 100000, got {raw[:20]!r}",
-                       param="last", code="invalid_parameter")
+        raise APIError(
+            400,
+            f"last must be a whole number from 1 to 100000, got {raw[:20]!r}",
+            param="last",
+            code="invalid_parameter",
+        )
     return int(raw)
 
 
@@ -146,9 +155,12 @@ class OpenAIIngress:
         self._restarting_since: float | None = None  # when the scheduler was seen restarting
         self._engine = await FlowPrefillEngine.start(parsed.runtime)
         self._frontend = OpenAIFrontend(parsed, self._engine)
-        logger.info("FlowPrefill ingress ready: model %s, context %d tokens, API key %s",
-                    self._frontend.model_name, self._frontend.context_tokens,
-                    "required" if self._auth.enabled else "not required")
+        logger.info(
+            "FlowPrefill ingress ready: model %s, context %d tokens, API key %s",
+            self._frontend.model_name,
+            self._frontend.context_tokens,
+            "required" if self._auth.enabled else "not required",
+        )
 
     async def _json_body(self, request: Request) -> dict[str, Any]:
         self._auth.check(request.headers.get("authorization"))
@@ -160,7 +172,8 @@ class OpenAIIngress:
             return await asyncio.wait_for(reading, self._body_timeout_s)
         except asyncio.TimeoutError:
             raise APIError(
-                408, f"The request body did not arrive within {self._body_timeout_s:g} s",
+                408,
+                f"The request body did not arrive within {self._body_timeout_s:g} s",
                 code="body_read_timeout",
             ) from None
 
@@ -201,6 +214,7 @@ class OpenAIIngress:
         """The scheduler timeline of the ``last`` most recent requests (default 200), with the
         why-late verdict of every miss and their sum per class. Behind the API key like the
         API; token counts only, never prompt text (docs/SCHEDULING.md)."""
+
         async def answer(_: str):
             self._auth.check(request.headers.get("authorization"))
             last = _last_param(request.query_params.get("last", "200"))

@@ -53,6 +53,4 @@ class APIKeyCheck:
 
 
 def _unauthorized(message: str) -> APIError:
-    return APIError(
-        401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
-    )
+    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})

@@ -79,7 +79,11 @@ def _target(ref: str, expr: str, legend: str) -> dict[str, Any]:
 
 
 def _panel(
-    title: str, description: str, unit: str, targets: list[tuple[str, str]], *,
+    title: str,
+    description: str,
+    unit: str,
+    targets: list[tuple[str, str]],
+    *,
     max_value: float | None = None,
 ) -> dict[str, Any]:
     defaults: dict[str, Any] = {"unit": unit, "min": 0}
@@ -91,8 +95,10 @@ def _panel(
         "description": description,
         "datasource": DATASOURCE,
         "fieldConfig": {"defaults": defaults, "overrides": []},
-        "options": {"legend": {"displayMode": "table", "placement": "bottom"},
-                    "tooltip": {"mode": "multi"}},
+        "options": {
+            "legend": {"displayMode": "table", "placement": "bottom"},
+            "tooltip": {"mode": "multi"},
+        },
         "targets": [
             _target(chr(ord("A") + i), expr, legend) for i, (expr, legend) in enumerate(targets)
         ],
@@ -109,87 +115,157 @@ def _panels() -> list[dict[str, Any]]:
     finished = "flowprefill_requests_finished_total"
     failed = f'finish_reason=~"{FAILED_REASONS}"'
     return [
-        _panel("TTFT percentiles per SLO class",
-               "Time to first token (arrival to first token) by SLO class.", "s",
-               [(_quantile(q, ttft, "slo_class"), f"p{int(q * 100)} {{{{slo_class}}}}")
-                for q in (0.5, 0.9, 0.99)]),
-        _panel("SLO attainment per class",
-               "Fraction of finished requests whose first token met their TTFT SLO.",
-               "percentunit",
-               [(attainment(), "{{slo_class}}")], max_value=1),
-        _panel("Goodput (SLO-meeting requests/s)",
-               "Requests per second that met their TTFT SLO, beside all finished requests.",
-               "reqps",
-               # `or vector(0)` / `or`: a line at 0 rather than none before the first event.
-               [(f"{_rate(met)} or vector(0)", "goodput"),
-                (f"{_rate(met)} + {_rate(missed)} or {_rate(met)} or {_rate(missed)}",
-                 "finished"),
+        _panel(
+            "TTFT percentiles per SLO class",
+            "Time to first token (arrival to first token) by SLO class.",
+            "s",
+            [
+                (_quantile(q, ttft, "slo_class"), f"p{int(q * 100)} {{{{slo_class}}}}")
+                for q in (0.5, 0.9, 0.99)
+            ],
+        ),
+        _panel(
+            "SLO attainment per class",
+            "Fraction of finished requests whose first token met their TTFT SLO.",
+            "percentunit",
+            [(attainment(), "{{slo_class}}")],
+            max_value=1,
+        ),
+        _panel(
+            "Goodput (SLO-meeting requests/s)",
+            "Requests per second that met their TTFT SLO, beside all finished requests.",
+            "reqps",
+            # `or vector(0)` / `or`: a line at 0 rather than none before the first event.
+            [
+                (f"{_rate(met)} or vector(0)", "goodput"),
+                (f"{_rate(met)} + {_rate(missed)} or {_rate(met)} or {_rate(missed)}", "finished"),
                 (_rate(met, "slo_class"), "goodput {{slo_class}}"),
-                (_rate("flowprefill_requests_rejected_total", "slo_class"),
-                 "rejected {{slo_class}}")]),
-        _panel("Preemptions per second",
-               "Prefill units paused at a checkpoint, per prefill worker.", "ops",
-               [(_rate("flowprefill_preemptions_total", "worker_id"), "{{worker_id}}")]),
-        _panel("Preemption blocking time",
-               "From a preempt call reaching the worker to the prefill stopping.", "s",
-               [(_quantile(q, blocking, ""), f"p{int(q * 100)}") for q in (0.5, 0.9, 0.99)]),
-        _panel("Queue depth",
-               "Prefill requests waiting (global queue), running and paused, and decode waits.",
-               "short",
-               [(f"sum({exported('flowprefill_prefill_requests_waiting')})", "prefill waiting"),
+                (
+                    _rate("flowprefill_requests_rejected_total", "slo_class"),
+                    "rejected {{slo_class}}",
+                ),
+            ],
+        ),
+        _panel(
+            "Preemptions per second",
+            "Prefill units paused at a checkpoint, per prefill worker.",
+            "ops",
+            [(_rate("flowprefill_preemptions_total", "worker_id"), "{{worker_id}}")],
+        ),
+        _panel(
+            "Preemption blocking time",
+            "From a preempt call reaching the worker to the prefill stopping.",
+            "s",
+            [(_quantile(q, blocking, ""), f"p{int(q * 100)}") for q in (0.5, 0.9, 0.99)],
+        ),
+        _panel(
+            "Queue depth",
+            "Prefill requests waiting (global queue), running and paused, and decode waits.",
+            "short",
+            [
+                (f"sum({exported('flowprefill_prefill_requests_waiting')})", "prefill waiting"),
                 (f"sum({exported('flowprefill_prefill_requests_paused')})", "prefill paused"),
                 (f"sum({running})", "prefill running"),
-                (f"sum({exported('flowprefill_decode_requests_waiting')})", "decode waiting")]),
-        _panel("Prefill worker utilisation",
-               "Share of time each prefill worker had a unit running (from its gauge samples).",
-               "percentunit",
-               [(f"avg_over_time((max by (worker_id) ({running}) > bool 0)[5m:15s])",
-                 "{{worker_id}}")], max_value=1),
-        _panel("Decode worker load",
-               "Per decode worker: KV blocks in use (0..1) and sequences per decode step.",
-               "short",
-               [(f"max by (worker_id) ({exported('flowprefill_decode_kv_usage_ratio')})",
-                 "KV usage {{worker_id}}"),
-                (f"max by (worker_id) ({exported('flowprefill_decode_batch_size')})",
-                 "batch {{worker_id}}")]),
-        _panel("KV transfer throughput",
-               "KV cache bytes per second moved from prefill to decode workers.", "Bps",
-               [(_rate("flowprefill_kv_transfer_bytes_total"), "prefill -> decode")]),
-        _panel("KV transfer time per request",
-               "Time for a decode worker to fetch one request's KV cache.", "s",
-               [(_quantile(q, kv_seconds, ""), f"p{int(q * 100)}") for q in (0.5, 0.99)]),
-        _panel("Decode inter-token latency",
-               "Gap between consecutive decode tokens, by SLO class.", "s",
-               [(_quantile(q, itl, "slo_class"), f"p{int(q * 100)} {{{{slo_class}}}}")
-                for q in (0.5, 0.9, 0.99)]),
-        _panel("TTFT predictor error",
-               "Observed / predicted prefill compute time (1.0 = exact).", "short",
-               [(_quantile(q, "flowprefill_ttft_prediction_ratio", ""), f"p{int(q * 100)}")
-                for q in (0.1, 0.5, 0.9)]),
-        _panel("Prefill batch size",
-               "Requests per prefill work unit (median and mean) and tokens per unit (median).",
-               "short",
-               # Batch sizes are integers; the buckets sit halfway between them, so the
-               # interpolated median is within 0.5 of the true one and round() gives it.
-               [(f"round({_quantile(0.5, 'flowprefill_prefill_batch_size', '')})",
-                 "requests p50"),
-                (f"sum(rate({exported('flowprefill_prefill_batch_size', 'sum')}[{RATE}])) / "
-                 f"sum(rate({exported('flowprefill_prefill_batch_size', 'count')}[{RATE}]))",
-                 "requests mean"),
-                (_quantile(0.5, "flowprefill_prefill_batch_tokens", ""), "tokens p50")]),
-        _panel("Request outcomes",
-               "Requests per second by how they ended: finish reason (stop, length, abort; "
-               "error and timeout are failures the client saw), and refusals (HTTP 429).",
-               "reqps",
-               [(_rate(finished, "finish_reason"), "{{finish_reason}}"),
-                (_rate("flowprefill_requests_rejected_total"), "rejected")]),
-        _panel("Failed requests",
-               "Share of finished requests that failed (finish reason error or timeout), "
-               "overall and per SLO class.",
-               "percentunit",
-               [(f"{_rate(finished, matchers=failed)} / {_rate(finished)}", "all classes"),
-                (f"{_rate(finished, 'slo_class', failed)} / {_rate(finished, 'slo_class')}",
-                 "{{slo_class}}")], max_value=1),
+                (f"sum({exported('flowprefill_decode_requests_waiting')})", "decode waiting"),
+            ],
+        ),
+        _panel(
+            "Prefill worker utilisation",
+            "Share of time each prefill worker had a unit running (from its gauge samples).",
+            "percentunit",
+            [
+                (
+                    f"avg_over_time((max by (worker_id) ({running}) > bool 0)[5m:15s])",
+                    "{{worker_id}}",
+                )
+            ],
+            max_value=1,
+        ),
+        _panel(
+            "Decode worker load",
+            "Per decode worker: KV blocks in use (0..1) and sequences per decode step.",
+            "short",
+            [
+                (
+                    f"max by (worker_id) ({exported('flowprefill_decode_kv_usage_ratio')})",
+                    "KV usage {{worker_id}}",
+                ),
+                (
+                    f"max by (worker_id) ({exported('flowprefill_decode_batch_size')})",
+                    "batch {{worker_id}}",
+                ),
+            ],
+        ),
+        _panel(
+            "KV transfer throughput",
+            "KV cache bytes per second moved from prefill to decode workers.",
+            "Bps",
+            [(_rate("flowprefill_kv_transfer_bytes_total"), "prefill -> decode")],
+        ),
+        _panel(
+            "KV transfer time per request",
+            "Time for a decode worker to fetch one request's KV cache.",
+            "s",
+            [(_quantile(q, kv_seconds, ""), f"p{int(q * 100)}") for q in (0.5, 0.99)],
+        ),
+        _panel(
+            "Decode inter-token latency",
+            "Gap between consecutive decode tokens, by SLO class.",
+            "s",
+            [
+                (_quantile(q, itl, "slo_class"), f"p{int(q * 100)} {{{{slo_class}}}}")
+                for q in (0.5, 0.9, 0.99)
+            ],
+        ),
+        _panel(
+            "TTFT predictor error",
+            "Observed / predicted prefill compute time (1.0 = exact).",
+            "short",
+            [
+                (_quantile(q, "flowprefill_ttft_prediction_ratio", ""), f"p{int(q * 100)}")
+                for q in (0.1, 0.5, 0.9)
+            ],
+        ),
+        _panel(
+            "Prefill batch size",
+            "Requests per prefill work unit (median and mean) and tokens per unit (median).",
+            "short",
+            # Batch sizes are integers; the buckets sit halfway between them, so the
+            # interpolated median is within 0.5 of the true one and round() gives it.
+            [
+                (f"round({_quantile(0.5, 'flowprefill_prefill_batch_size', '')})", "requests p50"),
+                (
+                    f"sum(rate({exported('flowprefill_prefill_batch_size', 'sum')}[{RATE}])) / "
+                    f"sum(rate({exported('flowprefill_prefill_batch_size', 'count')}[{RATE}]))",
+                    "requests mean",
+                ),
+                (_quantile(0.5, "flowprefill_prefill_batch_tokens", ""), "tokens p50"),
+            ],
+        ),
+        _panel(
+            "Request outcomes",
+            "Requests per second by how they ended: finish reason (stop, length, abort; "
+            "error and timeout are failures the client saw), and refusals (HTTP 429).",
+            "reqps",
+            [
+                (_rate(finished, "finish_reason"), "{{finish_reason}}"),
+                (_rate("flowprefill_requests_rejected_total"), "rejected"),
+            ],
+        ),
+        _panel(
+            "Failed requests",
+            "Share of finished requests that failed (finish reason error or timeout), "
+            "overall and per SLO class.",
+            "percentunit",
+            [
+                (f"{_rate(finished, matchers=failed)} / {_rate(finished)}", "all classes"),
+                (
+                    f"{_rate(finished, 'slo_class', failed)} / {_rate(finished, 'slo_class')}",
+                    "{{slo_class}}",
+                ),
+            ],
+            max_value=1,
+        ),
     ]
 
 

@@ -107,8 +107,9 @@ class APIError(Exception):
 
 def error_response(error: APIError, request_id: str | None = None) -> JSONResponse:
     # No X-Request-Id header here: Serve's proxy adds it, with this same id.
-    return JSONResponse(error.body(request_id), status_code=error.status_code,
-                        headers=error.headers)
+    return JSONResponse(
+        error.body(request_id), status_code=error.status_code, headers=error.headers
+    )
 
 
 def server_error(

@@ -82,8 +82,15 @@ class OpenAIFrontend:
         """GET /v1/models: the one served model."""
         return {
             "object": "list",
-            "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                      "owned_by": "flowprefill", "max_model_len": self.context_tokens}],
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "flowprefill",
+                    "max_model_len": self.context_tokens,
+                }
+            ],
         }
 
     async def completion(
@@ -103,8 +110,10 @@ class OpenAIFrontend:
             bad = [t for t in prompt_ids if t >= self.vocab_size]
             if bad:
                 raise APIError(
-                    400, f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
-                    param="prompt", code="invalid_token_id",
+                    400,
+                    f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
+                    param="prompt",
+                    code="invalid_token_id",
                 )
         return await self._serve(request, prompt_ids, headers, "completion", "cmpl", request_id)
 
@@ -115,20 +124,29 @@ class OpenAIFrontend:
         request = _parse(ChatCompletionRequest, body)
         self._check_model(request)
         if not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, f"model {self.model_name!r} has no chat template; use "
-                           "/v1/completions", code="no_chat_template")
+            raise APIError(
+                400,
+                f"model {self.model_name!r} has no chat template; use /v1/completions",
+                code="no_chat_template",
+            )
         prompt_ids = await asyncio.to_thread(
-            self.tokenizer.apply_chat_template, request.template_messages(),
-            add_generation_prompt=True, tokenize=True, return_dict=False,
+            self.tokenizer.apply_chat_template,
+            request.template_messages(),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
         )
-        return await self._serve(
-            request, list(prompt_ids), headers, "chat", "chatcmpl", request_id
-        )
+        return await self._serve(request, list(prompt_ids), headers, "chat", "chatcmpl", request_id)
 
     def _check_model(self, request) -> None:
         if request.model != self.model_name:
-            raise APIError(404, f"The model {request.model!r} does not exist; this server "
-                           f"serves {self.model_name!r}", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model {request.model!r} does not exist; this server "
+                f"serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     # ------------------------------------------------------------------ shared path
 
@@ -136,8 +154,11 @@ class OpenAIFrontend:
         prepared = self._prepare(request, prompt_ids, headers, kind, id_prefix, request_id)
         # The engine takes a class name or an explicit TTFT target in seconds (which it
         # labels with the default class).
-        slo = prepared.slo.ttft_slo_s if prepared.slo.ttft_slo_s is not None else (
-            prepared.slo.slo_class)
+        slo = (
+            prepared.slo.ttft_slo_s
+            if prepared.slo.ttft_slo_s is not None
+            else (prepared.slo.slo_class)
+        )
         try:
             events = await self.engine.submit(
                 prepared.prompt_ids, prepared.sampling, slo, request_id=prepared.request_id
@@ -152,16 +173,23 @@ class OpenAIFrontend:
     def _prepare(
         self, request, prompt_ids, headers, kind, id_prefix, request_id=None
     ) -> PreparedRequest:
-        slo = resolve_slo(request.slo_class, request.ttft_slo_ms, headers,
-                          self.slo_classes, self.default_slo_class)
+        slo = resolve_slo(
+            request.slo_class,
+            request.ttft_slo_ms,
+            headers,
+            self.slo_classes,
+            self.default_slo_class,
+        )
         prompt_tokens = len(prompt_ids)
         if prompt_tokens == 0:
             raise APIError(400, "prompt is empty after tokenization", param="prompt")
         if prompt_tokens >= self.context_tokens:
             raise APIError(
-                413, f"prompt has {prompt_tokens} tokens; this model's context is "
+                413,
+                f"prompt has {prompt_tokens} tokens; this model's context is "
                 f"{self.context_tokens} tokens, and at least one must be left for output",
-                param="prompt", code="context_length_exceeded",
+                param="prompt",
+                code="context_length_exceeded",
             )
         room = self.context_tokens - prompt_tokens
         output_cap = self.args.runtime.requests.max_output_tokens
@@ -170,20 +198,32 @@ class OpenAIFrontend:
             max_tokens = min(self.args.api.default_max_tokens, room, output_cap)
         elif max_tokens > room or max_tokens > output_cap:
             raise APIError(
-                400, f"max_tokens={max_tokens} is too large: the prompt has {prompt_tokens} "
+                400,
+                f"max_tokens={max_tokens} is too large: the prompt has {prompt_tokens} "
                 f"tokens of a {self.context_tokens}-token context (room for {room}) and this "
                 f"server allows at most {output_cap} output tokens",
-                param="max_tokens", code="max_tokens_too_large",
+                param="max_tokens",
+                code="max_tokens_too_large",
             )
         sampling = SamplingParams(
-            max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
-            stop=request.stop_sequences, seed=request.seed,
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=request.stop_sequences,
+            seed=request.seed,
             ignore_eos=request.ignore_eos,
         )
         request_id = f"{id_prefix}-{request_id or uuid.uuid4().hex}"
         ident = ResponseIdentity(request_id, int(time.time()), self.model_name, kind)
-        return PreparedRequest(request_id, list(prompt_ids), sampling, slo, request.stream,
-                               request.include_usage, ident)
+        return PreparedRequest(
+            request_id,
+            list(prompt_ids),
+            sampling,
+            slo,
+            request.stream,
+            request.include_usage,
+            ident,
+        )
 
     async def _first_event(self, prepared: PreparedRequest, events: AsyncIterator):
         try:
@@ -215,8 +255,9 @@ class OpenAIFrontend:
                 raise engine_error(exc, prepared.request_id) from None
             raise
         usage = usage_body(len(prepared.prompt_ids), tokens)
-        return full_body(prepared.ident, "".join(texts), finish, usage,
-                         extra=_extension(prepared, last))
+        return full_body(
+            prepared.ident, "".join(texts), finish, usage, extra=_extension(prepared, last)
+        )
 
     async def _stream(self, prepared: PreparedRequest, first, events) -> AsyncIterator[str]:
         ident, tokens, finished = prepared.ident, 0, False
@@ -224,8 +265,13 @@ class OpenAIFrontend:
             event, is_first = first, True
             while True:
                 tokens += event.token_id is not None
-                chunk = chunk_body(ident, event.text, event.finish_reason,
-                                   first=is_first, include_usage=prepared.include_usage)
+                chunk = chunk_body(
+                    ident,
+                    event.text,
+                    event.finish_reason,
+                    first=is_first,
+                    include_usage=prepared.include_usage,
+                )
                 if event.finish_reason is not None:
                     chunk.update(_extension(prepared, event))
                 yield sse_event(chunk)
@@ -252,8 +298,7 @@ class OpenAIFrontend:
         try:
             await asyncio.shield(_maybe_await(self.engine.cancel(request_id)))
         except BaseException:  # noqa: BLE001 - cleanup must not mask the original error
-            logger.warning("cancelling request %s in the engine failed", request_id,
-                           exc_info=True)
+            logger.warning("cancelling request %s in the engine failed", request_id, exc_info=True)
         close = getattr(events, "aclose", None)
         if close is not None:
             try:

@@ -54,7 +54,8 @@ async def read_json_object(
         raise _too_deep() from None
     if not isinstance(value, dict):
         raise APIError(
-            422, f"Request body must be a JSON object, got {type(value).__name__}",
+            422,
+            f"Request body must be a JSON object, got {type(value).__name__}",
             code="json_type",
         )
     _check_values(value)

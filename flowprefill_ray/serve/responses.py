@@ -28,8 +28,7 @@ class ResponseIdentity:
             obj = "chat.completion.chunk" if chunk else "chat.completion"
         else:
             obj = "text_completion"
-        return {"id": self.response_id, "object": obj, "created": self.created,
-                "model": self.model}
+        return {"id": self.response_id, "object": obj, "created": self.created, "model": self.model}
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -41,22 +40,33 @@ def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def full_body(
-    ident: ResponseIdentity, text: str, finish_reason: str | None, usage: dict[str, int],
+    ident: ResponseIdentity,
+    text: str,
+    finish_reason: str | None,
+    usage: dict[str, int],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A non-streaming response. ``extra`` adds server-specific top-level fields (clients
     ignore unknown fields)."""
     if ident.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": finish_reason}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
     return {**ident._envelope(chunk=False), "choices": [choice], "usage": usage, **(extra or {})}
 
 
 def chunk_body(
-    ident: ResponseIdentity, text: str, finish_reason: str | None, *,
-    first: bool = False, include_usage: bool = False,
+    ident: ResponseIdentity,
+    text: str,
+    finish_reason: str | None,
+    *,
+    first: bool = False,
+    include_usage: bool = False,
 ) -> dict[str, Any]:
     """One streamed chunk carrying a text delta. With ``include_usage`` every chunk has
     ``"usage": null`` and a last ``usage_chunk`` carries the counts, as OpenAI does."""
