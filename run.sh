@@ -45,7 +45,8 @@ case "$cmd" in
     exec "$PY" -m pytest "$@" ;;
   lint)
     install
-    exec "$VENV/bin/ruff" check flowprefill_ray loadgen tests benchmarks scripts ;;
+    "$VENV/bin/ruff" check flowprefill_ray loadgen tests benchmarks scripts
+    exec "$VENV/bin/ruff" format --check flowprefill_ray loadgen tests benchmarks scripts ;;
   *)
     install
     exec "$PY" -m flowprefill_ray "$cmd" "$@" ;;
