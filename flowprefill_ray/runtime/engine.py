@@ -124,6 +124,7 @@ class FlowPrefillEngine:
         # What one decode worker can ever hold (prompt + output), tokens.
         self._decode_capacity = config.decode.kv_blocks * config.decode.block_size
         self._in_decode: dict[str, object] = {}  # request id -> decode worker handle
+        self._decode_handles: dict[str, object] = {}  # decode worker id -> handle
         self._in_flight: set[str] = set()
         self._metrics = RuntimeMetrics()
         # Every class's request counters exist at 0 from start-up (the scheduler's too: they
@@ -320,7 +321,8 @@ class FlowPrefillEngine:
             if done.finish_reason is None:
                 # From here on a cancel goes to the decode worker (even before its hand-off
                 # lands there: the worker then drops the late hand-off).
-                self._in_decode[request_id] = done.decode_worker
+                decode_worker = self._decode_handle(done.decode_worker_id)
+                self._in_decode[request_id] = decode_worker
                 text = detok.add(done.first_token)
                 yield self._output(
                     done, request_id, done.first_token, text, 0, None, started, ttft_s, slo_class
@@ -350,7 +352,7 @@ class FlowPrefillEngine:
                 return
             tpot_s = None
             index = 0
-            async for event in bound.iterate(self._decode_events(done.decode_worker, request_id)):
+            async for event in bound.iterate(self._decode_events(decode_worker, request_id)):
                 # An abort/error event has no position of its own: it follows the last token.
                 index = event.index if event.index >= 0 else index + 1
                 if event.token_id is not None:
@@ -394,6 +396,20 @@ class FlowPrefillEngine:
                 # The consumer went away (or an error is propagating): free what it held.
                 await asyncio.shield(self._cancel_quietly(request_id))
             self._in_decode.pop(request_id, None)
+
+    def _decode_handle(self, decode_id: str):
+        """The decode worker ``decode_id`` (the scheduler names it; see ``PrefillDone``): ours
+        when this engine created the workers, else looked up by its actor name once."""
+        handle = self._decode_handles.get(decode_id)
+        if handle is None:
+            if self._workers is not None and decode_id in self._workers.decode:
+                handle = self._workers.decode[decode_id]
+            else:
+                handle = ray.get_actor(
+                    f"{self.config.name_prefix}-{decode_id}", namespace=self.config.namespace
+                )
+            self._decode_handles[decode_id] = handle
+        return handle
 
     async def _decode_events(self, decode_worker, request_id: str) -> AsyncIterator[TokenEvent]:
         try:

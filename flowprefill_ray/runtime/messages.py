@@ -115,14 +115,18 @@ class TokenEvent:
 
 @dataclass(frozen=True, slots=True)
 class PrefillDone:
-    """The scheduler's answer to ``submit``: the first token is ready. ``decode_worker`` is the
-    actor that continues the request (None when the request finished with its first token).
-    Timings in seconds on the scheduler's clock."""
+    """The scheduler's answer to ``submit``: the first token is ready. ``decode_worker_id``
+    names the decode worker that continues the request (None when the request finished with
+    its first token). Timings in seconds on the scheduler's clock.
+
+    An id, not the actor handle: a handle serialised into every answer leaked ~0.6 KiB of
+    native memory per request in the scheduler actor (Ray's handle reference counting; 30,000
+    answers: +19.8 MiB with the handle, +2.7 MiB with an id)."""
 
     request_id: str
     first_token: int
     finish_reason: FinishReason | None
-    decode_worker: object | None
+    decode_worker_id: str | None
     queue_s: float
     ttft_s: float
     preemptions: int

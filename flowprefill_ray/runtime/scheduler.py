@@ -462,10 +462,9 @@ class Scheduler:
             "flowprefill_slo_met_total" if met else "flowprefill_slo_missed_total",
             slo_class=request.slo_class,
         )
-        decode_handle = None
+        decode_id = None
         if first.finish_reason is None:
             decode_id = self._pick_decode()
-            decode_handle = self._decode[decode_id].handle
             try:
                 self._handoff(worker_id, decode_id, tracked, first)
             except Exception as error:  # e.g. a transport misconfiguration: fail loudly, not hang
@@ -482,7 +481,7 @@ class Scheduler:
                 request.request_id,
                 first.token_id,
                 first.finish_reason,
-                decode_handle,
+                decode_id,
                 queue_s,
                 ttft_s,
                 tracked.preemptions,
