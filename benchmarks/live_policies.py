@@ -176,11 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from provenance import command_line
 
+    from flowprefill_ray.demos.local_serve import LocalServe, serve_app_args, served_model_name
     from flowprefill_ray.scheduling.slo import SLOConfig
     from flowprefill_ray.simulator.goodput import GoodputSearchConfig
     from loadgen import EndpointConfig, ReplayConfig
     from loadgen.goodput import live_goodput_search, run_trial
-    from loadgen.local_serve import LocalServe, serve_app_args, served_model_name
     from loadgen.plots import plot_attainment_vs_rate
     from loadgen.replay_args import replay_config
 

@@ -679,3 +679,21 @@ def test_simulated_goodput_of_a_live_slice_holds_the_target_and_overheads_lower_
     slow = RuntimeCalibration(speed=1.5, unit_overhead_s=0.03, response_overhead_s=0.02, requests=1)
     assert simulated_goodput(replay, slo, fcfs, slow) < scale
     assert simulated_goodput(replay, slo, {"name": "flowprefill"}) > scale
+
+
+def test_the_load_generator_talks_http_only():
+    """loadgen drives any OpenAI-compatible endpoint: it imports nothing of our runtime or
+    Serve app (deploying our app locally lives in flowprefill_ray.demos.local_serve)."""
+    import ast
+
+    offenders = []
+    for path in sorted((Path(__file__).resolve().parent.parent / "loadgen").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names] if isinstance(node, ast.Import)
+                else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            )  # fmt: skip
+            for name in names:
+                if name.startswith(("flowprefill_ray.runtime", "flowprefill_ray.serve", "ray")):
+                    offenders.append(f"{path.name}: {name}")
+    assert offenders == []

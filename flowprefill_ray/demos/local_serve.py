@@ -7,7 +7,8 @@ so each policy starts from a fresh engine: its scheduler, queues and TTFT predic
 Leaving the context (normally, on an error or on Ctrl-C) deletes the app, shuts Serve down and
 stops Ray.
 
-Ray is imported only here, so the rest of ``loadgen`` works against any endpoint without it.
+It lives with the demos, not in ``loadgen``: the load generator only talks HTTP to an
+endpoint (ours, vLLM, SGLang) and imports nothing of the runtime or the Serve app.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def app_args(args: argparse.Namespace) -> dict[str, Any]:
     """The Serve app's args for the demo (validated by the app's ``ServeAppArgs``)."""
-    from loadgen.local_serve import serve_app_args
+    from flowprefill_ray.demos.local_serve import serve_app_args
 
     return serve_app_args(
         "tiny" if args.tiny else "default",
@@ -102,11 +102,11 @@ def goodput_estimate(summary: dict[str, Any], target: float = 0.9) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from flowprefill_ray.demos.local_serve import LocalServe
     from flowprefill_ray.scheduling.why_late import format_summary
     from flowprefill_ray.serve.config import ServeAppArgs
     from flowprefill_ray.timeline_plot import draw_gantt
     from loadgen import EndpointConfig, format_report, summarize, write_results
-    from loadgen.local_serve import LocalServe
     from loadgen.plan import load_trace_workload, plan_requests, ttft_targets
     from loadgen.plots import plot_burst_timeline, plot_ttft_cdf
     from loadgen.replay_args import replay_config
