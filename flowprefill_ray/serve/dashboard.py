@@ -182,6 +182,18 @@ def _panels() -> list[dict[str, Any]]:
             max_value=1,
         ),
         _panel(
+            "Prefill worker memory held",
+            "Bytes each prefill worker holds between units: paused prefills' activations and "
+            "KV, finished KV waiting for decode. 0 when idle; growth while idle is a leak.",
+            "bytes",
+            [
+                (
+                    f"max by (worker_id) ({exported('flowprefill_prefill_held_bytes')})",
+                    "{{worker_id}}",
+                )
+            ],
+        ),
+        _panel(
             "Decode worker load",
             "Per decode worker: KV blocks in use (0..1) and sequences per decode step.",
             "short",
