@@ -47,6 +47,7 @@ from flowprefill_ray.scheduling.events import (
     UnitPaused,
     WorkerJoined,
 )
+from flowprefill_ray.scheduling.timeline import Timeline
 
 TARGET_P99_US = 200.0
 CLASSES = (("text", 0.25), ("image", 0.5), ("search", 4.0), ("file", 6.0))
@@ -68,11 +69,14 @@ class Driver:
         seed: int,
         admission: AdmissionConfig | None = None,
         slo_scale: float = 1.0,
+        timeline: bool = False,
     ) -> None:
         self.slo_scale = slo_scale
         self.predictor = profile_predictor()
         config = PolicyConfig(name=name, admission=admission or AdmissionConfig(max_waiting=None))
         self.policy = make_policy(config, self.predictor)
+        # What the scheduler actor does after every on_event: record it (timed with it).
+        self.timeline = Timeline.for_policy(self.policy) if timeline else None
         self.rng = random.Random(seed)
         self.now = 0.0
         self.next_id = 0
@@ -102,6 +106,8 @@ class Driver:
         cpu_started = time.thread_time_ns()
         started = time.perf_counter_ns()
         decisions = self.policy.on_event(event, self.now)
+        if self.timeline is not None:
+            self.timeline.record(event, self.now, decisions)
         elapsed = time.perf_counter_ns() - started
         cpu = time.thread_time_ns() - cpu_started
         if kind is not None:
@@ -162,48 +168,63 @@ def main(argv: list[str] | None = None) -> int:
         help="admit: no admission control; queue: reject on the queue estimate",
     )
     parser.add_argument("--slo-scale", type=float, default=1.0, help="multiplies TTFT targets")
+    parser.add_argument(
+        "--timeline",
+        choices=("off", "on", "both"),
+        default="off",
+        help="also record every event into a scheduler Timeline, as the runtime does (both: "
+        "each cell without and with it, side by side)",
+    )
     args = parser.parse_args(argv)
+    timelines = {"off": (False,), "on": (True,), "both": (False, True)}[args.timeline]
     action = "reject" if args.admission == "queue" else "admit"
     admission = AdmissionConfig(action=action, estimate="queue", max_waiting=None)
 
     rows = []
-    for name in args.policies.split(","):
-        for depth in (int(d) for d in args.depths.split(",")):
-            driver = Driver(name, args.workers, args.seed, admission, args.slo_scale)
-            driver.fill(depth)
-            for _ in range(200):  # warm-up: let units, pauses and late requests accumulate
-                driver.round(depth, timed=False)
-            gc.collect()
-            for _ in range(args.rounds):
-                driver.round(depth, timed=True)
-            preemptions = driver.policy.stats()["preemptions"]
-            for kind, values in driver.times_ns.items():
-                if not values:
-                    continue
-                rows.append(
-                    {
-                        "policy": name,
-                        "queued": depth,
-                        "event": kind,
-                        "samples": len(values),
-                        "p50_us": percentile(values, 0.50),
-                        "p99_us": percentile(values, 0.99),
-                        "mean_us": statistics.fmean(values) / 1000.0,
-                        "cpu_p50_us": percentile(driver.cpu_ns[kind], 0.50),
-                        "cpu_p99_us": percentile(driver.cpu_ns[kind], 0.99),
-                        "preemptions_in_cell": preemptions,
-                        "waiting_mean": statistics.fmean(driver.waiting_seen),
-                    }
-                )
+    cells = [
+        (name, int(depth), timeline)
+        for name in args.policies.split(",")
+        for depth in args.depths.split(",")
+        for timeline in timelines
+    ]
+    for name, depth, timeline in cells:  # a fresh policy (and timeline) per cell
+        driver = Driver(name, args.workers, args.seed, admission, args.slo_scale, timeline)
+        driver.fill(depth)
+        for _ in range(200):  # warm-up: let units, pauses and late requests accumulate
+            driver.round(depth, timed=False)
+        gc.collect()
+        for _ in range(args.rounds):
+            driver.round(depth, timed=True)
+        preemptions = driver.policy.stats()["preemptions"]
+        for kind, values in driver.times_ns.items():
+            if not values:
+                continue
+            rows.append(
+                {
+                    "policy": name,
+                    "queued": depth,
+                    "timeline": timeline,
+                    "event": kind,
+                    "samples": len(values),
+                    "p50_us": percentile(values, 0.50),
+                    "p99_us": percentile(values, 0.99),
+                    "mean_us": statistics.fmean(values) / 1000.0,
+                    "cpu_p50_us": percentile(driver.cpu_ns[kind], 0.50),
+                    "cpu_p99_us": percentile(driver.cpu_ns[kind], 0.99),
+                    "preemptions_in_cell": preemptions,
+                    "waiting_mean": statistics.fmean(driver.waiting_seen),
+                }
+            )
 
     print(f"admission: {admission.model_dump()}")
     print(
-        f"{'policy':<12}{'queued':>8}{'waiting':>9}  {'event':<11}{'n':>6}"
+        f"{'policy':<12}{'queued':>8}{'tl':>4}{'waiting':>9}  {'event':<11}{'n':>6}"
         f"{'p50 us':>9}{'p99 us':>9}{'cpu p50':>9}{'cpu p99':>9}"
     )
     for r in rows:
         print(
-            f"{r['policy']:<12}{r['queued']:>8}{r['waiting_mean']:>9.0f}  {r['event']:<11}"
+            f"{r['policy']:<12}{r['queued']:>8}{'on' if r['timeline'] else '-':>4}"
+            f"{r['waiting_mean']:>9.0f}  {r['event']:<11}"
             f"{r['samples']:>6}{r['p50_us']:>9.1f}{r['p99_us']:>9.1f}{r['cpu_p50_us']:>9.1f}"
             f"{r['cpu_p99_us']:>9.1f}"
         )
