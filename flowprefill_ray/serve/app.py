@@ -15,7 +15,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -91,19 +90,6 @@ def _respond(result):
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
-
-
-async def _answer(request: Request, call: Callable[[str], Awaitable[Any]]):
-    """Run a route's work under this request's id; every failure becomes an OpenAI-style
-    JSON error carrying that id (an unexpected one a generic 500, its cause in the log)."""
-    rid = _request_id(request)
-    try:
-        return _respond(await call(rid))
-    except APIError as exc:
-        return error_response(exc, rid)
-    except Exception:  # noqa: BLE001 - nothing internal reaches the client
-        logger.exception("request %s failed", rid)
-        return error_response(server_error(), rid)
 
 
 def _last_param(raw: str) -> int:
@@ -185,42 +171,35 @@ class OpenAIIngress:
             return error_response(APIError(503, "engine unavailable", code="engine_unavailable"))
         return JSONResponse({"status": "ok"})
 
+    # Errors raised here are answered by the app's exception handlers above, with the request
+    # id: APIError as itself, anything else as a generic 500 with its cause in the log.
     @api.get("/v1/models")
-    async def models(self, request: Request):
-        async def answer(_: str):
-            self._auth.check(request.headers.get("authorization"))
-            return self._frontend.models()
-
-        return await _answer(request, answer)
+    async def models(self, request: Request) -> JSONResponse:
+        self._auth.check(request.headers.get("authorization"))
+        return JSONResponse(self._frontend.models())
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        async def answer(rid: str):
-            body = await self._json_body(request)
-            return await self._frontend.completion(body, request.headers, rid)
-
-        return await _answer(request, answer)
+        body = await self._json_body(request)
+        return _respond(
+            await self._frontend.completion(body, request.headers, _request_id(request))
+        )
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        async def answer(rid: str):
-            body = await self._json_body(request)
-            return await self._frontend.chat_completion(body, request.headers, rid)
-
-        return await _answer(request, answer)
+        body = await self._json_body(request)
+        return _respond(
+            await self._frontend.chat_completion(body, request.headers, _request_id(request))
+        )
 
     @api.get("/v1/flowprefill/timeline")
-    async def timeline(self, request: Request):
+    async def timeline(self, request: Request) -> JSONResponse:
         """The scheduler timeline of the ``last`` most recent requests (default 200), with the
         why-late verdict of every miss and their sum per class. Behind the API key like the
         API; token counts only, never prompt text (docs/SCHEDULING.md)."""
-
-        async def answer(_: str):
-            self._auth.check(request.headers.get("authorization"))
-            last = _last_param(request.query_params.get("last", "200"))
-            return timeline_report(await self._engine.timeline(last))
-
-        return await _answer(request, answer)
+        self._auth.check(request.headers.get("authorization"))
+        last = _last_param(request.query_params.get("last", "200"))
+        return JSONResponse(timeline_report(await self._engine.timeline(last)))
 
     async def check_health(self) -> None:
         """Serve's replica health check: an engine that lost its scheduler is unhealthy.
