@@ -55,6 +55,11 @@ class _ItemProgress:
     def pending(self) -> bool:
         return self.error is None and self.remaining > 0
 
+    def fail(self, error: Exception) -> None:
+        """This item alone has failed: keep why (for the log) and drop its KV."""
+        self.error = f"{type(error).__name__}: {error}"
+        self.kv = None
+
 
 @dataclass
 class _Unit:
@@ -211,9 +216,7 @@ class PrefillExecutor:
         if len(members) > 1:
             unit.isolated = True
             return
-        item = unit.items[members[0]]
-        item.error = f"{type(error).__name__}: {error}"
-        item.kv = None
+        unit.items[members[0]].fail(error)
 
     def _next_chunk(self, item: _ItemProgress) -> list[int]:
         offset = item.done
@@ -231,8 +234,7 @@ class PrefillExecutor:
                         item.spec, result.last_logits[row : row + 1]
                     )
                 except Exception as error:  # noqa: BLE001 - one request's sampler fails alone
-                    item.error = f"{type(error).__name__}: {error}"
-                    item.kv = None
+                    item.fail(error)
         unit.state = None
         unit.in_state = []
 
@@ -397,9 +399,8 @@ class PrefillExecutor:
     def stats(self) -> dict:
         """Units and KV this worker holds (for load reports and leak checks in tests)."""
         with self._lock:
-            paused = [u for u in self._units.values() if u.items and u.unit_id != self._running]
-            held = sum(kv.nbytes for kv in (*self._partial_kv.values(), *self._ready_kv.values()))
-            paused_bytes = sum(_paused_bytes(u) for u in paused)
+            paused = self._paused_units()
+            held, paused_bytes = self._held(paused)
             return {
                 "running_unit": self._running,
                 "units_completed": self._units_completed,
@@ -415,6 +416,21 @@ class PrefillExecutor:
                 # Everything this worker holds between units (exported as a gauge).
                 "held_bytes": held + paused_bytes,
             }
+
+    def held_bytes(self) -> int:
+        """Everything this worker holds between units, bytes (``stats()["held_bytes"]``)."""
+        with self._lock:
+            return sum(self._held(self._paused_units()))
+
+    def _paused_units(self) -> list[_Unit]:
+        # Caller holds the lock.
+        return [u for u in self._units.values() if u.items and u.unit_id != self._running]
+
+    def _held(self, paused: list[_Unit]) -> tuple[int, int]:
+        """(KV bytes kept for chunked and finished prompts, bytes of the ``paused`` units)."""
+        # Caller holds the lock.
+        kv = sum(kv.nbytes for kv in (*self._partial_kv.values(), *self._ready_kv.values()))
+        return kv, sum(_paused_bytes(u) for u in paused)
 
 
 def _paused_bytes(unit: _Unit) -> int:

@@ -104,7 +104,7 @@ class PrefillWorker:
         finally:
             self._metrics.set(
                 "flowprefill_prefill_held_bytes",
-                self.executor.stats()["held_bytes"],
+                self.executor.held_bytes(),
                 worker_id=self.worker_id,
             )
 
