@@ -61,7 +61,10 @@ class ReplayConfig(BaseModel):
     """A trace replay.
 
     ``trace``: ``azure-conv``, ``azure-code`` (the shipped Azure 2023 traces), or a path to a
-    normalized CSV (``arrival_s,input_tokens,output_tokens``).
+    normalized CSV (``arrival_s,input_tokens,output_tokens``); or several tenants at once,
+    ``TRACE=CLASS,TRACE=CLASS`` (e.g. ``azure-conv=urgent,azure-code=relaxed``): each trace's
+    requests all get that SLO class and the traces are interleaved by arrival
+    (``flowprefill_ray.workloads.merge_tenants``).
     ``start_s``: skip the trace's first seconds (a later slice of the day).
     ``rate_scale``: arrival-gap compression (2 = twice the trace's request rate).
     ``prompt_scale``: multiplies every prompt length (e.g. 0.1 to fit a CPU), then
@@ -91,6 +94,12 @@ class ReplayConfig(BaseModel):
     token_id_low: int = Field(default=16, ge=0)
     token_id_high: int = Field(default=256, ge=1)
 
+    @field_validator("trace")
+    @classmethod
+    def _trace_spec(cls, trace: str) -> str:
+        parse_trace_spec(trace)  # raises ValueError naming what is wrong
+        return trace
+
     @model_validator(mode="after")
     def _consistent_bounds(self) -> ReplayConfig:
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < self.min_prompt_tokens:
@@ -101,3 +110,22 @@ class ReplayConfig(BaseModel):
         if self.token_id_high <= self.token_id_low:
             raise ValueError(f"token id range [{self.token_id_low}, {self.token_id_high}) is empty")
         return self
+
+
+def parse_trace_spec(trace: str) -> list[tuple[str, str | None]]:
+    """``(trace, slo_class)`` pairs of a ``--trace`` value: one pair with no class for a
+    single trace, one per tenant for ``TRACE=CLASS,TRACE=CLASS``."""
+    if "=" not in trace:
+        if not trace.strip():
+            raise ValueError("trace is empty")
+        return [(trace, None)]
+    pairs: list[tuple[str, str | None]] = []
+    for part in trace.split(","):
+        name, sep, slo_class = (s.strip() for s in part.partition("="))
+        if not sep or not name or not slo_class:
+            raise ValueError(
+                f"tenant {part!r} of trace {trace!r} is not TRACE=CLASS "
+                "(e.g. azure-conv=urgent,azure-code=relaxed)"
+            )
+        pairs.append((name, slo_class))
+    return pairs

@@ -19,9 +19,10 @@ from flowprefill_ray.workloads import (
     assign_slo_classes,
     load_builtin,
     load_normalized_csv,
+    merge_tenants,
 )
 
-from .config import BUILTIN_TRACE_ALIASES, ReplayConfig
+from .config import BUILTIN_TRACE_ALIASES, ReplayConfig, parse_trace_spec
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +39,15 @@ class PlannedRequest:
 
 
 def load_trace_workload(trace: str) -> Workload:
-    """A shipped trace by alias (``azure-conv``, ``azure-code``) or a normalized CSV path."""
+    """A shipped trace by alias (``azure-conv``, ``azure-code``) or a normalized CSV path; or
+    several tenants' traces merged, ``TRACE=CLASS,...`` (``ReplayConfig.trace``)."""
+    pairs = parse_trace_spec(trace)
+    if pairs[0][1] is None:
+        return _load_one(trace)
+    return merge_tenants([(_load_one(name), str(slo_class)) for name, slo_class in pairs])
+
+
+def _load_one(trace: str) -> Workload:
     builtin = BUILTIN_TRACE_ALIASES.get(trace)
     if builtin is not None:
         return load_builtin(builtin)

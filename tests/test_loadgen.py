@@ -332,6 +332,33 @@ def test_plan_from_the_azure_trace_is_deterministic_scaled_and_classed():
     assert targets["text"] == pytest.approx(0.5)
 
 
+def test_two_tenant_trace_interleaves_both_traces_each_with_its_own_class():
+    spec = "azure-conv=urgent,azure-code=relaxed"
+    conv, code = load_trace_workload("azure-conv"), load_trace_workload("azure-code")
+    merged = load_trace_workload(spec)
+    assert len(merged) == len(conv) + len(code)
+    assert merged.slo_classes == {"urgent": len(conv), "relaxed": len(code)}
+    arrivals = [r.arrival_s for r in merged]
+    assert arrivals == sorted(arrivals)
+    # Each tenant keeps its own arrival pattern: its requests in order, gaps unchanged.
+    code_part = [r for r in merged if r.slo_class == "relaxed"]
+    assert [r.prompt_tokens for r in code_part] == [r.prompt_tokens for r in code]
+    assert code_part[9].arrival_s - code_part[0].arrival_s == pytest.approx(
+        code[9].arrival_s - code[0].arrival_s
+    )
+    replay = ReplayConfig(trace=spec, max_requests=200, prompt_scale=0.1)
+    plan = plan_requests(merged, replay, {"urgent": 6.0, "relaxed": 23.2})
+    # The tenants' classes survive the class assignment (which fills only missing ones).
+    assert {p.slo_class for p in plan} == {"urgent", "relaxed"}
+    assert all(p.ttft_slo_s == (6.0 if p.slo_class == "urgent" else 23.2) for p in plan)
+
+
+@pytest.mark.parametrize("spec", ["azure-conv=", "=urgent", "azure-conv=urgent,azure-code", " "])
+def test_malformed_tenant_trace_specs_are_named(spec):
+    with pytest.raises(ValidationError, match="TRACE=CLASS|trace is empty"):
+        ReplayConfig(trace=spec)
+
+
 def test_percentile_interpolates_linearly():
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
     assert percentile([5.0], 99) == 5.0

@@ -7,6 +7,9 @@ takes 4e-4 * n s and its checkpoints fall every 1e-4 * n s.
 
 from __future__ import annotations
 
+import math
+import statistics
+
 import pytest
 
 from flowprefill_ray.scheduling.config import PolicyConfig
@@ -228,3 +231,26 @@ def test_slo_scale_is_one_on_the_papers_platform_and_tracks_speed(conv_sample):
     ) == pytest.approx(1.0)
     assert fitted_slo_scale(RooflineCostModel(), conv_sample) < 0.5  # an H100 is ~3x faster
     assert fitted_slo_scale(MeasuredCostModel(), conv_sample) > 1.0  # our CPU model is slower
+
+
+def test_noisy_cost_model_is_seeded_unbiased_in_log_and_scales_every_block():
+    from flowprefill_ray.simulator.cost_model import ItemShape
+    from flowprefill_ray.simulator.noisy import NoisyCostModel
+
+    base = MeasuredCostModel()
+    items = [ItemShape(128)]
+    exact = base.unit_cost(items)
+    draws = [NoisyCostModel(base, 0.2, seed=7).unit_cost(items) for _ in range(2)]
+    assert draws[0] == draws[1]  # same seed, same call order: same cost
+    noisy = NoisyCostModel(base, 0.2, seed=1)
+    factors = [noisy.unit_cost(items).total_s / exact.total_s for _ in range(2000)]
+    logs = sorted(math.log(f) for f in factors)
+    assert abs(statistics.mean(logs)) < 0.02 and 0.18 < statistics.stdev(logs) < 0.22
+    one = NoisyCostModel(base, 0.2, seed=3).unit_cost(items)
+    ratio = one.total_s / exact.total_s
+    # Every block moves by the same factor, so checkpoints keep their relative places.
+    for field in ("overhead_s", "attention_s", "mlp_s", "tail_s"):
+        assert getattr(one, field) == pytest.approx(getattr(exact, field) * ratio)
+    assert NoisyCostModel(base, 0.0).unit_cost(items) == exact
+    with pytest.raises(ValueError, match="sigma"):
+        NoisyCostModel(base, -0.1)

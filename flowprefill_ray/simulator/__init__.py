@@ -7,6 +7,7 @@ from .engine import PolicyContractError, SimulationStalled, Simulator, Simulator
 from .experiment import fit_predictor, fitted_slo_scale, goodput, prefill_s, simulate
 from .goodput import GoodputResult, GoodputSearchConfig, RatePoint, attainment_curve, find_goodput
 from .measured import MeasuredCostModel, MeasuredProfile
+from .noisy import NoisyCostModel
 from .results import RequestOutcome, SimulationResult, WorkerStats
 from .roofline import (
     A800_SXM,
@@ -31,6 +32,7 @@ __all__ = [
     "MeasuredCostModel",
     "MeasuredProfile",
     "ModelShape",
+    "NoisyCostModel",
     "PolicyContractError",
     "RatePoint",
     "RequestOutcome",

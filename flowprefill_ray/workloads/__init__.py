@@ -25,6 +25,7 @@ from .synthetic import (
     UniformLength,
     synthetic_workload,
 )
+from .tenants import merge_tenants
 from .trace import TraceFormatError, TraceRecord, Workload
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "load_mooncake",
     "load_normalized_csv",
     "load_trace",
+    "merge_tenants",
     "parse_azure_timestamp",
     "synthetic_workload",
     "to_requests",
