@@ -157,6 +157,51 @@ def test_headroom_admits_only_with_that_share_of_the_target_to_spare():
     assert arrive(plain, "urgent", 0.0, 512, 5.25) == []
 
 
+def test_reserve_for_tighter_keeps_room_for_the_tight_arrivals_seen_recently():
+    """A loose request is admitted only if the work tighter classes have been bringing
+    (recent rate x the part of its window in which their arrivals would fall due) still fits."""
+
+    def feed(p):
+        # 1 s running keeps the worker busy; then tight (2 s) requests of 0.25 s each, one
+        # per second for 40 s, each started and completed at once: the tight rate settles
+        # near 0.25 s of work per second, and nothing of it is waiting.
+        assert arrive(p, "busy", 0.0, 1024 * 60, 100.0) == [run(1, "w0", ("busy", 0, 61440))]
+        for i in range(40):
+            arrive(p, f"t{i}", float(i), 256, 2.0)
+            p.on_event(Cancelled(f"t{i}"), float(i))
+
+    plain = policy(admission=reject_with("queue", protect_admitted=False))
+    keep = policy(admission=reject_with("queue", protect_admitted=False, reserve_for_tighter=True))
+    for p in (plain, keep):
+        feed(p)
+    rate = keep.admission.arrivals.rate(2.0, 40.0)
+    assert rate == pytest.approx(0.25 * (1 - math.exp(-40 / 30)), rel=0.05)
+    # The long unit is due at 100 s: under a preemptive policy it runs after anything due
+    # earlier, so ahead of a 10 s request there is nothing; 9 s of its own fits 10 s.
+    assert arrive(plain, "loose", 40.0, 9216, 10.0) == []
+    # Tight requests arriving in the next 10 - 2 = 8 s fall due before it: 8 s x rate kept.
+    (refused,) = arrive(keep, "loose", 40.0, 9216, 10.0)
+    assert isinstance(refused, Reject)
+    assert f"and {rate * 8:.3f}s kept for tighter SLO classes" in refused.reason
+    assert arrive(keep, "smaller", 40.0, 8192, 10.0) == []  # 8 s + 1.48 s fits
+    # A tight arrival reserves nothing for itself or looser classes.
+    assert keep.admission.arrivals.expected_tighter_s(2.0, 40.0) == 0.0
+
+
+def test_arrival_rates_decay_and_stay_bounded_whatever_targets_clients_send():
+    from flowprefill_ray.scheduling.admission import ArrivalRates
+
+    rates = ArrivalRates(window_s=10.0)
+    rates.add(1.0, 5.0, 0.0)
+    assert rates.rate(1.0, 0.0) == pytest.approx(0.5)
+    assert rates.rate(1.0, 10.0) == pytest.approx(0.5 / math.e)
+    for i in range(100_000):
+        rates.add(0.5 + i * 1e-4, 0.01, 1.0)  # 100,000 distinct explicit targets
+    assert len(rates._rates) < 100  # a 5 % grid: 0.5..10.5 s spans ~63 steps
+    # Targets within one step share it; the horizon test uses the largest of them.
+    assert rates.expected_tighter_s(0.5, 1.0) == 0.0
+
+
 def test_a_request_the_estimate_gives_up_on_does_not_block_arrivals():
     p = policy(admission=reject_with("queue"))
     arrive(p, "long", 0.0, 4096, 4.0)

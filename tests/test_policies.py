@@ -269,6 +269,35 @@ def test_batching_stops_before_the_head_would_keep_less_than_alpha_slo():
     assert p.waiting_in_priority_order(0.0) == ["one-more", "after-stop"]
 
 
+def test_batching_prices_a_batch_at_the_recent_one_in_ten_overrun():
+    """With online correction, a batch is priced at predict(tokens) x the 90th percentile of
+    recent units' actual/predicted ratio, so a batch that overruns that much still leaves the
+    head alpha x SLO; without the margin the same scan takes more members."""
+    from policy_helpers import linear_predictor
+
+    from flowprefill_ray.scheduling import make_policy
+
+    def batch(margin: bool) -> list[str]:
+        predictor = linear_predictor()
+        # Units ran 0.9x..1.5x their prediction: the 90th percentile is ~1.44x.
+        for i in range(20):
+            predictor.observe(1024, (0.9 + 0.6 * i / 19) * predictor.predict(1024))
+        assert predictor.overrun_ratio == pytest.approx(0.9 + 0.6 * 17 / 19)
+        predictor.correction = 1.0  # keep the linear 1 s per 1024 tokens exact
+        p = make_policy(PolicyConfig(alpha=0.25, batch_error_margin=margin), predictor, slo=None)
+        arrive(p, "head", 0.0, 256, 1.0)
+        arrive(p, "a", 0.0, 128, 2.0)
+        arrive(p, "b", 0.0, 128, 3.0)
+        arrive(p, "c", 0.0, 256, 4.0)
+        (unit,) = p.on_event(WorkerJoined("w0"), 0.0)
+        return [item.request_id for item in unit.unit.items]
+
+    # Plain: 768 tokens = 0.75 s leave exactly 0.25 s; at 1.44x, 512 tokens (0.72 s) fit
+    # and 768 (1.08 s) do not.
+    assert batch(False) == ["head", "a", "b", "c"]
+    assert batch(True) == ["head", "a", "b"]
+
+
 def test_no_batching_when_head_has_less_than_alpha_slo_left():
     p = policy(workers=0, alpha=0.25)
     arrive(p, "head", 0.0, 16, 1.0)

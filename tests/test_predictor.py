@@ -219,3 +219,14 @@ def test_the_policy_feeds_each_units_wall_time_beyond_its_compute():
     policy.on_event(UnitCompleted("w0", run.unit.unit_id, 1.0), 1.02)
     weight = predictor.config.ewma_weight
     assert predictor.unit_overhead_s == pytest.approx(weight * 0.02)
+
+
+def test_overrun_ratio_is_the_recent_90th_percentile_of_actual_over_predicted():
+    p = TTFTPredictor.linear(2.0**-10, max_tokens=4096)
+    assert p.overrun_ratio == 1.0  # nothing observed yet
+    for _ in range(200):
+        p.observe(1024, 0.5 * p.predict(1024))  # all faster than predicted
+    assert p.overrun_ratio == 1.0  # never below 1: an underrun asks for no margin
+    for i in range(128):  # the window now holds only these: ratios 1.00 .. 2.27
+        p.observe(1024, (1.0 + i / 100) * p.predict(1024))
+    assert p.overrun_ratio == pytest.approx(1.0 + int(0.9 * 127) / 100, abs=0.02)

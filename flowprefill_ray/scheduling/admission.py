@@ -34,6 +34,17 @@ Two checks, in this order:
    a deep queue turns late by those gaps - and, once late, FlowPrefill demotes it behind all
    feasible work (tests/test_overload.py showed such requests waiting 70 s).
 
+   With ``queue`` and ``reserve_for_tighter`` the wait also counts the work that tighter SLO
+   classes are expected to bring before the deadline: for each class with a target ``T``
+   below the time left ``H``, its recent arrival rate of predicted prefill (``ArrivalRates``,
+   an exponentially decaying average over ``reserve_window_s``) times ``H - T`` - requests
+   arriving in the next ``H - T`` seconds fall due first, and earliest-deadline-first runs
+   them first. Without it, a burst of loose requests is admitted up to the last second of
+   its long window; the tight requests that arrive meanwhile then find that window full and
+   are refused (two Azure tenants on SmolLM2: 57 of 867 urgent requests, 38 of them to
+   protect admitted relaxed ones; docs/results/why_late.json). The reservation moves those
+   refusals to the loose tenant: a policy choice, measured in docs/results/why_late_sim.json.
+
    On a predicted miss ``reject`` refuses the request; ``downgrade`` moves it to the tightest
    looser SLO class (larger TTFT target) of the policy's ``SLOConfig`` under which the same
    test passes, with deadline ``arrival + that target``, or rejects it if none does. Only a
@@ -53,7 +64,7 @@ from __future__ import annotations
 import math
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
 from .events import Downgrade, Reject
 from .predictor import TTFTPredictor
@@ -94,6 +105,17 @@ class AdmissionConfig(BaseModel):
     retry_after_s: NonNegativeFloat = Field(
         1.0, description="Retry-After hint sent with a rejection, seconds"
     )
+    reserve_for_tighter: bool = Field(
+        False,
+        description="queue: admit a request only if the work expected to arrive from "
+        "tighter SLO classes before its deadline still fits (each class's recent arrival "
+        "rate of predicted prefill); keeps a loose tenant's burst from filling the time a "
+        "tight tenant needs",
+    )
+    reserve_window_s: PositiveFloat = Field(
+        30.0,
+        description="time constant of the per-class arrival-rate estimate, seconds",
+    )
     headroom: float = Field(
         0.0,
         ge=0.0,
@@ -117,6 +139,11 @@ class QueueEstimate(Protocol):
         without pushing a protected admitted request due later past its deadline."""
         ...
 
+    @property
+    def worker_count(self) -> int:
+        """Prefill workers the work is spread over."""
+        ...
+
 
 class AdmissionControl:
     """Applies an ``AdmissionConfig`` to arrivals. ``slo`` gives the downgrade classes."""
@@ -129,6 +156,7 @@ class AdmissionControl:
         self._classes: list[SLOClass] = sorted(
             (slo.resolve(name) for name in slo.class_names), key=lambda c: c.ttft_slo_s
         )
+        self.arrivals = ArrivalRates(config.reserve_window_s)
 
     @property
     def uses_queue_estimate(self) -> bool:
@@ -165,6 +193,9 @@ class AdmissionControl:
         if cfg.action == "admit":
             return None
         own_s = self.predictor.predict(rec.remaining_tokens)
+        if cfg.reserve_for_tighter:
+            # Every arrival, admitted or not, is demand the tight classes will bring again.
+            self.arrivals.add(rec.ttft_slo_s, own_s, now)
         use_queue = saturated and cfg.estimate == "queue"
         miss = self._miss(
             rec.deadline_s - cfg.headroom * rec.ttft_slo_s,
@@ -191,8 +222,14 @@ class AdmissionControl:
     ) -> str | None:
         """Why a request due at ``deadline_s`` needing ``own_s`` seconds would miss, or None."""
         wait_s = queue.work_ahead_s(deadline_s, now) if queue is not None else 0.0
-        if slack_s(deadline_s, now + wait_s, own_s) < 0.0:
+        reserved_s = 0.0
+        if queue is not None and self.config.reserve_for_tighter:
+            reserved_s = self.arrivals.expected_tighter_s(deadline_s - now, now)
+            reserved_s /= max(1, queue.worker_count)
+        if slack_s(deadline_s, now + wait_s + reserved_s, own_s) < 0.0:
             after = f" after {wait_s:.3f}s of earlier work" if queue is not None else ""
+            if reserved_s > 0.0:
+                after += f" and {reserved_s:.3f}s kept for tighter SLO classes"
             return (
                 f"predicted to miss its TTFT deadline: prefill {own_s:.3f}s{after}, "
                 f"{deadline_s - now:.3f}s left"
@@ -213,3 +250,47 @@ class AdmissionControl:
         if own is None or not math.isclose(own.ttft_slo_s, rec.ttft_slo_s, rel_tol=1e-9):
             return None
         return [c for c in self._classes if c.ttft_slo_s > rec.ttft_slo_s]
+
+
+class ArrivalRates:
+    """Recent arrival rate of predicted prefill work per TTFT target (seconds of work per
+    second), an exponentially decaying sum with time constant ``window_s``.
+
+    ``expected_tighter_s(horizon_s)``: the work expected to arrive, and to be due, within
+    ``horizon_s`` from requests with a tighter target ``T < horizon_s``: a request arriving
+    at ``t`` is due at ``t + T``, so arrivals in the first ``horizon_s - T`` seconds are due
+    within the horizon: ``sum(rate_T * (horizon_s - T))``. Under earliest-deadline-first they
+    run before a request due at the horizon, so admitting it must leave that much room."""
+
+    # Targets are kept on a 5 % logarithmic grid: explicit per-request targets then add at
+    # most a few hundred entries, however many distinct values clients send.
+    _GRID = math.log(1.05)
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        # grid step -> [rate, last update time, the largest target seen in the step]
+        self._rates: dict[int, list[float]] = {}
+
+    def add(self, target_s: float, work_s: float, now: float) -> None:
+        step = math.floor(math.log(target_s) / self._GRID)
+        entry = self._rates.setdefault(step, [0.0, now, target_s])
+        entry[0] = self._decayed(entry, now) + work_s / self.window_s
+        entry[1] = now
+        entry[2] = max(entry[2], target_s)  # exact for class targets; never too tight
+
+    def _decayed(self, entry: list[float], now: float) -> float:
+        rate, then, _ = entry
+        return rate * math.exp(-(now - then) / self.window_s) if now > then else rate
+
+    def rate(self, target_s: float, now: float) -> float:
+        """Seconds of predicted prefill per second arriving with this target, recently."""
+        entry = self._rates.get(math.floor(math.log(target_s) / self._GRID))
+        return 0.0 if entry is None else self._decayed(entry, now)
+
+    def expected_tighter_s(self, horizon_s: float, now: float) -> float:
+        total = 0.0
+        for entry in self._rates.values():
+            target = entry[2]
+            if target < horizon_s:
+                total += self._decayed(entry, now) * (horizon_s - target)
+        return total

@@ -5,7 +5,9 @@ at least ``alpha x its TTFT SLO`` of time before its deadline. Waiting requests 
 in priority order; a request joins when it has at most ``token_bound`` tokens, the batch total
 stays within ``token_bound`` and the worker has KV memory for the total. The scan stops before
 the first request whose addition would leave the head less than ``alpha x SLO`` of time:
-``(deadline_head - now) - predict(batch_tokens) < alpha * slo_head``. At most
+``(deadline_head - now) - predict(batch_tokens) x overrun < alpha * slo_head``, where
+``overrun`` is the predictor's recent 90th-percentile actual/predicted ratio (at least 1;
+1 without online correction or with ``batch_error_margin`` off). At most
 ``batch_scan_limit`` requests are examined, so the work per event stays bounded; requests
 over ``token_bound`` tokens are not examined at all (the queue keeps them apart).
 """
@@ -37,6 +39,12 @@ def form_slo_batch(
     total = head.prompt_tokens - head.prefilled_tokens
     time_left = head.deadline_s - now
     margin = config.alpha * head.ttft_slo_s
+    # Units overrun their prediction now and then (noise, decode sharing the cores): price
+    # the batch as the recent 1-in-10 overrun would, so such an overrun still leaves the head
+    # its margin (``PolicyConfig.batch_error_margin``).
+    inflate = (
+        predictor.overrun_ratio if config.batch_error_margin and config.online_correction else 1.0
+    )
     if head.prefilled_tokens != 0 or total > bound or time_left < margin:
         return items
     examined: list[RequestRecord] = []
@@ -51,7 +59,7 @@ def form_slo_batch(
         new_total = total + tokens
         if new_total > bound or not kv_admits(new_total):
             continue
-        if time_left - predictor.predict(new_total) < margin:
+        if time_left - predictor.predict(new_total) * inflate < margin:
             break
         items.append(WorkItem(rec.request_id, rec.prefilled_tokens, rec.prompt_tokens))
         examined.pop()

@@ -95,6 +95,13 @@ class PolicyConfig(BaseModel):
         description="with online_correction: learn each unit's wall time beyond its compute "
         "(a live runtime's dispatch and report round trips) and add it to every prediction",
     )
+    batch_error_margin: bool = Field(
+        True,
+        description="with online_correction: SLO-aware batching prices a candidate batch at "
+        "its prediction times the 90th percentile of recent units' actual/predicted compute "
+        "(at least 1), so a batch that overruns as often as one in ten still leaves its head "
+        "alpha x SLO",
+    )
     admission: AdmissionConfig = Field(
         default_factory=AdmissionConfig,
         description="admission control on arrival: waiting-queue bound and what to do with "

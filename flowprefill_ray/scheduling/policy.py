@@ -370,6 +370,11 @@ class Policy(ABC):
             total += self.waiting_work.work_before_s(deadline_s, now)
         return total / len(self.workers) if self.workers else float("inf")
 
+    @property
+    def worker_count(self) -> int:
+        """Prefill workers known to the policy (the admission estimate spreads work over them)."""
+        return len(self.workers)
+
     def spare_work_s(self, deadline_s: float, now: float) -> float:
         """Seconds of prefill a request due at ``deadline_s`` may add without pushing a
         protected waiting request due later past its deadline, charging every running unit

@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+# The overrun percentile is taken over this many recent units.
+_RATIO_WINDOW = 128
 
 
 class PredictorConfig(BaseModel):
@@ -118,6 +122,9 @@ class TTFTPredictor:
         # report round trips of a live runtime; 0 in the simulator): learned online by
         # ``observe_unit_overhead``, added to every prediction, never saved with the fit.
         self.unit_overhead_s = 0.0
+        # Recent actual/predicted compute ratios (see ``overrun_ratio``).
+        self._ratios: deque[float] = deque(maxlen=_RATIO_WINDOW)
+        self._overrun = 1.0
         self.kept_points: list[tuple[int, float]] = []
         self.dropped_points: list[tuple[int, float]] = []
         self._table = self._tabulate()
@@ -238,9 +245,21 @@ class TTFTPredictor:
         if base <= 0.0:
             return
         cfg = self.config
+        # Against the prediction in force when the unit was priced (before this update).
+        self._ratios.append(seconds / (base * self.correction))
+        # Once per completed unit, not per event: sorting 128 floats costs a few microseconds.
+        ordered = sorted(self._ratios)
+        self._overrun = max(1.0, ordered[int(0.9 * (len(ordered) - 1))])
         w = cfg.ewma_weight
         updated = (1.0 - w) * self.correction + w * (seconds / base)
         self.correction = min(max(updated, cfg.min_correction), cfg.max_correction)
+
+    @property
+    def overrun_ratio(self) -> float:
+        """The 90th percentile of actual/predicted compute over the last ``_RATIO_WINDOW``
+        observed units, at least 1 (1 before any): how much longer than predicted one unit
+        in ten ran, lately."""
+        return self._overrun
 
     def observe_unit_overhead(self, seconds: float) -> None:
         """Feed one unit's wall time beyond its compute (from the policy's dispatch to the
