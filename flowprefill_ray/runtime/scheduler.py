@@ -8,6 +8,14 @@ request to the least-loaded decode worker: it forwards the ObjectRef of the KV, 
 
 Its own cost is measured per event: the time inside ``policy.on_event`` plus dispatching the
 decisions (issuing the remote calls, not waiting for them).
+
+This file is the actor: its calls, its state and the event loop. Its parts, each a plain
+object the actor creates and owns, live beside it:
+
+- unit_calls.py: the calls that carry units through the prefill workers, and their answers;
+- decode_handoff.py: the decode workers' loads and the hand-off of a finished prefill;
+- prefill_failures.py: a prefill worker dies, a unit breaks, a request fails;
+- scheduler_stats.py: the samples behind ``stats()`` and the queue gauges.
 """
 
 from __future__ import annotations
@@ -16,11 +24,10 @@ import asyncio
 import logging
 import os
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from flowprefill_ray.model.sampling import SamplingParams
 from flowprefill_ray.scheduling import Request, TTFTPredictor, make_policy
@@ -35,37 +42,25 @@ from flowprefill_ray.scheduling.events import (
     Reject,
     Resume,
     RunUnit,
-    UnitCompleted,
-    UnitPaused,
     WorkerJoined,
-    WorkerLeft,
     WorkUnit,
 )
 from flowprefill_ray.scheduling.timeline import Timeline
 
 from .config import RuntimeConfig
-from .errors import (
-    DuplicateRequestError,
-    EngineUnavailableError,
-    RequestFailedError,
-    RequestRejectedError,
-)
-from .messages import AcceptAck, FirstToken, Handoff, PrefillDone, PrefillItemSpec, UnitOutcome
+from .decode_handoff import DecodeHandoff
+from .errors import DuplicateRequestError, EngineUnavailableError, RequestRejectedError
+from .messages import PrefillDone
 from .metrics import RuntimeMetrics
-from .rejoin import wait_until_restarted
+from .prefill_failures import FailureHandling
+from .scheduler_stats import QueueGauges, SchedulerSamples
+from .unit_calls import UnitCalls
 
 logger = logging.getLogger(__name__)
 
-_WORKER_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
-# Samples kept for stats(): enough for percentiles of a benchmark run, bounded for a server.
-_SAMPLES = 20000
-# Queue gauges are refreshed at most this often (seconds): counting the queue is O(requests),
-# too much to repeat on every event under load, and Prometheus scrapes far less often anyway.
-_GAUGE_PERIOD_S = 0.1
-
 
 @dataclass
-class _Tracked:
+class TrackedRequest:
     """A request from arrival until its first token (then the decode worker owns it)."""
 
     request: Request
@@ -78,23 +73,12 @@ class _Tracked:
     workers: set[str] = field(default_factory=set)
 
 
-@dataclass
-class _DecodeLoad:
-    """The scheduler's view of one decode worker: last reported load plus hand-offs in flight."""
-
-    handle: object
-    running: int = 0
-    waiting: int = 0
-    kv_usage: float = 0.0
-    in_flight: int = 0
-
-    def score(self, max_batch: int) -> float:
-        # KV memory and queue length both limit how soon a new request gets decode steps.
-        return self.kv_usage + (self.running + self.waiting + self.in_flight) / max_batch
-
-
 class Scheduler:
-    """See the module docstring. Created by ``FlowPrefillEngine.start``."""
+    """See the module docstring. Created by ``FlowPrefillEngine.start``.
+
+    Its parts (``UnitCalls``, ``FailureHandling``) read and change the state set up in
+    ``__init__`` directly: they run on this actor's one event loop, so they need no locks.
+    """
 
     def __init__(
         self,
@@ -110,8 +94,7 @@ class Scheduler:
         self.timeline = Timeline.for_policy(self.policy, config.timeline.capacity)
         self._origin = time.monotonic()
         self._prefill = dict(prefill_workers)
-        self._decode = {wid: _DecodeLoad(handle) for wid, handle in decode_workers.items()}
-        self._requests: dict[str, _Tracked] = {}
+        self._requests: dict[str, TrackedRequest] = {}
         self._units: dict[int, WorkUnit] = {}
         self._running_unit: dict[str, int | None] = {wid: None for wid in self._prefill}
         self._paused_units: dict[str, set[int]] = {wid: set() for wid in self._prefill}
@@ -126,15 +109,16 @@ class Scheduler:
         self._rejoining: set[str] = set()
         transport = config.kv_transfer.mode
         self._kv_transport = None if transport == "object_store" else transport
+        self._decode = DecodeHandoff(
+            decode_workers, config.decode.max_batch_size, self._kv_transport, self._spawn
+        )
         self._metrics = RuntimeMetrics()
-        # Measurements for stats() (seconds).
-        self._event_seconds: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=_SAMPLES))
-        self._policy_seconds: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=_SAMPLES))
-        self._gauges_at = 0.0
-        self._blocking_s: deque[float] = deque(maxlen=_SAMPLES)
-        self._block_in_flight_s: deque[float] = deque(maxlen=_SAMPLES)
-        self._transfers: deque[tuple[int, float]] = deque(maxlen=_SAMPLES)
+        # Measurements for stats() (seconds) and the queue gauges.
+        self._samples = SchedulerSamples()
+        self._gauges = QueueGauges(self._metrics)
         self._counts: dict[str, int] = defaultdict(int)
+        self._unit_calls = UnitCalls(self)
+        self._failures = FailureHandling(self)
 
     # ----------------------------------------------------------------- public calls
 
@@ -172,16 +156,14 @@ class Scheduler:
         # Decode workers report their load back when requests finish; without that the
         # last accept reply would be all we knew, and it never goes down.
         me = context.current_actor
-        await asyncio.gather(*(d.handle.report_load_to.remote(me) for d in self._decode.values()))
+        await asyncio.gather(*(h.report_load_to.remote(me) for h in self._decode.handles))
         if restarted and self._kv_transport is not None:
             await self.setup_kv_transport()
         self._ready.set()
 
     def decode_load(self, decode_id: str, running: int, waiting: int, kv_usage: float) -> None:
         """A decode worker's load changed (a request finished or was freed)."""
-        load = self._decode.get(decode_id)
-        if load is not None:
-            load.running, load.waiting, load.kv_usage = running, waiting, kv_usage
+        self._decode.update_load(decode_id, running, waiting, kv_usage)
 
     def now(self) -> float:
         """Seconds on the scheduler's monotonic clock (the policy's time base)."""
@@ -215,7 +197,7 @@ class Scheduler:
             slo_class=slo_class,
             ttft_slo_s=ttft_slo_s,
         ).with_slo(self.config.slo)
-        tracked = _Tracked(
+        tracked = TrackedRequest(
             request, tuple(token_ids), sampling, asyncio.get_running_loop().create_future()
         )
         self._requests[request_id] = tracked
@@ -247,7 +229,7 @@ class Scheduler:
         Created from this actor because it is the one that issues the tensor-transport calls."""
         from ray.experimental.collective import create_collective_group
 
-        actors = [*self._prefill.values(), *(d.handle for d in self._decode.values())]
+        actors = [*self._prefill.values(), *self._decode.handles]
         backend = "torch_gloo" if self._kv_transport == "gloo" else "nccl"
         # A restarted scheduler makes its own group: the old one belonged to the dead process.
         name = f"{self.config.name_prefix}-kv-{self._epoch}"
@@ -271,8 +253,6 @@ class Scheduler:
 
     def stats(self) -> dict:
         """Counters and raw samples (seconds) for the benchmark and tests."""
-        overhead = {name: list(values) for name, values in self._event_seconds.items()}
-        policy_only = {name: list(values) for name, values in self._policy_seconds.items()}
         return {
             "pid": os.getpid(),
             "epoch": self._epoch,
@@ -281,21 +261,9 @@ class Scheduler:
             "prefill_workers": sorted(self._prefill),
             "running_units": {w: u for w, u in self._running_unit.items()},
             "paused_units": {w: sorted(u) for w, u in self._paused_units.items()},
-            "event_overhead_s": overhead,
-            "policy_decision_s": policy_only,
-            "preemption_blocking_s": list(self._blocking_s),
-            # The block each of those preemptions waited for, measured in the worker.
-            "preemption_block_in_flight_s": list(self._block_in_flight_s),
-            "kv_transfers": list(self._transfers),
-            "decode_load": {
-                wid: {
-                    "running": d.running,
-                    "waiting": d.waiting,
-                    "kv_usage": d.kv_usage,
-                    "in_flight": d.in_flight,
-                }
-                for wid, d in self._decode.items()
-            },
+            **self._samples.export(),
+            "kv_transfers": list(self._decode.transfers),
+            "decode_load": self._decode.export(),
             "predictor_correction": getattr(self.predictor, "correction", 1.0),
             "predictor_max_tokens": getattr(self.predictor, "max_tokens", None),
             # The policy's own counters (preemptions, evictions, rejects, ...) and states.
@@ -314,257 +282,32 @@ class Scheduler:
             self._dispatch(decision)
         finished = time.perf_counter()
         name = type(event).__name__
-        self._event_seconds[name].append(finished - started)
-        # The policy's share alone: dispatching is mostly Ray's cost of issuing remote calls.
-        self._policy_seconds[name].append(decided - started)
+        self._samples.event(name, started, decided, finished)
         self._metrics.observe("flowprefill_scheduler_event_seconds", finished - started, event=name)
-        if finished - self._gauges_at >= _GAUGE_PERIOD_S:
-            self._gauges_at = finished
-            self._report_gauges()
+        self._gauges.refresh(
+            finished,
+            self._prefill,
+            self._units,
+            self._running_unit,
+            self._paused_units,
+            self._requests,
+        )
 
     def _dispatch(self, decision: Decision) -> None:
         if isinstance(decision, RunUnit):
-            self._run(decision.unit)
+            self._unit_calls.run(decision.unit)
         elif isinstance(decision, Preempt):
-            self._counts["preempt_decisions"] += 1
-            self._spawn(self._preempt(decision.worker_id, decision.unit_id))
+            self._unit_calls.preempt(decision.worker_id, decision.unit_id)
         elif isinstance(decision, Resume):
-            self._paused_units[decision.worker_id].discard(decision.unit_id)
-            self._running_unit[decision.worker_id] = decision.unit_id
-            handle = self._prefill[decision.worker_id]
-            self._spawn(
-                self._await_unit(
-                    decision.worker_id,
-                    decision.unit_id,
-                    handle.resume.remote(decision.unit_id, self._epoch),
-                )
-            )
+            self._unit_calls.resume(decision.worker_id, decision.unit_id)
         elif isinstance(decision, Discard):
-            self._paused_units.get(decision.worker_id, set()).discard(decision.unit_id)
-            unit = self._units.pop(decision.unit_id, None)
-            self._spawn(self._discard(decision.worker_id, decision.unit_id, unit))
-            for rid in unit.request_ids if unit else ():
-                self._forget(rid, unit_gone=True)
+            self._unit_calls.discard(decision.worker_id, decision.unit_id)
         elif isinstance(decision, Reject):
             self._reject(decision)
         elif isinstance(decision, Downgrade):
             self._downgrade(decision)
         else:  # pragma: no cover - the contract has no other decisions
             raise TypeError(f"unknown decision {decision!r}")
-
-    def _run(self, unit: WorkUnit) -> None:
-        items = []
-        now = self.now()
-        for item in unit.items:
-            tracked = self._requests[item.request_id]
-            if tracked.first_run_s is None:
-                tracked.first_run_s = now
-                queue_s = now - tracked.request.arrival_s
-                self._metrics.observe(
-                    "flowprefill_request_queue_time_seconds",
-                    queue_s,
-                    slo_class=tracked.request.slo_class,
-                )
-            tracked.workers.add(unit.worker_id)
-            items.append(
-                PrefillItemSpec(
-                    item.request_id,
-                    item.start,
-                    item.end,
-                    tracked.token_ids[item.start : item.end],
-                    tracked.request.prompt_tokens,
-                    tracked.sampling,
-                )
-            )
-        self._units[unit.unit_id] = unit
-        self._running_unit[unit.worker_id] = unit.unit_id
-        self._counts["units"] += 1
-        self._metrics.observe("flowprefill_prefill_batch_size", len(unit.items))
-        self._metrics.observe("flowprefill_prefill_batch_tokens", unit.tokens)
-        handle = self._prefill[unit.worker_id]
-        self._spawn(
-            self._await_unit(
-                unit.worker_id, unit.unit_id, handle.run.remote(unit.unit_id, items, self._epoch)
-            )
-        )
-
-    async def _await_unit(self, worker_id: str, unit_id: int, call) -> None:
-        try:
-            outcome: UnitOutcome = await call
-        except _WORKER_GONE:
-            self._worker_failed(worker_id)
-            return
-        except Exception as error:  # a bug or a bad request inside the worker
-            logger.exception("prefill unit %s failed on %s", unit_id, worker_id)
-            self._unit_failed(worker_id, unit_id, error)
-            return
-        if worker_id not in self._prefill:
-            return  # the worker was declared failed meanwhile; the policy re-queued its work
-        if self._running_unit.get(worker_id) == unit_id:
-            self._running_unit[worker_id] = None
-        if outcome.status == "paused":
-            self._paused(worker_id, outcome)
-        else:
-            self._completed(worker_id, outcome)
-
-    def _paused(self, worker_id: str, outcome: UnitOutcome) -> None:
-        self._paused_units[worker_id].add(outcome.unit_id)
-        self._blocking_s.append(outcome.blocking_s)
-        self._block_in_flight_s.append(outcome.block_s)
-        self._counts["preemptions"] += 1
-        self._metrics.inc("flowprefill_preemptions_total", worker_id=worker_id)
-        self._metrics.observe(
-            "flowprefill_preemption_blocking_seconds", outcome.blocking_s, worker_id=worker_id
-        )
-        unit = self._units.get(outcome.unit_id)
-        for rid in unit.request_ids if unit else ():
-            if rid in self._requests:
-                self._requests[rid].preemptions += 1
-        self._handle(UnitPaused(worker_id, outcome.unit_id, outcome.executed_s, outcome.blocking_s))
-
-    def _completed(self, worker_id: str, outcome: UnitOutcome) -> None:
-        unit = self._units.pop(outcome.unit_id, None)
-        if unit is not None:
-            predicted = self.predictor.predict(unit.tokens)
-            if predicted > 0 and outcome.executed_s > 0:
-                self._metrics.observe(
-                    "flowprefill_ttft_prediction_ratio", outcome.executed_s / predicted
-                )
-            self._metrics.inc("flowprefill_prompt_tokens_total", unit.tokens)
-        rids = unit.request_ids if unit else ()
-        # Requests cancelled while their unit ran (decided before first tokens are taken out).
-        cancelled = [rid for rid in rids if rid not in self._requests]
-        # Members whose own prefill failed (the worker isolated them): they fail alone, before
-        # the policy hears of the completion, so it does not treat them as served.
-        for failed in outcome.failed:
-            logger.error(
-                "prefill of %s failed on %s: %s", failed.request_id, worker_id, failed.detail
-            )
-            self._fail_request(failed.request_id)
-        self._handle(UnitCompleted(worker_id, outcome.unit_id, outcome.executed_s))
-        for first in outcome.first_tokens:
-            self._first_token(worker_id, first)
-        for rid in cancelled:
-            self._spawn(self._drop(worker_id, rid))  # their KV must not stay on the worker
-        for rid in rids:
-            self._forget(rid)
-
-    def _first_token(self, worker_id: str, first: FirstToken) -> None:
-        tracked = self._requests.pop(first.request_id, None)
-        if tracked is None:  # cancelled meanwhile; _completed drops its KV
-            return
-        request = tracked.request
-        now = self.now()
-        ttft_s = now - request.arrival_s
-        met = ttft_s <= request.ttft_target_s
-        self._counts["slo_met" if met else "slo_missed"] += 1
-        self._metrics.inc(
-            "flowprefill_slo_met_total" if met else "flowprefill_slo_missed_total",
-            slo_class=request.slo_class,
-        )
-        decode_id = None
-        if first.finish_reason is None:
-            decode_id = self._pick_decode()
-            try:
-                self._handoff(worker_id, decode_id, tracked, first)
-            except Exception as error:  # e.g. a transport misconfiguration: fail loudly, not hang
-                logger.exception("hand-off of %s failed", request.request_id)
-                tracked.done.set_exception(
-                    RequestFailedError(f"KV hand-off of {request.request_id} failed: {error}")
-                )
-                return
-        queue_s = (
-            tracked.first_run_s if tracked.first_run_s is not None else now
-        ) - request.arrival_s
-        tracked.done.set_result(
-            PrefillDone(
-                request.request_id,
-                first.token_id,
-                first.finish_reason,
-                decode_id,
-                queue_s,
-                ttft_s,
-                tracked.preemptions,
-                request.ttft_target_s,
-                request.slo_class,
-                tracked.requested_slo_class,
-            )
-        )
-
-    def _pick_decode(self) -> str:
-        max_batch = self.config.decode.max_batch_size
-        return min(self._decode, key=lambda wid: self._decode[wid].score(max_batch))
-
-    def _handoff(
-        self, prefill_id: str, decode_id: str, tracked: _Tracked, first: FirstToken
-    ) -> None:
-        handoff = Handoff(
-            tracked.request.request_id,
-            first.token_id,
-            tracked.request.prompt_tokens,
-            tracked.sampling,
-            tracked.request.slo_class,
-            first.generator_state,
-            time.time(),
-        )
-        take = self._prefill[prefill_id].take_kv
-        load = self._decode[decode_id]
-        if self._kv_transport is None:
-            # The ref travels nested in a list: the decode worker fetches (and times) the bytes
-            # itself from the object store; this actor never touches them.
-            call = load.handle.accept.remote(handoff, [take.remote(handoff.request_id)])
-        else:
-            # Ray Direct Transport: the tensors go prefill worker -> decode worker over the
-            # collective group when the decode worker's call needs them.
-            kv_ref = take.options(tensor_transport=self._kv_transport).remote(handoff.request_id)
-            call = load.handle.accept_direct.remote(handoff, kv_ref)
-        load.in_flight += 1
-        self._spawn(self._await_accept(decode_id, call))
-
-    async def _await_accept(self, decode_id: str, call) -> None:
-        load = self._decode.get(decode_id)
-        try:
-            ack: AcceptAck = await call
-        except Exception:
-            # The client's stream from that decode worker fails too and reports the error.
-            logger.exception("hand-off to decode worker %s failed", decode_id)
-            return
-        finally:
-            if load is not None:
-                load.in_flight -= 1
-        load.running, load.waiting, load.kv_usage = ack.running, ack.waiting, ack.kv_usage
-        self._transfers.append((ack.kv_bytes, ack.transfer_s))
-
-    async def _preempt(self, worker_id: str, unit_id: int) -> None:
-        handle = self._prefill.get(worker_id)
-        if handle is None:
-            return
-        try:
-            await handle.preempt.remote(unit_id, self._epoch)
-        except _WORKER_GONE:
-            self._worker_failed(worker_id)
-        # The run/resume call of the unit returns with status "paused" (or "completed"); that
-        # return, not this one, is the event the policy hears.
-
-    async def _discard(self, worker_id: str, unit_id: int, unit: WorkUnit | None) -> None:
-        handle = self._prefill.get(worker_id)
-        if handle is None:
-            return
-        try:
-            await handle.discard.remote(unit_id, self._epoch)
-            for rid in unit.request_ids if unit else ():
-                if rid not in self._requests:
-                    await handle.drop_request.remote(rid)
-        except _WORKER_GONE:
-            self._worker_failed(worker_id)
-
-    async def _drop(self, worker_id: str, request_id: str) -> None:
-        handle = self._prefill.get(worker_id)
-        if handle is not None:
-            try:
-                await handle.drop_request.remote(request_id)
-            except _WORKER_GONE:
-                self._worker_failed(worker_id)
 
     def _reject(self, decision: Reject) -> None:
         tracked = self._requests.pop(decision.request_id, None)
@@ -608,77 +351,9 @@ class Scheduler:
         # Finished or partial KV already sitting on a worker; KV inside a running or paused
         # unit is dropped when that unit completes or is discarded.
         for worker_id in tracked.workers:
-            self._spawn(self._drop(worker_id, request_id))
+            self._unit_calls.drop(worker_id, request_id)
         self._forget(request_id)
         return True
-
-    def _worker_failed(self, worker_id: str) -> None:
-        if worker_id not in self._prefill:
-            return
-        logger.error("prefill worker %s is gone; its work is re-queued", worker_id)
-        handle = self._prefill.pop(worker_id)
-        self._running_unit.pop(worker_id, None)
-        self._paused_units.pop(worker_id, None)
-        for unit_id in [u for u, unit in self._units.items() if unit.worker_id == worker_id]:
-            del self._units[unit_id]  # the policy re-queues their requests on WorkerLeft
-        self._counts["workers_lost"] += 1
-        self._handle(WorkerLeft(worker_id))
-        if self.config.faults.worker_max_restarts != 0 and not self._closed:
-            self._rejoining.add(worker_id)
-            self._spawn(self._rejoin(worker_id, handle))
-        self._fail_all_if_no_worker()
-
-    async def _rejoin(self, worker_id: str, handle) -> None:
-        """Wait for Ray to restart a dead prefill worker, then give it work again."""
-        info = await wait_until_restarted(worker_id, handle, self.config.faults.rejoin_timeout_s)
-        self._rejoining.discard(worker_id)
-        if info is not None and not self._closed and worker_id not in self._prefill:
-            logger.warning(
-                "prefill worker %s restarted (pid %s) and rejoins", worker_id, info["pid"]
-            )
-            try:
-                await self.add_prefill_worker(worker_id, handle)
-                self._counts["workers_rejoined"] += 1
-            except _WORKER_GONE:
-                logger.error("prefill worker %s died again before it could rejoin", worker_id)
-        self._fail_all_if_no_worker()
-
-    def _fail_all_if_no_worker(self) -> None:
-        # Requests wait for a restarting worker (bounded by rejoin_timeout_s), never forever.
-        if not self._prefill and not self._rejoining:
-            for tracked in list(self._requests.values()):
-                if not tracked.done.done():
-                    tracked.done.set_exception(
-                        EngineUnavailableError("every prefill worker is gone")
-                    )
-            self._requests.clear()
-
-    def _unit_failed(self, worker_id: str, unit_id: int, error: Exception) -> None:
-        # The worker isolates per-request failures itself (``UnitOutcome.failed``); reaching
-        # here means the unit as a whole broke, and the worker has already released it.
-        unit = self._units.pop(unit_id, None)
-        if self._running_unit.get(worker_id) == unit_id:
-            self._running_unit[worker_id] = None
-        for rid in unit.request_ids if unit else ():
-            self._fail_request(rid)
-        # The worker is idle again; the policy frees it on the unit's completion.
-        self._handle(UnitCompleted(worker_id, unit_id, 0.0))
-
-    def _fail_request(self, request_id: str) -> None:
-        """End one request with an error. The client sees a generic message and its request
-        id; the cause is in this actor's log (it may hold internals: paths, tracebacks)."""
-        tracked = self._requests.pop(request_id, None)
-        if tracked is None:
-            return
-        # Counted in stats here; the metric (finish_reason="error") is counted where the
-        # client's stream ends, in the engine, so that decode failures count too.
-        self._counts["failed"] += 1
-        if not tracked.done.done():
-            tracked.done.set_exception(
-                RequestFailedError(f"the prefill of request {request_id} failed")
-            )
-        self.timeline.note_failed(request_id, self.now())
-        self._handle(Cancelled(request_id))
 
     # ------------------------------------------------------------------- helpers
 
@@ -700,27 +375,6 @@ class Scheduler:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("scheduler task failed", exc_info=task.exception())
-
-    def _report_gauges(self) -> None:
-        in_units = set()
-        for wid in self._prefill:
-            running = self._units.get(self._running_unit.get(wid) or -1)
-            paused = [self._units[u] for u in self._paused_units.get(wid, ()) if u in self._units]
-            in_units.update(running.request_ids if running else ())
-            for unit in paused:
-                in_units.update(unit.request_ids)
-            self._metrics.set(
-                "flowprefill_prefill_requests_running",
-                len(running.items) if running else 0,
-                worker_id=wid,
-            )
-            self._metrics.set(
-                "flowprefill_prefill_requests_paused",
-                sum(len(u.items) for u in paused),
-                worker_id=wid,
-            )
-        waiting = sum(1 for rid in self._requests if rid not in in_units)
-        self._metrics.set("flowprefill_prefill_requests_waiting", waiting)
 
 
 RemoteScheduler = ray.remote(Scheduler)

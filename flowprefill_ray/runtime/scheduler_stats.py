@@ -1,0 +1,97 @@
+"""The scheduler's measurements of itself: raw samples for ``stats()`` and the queue gauges.
+
+The samples (seconds) are what the benchmarks compute the scheduler's overhead and the
+preemption blocking from; the gauges (requests running, paused and waiting in prefill, per
+prefill worker) are counted from the scheduler's own view of units and requests.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+
+from flowprefill_ray.scheduling.events import WorkUnit
+
+from .metrics import RuntimeMetrics
+
+# Samples kept for stats(): enough for percentiles of a benchmark run, bounded for a server.
+SAMPLES = 20000
+# Queue gauges are refreshed at most this often (seconds): counting the queue is O(requests),
+# too much to repeat on every event under load, and Prometheus scrapes far less often anyway.
+GAUGE_PERIOD_S = 0.1
+
+
+class SchedulerSamples:
+    """Per-event cost and preemption blocking, in seconds, as ``Scheduler.stats`` reports them."""
+
+    def __init__(self) -> None:
+        self.event_seconds: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=SAMPLES))
+        self.policy_seconds: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=SAMPLES))
+        self.blocking_s: deque[float] = deque(maxlen=SAMPLES)
+        self.block_in_flight_s: deque[float] = deque(maxlen=SAMPLES)
+
+    def event(self, name: str, started: float, decided: float, finished: float) -> None:
+        """One event handled: ``started`` to ``decided`` is the policy, to ``finished`` the
+        dispatching too (``time.perf_counter`` readings)."""
+        self.event_seconds[name].append(finished - started)
+        # The policy's share alone: dispatching is mostly Ray's cost of issuing remote calls.
+        self.policy_seconds[name].append(decided - started)
+
+    def preemption(self, blocking_s: float, block_s: float) -> None:
+        self.blocking_s.append(blocking_s)
+        self.block_in_flight_s.append(block_s)
+
+    def export(self) -> dict:
+        """The samples as lists, under the keys of ``Scheduler.stats``."""
+        overhead = {name: list(values) for name, values in self.event_seconds.items()}
+        policy_only = {name: list(values) for name, values in self.policy_seconds.items()}
+        return {
+            "event_overhead_s": overhead,
+            "policy_decision_s": policy_only,
+            "preemption_blocking_s": list(self.blocking_s),
+            # The block each of those preemptions waited for, measured in the worker.
+            "preemption_block_in_flight_s": list(self.block_in_flight_s),
+        }
+
+
+class QueueGauges:
+    """The prefill queue gauges, refreshed at most every ``GAUGE_PERIOD_S``."""
+
+    def __init__(self, metrics: RuntimeMetrics) -> None:
+        self._metrics = metrics
+        self._at = 0.0
+
+    def refresh(
+        self,
+        now: float,
+        prefill: dict[str, object],
+        units: dict[int, WorkUnit],
+        running_unit: dict[str, int | None],
+        paused_units: dict[str, set[int]],
+        requests: dict[str, object],
+    ) -> None:
+        """Report the gauges if ``GAUGE_PERIOD_S`` has passed since the last time (``now``:
+        a ``time.perf_counter`` reading); the arguments are the scheduler's view."""
+        if now - self._at >= GAUGE_PERIOD_S:
+            self._at = now
+            self._report(prefill, units, running_unit, paused_units, requests)
+
+    def _report(self, prefill, units, running_unit, paused_units, requests) -> None:
+        in_units = set()
+        for wid in prefill:
+            running = units.get(running_unit.get(wid) or -1)
+            paused = [units[u] for u in paused_units.get(wid, ()) if u in units]
+            in_units.update(running.request_ids if running else ())
+            for unit in paused:
+                in_units.update(unit.request_ids)
+            self._metrics.set(
+                "flowprefill_prefill_requests_running",
+                len(running.items) if running else 0,
+                worker_id=wid,
+            )
+            self._metrics.set(
+                "flowprefill_prefill_requests_paused",
+                sum(len(u.items) for u in paused),
+                worker_id=wid,
+            )
+        waiting = sum(1 for rid in requests if rid not in in_units)
+        self._metrics.set("flowprefill_prefill_requests_waiting", waiting)
