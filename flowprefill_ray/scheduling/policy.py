@@ -9,6 +9,10 @@ is queued (``_enqueue``) and what to do next (``_schedule``), using the ``_start
 one place. Admission control (``admission.py``) runs here, on every ``Arrival``, for every
 policy; every request that becomes WAITING goes through ``_queue`` so that the waiting count
 (and, for the ``queue`` estimate, the waiting-work index) stays exact.
+
+Two read-only parts live in their own modules and are mixed in: ``work_estimates.py`` (a
+unit's remaining work and slack, the admission estimate's work ahead and spare room) and
+``policy_views.py`` (a request's view, ``stats``, ``forget``).
 """
 
 from __future__ import annotations
@@ -38,11 +42,10 @@ from .events import (
     WorkItem,
     WorkUnit,
 )
+from .policy_views import PolicyViews
 from .predictor import TTFTPredictor
-from .priority import slack_s
 from .records import (
     RequestRecord,
-    RequestView,
     UnitRecord,
     UnitState,
     WorkerRecord,
@@ -51,6 +54,7 @@ from .records import (
 from .request import RequestStatus
 from .slo import DEFAULT_SLO_CONFIG, SLOConfig
 from .waiting_work import WaitingWork
+from .work_estimates import WorkEstimates
 
 # (worker_id, batch tokens) -> whether the worker has KV memory for a unit of that size.
 KVCheck = Callable[[str, int], bool]
@@ -73,7 +77,7 @@ class DecisionCounts:
     decisions: int = 0  # decisions produced in all
 
 
-class Policy(ABC):
+class Policy(WorkEstimates, PolicyViews, ABC):
     """Base of all policies. Decisions happen only in ``on_event``."""
 
     name: ClassVar[str]
@@ -330,65 +334,6 @@ class Policy(ABC):
         """No worker is idle (with no workers at all, nothing can run either)."""
         return all(w.state is not WorkerState.IDLE for w in self.workers.values())
 
-    def _unit_loads(self, now: float) -> list[tuple[float, bool, bool, float]]:
-        """``(deadline_s, running, feasible, remaining_s)`` of every running, pausing and
-        paused unit at ``now``. Computed once per event: an arrival under ``downgrade`` asks
-        the estimate once per candidate class, and the state does not change in between."""
-        key = (self.counters["events"], now)
-        if self._loads_key != key:
-            loads = []
-            predict = self.predictor.predict
-            for w in self.workers.values():
-                u = w.running
-                if u is not None:
-                    ran = now - u.started_at_s  # as in UnitRecord.executed_at, inlined
-                    left = predict(u.tokens) - u.executed_s - (ran if ran > 0.0 else 0.0)
-                    remaining = left if left > 0.0 else 0.0
-                    feasible, due = u.due_s(now, remaining)
-                    loads.append((due, True, feasible, remaining))
-                if w.paused:
-                    for u in w.paused.values():
-                        left = predict(u.tokens) - u.executed_s  # paused: no time accrues
-                        remaining = left if left > 0.0 else 0.0
-                        feasible, due = u.due_s(now, remaining)
-                        loads.append((due, False, feasible, remaining))
-            self._loads, self._loads_key = loads, key
-        return self._loads
-
-    def work_ahead_s(self, deadline_s: float, now: float) -> float:
-        """Predicted seconds until a request due at ``deadline_s`` would start, if every
-        worker shared the work that runs before it under earliest-deadline-first: running
-        units' remaining compute (under a preemptive policy only those due no later and still
-        feasible), paused units due no later and still feasible, and waiting feasible
-        requests due no later (the ``queue`` admission estimate, O(units + log n))."""
-        total = 0.0
-        anyway = not self.preemptive  # a running unit keeps its worker whatever its rank
-        for due, running, feasible, remaining in self._unit_loads(now):
-            if (running and anyway) or (feasible and due <= deadline_s):
-                total += remaining
-        if self.waiting_work is not None:
-            total += self.waiting_work.work_before_s(deadline_s, now)
-        return total / len(self.workers) if self.workers else float("inf")
-
-    @property
-    def worker_count(self) -> int:
-        """Prefill workers known to the policy (the admission estimate spreads work over them)."""
-        return len(self.workers)
-
-    def spare_work_s(self, deadline_s: float, now: float) -> float:
-        """Seconds of prefill a request due at ``deadline_s`` may add without pushing a
-        protected waiting request due later past its deadline, charging every running unit
-        and every feasible paused unit before that request (``inf`` when nothing is
-        protected or the ``queue`` estimate is off)."""
-        if self.waiting_work is None or not self.config.admission.protect_admitted:
-            return float("inf")
-        busy = sum(
-            remaining
-            for _, running, feasible, remaining in self._unit_loads(now)
-            if running or feasible
-        )
-        return self.waiting_work.spare_work_s(deadline_s, now, len(self.workers), busy)
-
     # ------------------------------------------------------------------ decision helpers
 
     def _start_unit(self, w: WorkerRecord, items: list[WorkItem], now: float) -> RunUnit:
@@ -487,75 +432,3 @@ class Policy(ABC):
 
     def _kv_admits(self, worker_id: str, tokens: int) -> bool:
         return self.kv_check is None or self.kv_check(worker_id, tokens)
-
-    # ------------------------------------------------------------------ unit timing
-
-    def unit_remaining_s(self, u: UnitRecord, now: float) -> float:
-        """Predicted compute seconds ``u`` still needs at ``now`` (>= 0)."""
-        remaining = self.predictor.predict(u.tokens) - u.executed_at(now)
-        return remaining if remaining > 0.0 else 0.0
-
-    def unit_slack_and_due_s(self, u: UnitRecord, now: float) -> tuple[float, float]:
-        """``(slack, deadline)`` of the request ``u`` is ranked by (``UnitRecord.due_s``: its
-        most urgent member that can still make its deadline) if ``u`` (re)started at ``now``,
-        seconds; the slack is negative when no member can."""
-        remaining = self.unit_remaining_s(u, now)
-        due = u.due_s(now, remaining)[1]
-        return slack_s(due, now, remaining), due
-
-    def unit_slack_s(self, u: UnitRecord, now: float) -> float:
-        """Slack of the request ``u`` is ranked by (see ``unit_slack_and_due_s``), seconds."""
-        return self.unit_slack_and_due_s(u, now)[0]
-
-    # ------------------------------------------------------------------ views
-
-    def request_view(self, request_id: str) -> RequestView:
-        """Snapshot of one request; raises ``KeyError`` naming an unknown request."""
-        rec = self.requests.get(request_id)
-        if rec is None:
-            raise KeyError(f"policy {self.name!r} has no request {request_id!r}")
-        return RequestView(
-            request_id=rec.request_id,
-            status=rec.status,
-            deadline_s=rec.deadline_s,
-            executed_s=rec.executed_s,
-            prefilled_tokens=rec.prefilled_tokens,
-            worker_id=rec.worker_id,
-            unit_id=rec.unit_id,
-            slo_class=rec.slo_class,
-            ttft_slo_s=rec.ttft_slo_s,
-        )
-
-    def forget(self, request_id: str) -> None:
-        """Drop a terminal request's record (long-running services call this to bound memory).
-
-        Raises ``ValueError`` if the request is still live."""
-        rec = self.requests.get(request_id)
-        if rec is None:
-            return
-        if not rec.status.is_terminal:
-            raise ValueError(f"request {request_id!r} is {rec.status.value}, not finished")
-        del self.requests[request_id]
-
-    def stats(self) -> dict[str, Any]:
-        """Counters, request counts per status and worker states, for logs and metrics."""
-        by_status = dict.fromkeys((s.value for s in RequestStatus), 0)
-        for rec in self.requests.values():
-            by_status[rec.status.value] += 1
-        return {
-            "policy": self.name,
-            **self.counters,
-            "decision_events": self.decisions.events,
-            "decisions": self.decisions.decisions,
-            "blocking_s_total": self.blocking_s_total,
-            "requests": by_status,
-            "workers": {wid: w.state.value for wid, w in self.workers.items()},
-            "paused_units": sum(len(w.paused) for w in self.workers.values()),
-            "paused_tokens": {wid: self.paused_tokens(w) for wid, w in self.workers.items()},
-            "waiting": self.waiting,
-            # Waiting requests the queue estimate gave up protecting (admission.py).
-            "admission_unprotected": (
-                self.waiting_work.unprotected if self.waiting_work is not None else 0
-            ),
-            "predictor_correction": self.predictor.correction,
-        }

@@ -1,0 +1,111 @@
+"""Predicted work at a given ``now``: what a unit still needs, and what waits before a deadline.
+
+FlowPrefill ranks running and paused units by the slack of the member they can still make
+(``unit_slack_and_due_s``); admission control's ``queue`` estimate asks how much predicted work
+runs before a new request (``work_ahead_s``) and how much it may add without pushing an
+admitted one late (``spare_work_s``). Both read the policy's units, workers and waiting-work
+index through the ``Policy`` that inherits this class; nothing here changes state.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .priority import slack_s
+from .records import UnitRecord
+
+if TYPE_CHECKING:
+    from .config import PolicyConfig
+    from .predictor import TTFTPredictor
+    from .records import WorkerRecord
+    from .waiting_work import WaitingWork
+
+
+class WorkEstimates:
+    """Mixed into ``Policy`` (policy.py), whose state it reads."""
+
+    # Provided by Policy.
+    config: PolicyConfig
+    predictor: TTFTPredictor
+    preemptive: bool
+    workers: dict[str, WorkerRecord]
+    waiting_work: WaitingWork | None
+    counters: dict[str, int]
+    _loads: list[tuple[float, bool, bool, float]]
+    _loads_key: tuple[int, float] | None
+
+    def unit_remaining_s(self, u: UnitRecord, now: float) -> float:
+        """Predicted compute seconds ``u`` still needs at ``now`` (>= 0)."""
+        remaining = self.predictor.predict(u.tokens) - u.executed_at(now)
+        return remaining if remaining > 0.0 else 0.0
+
+    def unit_slack_and_due_s(self, u: UnitRecord, now: float) -> tuple[float, float]:
+        """``(slack, deadline)`` of the request ``u`` is ranked by (``UnitRecord.due_s``: its
+        most urgent member that can still make its deadline) if ``u`` (re)started at ``now``,
+        seconds; the slack is negative when no member can."""
+        remaining = self.unit_remaining_s(u, now)
+        due = u.due_s(now, remaining)[1]
+        return slack_s(due, now, remaining), due
+
+    def unit_slack_s(self, u: UnitRecord, now: float) -> float:
+        """Slack of the request ``u`` is ranked by (see ``unit_slack_and_due_s``), seconds."""
+        return self.unit_slack_and_due_s(u, now)[0]
+
+    def _unit_loads(self, now: float) -> list[tuple[float, bool, bool, float]]:
+        """``(deadline_s, running, feasible, remaining_s)`` of every running, pausing and
+        paused unit at ``now``. Computed once per event: an arrival under ``downgrade`` asks
+        the estimate once per candidate class, and the state does not change in between."""
+        key = (self.counters["events"], now)
+        if self._loads_key != key:
+            loads = []
+            predict = self.predictor.predict
+            for w in self.workers.values():
+                u = w.running
+                if u is not None:
+                    ran = now - u.started_at_s  # as in UnitRecord.executed_at, inlined
+                    left = predict(u.tokens) - u.executed_s - (ran if ran > 0.0 else 0.0)
+                    remaining = left if left > 0.0 else 0.0
+                    feasible, due = u.due_s(now, remaining)
+                    loads.append((due, True, feasible, remaining))
+                if w.paused:
+                    for u in w.paused.values():
+                        left = predict(u.tokens) - u.executed_s  # paused: no time accrues
+                        remaining = left if left > 0.0 else 0.0
+                        feasible, due = u.due_s(now, remaining)
+                        loads.append((due, False, feasible, remaining))
+            self._loads, self._loads_key = loads, key
+        return self._loads
+
+    def work_ahead_s(self, deadline_s: float, now: float) -> float:
+        """Predicted seconds until a request due at ``deadline_s`` would start, if every
+        worker shared the work that runs before it under earliest-deadline-first: running
+        units' remaining compute (under a preemptive policy only those due no later and still
+        feasible), paused units due no later and still feasible, and waiting feasible
+        requests due no later (the ``queue`` admission estimate, O(units + log n))."""
+        total = 0.0
+        anyway = not self.preemptive  # a running unit keeps its worker whatever its rank
+        for due, running, feasible, remaining in self._unit_loads(now):
+            if (running and anyway) or (feasible and due <= deadline_s):
+                total += remaining
+        if self.waiting_work is not None:
+            total += self.waiting_work.work_before_s(deadline_s, now)
+        return total / len(self.workers) if self.workers else float("inf")
+
+    @property
+    def worker_count(self) -> int:
+        """Prefill workers known to the policy (the admission estimate spreads work over them)."""
+        return len(self.workers)
+
+    def spare_work_s(self, deadline_s: float, now: float) -> float:
+        """Seconds of prefill a request due at ``deadline_s`` may add without pushing a
+        protected waiting request due later past its deadline, charging every running unit
+        and every feasible paused unit before that request (``inf`` when nothing is
+        protected or the ``queue`` estimate is off)."""
+        if self.waiting_work is None or not self.config.admission.protect_admitted:
+            return float("inf")
+        busy = sum(
+            remaining
+            for _, running, feasible, remaining in self._unit_loads(now)
+            if running or feasible
+        )
+        return self.waiting_work.spare_work_s(deadline_s, now, len(self.workers), busy)
