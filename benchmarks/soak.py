@@ -117,11 +117,8 @@ def _engine_config(args: argparse.Namespace, cache_dir: str) -> dict:
 
 
 async def soak(args: argparse.Namespace, argv: list[str] | None = None) -> dict:
-    from flowprefill_ray.reliability.steady_load import (
-        LoadClass,
-        measure_prefill_s,
-        run_steady_load,
-    )
+    from steady_load import LoadClass, measure_prefill_s, run_steady_load
+
     from flowprefill_ray.runtime.engine import FlowPrefillEngine
     from flowprefill_ray.scheduling.why_late import summarize
 

@@ -16,17 +16,19 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest_ray import runtime_test_config
+from repo_scripts import load_script
 
-from flowprefill_ray.reliability.steady_load import (
-    LoadClass,
-    measure_prefill_s,
-    run_steady_load,
-)
 from flowprefill_ray.runtime.config import RuntimeConfig
 from flowprefill_ray.runtime.engine import FlowPrefillEngine
 from flowprefill_ray.scheduling.why_late import format_summary, summarize
 
 pytestmark = pytest.mark.ray
+
+# The soak benchmark's load driver (a tool beside benchmarks/soak.py, not in the package).
+_steady_load = load_script("benchmarks/steady_load.py")
+LoadClass = _steady_load.LoadClass
+measure_prefill_s = _steady_load.measure_prefill_s
+run_steady_load = _steady_load.run_steady_load
 
 # Long enough that prefill, not the per-request overhead of the runtime, sets the capacity.
 PROMPT_TOKENS = 2048

@@ -6,6 +6,9 @@ drive the engine through this: requests arrive on a Poisson clock whatever the s
 rejected with 429, failed with another error), and once a second the memory the system holds
 is sampled: requests in the scheduler, KV blocks on decode workers, KV bytes and paused
 requests on prefill workers, and the resident memory of every runtime actor process.
+
+A measuring tool, not part of the serving system, so it lives beside ``soak.py`` rather than
+in the package; ``tests/test_overload.py`` loads it by path (``tests/repo_scripts.py``).
 """
 
 from __future__ import annotations
