@@ -30,6 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+# provenance.py and sim_compare.py lie beside this script: its folder is on sys.path when the
+# script runs, but not under `python -m flowprefill_ray bench` (runpy) or when a test loads
+# this file by path, so put it there.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -116,9 +121,9 @@ def add_simulation(
     """Predict every live trial with the simulator, twice: with ``cost_model`` (the served
     model's profile) as is (``simulated_*``), and calibrated to the live system (``calibrated_*``):
     its compute speed and per-unit and per-response overheads, fitted to the lowest-rate trial
-    of each policy (``loadgen.sim_compare.calibrate``). Returns the calibration and the mean
+    of each policy (``sim_compare.calibrate``). Returns the calibration and the mean
     absolute gap between live and predicted attainment, in points."""
-    from loadgen.sim_compare import calibrate, simulate_trials, simulated_goodput
+    from sim_compare import calibrate, simulate_trials, simulated_goodput
 
     calibration_requests = []
     for policy, r in results.items():

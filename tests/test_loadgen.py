@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import importlib.util
 import json
 import threading
 import time
@@ -24,6 +23,7 @@ from conftest_ray import free_port
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from repo_scripts import load_script
 
 from flowprefill_ray.demos.serving import build_parser as demo_parser
 from flowprefill_ray.scheduling.slo import SLOConfig
@@ -506,10 +506,17 @@ def test_live_goodput_search_finds_where_a_serial_server_starts_missing(server, 
     assert (tmp_path / "search" / "x1" / "results.json").exists()
 
 
+def _sim_compare():
+    # The live benchmark's simulator comparison: benchmarks/ holds scripts, not a package.
+    return load_script("benchmarks/sim_compare.py")
+
+
 def test_simulator_prediction_of_a_plan_shows_head_of_line_blocking_only_under_fcfs():
     from flowprefill_ray.simulator.experiment import prefill_s
     from flowprefill_ray.simulator.measured import MeasuredCostModel
-    from loadgen.sim_compare import plan_workload, simulate_plan
+
+    sim_compare = _sim_compare()
+    plan_workload, simulate_plan = sim_compare.plan_workload, sim_compare.simulate_plan
 
     # A 4096-token relaxed request and, just after it starts, a 64-token urgent one. The SLO
     # scale is set from the committed profile's own speed, so the test holds whatever machine
@@ -531,7 +538,9 @@ def test_simulator_prediction_of_a_plan_shows_head_of_line_blocking_only_under_f
 def test_calibration_separates_live_speed_from_per_unit_and_response_overheads():
     from flowprefill_ray.simulator.experiment import prefill_s
     from flowprefill_ray.simulator.measured import MeasuredCostModel
-    from loadgen.sim_compare import calibrate, simulate_plan
+
+    sim_compare = _sim_compare()
+    calibrate, simulate_plan = sim_compare.calibrate, sim_compare.simulate_plan
 
     base = MeasuredCostModel()
 
@@ -601,12 +610,7 @@ _EVERY_REPLAY_FLAG = {
 
 
 def _live_policies():
-    # benchmarks/ is a folder of scripts, not a package: load the script by path.
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "live_policies.py"
-    spec = importlib.util.spec_from_file_location("live_policies", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/live_policies.py")
 
 
 def _live_policies_parse_args():
@@ -686,11 +690,9 @@ def test_replay_flag_mistakes_are_named():
 
 
 def test_simulated_goodput_of_a_live_slice_holds_the_target_and_overheads_lower_it():
-    from loadgen.sim_compare import (
-        RuntimeCalibration,
-        simulate_plan,
-        simulated_goodput,
-    )
+    sim_compare = _sim_compare()
+    RuntimeCalibration = sim_compare.RuntimeCalibration
+    simulate_plan, simulated_goodput = sim_compare.simulate_plan, sim_compare.simulated_goodput
 
     replay = ReplayConfig(
         trace="azure-conv", max_requests=40, prompt_scale=1.0, max_prompt_tokens=4096,

@@ -72,7 +72,7 @@ class SimulatorConfig(BaseModel):
     ``resume_overhead_s`` seconds are paid each time a paused unit restarts.
 
     Two optional terms stand for the serving stack around the model, so a simulation can be
-    compared with a live deployment (``loadgen.sim_compare`` measures them from one):
+    compared with a live deployment (``benchmarks/sim_compare.py`` measures them from one):
     ``unit_overhead_s`` keeps a worker busy without compute at the start of every run of a unit
     (the scheduler's call to the worker and the reply: the worker idles between units for that
     long), ``response_overhead_s`` is added to every first token's time (HTTP, the Serve

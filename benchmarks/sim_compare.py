@@ -7,6 +7,9 @@ this machine's CPU (``simulator/profiles/tiny_cpu.json``); pass the profile of t
 live run served (``measured.profile_path``: the tiny model or the embedded SmolLM2), or the
 comparison prices a different model. The simulator leaves out HTTP, Ray and decode, which is
 what the comparison measures.
+
+Only the live benchmark (``live_policies.py``, beside this file) asks for this comparison, so
+it lives with it rather than in ``loadgen``: the load generator itself needs no simulator.
 """
 
 from __future__ import annotations
@@ -21,9 +24,8 @@ from flowprefill_ray.simulator.experiment import simulate
 from flowprefill_ray.simulator.measured import MeasuredCostModel
 from flowprefill_ray.simulator.results import SimulationResult
 from flowprefill_ray.workloads import TraceRecord, Workload
-
-from .config import ReplayConfig
-from .plan import PlannedRequest, load_trace_workload, plan_requests, ttft_targets
+from loadgen.config import ReplayConfig
+from loadgen.plan import PlannedRequest, load_trace_workload, plan_requests, ttft_targets
 
 
 def plan_workload(plan: list[PlannedRequest], name: str = "live-plan") -> Workload:
