@@ -25,8 +25,11 @@ from recorded_metrics import (
     record,
     target_labels,
 )
+from repo_scripts import load_script
 
-from flowprefill_ray.serve.dashboard import attainment, build_dashboard
+# The dashboard builder is a build-time script (scripts/), not part of the package.
+_builder = load_script("scripts/grafana_dashboard.py")
+attainment, build_dashboard = _builder.attainment, _builder.build_dashboard
 
 GRAFANA_DIR = Path(__file__).resolve().parent.parent / "k8s" / "grafana"
 
@@ -108,7 +111,7 @@ def test_per_class_panels_group_by_slo_class(dashboard):
 def test_committed_dashboard_is_what_the_builder_produces(dashboard):
     # A stale file would show panels the registry no longer backs.
     assert dashboard == build_dashboard(), (
-        "k8s/grafana is stale: run `python -m flowprefill_ray.serve.dashboard --out k8s/grafana`"
+        "k8s/grafana is stale: run `python scripts/grafana_dashboard.py --out k8s/grafana`"
     )
 
 
