@@ -12,8 +12,8 @@ With ``--simulate`` each live trial is also run through the discrete-event simul
 requests, arrivals, lengths and SLO targets; the committed CPU profile of the model served:
 ``simulator/profiles/tiny_cpu.json`` with ``--tiny``, ``smollm2_cpu.json`` otherwise), to show
 how well the simulator predicts the runtime. Both profiles were measured on one thread of the
-development machine; elsewhere, measure one (``python -m flowprefill_ray.simulator.profile_model``)
-and pass it with ``--profile``.
+development machine; elsewhere, measure one (``python scripts/profile_model.py``) and pass it
+with ``--profile``.
 
 Prints a table and ratios (flowprefill / each baseline) and writes JSON (``--out``) plus plots
 next to it. Run:  python benchmarks/live_policies.py --tiny --out results/live_policies.json

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from repo_scripts import load_script
 
 from flowprefill_ray.simulator.cost_model import (
     ItemShape,
@@ -186,7 +187,8 @@ def test_goodput_with_a_custom_measure_uses_it():
 
 def test_profiler_measures_our_model_and_writes_a_loadable_profile(tmp_path):
     pytest.importorskip("torch")
-    from flowprefill_ray.simulator.profile_model import main as profile_main
+    # The profiler runs the torch model, so it is a script (scripts/), not simulator code.
+    profile_main = load_script("scripts/profile_model.py").main
 
     out = tmp_path / "profile.json"
     profile_main(["--quick", "--repeats", "1", "--out", str(out)])

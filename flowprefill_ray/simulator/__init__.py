@@ -1,6 +1,6 @@
 """Discrete-event simulator of prefill workers driven by the real scheduling policies, cost
 models (measured CPU profile, GPU roofline) and the goodput search. Plain Python: no Ray, no
-torch (``profile_model.py`` imports torch lazily to measure our model)."""
+torch (the profiler that measures our model with torch is ``scripts/profile_model.py``)."""
 
 from .cost_model import CostModel, Granularity, ItemShape, UnitCost, UnitTimeline, plan_unit
 from .engine import PolicyContractError, SimulationStalled, Simulator, SimulatorConfig

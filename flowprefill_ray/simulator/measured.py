@@ -1,4 +1,4 @@
-"""A cost model fitted to block latencies measured on our own model (``profile_model.py``).
+"""A cost model fitted to block latencies measured on our own model (scripts/profile_model.py).
 
 Fitted forms (seconds; ``T`` = new tokens in the unit, summed over its sequences; per
 sequence ``pairs = T_i * C_i + T_i (T_i + 1) / 2`` causal query-key pairs, ``C_i`` = earlier KV):
@@ -53,7 +53,7 @@ class MeasuredProfile(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> MeasuredProfile:
-        """Read a profile JSON written by ``profile_model.py``."""
+        """Read a profile JSON written by ``scripts/profile_model.py``."""
         return cls.model_validate(json.loads(Path(path).read_text()))
 
 
@@ -75,7 +75,7 @@ def profile_path(model: str) -> Path:
     if model not in PROFILES:
         raise ValueError(
             f"no committed simulator profile for model {model!r}; known: {sorted(PROFILES)} "
-            "(measure one with python -m flowprefill_ray.simulator.profile_model --model ...)"
+            "(measure one with python scripts/profile_model.py --model ...)"
         )
     return PROFILES_DIR / PROFILES[model]
 

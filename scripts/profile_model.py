@@ -1,7 +1,6 @@
 """Measure our model's block latencies and fit the simulator's ``MeasuredCostModel``.
 
-    .venv/bin/python -m flowprefill_ray.simulator.profile_model \
-        --out flowprefill_ray/simulator/profiles/tiny_cpu.json
+    .venv/bin/python scripts/profile_model.py --out flowprefill_ray/simulator/profiles/tiny_cpu.json
 
 Builds the random-weight tiny Llama of docs/ENVIRONMENT (4 layers, hidden 256, 4/2 heads) with
 ``flowprefill_ray.model.checkpoints.tiny_checkpoint`` (or loads ``--model``: ``default`` is the
@@ -11,8 +10,11 @@ records the attention block (input norm .. output projection), the MLP block (po
 down projection), the overhead (building the state + embedding) and the tail (final norm +
 LM head), each the minimum (``--statistic min``, default) or median over layers and repeats:
 on a shared machine other processes only ever add time, so the minimum is the better estimate
-of what the operators cost when the machine is busy. Shapes
-cover single prompts, chunks with earlier KV and small batches. The only module here that imports torch; it does so lazily.
+of what the operators cost when the machine is busy. Shapes cover single prompts, chunks with
+earlier KV and small batches.
+
+It loads and runs the torch model, so it lives in ``scripts/`` rather than in the simulator,
+which stays plain Python; the simulator reads only the JSON it writes (``measured.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .measured import BlockMeasurement, fit_profile
+from flowprefill_ray.simulator.measured import BlockMeasurement, fit_profile
 
 # (new_tokens, context_tokens) per sequence of a unit.
 # Capped at 4096 tokens in all: on 1 CPU thread an 8192-token prefill of this model takes
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     provenance = {
         "command": " ".join(
             [
-                "python -m flowprefill_ray.simulator.profile_model",
+                "python scripts/profile_model.py",
                 *(argv if argv is not None else sys.argv[1:]),
             ]
         ),
