@@ -1,22 +1,46 @@
 """Requests, SLO classes, the TTFT predictor and scheduling policies (plain Python).
 
 The simulator and the Ray scheduler actor drive the same policy objects: events in
-(``events.py``), decisions out, time in seconds on the driver's clock.
+(``events.py``), decisions out, time in seconds on the driver's clock. Both build them with
+``make_policy``, here because it is the one place that knows every policy: ``config.py``
+cannot hold it, as every policy module imports ``PolicyConfig`` from there.
 """
 
 from .admission import AdmissionConfig, AdmissionControl
 from .chunked import ChunkedPolicy
 from .config import PolicyConfig
-from .edf import EDFPolicy
-from .fcfs import FCFSPolicy
 from .flowprefill import FlowPrefillPolicy
-from .policies import POLICIES, make_policy
 from .policy import DecisionCounts, DuplicateRequestError, KVCheck, Policy
 from .predictor import PredictorConfig, TTFTPredictor
 from .priority import priority, rank_key, slack_s
 from .records import RequestView
 from .request import Request, RequestStatus
+from .run_to_completion import EDFPolicy, FCFSPolicy
 from .slo import DEFAULT_SLO_CONFIG, SLOClass, SLOConfig, UnknownSLOClassError
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (FlowPrefillPolicy, FCFSPolicy, ChunkedPolicy, EDFPolicy)
+}
+
+
+def make_policy(
+    config: PolicyConfig,
+    predictor: TTFTPredictor,
+    kv_check: KVCheck | None = None,
+    slo: SLOConfig | None = None,
+) -> Policy:
+    """A fresh policy named by ``config.name``. ``kv_check(worker_id, tokens)``, if given,
+    vetoes units a worker has no KV memory for. ``slo`` (default ``DEFAULT_SLO_CONFIG``) gives
+    the classes admission control may downgrade a request to; pass the SLO configuration the
+    requests were stamped with (``Request.with_slo``)."""
+    try:
+        cls = POLICIES[config.name]
+    except KeyError:
+        raise ValueError(
+            f"policy {config.name!r} is not available; available: {sorted(POLICIES)}"
+        ) from None
+    return cls(config, predictor, kv_check, slo)
+
 
 __all__ = [
     "DEFAULT_SLO_CONFIG",

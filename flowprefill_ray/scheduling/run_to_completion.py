@@ -1,8 +1,10 @@
-"""Shared core of the non-preemptive baselines (fcfs, edf): run every unit to completion.
+"""The non-preemptive baselines, fcfs and edf: run every unit to completion.
 
 An idle worker takes the queue head; heads are packed into one unit while the total stays
 within ``max_batch_tokens`` (a longer head runs alone, as chunks of ``long_chunk_tokens``
-back to back on its worker). Nothing is ever preempted, so no unit is ever paused.
+back to back on its worker). Nothing is ever preempted, so no unit is ever paused. The two
+differ only in the queue's order, so they share one module: ``FCFSPolicy`` (arrival order,
+DistServe-style disaggregated prefill) and ``EDFPolicy`` (earliest deadline first).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from .slo import SLOConfig
 
 
 class RunToCompletionPolicy(Policy):
+    """Shared core of the two: subclasses give only the queue order (``_queue_key``)."""
+
     def __init__(
         self,
         config: PolicyConfig,
@@ -57,3 +61,24 @@ class RunToCompletionPolicy(Policy):
                 total = new_total
             out.append(self._start_unit(w, items, now))
         return out
+
+
+class FCFSPolicy(RunToCompletionPolicy):
+    """First come, first served, run to completion."""
+
+    name = "fcfs"
+
+    @staticmethod
+    def _queue_key(rec: RequestRecord) -> float:
+        # Arrival time, so a request re-queued after a worker loss keeps its place.
+        return rec.arrival_s
+
+
+class EDFPolicy(RunToCompletionPolicy):
+    """Earliest deadline first, run to completion: deadline-aware ordering without preemption."""
+
+    name = "edf"
+
+    @staticmethod
+    def _queue_key(rec: RequestRecord) -> float:
+        return rec.deadline_s
