@@ -15,7 +15,6 @@ from .loaders import (
     load_trace,
     parse_azure_timestamp,
 )
-from .requests import to_requests
 from .slo_assignment import PAPER_CLASSES, SLOAssignmentConfig, assign_slo_classes
 from .synthetic import (
     FixedLength,
@@ -52,5 +51,4 @@ __all__ = [
     "merge_tenants",
     "parse_azure_timestamp",
     "synthetic_workload",
-    "to_requests",
 ]

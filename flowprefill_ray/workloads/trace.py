@@ -3,6 +3,7 @@
 Every loader and generator in this package returns a ``Workload``; the simulator, the Ray
 runtime and the load generator all consume it. Arrival times are seconds from the start of
 the trace (the first request arrives at 0 unless a window was cut out of a longer trace).
+``Workload.to_requests`` turns one into the scheduler's ``Request`` objects.
 """
 
 from __future__ import annotations
@@ -140,10 +141,39 @@ class Workload:
         recs = tuple(replace(r, slo_class=c) for r, c in zip(self.records, classes, strict=True))
         return Workload(self.name, recs, self.skipped_rows)
 
-    def to_requests(
-        self, slo_config: SLOConfig | None = None, id_prefix: str | None = None
-    ) -> list[Request]:
-        """Scheduling requests for this trace; see ``flowprefill_ray.workloads.requests``."""
-        from .requests import to_requests
+    # ------------------------------------------------------------------ to the scheduler
 
-        return to_requests(self, slo_config=slo_config, id_prefix=id_prefix)
+    def to_requests(
+        self,
+        slo_config: SLOConfig | None = None,
+        id_prefix: str | None = None,
+        default_class: str = "text",
+    ) -> list[Request]:
+        """One ``flowprefill_ray.scheduling.Request`` per record, in arrival order, ids
+        ``{id_prefix}-{index}`` (the workload's name by default).
+
+        Records without an SLO class get ``default_class``. With ``slo_config`` the request's
+        ``ttft_slo_s`` (seconds) is fixed from that config (its class targets times its scale);
+        without it, the request carries only its class and the policy's own SLO config applies.
+        """
+        # Imported on use, so that reading a trace does not load the scheduling package.
+        from flowprefill_ray.scheduling import Request
+
+        prefix = id_prefix if id_prefix is not None else self.name
+        requests = []
+        for i, record in enumerate(self.records):
+            slo_class = record.slo_class or default_class
+            extra = {}
+            if slo_config is not None:
+                extra["ttft_slo_s"] = slo_config.resolve(slo_class).ttft_slo_s
+            requests.append(
+                Request(
+                    request_id=f"{prefix}-{i}",
+                    arrival_s=record.arrival_s,
+                    prompt_tokens=record.prompt_tokens,
+                    max_output_tokens=max(1, record.output_tokens),
+                    slo_class=slo_class,
+                    **extra,
+                )
+            )
+        return requests
