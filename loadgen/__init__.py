@@ -8,8 +8,8 @@ the client side TTFT, TPOT, ITL and end-to-end latency, judging TTFT against per
 from .config import EndpointConfig, ReplayConfig
 from .output import write_results
 from .plan import PlannedRequest, load_trace_workload, plan_requests, ttft_targets
-from .record import RequestRecord
 from .replay import replay_trace
+from .result import RequestResult
 from .runner import RunResult, run_open_loop
 from .summary import format_report, summarize
 
@@ -17,7 +17,7 @@ __all__ = [
     "EndpointConfig",
     "PlannedRequest",
     "ReplayConfig",
-    "RequestRecord",
+    "RequestResult",
     "RunResult",
     "format_report",
     "load_trace_workload",

@@ -13,7 +13,7 @@ import httpx
 from .config import EndpointConfig, ReplayConfig
 from .plan import PlannedRequest
 from .prompts import prompt_text, prompt_token_ids
-from .record import RequestRecord
+from .result import RequestResult
 
 # Keys under which a server may attach per-request scheduling facts to a stream chunk (our
 # server's extension; vLLM and SGLang send none). Values are merged into ``record.server``.
@@ -88,7 +88,7 @@ def _carries_token(payload: dict[str, Any]) -> bool:
     return bool(choices)
 
 
-def _record_chunk(record: RequestRecord, payload: dict[str, Any], now_s: float) -> None:
+def _record_chunk(record: RequestResult, payload: dict[str, Any], now_s: float) -> None:
     if "error" in payload:
         err = payload["error"]
         message = err.get("message") if isinstance(err, dict) else err
@@ -112,8 +112,8 @@ async def send_streaming(
     replay: ReplayConfig,
     planned: PlannedRequest,
     clock: Callable[[], float],
-    record: RequestRecord,
-) -> RequestRecord:
+    record: RequestResult,
+) -> RequestResult:
     """Send ``planned`` and fill ``record`` as the stream arrives; returns ``record``.
 
     ``clock()`` gives seconds since the run started. Failures never raise: they are recorded
@@ -143,7 +143,7 @@ async def _stream_into(
     body: dict[str, Any],
     headers: dict[str, str],
     clock: Callable[[], float],
-    record: RequestRecord,
+    record: RequestResult,
 ) -> None:
     try:
         async with client.stream("POST", endpoint.path, json=body, headers=headers) as response:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .record import RequestRecord
+from .result import RequestResult
 from .runner import RunResult
 from .summary import summarize
 
@@ -18,7 +18,7 @@ def write_results(
     """Write the run into ``out_dir`` (created if needed); returns the paths written.
 
     ``results.json`` holds the configs, the summary and every request (with token timestamps);
-    ``requests.csv`` one row per request (columns ``RequestRecord.CSV_FIELDS``).
+    ``requests.csv`` one row per request (columns ``RequestResult.CSV_FIELDS``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -34,19 +34,19 @@ def write_results(
     json_path.write_text(json.dumps(document, indent=1))
     csv_path = out / "requests.csv"
     with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(RequestRecord.CSV_FIELDS))
+        writer = csv.DictWriter(fh, fieldnames=list(RequestResult.CSV_FIELDS))
         writer.writeheader()
         for record in result.records:
             writer.writerow(record.to_row())
     return {"json": json_path, "csv": csv_path}
 
 
-def load_records(json_path: str | Path) -> list[RequestRecord]:
+def load_records(json_path: str | Path) -> list[RequestResult]:
     """The per-request records of a ``results.json`` written by ``write_results`` (to re-plot
     or re-analyse a run without repeating it)."""
     document = json.loads(Path(json_path).read_text())
     return [
-        RequestRecord(
+        RequestResult(
             request_id=r["request_id"],
             slo_class=r["slo_class"],
             ttft_slo_s=r["ttft_slo_s"],

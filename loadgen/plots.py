@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .record import RequestRecord
+from .result import RequestResult
 
 # One colour per SLO class, tightest first, stable across plots.
 _CLASS_COLOURS = {
@@ -60,7 +60,7 @@ def plot_attainment_vs_rate(
 
 
 def plot_ttft_cdf(
-    records: Sequence[RequestRecord], path: str | Path, title: str = "TTFT CDF per SLO class"
+    records: Sequence[RequestResult], path: str | Path, title: str = "TTFT CDF per SLO class"
 ) -> Path:
     """Empirical TTFT CDF per SLO class, with each class's target as a dotted vertical line.
     Requests without a first token are left out of the curve but lower its top (the CDF of a
@@ -86,7 +86,7 @@ def plot_ttft_cdf(
     return _save(fig, path)
 
 
-def busiest_window(records: Sequence[RequestRecord], width_s: float) -> tuple[float, float]:
+def busiest_window(records: Sequence[RequestResult], width_s: float) -> tuple[float, float]:
     """The ``width_s``-second window (start, end) in which the most requests were sent."""
     sends = sorted(r.sent_s for r in records if r.sent_s is not None)
     if not sends:
@@ -101,7 +101,7 @@ def busiest_window(records: Sequence[RequestRecord], width_s: float) -> tuple[fl
 
 
 def plot_burst_timeline(
-    records: Sequence[RequestRecord],
+    records: Sequence[RequestResult],
     path: str | Path,
     window_s: float = 5.0,
     max_requests: int = 40,

@@ -18,7 +18,7 @@ from .client import monotonic_clock, new_client, send_streaming
 from .config import EndpointConfig, ReplayConfig
 from .plan import PlannedRequest
 from .progress import make_progress
-from .record import RequestRecord
+from .result import RequestResult
 
 
 @dataclass(frozen=True)
@@ -26,18 +26,18 @@ class RunResult:
     """Every planned request's record (``not_sent`` for those past the bounds) and the wall
     time of the run in seconds."""
 
-    records: list[RequestRecord]
+    records: list[RequestResult]
     wall_s: float
     endpoint: EndpointConfig
     replay: ReplayConfig
 
     @property
-    def sent(self) -> list[RequestRecord]:
+    def sent(self) -> list[RequestResult]:
         return [r for r in self.records if r.status != "not_sent"]
 
 
-def _new_record(planned: PlannedRequest) -> RequestRecord:
-    return RequestRecord(
+def _new_record(planned: PlannedRequest) -> RequestResult:
+    return RequestResult(
         request_id=planned.request_id,
         slo_class=planned.slo_class,
         ttft_slo_s=planned.ttft_slo_s,
@@ -70,9 +70,9 @@ async def run_open_loop(
     client = client or new_client(endpoint)
     start = time.perf_counter()
     clock = monotonic_clock(start)
-    tasks: list[asyncio.Task[RequestRecord]] = []
+    tasks: list[asyncio.Task[RequestResult]] = []
 
-    def _finished(task: asyncio.Task[RequestRecord]) -> None:
+    def _finished(task: asyncio.Task[RequestResult]) -> None:
         if not task.cancelled():
             bar.advance(task.result().status == "ok")
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .record import RequestRecord
+from .result import RequestResult
 from .runner import RunResult
 
 PERCENTILES = (50, 90, 99)
@@ -36,7 +36,7 @@ def _distribution(values: Sequence[float]) -> dict[str, float | None]:
 
 
 def _group_stats(
-    records: Sequence[RequestRecord], rate_rps: float | None, sent: int
+    records: Sequence[RequestResult], rate_rps: float | None, sent: int
 ) -> dict[str, Any]:
     ttfts = [r.ttft_s for r in records if r.ttft_s is not None]
     tpots = [r.tpot_s for r in records if r.tpot_s is not None]
@@ -63,7 +63,7 @@ def _group_stats(
     }
 
 
-def sending_window_s(records: Iterable[RequestRecord]) -> float:
+def sending_window_s(records: Iterable[RequestResult]) -> float:
     """Seconds from the first to the last send (at least 1 s, so a tiny run has a rate)."""
     sent = [r.sent_s for r in records if r.sent_s is not None]
     if not sent:

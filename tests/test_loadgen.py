@@ -433,10 +433,10 @@ def test_results_files_carry_every_request(server, tmp_path):
 
 
 def test_busiest_window_finds_the_densest_sends():
-    from loadgen.record import RequestRecord
+    from loadgen.result import RequestResult
 
     def rec(sent):
-        return RequestRecord("r", "text", 1.0, 1, 1, scheduled_s=sent, sent_s=sent)
+        return RequestResult("r", "text", 1.0, 1, 1, scheduled_s=sent, sent_s=sent)
 
     records = [rec(t) for t in (0.0, 5.0, 5.2, 5.4, 5.9, 9.0)]
     from loadgen.plots import busiest_window

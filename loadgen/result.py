@@ -22,7 +22,10 @@ Status = Literal["ok", "http_error", "error", "unfinished", "not_sent"]
 
 
 @dataclass(slots=True)
-class RequestRecord:
+class RequestResult:
+    """One request as the client measured it. (The policy's own per-request state is
+    ``flowprefill_ray.scheduling.records.RequestRecord``; this is the other side of the wire.)"""
+
     request_id: str
     slo_class: str
     ttft_slo_s: float
