@@ -396,7 +396,7 @@ def test_seeded_generation_is_reproducible(tiny_model):
 
 
 def test_decode_refuses_to_pass_the_context_length(tmp_path):
-    from flowprefill_ray.model import PromptTooLongError, load_model
+    from flowprefill_ray.model import SequenceTooLongError, load_model
     from flowprefill_ray.model.checkpoints import tiny_checkpoint
     from flowprefill_ray.model.generate import FinishReason, generate_output
 
@@ -408,7 +408,7 @@ def test_decode_refuses_to_pass_the_context_length(tmp_path):
     assert out.finish_reason is FinishReason.LENGTH and len(out.token_ids) == 3
     cache = PagedKVCache(model.config, num_blocks=4, block_size=4)
     cache.add("full", model.prefill(list(range(3, 11))).kv[0])
-    with pytest.raises(PromptTooLongError, match="max_position_embeddings=8"):
+    with pytest.raises(SequenceTooLongError, match="max_position_embeddings=8"):
         model.decode_step(["full"], [3], cache)
 
 

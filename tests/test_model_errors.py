@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from flowprefill_ray.model import (
     ModelConfigError,
-    PromptTooLongError,
+    SequenceTooLongError,
     UnsupportedArchitectureError,
     WeightLoadError,
     load_model,
@@ -78,12 +78,12 @@ def test_prompt_longer_than_the_context_reports_both_lengths(tmp_path_factory):
     model = load_model(tiny_model_dir(tmp_path_factory, "llama"))
     limit = model.config.max_position_embeddings
     with pytest.raises(
-        PromptTooLongError, match=rf"{limit + 1} tokens.*max_position_embeddings={limit}"
+        SequenceTooLongError, match=rf"{limit + 1} tokens.*max_position_embeddings={limit}"
     ):
         model.start_prefill([[1] * (limit + 1)])
     # A prefix counts toward the context too.
     prefix = model.prefill([1] * 8).kv[0]
-    with pytest.raises(PromptTooLongError, match=rf"{limit + 1} tokens \(8 in its prefix\)"):
+    with pytest.raises(SequenceTooLongError, match=rf"{limit + 1} tokens \(8 in its prefix\)"):
         model.start_prefill([[1] * (limit - 7)], prefixes=[prefix])
 
 

@@ -6,7 +6,7 @@ from .errors import (
     KVCacheFullError,
     ModelConfigError,
     ModelError,
-    PromptTooLongError,
+    SequenceTooLongError,
     UnsupportedArchitectureError,
     WeightLoadError,
 )
@@ -30,7 +30,7 @@ __all__ = [
     "PagedKVCache",
     "PrefillResult",
     "PrefillState",
-    "PromptTooLongError",
+    "SequenceTooLongError",
     "SamplingParams",
     "SyncMode",
     "UnsupportedArchitectureError",

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import PromptTooLongError
+from .errors import SequenceTooLongError
 from .paged_kv import PagedKVCache
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def decode_step(
     Every sequence must already be in ``cache`` (``cache.add`` after its prefill). The token is
     placed at position ``cache.seq_len(seq_id)``; afterwards the sequence is one token longer.
     Raises ``KVCacheFullError`` (nothing changed) when new blocks are needed but not free, and
-    ``PromptTooLongError`` when a sequence would pass ``max_position_embeddings``. Should the
+    ``SequenceTooLongError`` when a sequence would pass ``max_position_embeddings``. Should the
     forward itself fail after the slots were reserved, the sequences already count the new
     token: free them rather than retry.
     """
@@ -106,7 +106,7 @@ def _check_positions(model: LlamaModel, seq_ids: Sequence[Hashable], cache: Page
     for seq_id in seq_ids:
         length = cache.seq_len(seq_id) + 1
         if length > limit:
-            raise PromptTooLongError(
+            raise SequenceTooLongError(
                 f"sequence {seq_id!r} would reach {length} tokens, more than the model's "
                 f"{limit} (max_position_embeddings={config.max_position_embeddings}, "
                 f"sliding_window={config.sliding_window}: sliding-window attention is not "

@@ -17,8 +17,11 @@ class WeightLoadError(ModelError):
     """A weight tensor is missing from the checkpoint or has the wrong shape."""
 
 
-class PromptTooLongError(ModelError):
-    """A prompt (plus its KV prefix) is longer than `max_position_embeddings` tokens."""
+class SequenceTooLongError(ModelError):
+    """A sequence is longer than the model can attend over: a prompt plus its KV prefix, or a
+    sequence being decoded, passes `max_position_embeddings` (or a sliding window, which is not
+    implemented). Not the runtime's `PromptTooLongError`, which is the engine's own prompt bound
+    (`max_prompt_tokens`, checked before anything reaches a model) and answers HTTP 413."""
 
 
 class KVCacheFullError(ModelError):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from .checkpoint_sync import CheckpointSync, SyncMode
-from .errors import PromptTooLongError
+from .errors import SequenceTooLongError
 from .kv import KVCache
 
 if TYPE_CHECKING:
@@ -118,12 +118,12 @@ class PrefillState:
         for b, (seq, prefix_len) in enumerate(zip(sequences, prefix_lens, strict=True)):
             total = prefix_len + len(seq)
             if total > config.max_position_embeddings:
-                raise PromptTooLongError(
+                raise SequenceTooLongError(
                     f"sequence {b} has {total} tokens ({prefix_len} in its prefix), more than "
                     f"max_position_embeddings={config.max_position_embeddings}"
                 )
             if config.sliding_window is not None and total > config.sliding_window:
-                raise PromptTooLongError(
+                raise SequenceTooLongError(
                     f"sequence {b} has {total} tokens, more than sliding_window="
                     f"{config.sliding_window}; sliding-window attention is not implemented"
                 )

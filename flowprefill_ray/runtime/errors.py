@@ -20,7 +20,9 @@ class InvalidRequestError(RuntimeEngineError, ValueError):
 
 
 class PromptTooLongError(InvalidRequestError):
-    """The prompt has more tokens than the engine accepts (``max_prompt_tokens``)."""
+    """The prompt has more tokens than the engine accepts (``max_prompt_tokens``, which stays
+    within the model's context, so a prompt never reaches the model's own
+    ``SequenceTooLongError``)."""
 
     http_status = 400
 
