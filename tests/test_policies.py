@@ -13,7 +13,7 @@ from policy_helpers import SPT, arrive, linear_predictor, policy, run
 
 from flowprefill_ray.scheduling import (
     AdmissionConfig,
-    DuplicateRequestError,
+    DuplicateArrivalError,
     FlowPrefillPolicy,
     PolicyConfig,
     Request,
@@ -430,7 +430,7 @@ def test_admission_control_rejects_requests_that_cannot_make_it():
 def test_duplicate_request_id_is_an_error():
     p = policy()
     arrive(p, "a", 0.0, 16, 1.0)
-    with pytest.raises(DuplicateRequestError, match="'a'"):
+    with pytest.raises(DuplicateArrivalError, match="'a'"):
         arrive(p, "a", 0.1, 16, 1.0)
 
 

@@ -10,7 +10,7 @@ from .admission import AdmissionConfig, AdmissionControl
 from .chunked import ChunkedPolicy
 from .config import PolicyConfig
 from .flowprefill import FlowPrefillPolicy
-from .policy import DecisionCounts, DuplicateRequestError, KVCheck, Policy
+from .policy import DecisionCounts, DuplicateArrivalError, KVCheck, Policy
 from .predictor import PredictorConfig, TTFTPredictor
 from .priority import priority, rank_key, slack_s
 from .records import RequestView
@@ -49,7 +49,7 @@ __all__ = [
     "ChunkedPolicy",
     "POLICIES",
     "DecisionCounts",
-    "DuplicateRequestError",
+    "DuplicateArrivalError",
     "EDFPolicy",
     "FCFSPolicy",
     "FlowPrefillPolicy",

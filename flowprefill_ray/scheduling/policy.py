@@ -67,8 +67,10 @@ _CANCELLED = RequestStatus.CANCELLED
 _REJECTED = RequestStatus.REJECTED
 
 
-class DuplicateRequestError(ValueError):
-    """An Arrival reused a request_id the policy already knows."""
+class DuplicateArrivalError(ValueError):
+    """An Arrival reused a request_id the policy already knows: the driver broke the event
+    contract. (A client reusing an id in flight is the runtime's ``DuplicateRequestError``, an
+    HTTP 400 the scheduler raises before the policy hears of the request.)"""
 
 
 @dataclass(slots=True)
@@ -173,7 +175,7 @@ class Policy(WorkEstimates, PolicyViews, ABC):
         request = event.request
         rid = request.request_id
         if rid in self.requests:
-            raise DuplicateRequestError(f"request_id {rid!r} arrived twice")
+            raise DuplicateArrivalError(f"request_id {rid!r} arrived twice")
         ttft_slo = request.ttft_target_s
         rec = RequestRecord(
             request=request,
