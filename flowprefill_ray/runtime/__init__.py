@@ -14,7 +14,7 @@ from .config import (
     RequestBounds,
     RuntimeConfig,
 )
-from .engine import FlowPrefillEngine, RequestStream, TokenOutput
+from .engine import FlowPrefillEngine
 from .errors import (
     DuplicateRequestError,
     EngineUnavailableError,
@@ -25,6 +25,7 @@ from .errors import (
     RuntimeEngineError,
 )
 from .metrics import METRICS, METRICS_BY_NAME, MetricSpec, RuntimeMetrics
+from .request_stream import RequestStream, TokenOutput
 
 __all__ = [
     "METRICS",

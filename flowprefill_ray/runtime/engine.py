@@ -7,8 +7,7 @@
 
 Tokenization happens here, on the client side: it is cheap, it keeps the scheduler's event
 loop free for decisions, and a bad prompt is refused before it costs the cluster anything.
-This file starts the actors (or attaches to running ones), checks each request before anything
-is sent, and answers cancel, stats and shutdown. One request's stream, from submit to its last
+This file starts the actors, checks each request before anything is sent, and answers cancel, stats and shutdown. One request's stream, from submit to its last
 token, and the ``RequestStream``/``TokenOutput`` it yields, are in request_stream.py.
 """
 
@@ -50,12 +49,10 @@ logger = logging.getLogger(__name__)
 class FlowPrefillEngine:
     """Client of a running FlowPrefill deployment (scheduler, prefill and decode workers)."""
 
-    def __init__(
-        self, config: RuntimeConfig, scheduler, workers: Workers | None, tokenizer, model_config
-    ):
+    def __init__(self, config: RuntimeConfig, scheduler, workers: Workers, tokenizer, model_config):
         self.config = config
         self._scheduler = scheduler
-        self._workers = workers  # None when attached to actors another engine owns
+        self._workers = workers
         self.tokenizer = tokenizer
         self.model_config = model_config
         self._context = context_limit(model_config)
@@ -65,16 +62,12 @@ class FlowPrefillEngine:
         # What one decode worker can ever hold (prompt + output), tokens.
         self._decode_capacity = config.decode.kv_blocks * config.decode.block_size
         self._in_decode: dict[str, object] = {}  # request id -> decode worker handle
-        self._decode_handles: dict[str, object] = {}  # decode worker id -> handle
         self._in_flight: set[str] = set()
         self._metrics = RuntimeMetrics()
         # Every class's request counters exist at 0 from start-up (the scheduler's too: they
         # sum across processes), so per-class panels and alerts see classes that never missed,
-        # were never rejected or never failed. The preemption counter per worker when this
-        # engine owns the workers.
-        self._metrics.zero_init(
-            slo_class=config.slo.class_names, worker_id=list(workers.prefill) if workers else ()
-        )
+        # were never rejected or never failed; the preemption counter per prefill worker too.
+        self._metrics.zero_init(slo_class=config.slo.class_names, worker_id=list(workers.prefill))
         self._closed = False
 
     # ------------------------------------------------------------------- lifecycle
@@ -113,27 +106,11 @@ class FlowPrefillEngine:
             raise
         return cls(config, scheduler, workers, load_tokenizer(path), model_config)
 
-    @classmethod
-    async def connect(cls, config: RuntimeConfig | dict | None = None) -> FlowPrefillEngine:
-        """Attach to the scheduler another engine started (same ``namespace``/``name_prefix``),
-        e.g. from a second Serve replica. ``shutdown`` of this engine leaves the actors alone."""
-        config = _validated(config)
-        try:
-            scheduler = ray.get_actor(config.scheduler_name, namespace=config.namespace)
-        except ValueError:
-            raise EngineUnavailableError(
-                f"no scheduler {config.scheduler_name!r} in namespace {config.namespace!r}"
-            ) from None
-        path = checkpoint_path(config.model)
-        return cls(config, scheduler, None, load_tokenizer(path), ModelConfig.from_pretrained(path))
-
     async def shutdown(self) -> None:
-        """Stop accepting requests; if this engine created the actors, remove them."""
+        """Stop accepting requests and remove the actors this engine created."""
         if self._closed:
             return
         self._closed = True
-        if self._workers is None:
-            return
         try:
             await self._scheduler.close.remote()
         except RayActorError:
@@ -143,11 +120,11 @@ class FlowPrefillEngine:
 
     @property
     def prefill_workers(self) -> dict[str, object]:
-        return dict(self._workers.prefill) if self._workers else {}
+        return dict(self._workers.prefill)
 
     @property
     def decode_workers(self) -> dict[str, object]:
-        return dict(self._workers.decode) if self._workers else {}
+        return dict(self._workers.decode)
 
     # --------------------------------------------------------------------- requests
 
@@ -235,18 +212,9 @@ class FlowPrefillEngine:
         )
 
     def _decode_handle(self, decode_id: str):
-        """The decode worker ``decode_id`` (the scheduler names it; see ``PrefillDone``): ours
-        when this engine created the workers, else looked up by its actor name once."""
-        handle = self._decode_handles.get(decode_id)
-        if handle is None:
-            if self._workers is not None and decode_id in self._workers.decode:
-                handle = self._workers.decode[decode_id]
-            else:
-                handle = ray.get_actor(
-                    f"{self.config.name_prefix}-{decode_id}", namespace=self.config.namespace
-                )
-            self._decode_handles[decode_id] = handle
-        return handle
+        """The decode worker ``decode_id`` (the scheduler names it; see ``PrefillDone``), one
+        of those this engine created and handed to the scheduler."""
+        return self._workers.decode[decode_id]
 
     async def generate(self, prompt, sampling=None, slo=None, request_id=None) -> list[TokenOutput]:
         """Run a request to the end and return all its outputs (a convenience for tests)."""
@@ -274,22 +242,21 @@ class FlowPrefillEngine:
     async def stats(self) -> dict:
         """Scheduler counters and samples, and each worker's load (seconds, bytes, tokens)."""
         result = {"scheduler": await self._call(self._scheduler.stats.remote())}
-        if self._workers is not None:
-            kinds = (
-                ("prefill_workers", self._workers.prefill),
-                ("decode_workers", self._workers.decode),
+        kinds = (
+            ("prefill_workers", self._workers.prefill),
+            ("decode_workers", self._workers.decode),
+        )
+        for kind, workers in kinds:
+            # A dead worker shows up as an error entry rather than failing the whole call.
+            answers = await asyncio.gather(
+                *(h.stats.remote() for h in workers.values()), return_exceptions=True
             )
-            for kind, workers in kinds:
-                # A dead worker shows up as an error entry rather than failing the whole call.
-                answers = await asyncio.gather(
-                    *(h.stats.remote() for h in workers.values()), return_exceptions=True
-                )
-                result[kind] = {
-                    wid: {"worker_id": wid, "error": str(a)} if isinstance(a, BaseException) else a
-                    for wid, a in zip(workers, answers, strict=True)
-                }
-            # Where the scheduler's view and the workers' memory differ (see reconcile.py).
-            result["disagreements"] = disagreements(result)
+            result[kind] = {
+                wid: {"worker_id": wid, "error": str(a)} if isinstance(a, BaseException) else a
+                for wid, a in zip(workers, answers, strict=True)
+            }
+        # Where the scheduler's view and the workers' memory differ (see reconcile.py).
+        result["disagreements"] = disagreements(result)
         return result
 
     async def _call(self, ref):

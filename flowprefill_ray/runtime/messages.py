@@ -6,7 +6,7 @@ move prefill worker -> decode worker through an ObjectRef (see ``kv_handoff``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from flowprefill_ray.model.sampling import SamplingParams
@@ -133,12 +133,3 @@ class PrefillDone:
     ttft_slo_s: float
     slo_class: str  # the class it was served under (admission control may have downgraded it)
     requested_slo_class: str | None = None  # set when that differs from the class asked for
-
-
-@dataclass(slots=True)
-class StatsSnapshot:
-    """What ``engine.stats()`` returns: counts and distributions, seconds throughout."""
-
-    scheduler: dict = field(default_factory=dict)
-    prefill_workers: dict = field(default_factory=dict)
-    decode_workers: dict = field(default_factory=dict)
