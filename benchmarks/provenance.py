@@ -72,8 +72,16 @@ def write_report(
 
 
 def commit() -> str:
-    """The commit measured: ``git rev-parse HEAD``, with ``-dirty`` when tracked files differ
-    from it (the figure then belongs to uncommitted code); ``unknown`` outside a checkout."""
+    """The commit measured: the checkout's commit when this benchmark started (``COMMIT``).
+
+    Taken at the start, not when the JSON is written: a run of an hour must not record
+    whatever was committed while it ran."""
+    return COMMIT
+
+
+def _head_commit() -> str:
+    """``git rev-parse HEAD``, with ``-dirty`` when tracked files differ from it (the figure
+    then belongs to uncommitted code); ``unknown`` outside a checkout."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -86,6 +94,9 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
+
+
+COMMIT = _head_commit()
 
 
 def machine() -> dict:
