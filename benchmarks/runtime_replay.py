@@ -120,8 +120,8 @@ def profile_predictor(config, path: Path):
 
 async def replay(engine, workload, rate_scale: float, seed: int, slo_targets: dict) -> list[dict]:
     """Submit every request at its (scaled) arrival time; collect per-request outcomes."""
-    from flowprefill_ray.model.sampling import SamplingParams
     from flowprefill_ray.runtime.errors import RequestRejectedError
+    from flowprefill_ray.sampling_params import SamplingParams
 
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
@@ -159,7 +159,7 @@ async def replay(engine, workload, rate_scale: float, seed: int, slo_targets: di
 async def calibrate(engine, workload, predictor, samples: int = 16) -> float:
     """Live speed against the profile: prompts of the slice's lengths (spread over its length
     range) run one at a time through the engine; sum of TTFTs / sum of predictions."""
-    from flowprefill_ray.model.sampling import SamplingParams
+    from flowprefill_ray.sampling_params import SamplingParams
 
     lengths = sorted(r.prompt_tokens for r in workload)
     picked = [lengths[i * (len(lengths) - 1) // (samples - 1)] for i in range(samples)]
@@ -177,7 +177,7 @@ async def isolated_blocking(
     """Preemption blocking with nothing else queued: ``count`` times, a long relaxed prefill
     is interrupted at a random moment by an urgent short request whose SLO it would miss by
     waiting (the policy only preempts when that buys something). Seconds per preemption."""
-    from flowprefill_ray.model.sampling import SamplingParams
+    from flowprefill_ray.sampling_params import SamplingParams
 
     rng = random.Random(1)
     one = SamplingParams(temperature=0.0, max_tokens=1)

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
-from flowprefill_ray.model.sampling import SamplingParams
 from flowprefill_ray.runtime.errors import RequestRejectedError, RuntimeEngineError
+from flowprefill_ray.sampling_params import SamplingParams
 
 # Ray titles actor processes "ray::ClassName..."; these are the runtime's.
 _ACTOR_TITLES = ("ray::Scheduler", "ray::PrefillWorker", "ray::DecodeWorker")

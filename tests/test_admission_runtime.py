@@ -16,10 +16,10 @@ import asyncio
 import pytest
 from conftest_ray import runtime_test_config, wait_for
 
-from flowprefill_ray.model.sampling import SamplingParams
 from flowprefill_ray.runtime.config import RuntimeConfig
 from flowprefill_ray.runtime.engine import FlowPrefillEngine
 from flowprefill_ray.runtime.errors import RequestRejectedError
+from flowprefill_ray.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.ray
 

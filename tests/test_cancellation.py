@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from flowprefill_ray.model.sampling import SamplingParams
+from flowprefill_ray.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.ray
 

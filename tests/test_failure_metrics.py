@@ -11,7 +11,6 @@ import pytest
 import ray.util.metrics
 from recorded_metrics import FakeRay, fake_engine
 
-from flowprefill_ray.model.sampling import SamplingParams
 from flowprefill_ray.runtime.config import RuntimeConfig
 from flowprefill_ray.runtime.errors import (
     EngineUnavailableError,
@@ -21,6 +20,7 @@ from flowprefill_ray.runtime.errors import (
 )
 from flowprefill_ray.runtime.messages import PrefillDone
 from flowprefill_ray.runtime.metrics import FINISH_REASONS, METRICS_BY_NAME
+from flowprefill_ray.sampling_params import SamplingParams
 
 FINISHED = "flowprefill_requests_finished_total"
 REJECTED = "flowprefill_requests_rejected_total"

@@ -19,9 +19,9 @@ import pytest
 import ray
 from conftest_ray import runtime_test_config, wait_for
 
-from flowprefill_ray.model.sampling import SamplingParams
 from flowprefill_ray.runtime.engine import FlowPrefillEngine
 from flowprefill_ray.runtime.errors import EngineUnavailableError, RuntimeEngineError
+from flowprefill_ray.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.ray
 

@@ -13,10 +13,10 @@ import torch
 
 from flowprefill_ray.model import load_model
 from flowprefill_ray.model.checkpoints import tiny_checkpoint
-from flowprefill_ray.model.sampling import MAX_SEED, SamplingParams
 from flowprefill_ray.runtime.messages import PrefillItemSpec
 from flowprefill_ray.runtime.model_source import TINY_MODEL_SHAPE
 from flowprefill_ray.runtime.prefill_executor import PrefillExecutor
+from flowprefill_ray.sampling_params import MAX_SEED, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 

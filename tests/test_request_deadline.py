@@ -10,8 +10,8 @@ import asyncio
 
 import pytest
 
-from flowprefill_ray.model.sampling import SamplingParams
 from flowprefill_ray.runtime.errors import InvalidRequestError, RequestTimeoutError
+from flowprefill_ray.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.ray
 

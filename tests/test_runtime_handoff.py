@@ -17,8 +17,8 @@ import random
 
 import pytest
 
-from flowprefill_ray.model.sampling import SamplingParams
 from flowprefill_ray.runtime.messages import Handoff
+from flowprefill_ray.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.ray
 

@@ -13,13 +13,13 @@ from pydantic import ValidationError
 
 from flowprefill_ray.model import load_model, load_tokenizer
 from flowprefill_ray.model.checkpoints import tiny_checkpoint
-from flowprefill_ray.model.sampling import SamplingParams
 from flowprefill_ray.runtime.config import RuntimeConfig
 from flowprefill_ray.runtime.detokenizer import Detokenizer
 from flowprefill_ray.runtime.messages import PrefillItemSpec
 from flowprefill_ray.runtime.metrics import METRICS, RuntimeMetrics
 from flowprefill_ray.runtime.model_source import TINY_MODEL_SHAPE
 from flowprefill_ray.runtime.prefill_executor import PrefillExecutor, UnknownUnitError
+from flowprefill_ray.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 

@@ -51,8 +51,8 @@ def _child(out_dir: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from flowprefill_ray.model.sampling import SamplingParams
     from flowprefill_ray.runtime import FlowPrefillEngine, RuntimeConfig
+    from flowprefill_ray.sampling_params import SamplingParams
 
     # Two nodes of 2 logical CPUs; a prefill worker takes 1.5, so each node gets one.
     cluster = Cluster(

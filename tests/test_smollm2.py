@@ -170,7 +170,7 @@ def test_our_prefill_logits_match_transformers(smollm2, smollm2_dir):
 @pytest.mark.smollm2
 def test_greedy_chat_knows_the_capital_of_france(smollm2):
     from flowprefill_ray.model.generate import chat
-    from flowprefill_ray.model.sampling import SamplingParams
+    from flowprefill_ray.sampling_params import SamplingParams
 
     model, tokenizer = smollm2
     answer = chat(

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from flowprefill_ray.sampling_params import SamplingParams
+
 from .decode import context_limit, decode_step, make_cache
-from .sampling import SamplingParams, sample
+from .sampling import sample
 
 if TYPE_CHECKING:
     from .llama import LlamaModel

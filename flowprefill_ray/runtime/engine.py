@@ -24,7 +24,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from flowprefill_ray.model import ModelConfig, load_tokenizer
 from flowprefill_ray.model.decode import context_limit
 from flowprefill_ray.model.generate import eos_token_ids
-from flowprefill_ray.model.sampling import SamplingParams
+from flowprefill_ray.sampling_params import SamplingParams
 from flowprefill_ray.scheduling import TTFTPredictor
 from flowprefill_ray.scheduling.predictor import PredictorConfig
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from flowprefill_ray.model.sampling import SamplingParams
+from flowprefill_ray.sampling_params import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from flowprefill_ray.model.sampling import SamplingParams
+from flowprefill_ray.sampling_params import SamplingParams
 from flowprefill_ray.scheduling import Request, TTFTPredictor, make_policy
 from flowprefill_ray.scheduling.events import (
     Arrival,

@@ -25,7 +25,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from flowprefill_ray.model.decode import context_limit
-from flowprefill_ray.model.sampling import SamplingParams
 from flowprefill_ray.runtime.errors import (
     EngineUnavailableError,
     InvalidRequestError,
@@ -34,6 +33,7 @@ from flowprefill_ray.runtime.errors import (
     RequestTimeoutError,
     RuntimeEngineError,
 )
+from flowprefill_ray.sampling_params import SamplingParams
 
 from .config import ServeAppArgs
 from .errors import APIError, from_validation_error, server_error

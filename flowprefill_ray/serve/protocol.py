@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flowprefill_ray.model.sampling import MAX_SEED, MIN_SEED
+from flowprefill_ray.sampling_params import MAX_SEED, MIN_SEED
 
 # Parameters we do not implement, and the values that mean "not used".
 _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
@@ -56,7 +56,7 @@ class _GenerationFields(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = 1
     stop: str | list[str] | None = None
-    # torch's 64-bit seed range (see model.sampling.MIN_SEED): larger values are a 400 here,
+    # torch's 64-bit seed range (see sampling_params.MIN_SEED): larger values are a 400 here,
     # not an overflow inside a prefill batch shared with other requests.
     seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     # vLLM's extension for fixed-length benchmarks; strict like every field ("false" is a 422).
