@@ -236,9 +236,8 @@ def fake_engine(config: RuntimeConfig, prefill_workers=PREFILL_WORKERS, schedule
     from flowprefill_ray.runtime.engine import FlowPrefillEngine
     from flowprefill_ray.runtime.placement import Workers
 
-    model_config = SimpleNamespace(
-        max_position_embeddings=4096, sliding_window=None, eos_token_id=2, vocab_size=1000
-    )
+    # The ModelConfig attributes the engine reads (context_limit is a property there).
+    model_config = SimpleNamespace(context_limit=4096, eos_token_id=2, vocab_size=1000)
     return FlowPrefillEngine(
         config,
         scheduler,

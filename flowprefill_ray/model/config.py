@@ -85,6 +85,18 @@ class ModelConfig(BaseModel):
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
+    @property
+    def context_limit(self) -> int:
+        """Most tokens (prompt + output) a sequence may hold: ``max_position_embeddings``, or the
+        sliding window if smaller (sliding-window attention is not implemented, so we stop there).
+
+        A property of the config, not of a loaded model, because the engine and the front end
+        need it before (or without) any weights: they read ``config.json`` only."""
+        limit = self.max_position_embeddings
+        if self.sliding_window is not None:
+            limit = min(limit, self.sliding_window)
+        return limit
+
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         """Build from the parsed `config.json` of a Hugging Face checkpoint."""

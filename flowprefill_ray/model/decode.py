@@ -91,18 +91,9 @@ def _check_cache_fits_model(model: LlamaModel, cache: PagedKVCache) -> None:
         )
 
 
-def context_limit(config) -> int:
-    """Most tokens (prompt + output) a sequence may hold: ``max_position_embeddings``, or the
-    sliding window if smaller (sliding-window attention is not implemented, so we stop there)."""
-    limit = config.max_position_embeddings
-    if config.sliding_window is not None:
-        limit = min(limit, config.sliding_window)
-    return limit
-
-
 def _check_positions(model: LlamaModel, seq_ids: Sequence[Hashable], cache: PagedKVCache) -> None:
     config = model.config
-    limit = context_limit(config)
+    limit = config.context_limit
     for seq_id in seq_ids:
         length = cache.seq_len(seq_id) + 1
         if length > limit:

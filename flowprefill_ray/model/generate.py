@@ -16,7 +16,7 @@ import torch
 
 from flowprefill_ray.sampling_params import SamplingParams
 
-from .decode import context_limit, decode_step, make_cache
+from .decode import decode_step, make_cache
 from .sampling import sample
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def generate_output(
         params,
         eos_token_ids(model, tokenizer),
         prompt_tokens=len(token_ids),
-        context_length=context_limit(model.config),
+        context_length=model.config.context_limit,
         tokenizer=tokenizer,
     )
     generator = params.make_generator(model.device)

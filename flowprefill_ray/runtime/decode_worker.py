@@ -24,7 +24,7 @@ import ray
 import torch
 
 from flowprefill_ray.model import load_model, load_tokenizer
-from flowprefill_ray.model.decode import context_limit, make_cache
+from flowprefill_ray.model.decode import make_cache
 from flowprefill_ray.model.generate import StopChecker, eos_token_ids
 from flowprefill_ray.model.kv import KVCache
 from flowprefill_ray.model.sampling import sample_with_params
@@ -76,7 +76,7 @@ class DecodeWorker:
         )
         self.tokenizer = load_tokenizer(path)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
-        self.context_length = context_limit(self.model.config)
+        self.context_length = self.model.config.context_limit
         self.cache = make_cache(self.model, decode.kv_blocks, decode.block_size)
         self._waiting: deque[_Sequence] = deque()
         self._running: dict[str, _Sequence] = {}

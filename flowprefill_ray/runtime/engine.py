@@ -22,7 +22,6 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from flowprefill_ray.model import ModelConfig, load_tokenizer
-from flowprefill_ray.model.decode import context_limit
 from flowprefill_ray.model.generate import eos_token_ids
 from flowprefill_ray.sampling_params import SamplingParams
 from flowprefill_ray.scheduling import TTFTPredictor
@@ -55,7 +54,7 @@ class FlowPrefillEngine:
         self._workers = workers
         self.tokenizer = tokenizer
         self.model_config = model_config
-        self._context = context_limit(model_config)
+        self._context = model_config.context_limit
         # eos_token_ids reads model.config; the engine holds only the config.
         self._eos_ids = eos_token_ids(SimpleNamespace(config=model_config), tokenizer)
         self.max_prompt_tokens = max_prompt_tokens(config, self._context)
@@ -86,7 +85,7 @@ class FlowPrefillEngine:
         workers = await asyncio.to_thread(create_workers, config)
         try:
             predictor = await _predictor(
-                config, workers, max_prompt_tokens(config, context_limit(model_config))
+                config, workers, max_prompt_tokens(config, model_config.context_limit)
             )
             scheduler = RemoteScheduler.options(
                 name=config.scheduler_name,

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flowprefill_ray.model.decode import context_limit
 from flowprefill_ray.model.generate import StopChecker, eos_token_ids
 from flowprefill_ray.model.kv import KVCache
 from flowprefill_ray.model.sampling import sample_with_params
@@ -107,7 +106,7 @@ class PrefillExecutor:
         # string); the default knows EOS and lengths but no stop strings (no tokenizer).
         self.stop_checker = stop_checker or (
             lambda spec: StopChecker(
-                spec.sampling, eos_token_ids(model), spec.prompt_tokens, context_limit(model.config)
+                spec.sampling, eos_token_ids(model), spec.prompt_tokens, model.config.context_limit
             )
         )
         self.granularity = granularity

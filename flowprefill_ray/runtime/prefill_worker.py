@@ -18,7 +18,6 @@ import ray
 import torch
 
 from flowprefill_ray.model import load_model, load_tokenizer
-from flowprefill_ray.model.decode import context_limit
 from flowprefill_ray.model.generate import StopChecker, eos_token_ids
 
 from .config import ModelSource, PrefillConfig
@@ -51,7 +50,7 @@ class PrefillWorker:
         )
         tokenizer = load_tokenizer(path)
         eos_ids = eos_token_ids(self.model, tokenizer)
-        limit = context_limit(self.model.config)
+        limit = self.model.config.context_limit
 
         def stop_checker(spec: PrefillItemSpec) -> StopChecker:
             # The same rules as the decode worker's, so a request that ends with its first

@@ -24,7 +24,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from flowprefill_ray.model.decode import context_limit
 from flowprefill_ray.runtime.errors import (
     EngineUnavailableError,
     InvalidRequestError,
@@ -69,7 +68,7 @@ class OpenAIFrontend:
         self.args = args
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.context_tokens = context_limit(engine.model_config)
+        self.context_tokens = engine.model_config.context_limit
         self.vocab_size = engine.model_config.vocab_size
         self.model_name = args.served_model_name()
         self.slo_classes = args.runtime.slo.class_names
