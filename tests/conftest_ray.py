@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -77,18 +76,6 @@ def runtime_engines(ray_local, runtime_cache_dir):
     yield get
     for engine in engines.values():
         asyncio.run(engine.shutdown())
-
-
-async def wait_for(predicate, timeout_s: float, what: str, period_s: float = 0.02):
-    """Poll the async ``predicate`` until it returns something truthy (returned) or
-    ``timeout_s`` seconds pass (AssertionError naming ``what``)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(period_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def free_port() -> int:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest_ray import runtime_test_config, wait_for
+from conftest_ray import runtime_test_config
+from waiting import async_wait_until
 
 from flowprefill_ray.runtime.config import RuntimeConfig
 from flowprefill_ray.runtime.engine import FlowPrefillEngine
@@ -103,11 +104,11 @@ def test_paused_prefills_stay_within_the_budget_by_evicting_and_recomputing(admi
             return await engine.generate(ids, SAMPLING, slo=slo)
 
         a = asyncio.create_task(run(prompt(10, LONG_TOKENS), "loose"))
-        await wait_for(
+        await async_wait_until(
             lambda: _has(stats, lambda s: any(s["running_units"].values())), 60, "A to run"
         )
         b = asyncio.create_task(run(prompt(11, LONG_TOKENS), "mid"))
-        await wait_for(
+        await async_wait_until(
             lambda: _has(stats, lambda s: sum(map(len, s["paused_units"].values())) == 1),
             60,
             "A to be paused for B",

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 
 import pytest
+from waiting import async_wait_until
 
 from flowprefill_ray.sampling_params import SamplingParams
 
@@ -60,12 +60,19 @@ _NOTHING_HELD = {
 async def _settled(engine, timeout_s: float = 30.0) -> dict:
     """What the workers hold once in-flight units have stopped (a running unit finishes its
     current work before a cancel takes effect)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        held = await _held(engine)
-        if held == _NOTHING_HELD or time.monotonic() > deadline:
-            return held
-        await asyncio.sleep(0.05)
+    last: dict = {}
+
+    async def nothing_held():
+        last.update(await _held(engine))
+        return last == _NOTHING_HELD
+
+    await async_wait_until(
+        nothing_held,
+        timeout_s,
+        lambda: f"the workers to hold nothing (last seen: {last})",
+        poll_s=0.05,
+    )
+    return dict(last)
 
 
 def test_cancel_while_paused_frees_the_paused_prefill_state(runtime_engines):
@@ -76,11 +83,12 @@ def test_cancel_while_paused_frees_the_paused_prefill_state(runtime_engines):
         before = await _settled(engine)
         long = await engine.submit(_prompt(4000, 1), greedy, 600.0, "paused-then-cancelled")
         long_task = asyncio.create_task(_drain(long))
+
         # Wait until the long prefill runs, then send urgent work that preempts it.
-        deadline = time.monotonic() + 30
-        while (await _held(engine))["prefill_running_unit"] is None:
-            assert time.monotonic() < deadline, "the long prefill never started"
-            await asyncio.sleep(0.02)
+        async def long_running():
+            return (await _held(engine))["prefill_running_unit"] is not None
+
+        await async_wait_until(long_running, 30, "the long prefill to start")
         # Tight targets make the policy pause the long prefill; long enough prompts (a few
         # hundred ms each) keep it paused while the test looks.
         urgent = [

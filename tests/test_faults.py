@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 
 import pytest
 import ray
-from conftest_ray import runtime_test_config, wait_for
+from conftest_ray import runtime_test_config
+from waiting import async_wait_until, wait_until
 
 from flowprefill_ray.runtime.engine import FlowPrefillEngine
 from flowprefill_ray.runtime.errors import EngineUnavailableError, RuntimeEngineError
@@ -69,14 +69,13 @@ async def outcome(engine: FlowPrefillEngine, ids: list[int], sampling: SamplingP
 def worker_pid(handle, timeout_s: float = 90.0) -> int:
     """The worker's process id, waiting while Ray restarts it (calls made meanwhile fail with
     "the actor is restarting")."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return ray.get(handle.info.remote(), timeout=timeout_s)["pid"]
-        except ray.exceptions.ActorUnavailableError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    return wait_until(
+        lambda: ray.get(handle.info.remote(), timeout=timeout_s)["pid"],
+        timeout_s,
+        "the worker to answer (it may be restarting)",
+        poll_s=0.2,
+        ignore=(ray.exceptions.ActorUnavailableError,),
+    )
 
 
 async def watched(engine, ids, sampling, progress: dict[str, int], slo: str = "file"):
@@ -113,7 +112,7 @@ def test_prefill_worker_killed_mid_prefill_requeues_its_requests_and_comes_back(
             running = sched["running_units"].get("prefill-0") is not None
             return running and sched["in_prefill"] >= 4 and sched
 
-        before = await wait_for(victim_busy, 60, "prefill-0 to run a unit")
+        before = await async_wait_until(victim_busy, 60, "prefill-0 to run a unit")
         os.kill(old_pid, signal.SIGKILL)
         results = await asyncio.wait_for(asyncio.gather(*tasks), REQUEST_BOUND_S)
         return before, results
@@ -142,7 +141,7 @@ def test_prefill_worker_killed_mid_prefill_requeues_its_requests_and_comes_back(
         sched = (await engine.stats())["scheduler"]
         return "prefill-0" in sched["prefill_workers"] and sched
 
-    sched = asyncio.run(wait_for(rejoined, 90, "prefill-0 to rejoin"))
+    sched = asyncio.run(async_wait_until(rejoined, 90, "prefill-0 to rejoin"))
     assert sched["counts"]["workers_lost"] == 1
     assert sched["counts"]["workers_rejoined"] == 1
     new_pid = worker_pid(victim)
@@ -181,7 +180,7 @@ def test_decode_worker_killed_mid_decode_fails_its_requests_clearly_then_restart
         async def all_decoding():
             return len(progress) == 4 and min(progress.values()) >= 3
 
-        await wait_for(all_decoding, 60, "4 requests to be decoding")
+        await async_wait_until(all_decoding, 60, "4 requests to be decoding")
         os.kill(old_pid, signal.SIGKILL)
         return await asyncio.wait_for(asyncio.gather(*tasks), REQUEST_BOUND_S)
 
@@ -232,7 +231,7 @@ def test_scheduler_killed_under_load_restarts_and_fails_only_its_prefills_clearl
         async def all_decoding():
             return len(progress) == 3 and min(progress.values()) >= 2
 
-        await wait_for(all_decoding, 60, "3 requests to be decoding")
+        await async_wait_until(all_decoding, 60, "3 requests to be decoding")
         in_prefill = [
             asyncio.create_task(watched(engine, prompt(500 + i), sampling_short, progress))
             for i in range(6)
@@ -242,7 +241,7 @@ def test_scheduler_killed_under_load_restarts_and_fails_only_its_prefills_clearl
             sched = (await engine.stats())["scheduler"]
             return sched["in_prefill"] >= 3 and sched
 
-        await wait_for(prefilling, 60, "prefills to be queued and running")
+        await async_wait_until(prefilling, 60, "prefills to be queued and running")
         os.kill(old["pid"], signal.SIGKILL)
         results = await asyncio.wait_for(asyncio.gather(*decoding, *in_prefill), REQUEST_BOUND_S)
         return old, results, progress
@@ -266,16 +265,13 @@ def test_scheduler_killed_under_load_restarts_and_fails_only_its_prefills_clearl
 
     # Ray brings the scheduler back under the same name; a retried request is served by it.
     async def retried():
-        deadline = time.monotonic() + 90
-        while True:
-            kind, rid, final = await outcome(engine, prompt(600), sampling_short, "file")
-            if kind == "completed" or time.monotonic() > deadline:
-                return kind, final
-            assert isinstance(final, EngineUnavailableError), final
-            await asyncio.sleep(0.5)
+        kind, _, final = await outcome(engine, prompt(600), sampling_short, "file")
+        if kind == "completed":
+            return True
+        assert isinstance(final, EngineUnavailableError), final  # a clean 503 meanwhile
+        return None
 
-    kind, final = asyncio.run(retried())
-    assert kind == "completed", final
+    asyncio.run(async_wait_until(retried, 90, "a retried request to complete", poll_s=0.5))
     stats = asyncio.run(engine.stats())
     sched = stats["scheduler"]
     assert sched["pid"] != old["pid"] and sched["epoch"] != old["epoch"]

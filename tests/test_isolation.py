@@ -106,7 +106,7 @@ def test_a_poisoned_request_fails_alone_in_the_live_runtime(runtime_engines):
     scheduler."""
     import asyncio
 
-    from conftest_ray import wait_for
+    from waiting import async_wait_until
 
     from flowprefill_ray.runtime.errors import RequestFailedError
 
@@ -119,7 +119,7 @@ def test_a_poisoned_request_fails_alone_in_the_live_runtime(runtime_engines):
 
         before = (await stats())["scheduler"]["counts"].get("failed", 0)
         long = asyncio.create_task(engine.generate(_prompt(3000, 9), GREEDY, 600.0))
-        await wait_for(
+        await async_wait_until(
             lambda: _has(stats, lambda s: any(s["scheduler"]["running_units"].values())),
             60,
             "the long prefill to run",
@@ -132,7 +132,7 @@ def test_a_poisoned_request_fails_alone_in_the_live_runtime(runtime_engines):
         outs = await asyncio.gather(long, *innocents)
         with pytest.raises(RequestFailedError) as failure:
             await poisoned
-        settled = await wait_for(
+        settled = await async_wait_until(
             lambda: _has(stats, _settled), 30, "the worker to hold nothing and agree"
         )
         return before, outs, failure.value, settled

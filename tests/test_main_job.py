@@ -12,12 +12,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 from conftest_ray import free_port, processes_with
+from waiting import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,7 +67,9 @@ def test_demo_serves_a_trace_slice_reports_and_shuts_everything_down(tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
     # Nothing the demo started survives it.
-    deadline = time.monotonic() + 20
-    while (left := processes_with(marker)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, f"processes left behind by the demo: {left}"
+    wait_until(
+        lambda: not processes_with(marker),
+        20,
+        lambda: f"the demo's processes to exit (left behind: {processes_with(marker)})",
+        poll_s=0.5,
+    )

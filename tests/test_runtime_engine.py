@@ -15,6 +15,7 @@ import time
 import psutil
 import pytest
 from conftest_ray import runtime_test_config
+from waiting import async_wait_until
 
 from flowprefill_ray.model import load_model
 from flowprefill_ray.model.generate import generate
@@ -57,13 +58,11 @@ def _token_ids(outputs) -> list[int]:
 
 
 async def _wait_until_running(engine, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    async def running():
         stats = await engine.stats()
-        if any(u is not None for u in stats["scheduler"]["running_units"].values()):
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("the long prefill never started")
+        return any(u is not None for u in stats["scheduler"]["running_units"].values())
+
+    await async_wait_until(running, timeout_s, "the long prefill to start", poll_s=0.005)
 
 
 async def _urgent_during_long(engine):
@@ -226,9 +225,9 @@ def test_cancel_during_prefill_frees_the_prefill_worker(runtime_engines):
         await _wait_until_running(engine)
         assert await engine.cancel("cancel-prefill")
         outputs = await consumer
+
         # The running unit finishes its current work, then nothing may be left behind.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        async def settled():
             stats = await engine.stats()
             prefill = stats["prefill_workers"]["prefill-0"]
             if (
@@ -236,8 +235,12 @@ def test_cancel_during_prefill_frees_the_prefill_worker(runtime_engines):
                 and not prefill["held_kv_bytes"]
                 and not prefill["paused_units"]
             ):
-                return outputs, stats
-            await asyncio.sleep(0.05)
+                return stats
+            return None
+
+        stats = await async_wait_until(
+            settled, 30, "prefill-0 to hold nothing after the cancel", poll_s=0.05
+        )
         return outputs, stats
 
     outputs, stats = asyncio.run(run())

@@ -16,6 +16,7 @@ import asyncio
 import random
 
 import pytest
+from waiting import async_wait_until
 
 from flowprefill_ray.runtime.messages import Handoff
 from flowprefill_ray.sampling_params import SamplingParams
@@ -92,13 +93,16 @@ def test_the_scheduler_sees_decode_load_fall_when_requests_finish(runtime_engine
             return [out async for out in engine.submit([5 + i, 6, 7, 8], sampling, "text")]
 
         await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(6))), STREAM_BOUND_S)
-        # The update is fire-and-forget from the decode loop: give it a moment to land.
-        for _ in range(50):
-            view = (await engine.stats())["scheduler"]["decode_load"]["decode-0"]
-            if view["running"] == 0 and view["waiting"] == 0:
-                return view
-            await asyncio.sleep(0.1)
-        return view
+        # The update is fire-and-forget from the decode loop: wait for it to land.
+        last: dict = {}
+
+        async def idle():
+            last.update((await engine.stats())["scheduler"]["decode_load"]["decode-0"])
+            return dict(last) if last["running"] == 0 and last["waiting"] == 0 else None
+
+        return await async_wait_until(
+            idle, 5.0, lambda: f"the scheduler to see decode-0 idle (last: {last})", poll_s=0.1
+        )
 
     view = asyncio.run(scenario())
     assert view["running"] == 0 and view["waiting"] == 0, view

@@ -115,11 +115,16 @@ async def _kill_the_busy_worker(engine, sampling) -> bool:
     long = asyncio.ensure_future(
         engine.generate([5 + j % 300 for j in range(1800)], sampling, "file")
     )
-    busy = None
-    while busy is None and not long.done():
+    from waiting import async_wait_until  # the script runs with tests/ as sys.path[0]
+
+    async def busy_worker():
+        assert not long.done(), "the long request ended before a worker was seen running it"
         running = (await engine.stats())["scheduler"]["running_units"]
-        busy = next((wid for wid, unit in running.items() if unit is not None), None)
-        await asyncio.sleep(0.01)
+        return next((wid for wid, unit in running.items() if unit is not None), None)
+
+    busy = await async_wait_until(
+        busy_worker, 60, "a prefill worker to run the long request", poll_s=0.01
+    )
     ray.kill(engine.prefill_workers[busy])
     outputs = await long
     left = (await engine.stats())["scheduler"]["prefill_workers"]

@@ -14,13 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 from conftest_ray import free_port
+from waiting import wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -29,16 +29,8 @@ BIN = Path(sys.executable).parent
 MODEL = "flowprefill-tiny"
 
 
-def wait_until(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+# Connection errors while a server comes up mean "not yet".
+NOT_UP_YET = (httpx.HTTPError, OSError)
 
 
 def deploy_config(http_port: int, cache_dir: str) -> dict:
@@ -101,6 +93,8 @@ def head_cluster(tmp_path_factory):
             ),
             90,
             "the Ray dashboard",
+            poll_s=0.5,
+            ignore=NOT_UP_YET,
         )
         yield env, address, api_key, tmp
     finally:
@@ -154,6 +148,8 @@ def test_serve_deploy_to_a_token_auth_cluster_then_requests_with_the_api_key(hea
         lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200,
         240,
         "the app to become healthy (engine start)",
+        poll_s=0.5,
+        ignore=NOT_UP_YET,
     )
     status = serve_cli(env, "status", "--address", address)
     assert status.returncode == 0 and "RUNNING" in status.stdout, status.stdout + status.stderr

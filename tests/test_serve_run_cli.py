@@ -21,6 +21,7 @@ import httpx
 import pytest
 import yaml
 from conftest_ray import free_port, processes_with
+from waiting import wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -67,14 +68,21 @@ def test_serve_run_address_local_ignores_a_stale_cluster_and_stops_on_ctrl_c(
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 240
-        healthy = False
-        while not healthy and time.monotonic() < deadline and serve.poll() is None:
-            try:
-                healthy = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        assert healthy, (Path(private_tmp) / "serve.log").read_text()[-3000:]
+
+        def serve_log() -> str:
+            return (Path(private_tmp) / "serve.log").read_text()[-3000:]
+
+        def healthy() -> bool:
+            assert serve.poll() is None, f"serve run exited early:\n{serve_log()}"
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+
+        wait_until(
+            healthy,
+            240,
+            lambda: f"/health to answer 200; serve.log ends:\n{serve_log()}",
+            poll_s=0.5,
+            ignore=(httpx.HTTPError,),
+        )
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
             "model": "flowprefill-tiny", "prompt": "Hello", "max_tokens": 2})  # fmt: skip
         assert answer.status_code == 200, answer.text
@@ -85,13 +93,17 @@ def test_serve_run_address_local_ignores_a_stale_cluster_and_stops_on_ctrl_c(
         serve.wait(timeout=30)
         took_s = time.monotonic() - stopped_at
         assert took_s < 10.0, took_s
-        leftover = []
-        for _ in range(50):  # Ray's own processes exit right after serve run's
-            leftover = [p for p in processes_with(f"RAY_TMPDIR={private_tmp}") if _alive(p)]
-            if not leftover:
-                break
-            time.sleep(0.1)
-        assert leftover == []
+
+        def leftover() -> list[int]:
+            return [p for p in processes_with(f"RAY_TMPDIR={private_tmp}") if _alive(p)]
+
+        # Ray's own processes exit right after serve run's.
+        wait_until(
+            lambda: not leftover(),
+            5,
+            lambda: f"Ray's processes to exit (left: {leftover()})",
+            poll_s=0.1,
+        )
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
