@@ -1,8 +1,9 @@
 """The Serve app over real HTTP: a local Ray cluster, Serve on a free loopback port, the real
 engine with the tiny model on CPU, httpx and the openai client as users.
 
-One deployment serves the whole module. Tests that change the engine's state for good (the
-dead-scheduler 503) run last.
+One deployment serves the whole module. Tests that break its engine (a killed scheduler) ask
+for ``redeployed_after``, which deploys the app afresh once they are done, so the tests of
+this module pass in any order.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import httpx
 import openai
 import pytest
 from conftest_ray import free_port
+from waiting import wait_until
 
 from flowprefill_ray.model import load_tokenizer
 from flowprefill_ray.runtime.config import ModelSource
@@ -73,24 +75,46 @@ def app_args(cache_dir: str) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def live_app(ray_local, runtime_cache_dir):
+def _deploy(cache_dir: str) -> None:
     from ray import serve
 
     from flowprefill_ray.serve.app import build_app
 
+    # serve.run returns once the ingress (and so the engine) is up.
+    serve.run(build_app(app_args(cache_dir)), name=APP_NAME, route_prefix="/")
+
+
+def _undeploy() -> None:
+    from ray import serve
+
+    serve.delete(APP_NAME)
+    # Deleting the app shuts its engine down: no worker actor may outlive it.
+    wait_until(lambda: not _engine_actors_alive(), 30.0, "the engine's actors to be removed")
+
+
+@pytest.fixture(scope="module")
+def live_app(ray_local, runtime_cache_dir):
+    from ray import serve
+
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # serve.run returns once the ingress (and so the engine) is up.
-    serve.run(build_app(app_args(runtime_cache_dir)), name=APP_NAME, route_prefix="/")
+    _deploy(runtime_cache_dir)
     tokenizer = load_tokenizer(
         checkpoint_path(ModelSource(path="tiny", cache_dir=runtime_cache_dir))
     )
     yield LiveApp(f"http://127.0.0.1:{port}", tokenizer)
-    serve.delete(APP_NAME)
+    _undeploy()
     serve.shutdown()
-    # Deleting the app shuts its engine down: no worker actor may outlive it.
-    _wait_for(lambda: not _engine_actors_alive(), 30.0, "the engine's actors to be removed")
+
+
+@pytest.fixture
+def redeployed_after(live_app, runtime_cache_dir):
+    """``live_app`` for a test that breaks its engine: once the test is over, the app is
+    deleted and deployed afresh (same name, port and actor names), so every other test gets a
+    healthy engine whether it runs before or after this one."""
+    yield live_app
+    _undeploy()
+    _deploy(runtime_cache_dir)
 
 
 def _engine_actors_alive() -> list[str]:
@@ -460,12 +484,20 @@ async def _bad_requests_while_a_good_one_streams(url: str):
             "stream": True,
         }
 
+        streaming = asyncio.Event()
+
         async def good():
             async with http.stream("POST", "/v1/completions", json=good_request) as response:
+                streaming.set()  # the server answered: the good request is in flight
                 return response.status_code, await response.aread()
 
         good_task = asyncio.create_task(good())
-        await asyncio.sleep(0.05)
+        # The bad requests go out while the good one streams, not before it started.
+        started = asyncio.create_task(streaming.wait())
+        await asyncio.wait([good_task, started], timeout=60.0, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if not streaming.is_set():  # it failed (raise why) or is stuck
+            assert good_task.done() and good_task.result(), "the good request never streamed"
         bad = await asyncio.gather(
             *(http.post(path, **kwargs) for _, (path, kwargs) in BAD_REQUESTS.values())
         )
@@ -533,7 +565,7 @@ def test_a_poisoned_request_among_innocent_ones_fails_alone(live_app):
         assert [r.status_code for r in innocent] == [200] * 6, [r.text for r in innocent]
         assert poisoned.status_code == 400
         assert poisoned.json()["error"]["param"] == "seed"
-    _wait_for(_prefill_idle, what="prefill workers to be idle")
+    wait_until(_prefill_idle, timeout_s=20.0, what="prefill workers to be idle")
     assert actor_stats("prefill-0")["held_bytes"] == 0
 
 
@@ -614,16 +646,6 @@ def test_wrong_method_is_405_in_openai_format(live_app):
 # ---------------------------------------------------------------------- cancellation
 
 
-def _wait_for(condition, timeout_s: float = 20.0, what: str = "condition", poll_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_client_that_disconnects_mid_stream_frees_its_decode_slot(live_app):
     before = actor_stats("decode-0")
     with (
@@ -644,10 +666,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_decode_slot(live_app):
         lines = response.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["text"] is not None
-        _wait_for(lambda: actor_stats("decode-0")["running"] == 1, what="decode to start")
+        wait_until(
+            lambda: actor_stats("decode-0")["running"] == 1, timeout_s=20.0, what="decode to start"
+        )
     # Leaving the block closed the connection after one token of a 1000-token request.
-    after = _wait_for(
+    after = wait_until(
         lambda: (s := actor_stats("decode-0"))["running"] == 0 and s,
+        timeout_s=20.0,
         what="the decode worker to drop the request",
     )
     assert after["used_blocks"] == before["used_blocks"]
@@ -659,7 +684,7 @@ async def _give_up_during_prefill(url: str, request: dict) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=60.0) as http:
         task = asyncio.create_task(http.post("/v1/completions", json=request))
         await asyncio.to_thread(
-            _wait_for,
+            wait_until,
             lambda: actor_stats("scheduler")["counts"].get("submitted", 0) > submitted,
             30.0,
             "the request to reach the scheduler",
@@ -671,7 +696,7 @@ async def _give_up_during_prefill(url: str, request: dict) -> None:
 
 
 def test_a_client_that_gives_up_during_prefill_cancels_its_request(live_app):
-    _wait_for(_prefill_idle, what="prefill workers to be idle")
+    wait_until(_prefill_idle, timeout_s=20.0, what="prefill workers to be idle")
     cancelled_before = actor_stats("scheduler")["counts"].get("cancelled", 0)
     # A non-streaming request whose prefill takes about a second on one CPU thread, with a
     # target so loose that admission control cannot refuse it.
@@ -686,13 +711,14 @@ def test_a_client_that_gives_up_during_prefill_cancels_its_request(live_app):
             },
         )
     )
-    stats = _wait_for(
+    stats = wait_until(
         lambda: (
             (s := actor_stats("scheduler"))["counts"].get("cancelled", 0) > cancelled_before and s
         ),
+        timeout_s=20.0,
         what="the scheduler to cancel the request",
     )
-    _wait_for(_prefill_idle, what="the cancelled prefill to stop")
+    wait_until(_prefill_idle, timeout_s=20.0, what="the cancelled prefill to stop")
     assert stats["counts"]["cancelled"] == cancelled_before + 1
 
 
@@ -721,7 +747,7 @@ async def _exercise_every_metric(url: str) -> dict:
     """Real requests that make every registry metric move: a preemption (a long relaxed
     prefill, then an urgent request while it computes), an admission-control rejection, and
     SLO misses (several requests at once, each with a target it could meet alone)."""
-    await asyncio.to_thread(_wait_for, _prefill_idle, 30.0, "prefill workers to be idle")
+    await asyncio.to_thread(wait_until, _prefill_idle, 30.0, "prefill workers to be idle")
     async with httpx.AsyncClient(base_url=url, timeout=120.0) as http:
         long_task = asyncio.create_task(
             http.post(
@@ -735,7 +761,7 @@ async def _exercise_every_metric(url: str) -> dict:
             )
         )
         await asyncio.to_thread(
-            _wait_for,
+            wait_until,
             lambda: any(u is not None for u in actor_stats("scheduler")["running_units"].values()),
             30.0,
             "the long prefill to start",
@@ -813,20 +839,26 @@ def test_metrics_endpoint_exports_every_registry_metric(live_app):
     # The metrics agent exports on an interval, and drops a gauge some seconds after its
     # last update: collect what each scrape shows.
     seen: set[str] = set()
-    deadline = time.monotonic() + 40.0
-    while True:
-        seen |= _scrape(port)
-        missing = {name for name, series in wanted.items() if series not in seen}
-        if not missing or time.monotonic() > deadline:
-            break
-        time.sleep(1.0)
-    assert not missing, f"not exported after real requests: {sorted(missing)}"
+
+    def missing() -> list[str]:
+        return sorted(name for name, series in wanted.items() if series not in seen)
+
+    def all_exported() -> bool:
+        seen.update(_scrape(port))
+        return not missing()
+
+    wait_until(
+        all_exported,
+        40.0,
+        lambda: f"every metric to be exported after real requests (missing: {missing()})",
+        poll_s=1.0,
+    )
 
 
-# ---------------------------------------------------------------------- last: engine loss
+# ------------------------------------------------------ engine loss (the app is redeployed)
 
 
-def test_a_killed_scheduler_is_restarted_and_serves_again_through_http(live_app):
+def test_a_killed_scheduler_is_restarted_and_serves_again_through_http(redeployed_after):
     """SIGKILL of the scheduler process: while Ray restarts it requests get a clean 503 with
     Retry-After (never a 500 or a hang); then the same deployment serves again, with the same
     workers (Serve did not replace the replica and its engine)."""
@@ -835,30 +867,34 @@ def test_a_killed_scheduler_is_restarted_and_serves_again_through_http(live_app)
 
     import ray
 
+    live_app = redeployed_after
     before = actor_stats("scheduler")
     worker = actor("prefill-0")
     worker_pid = ray.get(worker.info.remote())["pid"]
     os.kill(before["pid"], signal.SIGKILL)
     statuses = []
-    deadline = time.monotonic() + 90
     with live_app.client() as http:
-        while time.monotonic() < deadline:
+
+        def served() -> bool:
             response = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
             statuses.append(response.status_code)
             if response.status_code == 200:
-                break
+                return True
             assert response.status_code == 503, response.text
             assert response.json()["error"]["code"] == "engine_unavailable"
             assert int(response.headers["Retry-After"]) >= 1
-            time.sleep(0.3)
-    assert statuses[-1] == 200, statuses
+            return False
+
+        wait_until(served, 90, lambda: f"a 200 after the restart (got {statuses})", poll_s=0.3)
     after = actor_stats("scheduler")
     assert after["pid"] != before["pid"] and after["counts"]["scheduler_restarts"] == 1
     assert ray.get(worker.info.remote())["pid"] == worker_pid
 
 
-def test_requests_get_503_once_the_engine_is_gone(live_app):
+def test_requests_get_503_once_the_engine_is_gone(redeployed_after):
     import ray
+
+    live_app = redeployed_after
 
     ray.kill(actor("scheduler"), no_restart=True)
     with live_app.client() as http:
