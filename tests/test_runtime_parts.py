@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 
 import pytest
 import torch
 from pydantic import ValidationError
+from waiting import wait_until
 
 from flowprefill_ray.model import load_model, load_tokenizer
 from flowprefill_ray.model.checkpoints import tiny_checkpoint
+from flowprefill_ray.runtime import prefill_executor
 from flowprefill_ray.runtime.config import RuntimeConfig
 from flowprefill_ray.runtime.detokenizer import Detokenizer
 from flowprefill_ray.runtime.messages import PrefillItemSpec
@@ -130,16 +131,36 @@ def test_detokenizer_deltas_join_to_the_full_text_and_hold_back_stop_prefixes(ti
 # --------------------------------------------------------------------- prefill executor
 
 
-def test_paused_prefill_resumes_to_the_same_kv_and_first_token(model):
+@pytest.fixture
+def hold_at_first_checkpoint(monkeypatch):
+    """``hold(unit_id)`` -> an event set when that unit reaches its first checkpoint; the unit
+    then waits there until a pause is requested, so a control thread always finds it
+    mid-prefill (never not yet started, never already finished), however busy the machine."""
+    reached: dict[int, threading.Event] = {}
+    should_pause = prefill_executor._Unit.should_pause
+
+    def gated(unit) -> bool:
+        event = reached.get(unit.unit_id)
+        if event is not None and not event.is_set():
+            event.set()
+            assert unit.pause.wait(60), "no pause request reached the held unit"
+        return should_pause(unit)
+
+    monkeypatch.setattr(prefill_executor._Unit, "should_pause", gated)
+    return lambda unit_id: reached.setdefault(unit_id, threading.Event())
+
+
+def test_paused_prefill_resumes_to_the_same_kv_and_first_token(model, hold_at_first_checkpoint):
     tokens = _prompt(1500)
     reference = model.prefill(tokens)
     executor = PrefillExecutor(model, "block", chunk_tokens=8192)
+    held = hold_at_first_checkpoint(1)
     outcome = {}
     runner = threading.Thread(
         target=lambda: outcome.update(first=executor.run(1, [_item("r", tokens)]))
     )
     runner.start()
-    time.sleep(0.05)
+    assert held.wait(60), "the prefill never reached a checkpoint"
     paused, blocking_s = executor.request_pause(1)
     runner.join()
 
@@ -189,12 +210,20 @@ def test_preempt_of_a_finished_unit_answers_at_once_and_discard_frees_state(mode
     executor.run(1, [_item("r", _prompt(32))])
     assert executor.request_pause(1) == (False, 0.0)
     # A preempt that overtakes its run call pauses the unit before any compute.
-    pauser = threading.Thread(target=lambda: executor.request_pause(2))
+    answer = {}
+    pauser = threading.Thread(target=lambda: answer.update(r=executor.request_pause(2)))
     pauser.start()
-    time.sleep(0.05)
+
+    def preempt_recorded() -> bool:
+        with executor._lock:  # the preempt leaves a paused record for the unit to come
+            unit = executor._units.get(2)
+            return unit is not None and unit.pause.is_set()
+
+    wait_until(preempt_recorded, 60, "the early preempt to be recorded")
     early = executor.run(2, [_item("s", _prompt(64))])
     pauser.join()
     assert early.status == "paused" and early.executed_s == 0.0
+    assert answer["r"][0] is True  # the waiting preempt learns that the unit paused
     assert executor.discard(2) and executor.stats()["paused_units"] == 0
     with pytest.raises(UnknownUnitError):
         executor.resume(2)
@@ -209,17 +238,20 @@ def test_first_token_that_ends_the_request_keeps_no_kv(model):
     assert executor.stats()["ready_kv_requests"] == 0
 
 
-def test_reset_stops_the_running_unit_and_drops_everything_a_dead_scheduler_left(model):
+def test_reset_stops_the_running_unit_and_drops_everything_a_dead_scheduler_left(
+    model, hold_at_first_checkpoint
+):
     """What a restarted scheduler's adoption does to a worker: nothing stays held, and unit
     ids start afresh (the new scheduler numbers its units from 1 again)."""
     executor = PrefillExecutor(model, "block")
     executor.run(1, [_item("ready", _prompt(40))])  # finished, its KV waits for a hand-off
+    held = hold_at_first_checkpoint(2)
     outcome = {}
     runner = threading.Thread(
         target=lambda: outcome.update(r=executor.run(2, [_item("long", _prompt(1500, 1))]))
     )
     runner.start()
-    time.sleep(0.05)
+    assert held.wait(60), "the long unit never reached a checkpoint"
     dropped = executor.reset()
     runner.join()
     assert outcome["r"].status == "paused"  # stopped at a checkpoint, not run to the end
