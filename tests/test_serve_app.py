@@ -9,6 +9,7 @@ this module pass in any order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 import time
@@ -684,11 +685,13 @@ async def _give_up_during_prefill(url: str, request: dict) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=60.0) as http:
         task = asyncio.create_task(http.post("/v1/completions", json=request))
         await asyncio.to_thread(
-            wait_until,
-            lambda: actor_stats("scheduler")["counts"].get("submitted", 0) > submitted,
-            30.0,
-            "the request to reach the scheduler",
-            0.005,
+            functools.partial(
+                wait_until,
+                lambda: actor_stats("scheduler")["counts"].get("submitted", 0) > submitted,
+                30.0,
+                "the request to reach the scheduler",
+                poll_s=0.005,
+            )
         )
         task.cancel()  # closes the connection while the prompt is being prefilled
         with pytest.raises(asyncio.CancelledError):
