@@ -13,7 +13,7 @@ from waiting import wait_until
 
 from flowprefill_ray.model import load_model, load_tokenizer
 from flowprefill_ray.model.checkpoints import tiny_checkpoint
-from flowprefill_ray.runtime import prefill_executor
+from flowprefill_ray.runtime import prefill_units
 from flowprefill_ray.runtime.config import RuntimeConfig
 from flowprefill_ray.runtime.detokenizer import Detokenizer
 from flowprefill_ray.runtime.messages import PrefillItemSpec
@@ -137,7 +137,7 @@ def hold_at_first_checkpoint(monkeypatch):
     then waits there until a pause is requested, so a control thread always finds it
     mid-prefill (never not yet started, never already finished), however busy the machine."""
     reached: dict[int, threading.Event] = {}
-    should_pause = prefill_executor._Unit.should_pause
+    should_pause = prefill_units.WorkUnit.should_pause
 
     def gated(unit) -> bool:
         event = reached.get(unit.unit_id)
@@ -146,7 +146,7 @@ def hold_at_first_checkpoint(monkeypatch):
             assert unit.pause.wait(60), "no pause request reached the held unit"
         return should_pause(unit)
 
-    monkeypatch.setattr(prefill_executor._Unit, "should_pause", gated)
+    monkeypatch.setattr(prefill_units.WorkUnit, "should_pause", gated)
     return lambda unit_id: reached.setdefault(unit_id, threading.Event())
 
 

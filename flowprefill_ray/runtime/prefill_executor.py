@@ -19,7 +19,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +27,7 @@ from flowprefill_ray.model.kv import KVCache
 from flowprefill_ray.model.sampling import sample_with_params
 
 from .messages import FailedItem, FirstToken, PrefillItemSpec, UnitOutcome
+from .prefill_units import ItemProgress, WorkUnit, paused_bytes
 
 # How many finished unit ids to remember, so a preempt that arrives after its unit completed
 # answers at once instead of waiting for a unit that will never run again.
@@ -36,55 +36,6 @@ _FINISHED_MEMORY = 4096
 
 class UnknownUnitError(KeyError):
     """A resume or discard named a unit this worker does not hold."""
-
-
-@dataclass
-class _ItemProgress:
-    spec: PrefillItemSpec
-    done: int = 0  # tokens of [start, end) already prefilled
-    kv: KVCache | None = None  # KV of [0, start + done)
-    first_token: tuple[int, bytes | None] | None = None  # (token id, sampler RNG state)
-    error: str | None = None  # why this item failed (for the server log, never the client)
-
-    @property
-    def remaining(self) -> int:
-        return self.spec.end - self.spec.start - self.done
-
-    @property
-    def pending(self) -> bool:
-        return self.error is None and self.remaining > 0
-
-    def fail(self, error: Exception) -> None:
-        """This item alone has failed: keep why (for the log) and drop its KV."""
-        self.error = f"{type(error).__name__}: {error}"
-        self.kv = None
-
-
-@dataclass
-class _Unit:
-    unit_id: int
-    items: list[_ItemProgress]
-    state: object | None = None  # the PrefillState of the chunk in flight
-    in_state: list[int] = field(default_factory=list)  # item indices in that state
-    executed_s: float = 0.0
-    pause: threading.Event = field(default_factory=threading.Event)
-    stopped: threading.Event = field(default_factory=threading.Event)
-    pause_requested_at: float | None = None
-    blocking_s: float = 0.0
-    # perf_counter() of the last checkpoint passed: a pause stops at the next one, so the
-    # block in flight when the preempt arrived runs from here to the stop.
-    checkpoint_at: float = 0.0
-    block_s: float = 0.0
-    # Set once a batched forward of this unit raised: from then on its items run one at a
-    # time, so the item that raises is found and fails alone.
-    isolated: bool = False
-
-    def should_pause(self) -> bool:
-        """The checkpoint callback of ``PrefillState.run``."""
-        if self.pause.is_set():
-            return True
-        self.checkpoint_at = time.perf_counter()
-        return False
 
 
 class PrefillExecutor:
@@ -112,7 +63,7 @@ class PrefillExecutor:
         self.granularity = granularity
         self.chunk_tokens = chunk_tokens
         self._lock = threading.Lock()
-        self._units: dict[int, _Unit] = {}
+        self._units: dict[int, WorkUnit] = {}
         self._running: int | None = None
         self._finished: dict[int, None] = {}  # insertion-ordered set of finished unit ids
         self._partial_kv: dict[str, KVCache] = {}  # KV of earlier chunks, by request
@@ -134,18 +85,18 @@ class PrefillExecutor:
                     # This item cannot continue; the others in the unit still can.
                     have = None if prefix is None else prefix.num_tokens
                     progress.append(
-                        _ItemProgress(
+                        ItemProgress(
                             spec,
                             error=f"starts at token {spec.start} but this worker holds KV "
                             f"of {have} tokens for it",
                         )
                     )
                     continue
-            progress.append(_ItemProgress(spec, kv=prefix))
+            progress.append(ItemProgress(spec, kv=prefix))
         with self._lock:
             unit = self._units.get(unit_id)
             if unit is None:  # a preempt may have arrived first and created the record
-                unit = _Unit(unit_id, progress)
+                unit = WorkUnit(unit_id, progress)
                 self._units[unit_id] = unit
             else:
                 unit.items = progress
@@ -162,7 +113,7 @@ class PrefillExecutor:
             unit.pause_requested_at = None
         return self._execute(unit)
 
-    def _execute(self, unit: _Unit) -> UnitOutcome:
+    def _execute(self, unit: WorkUnit) -> UnitOutcome:
         with self._lock:
             self._running = unit.unit_id
         try:
@@ -205,7 +156,7 @@ class PrefillExecutor:
             with self._lock:
                 self._running = None
 
-    def _forward_failed(self, unit: _Unit, error: Exception) -> None:
+    def _forward_failed(self, unit: WorkUnit, error: Exception) -> None:
         """A forward over ``unit.in_state`` raised. With several items in it, nothing says which
         one is at fault: rerun them one at a time from their last finished chunk (their KV is
         only replaced when a chunk completes). With one item, that item has failed."""
@@ -217,11 +168,11 @@ class PrefillExecutor:
             return
         unit.items[members[0]].fail(error)
 
-    def _next_chunk(self, item: _ItemProgress) -> list[int]:
+    def _next_chunk(self, item: ItemProgress) -> list[int]:
         offset = item.done
         return list(item.spec.token_ids[offset : offset + min(self.chunk_tokens, item.remaining)])
 
-    def _absorb_chunk(self, unit: _Unit) -> None:
+    def _absorb_chunk(self, unit: WorkUnit) -> None:
         result = unit.state.result()
         for row, index in enumerate(unit.in_state):
             item = unit.items[index]
@@ -245,7 +196,7 @@ class PrefillExecutor:
         state = None if generator is None else bytes(generator.get_state().numpy().tobytes())
         return token, state
 
-    def _paused(self, unit: _Unit) -> UnitOutcome:
+    def _paused(self, unit: WorkUnit) -> UnitOutcome:
         with self._lock:
             requested = unit.pause_requested_at
             now = time.perf_counter()
@@ -256,7 +207,7 @@ class PrefillExecutor:
             unit.unit_id, "paused", unit.executed_s, unit.blocking_s, block_s=unit.block_s
         )
 
-    def _completed(self, unit: _Unit) -> UnitOutcome:
+    def _completed(self, unit: WorkUnit) -> UnitOutcome:
         firsts, failed = [], []
         with self._lock:
             for item in unit.items:
@@ -291,7 +242,7 @@ class PrefillExecutor:
             unit.unit_id, "completed", unit.executed_s, 0.0, tuple(firsts), failed=tuple(failed)
         )
 
-    def _release(self, unit: _Unit) -> None:
+    def _release(self, unit: WorkUnit) -> None:
         """Forget a unit that ended abnormally, with everything its requests held here."""
         with self._lock:
             self._forget(unit)
@@ -302,7 +253,7 @@ class PrefillExecutor:
             unit.items = []
             unit.stopped.set()
 
-    def _forget(self, unit: _Unit) -> None:
+    def _forget(self, unit: WorkUnit) -> None:
         # Caller holds the lock.
         self._units.pop(unit.unit_id, None)
         self._finished[unit.unit_id] = None
@@ -324,7 +275,7 @@ class PrefillExecutor:
             if unit is None:
                 # The preempt overtook its run call (threaded actors may reorder calls): leave a
                 # record so the run pauses before computing anything.
-                unit = _Unit(unit_id, [])
+                unit = WorkUnit(unit_id, [])
                 self._units[unit_id] = unit
             if unit.stopped.is_set() and unit.pause.is_set():
                 return True, 0.0  # already paused
@@ -368,7 +319,7 @@ class PrefillExecutor:
             dropped = {
                 "units": len(units),
                 "kv_requests": len(kv),
-                "bytes": sum(_paused_bytes(u) for u in units) + sum(k.nbytes for k in kv),
+                "bytes": sum(paused_bytes(u) for u in units) + sum(k.nbytes for k in kv),
             }
             self._units.clear()
             self._partial_kv.clear()
@@ -399,7 +350,7 @@ class PrefillExecutor:
         """Units and KV this worker holds (for load reports and leak checks in tests)."""
         with self._lock:
             paused = self._paused_units()
-            held, paused_bytes = self._held(paused)
+            held, paused_total = self._held(paused)
             return {
                 "running_unit": self._running,
                 "units_completed": self._units_completed,
@@ -411,9 +362,9 @@ class PrefillExecutor:
                 "ready_kv_requests": len(self._ready_kv),
                 "held_kv_bytes": held,
                 # Activations and KV kept alive by paused units: memory a GPU must budget for.
-                "paused_bytes": paused_bytes,
+                "paused_bytes": paused_total,
                 # Everything this worker holds between units (exported as a gauge).
-                "held_bytes": held + paused_bytes,
+                "held_bytes": held + paused_total,
             }
 
     def held_bytes(self) -> int:
@@ -421,22 +372,12 @@ class PrefillExecutor:
         with self._lock:
             return sum(self._held(self._paused_units()))
 
-    def _paused_units(self) -> list[_Unit]:
+    def _paused_units(self) -> list[WorkUnit]:
         # Caller holds the lock.
         return [u for u in self._units.values() if u.items and u.unit_id != self._running]
 
-    def _held(self, paused: list[_Unit]) -> tuple[int, int]:
+    def _held(self, paused: list[WorkUnit]) -> tuple[int, int]:
         """(KV bytes kept for chunked and finished prompts, bytes of the ``paused`` units)."""
         # Caller holds the lock.
         kv = sum(kv.nbytes for kv in (*self._partial_kv.values(), *self._ready_kv.values()))
-        return kv, sum(_paused_bytes(u) for u in paused)
-
-
-def _paused_bytes(unit: _Unit) -> int:
-    """Bytes a paused unit keeps alive: its PrefillState (activations, the KV written so far and
-    the prefix KV it reads) and the KV of its items that are not in that state."""
-    total = unit.state.nbytes if unit.state is not None else 0
-    for index, item in enumerate(unit.items):
-        if item.kv is not None and index not in unit.in_state:
-            total += item.kv.nbytes
-    return total
+        return kv, sum(paused_bytes(u) for u in paused)
