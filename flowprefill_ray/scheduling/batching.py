@@ -30,13 +30,15 @@ def form_slo_batch(
     config: PolicyConfig,
     kv_admits: Callable[[int], bool],
     now: float,
+    uncached: Callable[[RequestRecord], int] = lambda rec: rec.remaining_tokens,
 ) -> list[WorkItem]:
     """Items of the unit headed by ``head`` (already popped from ``queue``); members are popped
     from ``queue``, examined non-members are put back. ``kv_admits(tokens)`` says whether the
-    worker can hold a batch of ``tokens`` tokens."""
+    worker can hold a batch of ``tokens`` tokens; ``uncached(rec)`` is what ``rec`` would compute
+    on that worker (its remaining tokens less what the worker's prefix cache holds)."""
     items = [WorkItem(head.request_id, head.prefilled_tokens, head.prompt_tokens)]
     bound = config.token_bound
-    total = head.prompt_tokens - head.prefilled_tokens
+    total = uncached(head)
     time_left = head.deadline_s - now
     margin = config.alpha * head.ttft_slo_s
     # Units overrun their prediction now and then (noise, decode sharing the cores): price
@@ -55,7 +57,7 @@ def form_slo_batch(
         if rec is None:
             break
         examined.append(rec)
-        tokens = rec.prompt_tokens - rec.prefilled_tokens
+        tokens = uncached(rec)
         new_total = total + tokens
         if new_total > bound or not kv_admits(new_total):
             continue

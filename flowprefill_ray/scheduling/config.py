@@ -14,6 +14,7 @@ from pydantic import (
 )
 
 from .admission import AdmissionConfig
+from .prefix_routing import PrefixRoutingConfig
 
 PolicyName = Literal["flowprefill", "fcfs", "chunked", "edf"]
 
@@ -101,6 +102,11 @@ class PolicyConfig(BaseModel):
         "its prediction times the 90th percentile of recent units' actual/predicted compute "
         "(at least 1), so a batch that overruns as often as one in ten still leaves its head "
         "alpha x SLO",
+    )
+    prefix: PrefixRoutingConfig = Field(
+        default_factory=PrefixRoutingConfig,
+        description="prefix caching: price requests by uncached tokens, route by cache contents "
+        "(see prefix_routing.py)",
     )
     admission: AdmissionConfig = Field(
         default_factory=AdmissionConfig,

@@ -89,7 +89,23 @@ class FlowPrefillPolicy(Policy):
 
     def _fill_idle(self, idle: list[WorkerRecord], now: float, out: list[Decision]) -> None:
         """Give each idle worker its best paused unit or the best waiting request. ``idle``
-        is emptied of the workers that got work."""
+        is emptied of the workers that got work. With prefix routing, a request may be left
+        queued for a busy worker's cache (``route``); it is put back before returning."""
+        deferred: list[RequestRecord] = []
+        try:
+            self._fill_idle_deferring(idle, now, out, deferred)
+        finally:
+            for rec in deferred:
+                self.queue.unpop(rec)
+
+    def _fill_idle_deferring(
+        self,
+        idle: list[WorkerRecord],
+        now: float,
+        out: list[Decision],
+        deferred: list[RequestRecord],
+    ) -> None:
+        busy: dict[str, float] | None = None  # computed once, if routing needs it
         while idle:
             best_paused: UnitRecord | None = None
             best_paused_rank = None
@@ -109,19 +125,45 @@ class FlowPrefillPolicy(Policy):
                 continue
             if top is None:
                 return
-            worker = self._worker_for_new_work(idle, now)
-            head = self.queue.pop(now)
-            assert head is not None
+            head = top[0]
+            usual = self._worker_for_new_work(idle, now)
+            worker = usual
+            if self.prefix.enabled and head.request.prefix_hashes:
+                if busy is None:
+                    busy = self.busy_remaining_s(now)
+                slack = self.queue.slack_s(head, now)
+                worker = self.route(head, idle, usual, slack, busy)
+                if worker is None and len(deferred) >= self.prefix.defer_scan_limit:
+                    worker = usual
+            popped = self.queue.pop(now)
+            assert popped is head
+            if worker is None:
+                head.waits_for_cache = True
+                deferred.append(head)
+                continue
+            wid = worker.worker_id
             items = form_slo_batch(
                 head,
                 self.queue,
                 self.predictor,
                 self.config,
-                lambda tokens, wid=worker.worker_id: self._kv_admits(wid, tokens),
+                lambda tokens, wid=wid: self._kv_admits(wid, tokens),
                 now,
+                self._uncached_on(wid),
             )
             out.append(self._start_unit(worker, items, now))
             idle.remove(worker)
+
+    def _uncached_on(self, worker_id: str):
+        """Tokens a request would compute on ``worker_id`` (its cache's prefix excluded)."""
+        if not self.prefix.enabled:
+            return lambda rec: rec.remaining_tokens
+
+        def uncached(rec: RequestRecord) -> int:
+            done = max(rec.prefilled_tokens, self.cached_on(worker_id, rec))
+            return rec.prompt_tokens - done
+
+        return uncached
 
     def _worker_for_new_work(self, idle: list[WorkerRecord], now: float) -> WorkerRecord:
         """An idle worker with no paused work, else the one whose best paused unit ranks
@@ -166,6 +208,8 @@ class FlowPrefillPolicy(Policy):
             rec, feasible = top
             self.queue.pop(now)
             taken.append(rec)
+            if rec.waits_for_cache:
+                continue  # it chose to wait for a busy worker's cache: preempting buys nothing
             if skip:
                 skip -= 1
                 continue
@@ -185,7 +229,7 @@ class FlowPrefillPolicy(Policy):
             # Until some running unit finishes, the newcomer cannot start without preemption.
             soonest_free_s = min(v[2] for v in victims)
             would_miss = challenger_slack < soonest_free_s
-            cost = self.predictor.predict(rec.prompt_tokens - rec.prefilled_tokens)
+            cost = self.predictor.predict(rec.remaining_tokens)
             victim_keeps_slack = victim_slack - cost >= 0.0
             if not (would_miss or victim_keeps_slack):
                 break  # a preemption would buy nothing: avoid thrashing

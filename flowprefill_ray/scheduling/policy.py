@@ -44,6 +44,7 @@ from .events import (
 )
 from .policy_views import PolicyViews
 from .predictor import TTFTPredictor
+from .prefix_routing import PrefixRouting
 from .records import (
     RequestRecord,
     UnitRecord,
@@ -79,7 +80,7 @@ class DecisionCounts:
     decisions: int = 0  # decisions produced in all
 
 
-class Policy(WorkEstimates, PolicyViews, ABC):
+class Policy(WorkEstimates, PolicyViews, PrefixRouting, ABC):
     """Base of all policies. Decisions happen only in ``on_event``."""
 
     name: ClassVar[str]
@@ -131,6 +132,7 @@ class Policy(WorkEstimates, PolicyViews, ABC):
             0,
         )
         self.blocking_s_total = 0.0  # sum of UnitPaused.blocking_s
+        self._init_prefix(config.prefix)
         self._next_unit_id = 1
         self._next_order = 0
         self._next_token = 1
@@ -189,6 +191,7 @@ class Policy(WorkEstimates, PolicyViews, ABC):
         )
         self._next_order += 1
         self.requests[rid] = rec
+        self._prefix_arrived(rec)
         self.counters["arrivals"] += 1
         verdict = self.admission.decide(rec, now, self.waiting, self._saturated(), self)
         if isinstance(verdict, Reject):
@@ -236,6 +239,7 @@ class Policy(WorkEstimates, PolicyViews, ABC):
                 rec.worker_id = None
             elif item.end >= rec.prompt_tokens:
                 rec.status = _FINISHED
+                self._prefix_finished(w.worker_id, rec)
                 rec.worker_id = None
                 w.partial.discard(rec.request_id)
             else:
@@ -270,12 +274,14 @@ class Policy(WorkEstimates, PolicyViews, ABC):
             self.counters["stale_events"] += 1
             return
         self.workers[event.worker_id] = WorkerRecord(event.worker_id)
+        self._prefix_worker_joined(event.worker_id)
 
     def _on_worker_left(self, event: WorkerLeft, now: float, out: list[Decision]) -> None:
         w = self.workers.pop(event.worker_id, None)
         if w is None:
             self.counters["stale_events"] += 1
             return
+        self._prefix_worker_left(event.worker_id)
         lost = list(w.paused.values())
         if w.running is not None:
             lost.append(w.running)
@@ -339,12 +345,19 @@ class Policy(WorkEstimates, PolicyViews, ABC):
     # ------------------------------------------------------------------ decision helpers
 
     def _start_unit(self, w: WorkerRecord, items: list[WorkItem], now: float) -> RunUnit:
-        """Start ``items`` as a new unit on idle worker ``w``."""
+        """Start ``items`` as a new unit on idle worker ``w``. A whole prompt starts where
+        ``w``'s prefix cache ends (``prefix_routing.py``)."""
+        for i, item in enumerate(items):
+            rec = self.requests[item.request_id]
+            start = self._prefix_start(w.worker_id, rec, item.start, item.end)
+            if start != item.start:
+                items[i] = WorkItem(item.request_id, start, item.end)
         unit = WorkUnit(self._next_unit_id, w.worker_id, tuple(items))
         self._next_unit_id += 1
         head = None
         for item in items:
             rec = self.requests[item.request_id]
+            rec.waits_for_cache = False
             if rec.status is _WAITING:
                 self._left_waiting(rec)
             rec.status = _RUNNING

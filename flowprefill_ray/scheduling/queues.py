@@ -111,12 +111,12 @@ class SlackQueue:
 
     def slack_s(self, rec: RequestRecord, now: float) -> float:
         """Slack of a waiting request at ``now``, seconds."""
-        predicted = self._predictor.predict(rec.prompt_tokens - rec.prefilled_tokens)
+        predicted = self._predictor.predict(rec.remaining_tokens)
         remaining = predicted - rec.executed_s
         return (rec.deadline_s - now) - (remaining if remaining > 0.0 else 0.0)
 
     def _heaps_of(self, rec: RequestRecord) -> _FeasibleLateHeaps:
-        small = rec.prompt_tokens - rec.prefilled_tokens <= self._small_tokens
+        small = rec.remaining_tokens <= self._small_tokens
         return self._small if small else self._large
 
     def push(self, rec: RequestRecord, now: float) -> None:

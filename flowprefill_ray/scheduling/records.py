@@ -42,10 +42,20 @@ class RequestRecord:
     unit_id: int | None = None  # running or paused unit containing it
     queue_token: int = 0  # id of its live queue entry; 0 = not queued; older entries are stale
     queue_late: bool = False  # flowprefill: queued (or last popped) as infeasible
+    # Prefix caching (prefix_routing.py): prompt tokens a worker's cache serves - the best
+    # worker's on arrival, the chosen worker's once started; never computed, so never priced.
+    cached_tokens: int = 0
+    waits_for_cache: bool = False  # left queued for a busy worker's cache: preempt no one for it
 
     @property
     def remaining_tokens(self) -> int:
-        return self.prompt_tokens - self.prefilled_tokens
+        """Prompt tokens still to compute."""
+        done = (
+            self.prefilled_tokens
+            if self.prefilled_tokens > self.cached_tokens
+            else self.cached_tokens
+        )
+        return self.prompt_tokens - done
 
 
 @dataclass(slots=True, eq=False)

@@ -49,6 +49,11 @@ class Request(BaseModel):
         None, description="explicit TTFT target, seconds; overrides the class"
     )
     priority: int = Field(0, description="larger is more important; a tie-breaker only")
+    prefix_hashes: tuple[int, ...] = Field(
+        (),
+        description="chained hashes of the prompt's full blocks (prefix_blocks.py), for "
+        "prefix-cache pricing and routing; empty = unknown",
+    )
 
     @property
     def ttft_target_s(self) -> float:

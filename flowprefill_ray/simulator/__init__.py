@@ -2,8 +2,9 @@
 models (measured CPU profile, GPU roofline) and the goodput search. Plain Python: no Ray, no
 torch (the profiler that measures our model with torch is ``scripts/profile_model.py``)."""
 
+from .config import SimulatorConfig
 from .cost_model import CostModel, Granularity, ItemShape, UnitCost, UnitTimeline, plan_unit
-from .engine import PolicyContractError, SimulationStalled, Simulator, SimulatorConfig
+from .engine import PolicyContractError, SimulationStalled, Simulator
 from .experiment import fit_predictor, fitted_slo_scale, goodput, prefill_s, simulate
 from .goodput import GoodputResult, GoodputSearchConfig, RatePoint, attainment_curve, find_goodput
 from .measured import MeasuredCostModel, MeasuredProfile

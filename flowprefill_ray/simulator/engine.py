@@ -29,8 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from flowprefill_ray.scheduling.events import (
     Arrival,
     Decision,
@@ -47,7 +45,9 @@ from flowprefill_ray.scheduling.events import (
     WorkUnit,
 )
 
-from .cost_model import CostModel, Granularity, ItemShape, UnitTimeline, plan_unit
+from .config import SimulatorConfig
+from .cost_model import CostModel, ItemShape, UnitTimeline, plan_unit
+from .prefix_cache import SimulatedPrefixCaches
 from .results import RequestOutcome, SimulationResult, WorkerStats
 
 if TYPE_CHECKING:
@@ -65,33 +65,6 @@ class PolicyContractError(RuntimeError):
 
 class SimulationStalled(RuntimeError):
     """The event queue emptied while requests were still unfinished."""
-
-
-class SimulatorConfig(BaseModel):
-    """``num_workers`` prefill workers; preemption stops at ``granularity`` checkpoints;
-    ``resume_overhead_s`` seconds are paid each time a paused unit restarts.
-
-    Two optional terms stand for the serving stack around the model, so a simulation can be
-    compared with a live deployment (``benchmarks/sim_compare.py`` measures them from one):
-    ``unit_overhead_s`` keeps a worker busy without compute at the start of every run of a unit
-    (the scheduler's call to the worker and the reply: the worker idles between units for that
-    long), ``response_overhead_s`` is added to every first token's time (HTTP, the Serve
-    replica, hand-off to the engine: on the request's path, not the worker's)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    num_workers: int = Field(default=1, gt=0)
-    granularity: Granularity = "block"
-    resume_overhead_s: float = Field(default=0.0, ge=0)
-    unit_overhead_s: float = Field(default=0.0, ge=0)
-    response_overhead_s: float = Field(default=0.0, ge=0)
-    max_forward_tokens: int = Field(
-        default=8192, gt=0, description="longest piece of one prompt run in one forward (tokens)"
-    )
-    worker_prefix: str = "prefill-"
-    max_events: int = Field(
-        default=50_000_000, gt=0, description="guard against a livelocked policy"
-    )
 
 
 @dataclass(slots=True)
@@ -156,6 +129,9 @@ class Simulator:
         self._tokens = 0
         self._last_event_s = 0.0  # time of the last event that was not a cancelled end
         self._ran = False
+        self.prefix_caches = SimulatedPrefixCaches(
+            self.worker_ids, self.config.prefix_cache_blocks, self.config.prefix_block_tokens
+        )
 
     # ------------------------------------------------------------------ public
 
@@ -285,7 +261,11 @@ class Simulator:
                 raise PolicyContractError(
                     f"{d!r}: item [{item.start}, {item.end}) is outside the prompt of {req.prompt_tokens} tokens"
                 )
-            if item.start > 0:
+            start = item.start
+            if start > 0 and self._done_tokens[rid] == 0 and req.prefix_hashes:
+                # A prefix-cache hit: [0, start) comes from the worker's cache, or is recomputed.
+                start = self.prefix_caches.start(unit.worker_id, req, item.start)
+            elif start > 0:
                 if (
                     item.start != self._done_tokens[rid]
                     or self._kv_worker.get(rid) != unit.worker_id
@@ -295,7 +275,7 @@ class Simulator:
                         f"{unit.worker_id}, but {self._done_tokens[rid]} tokens are done on "
                         f"{self._kv_worker.get(rid)}"
                     )
-            shapes.append(ItemShape(item.tokens, item.start))
+            shapes.append(ItemShape(item.end - start, start))
         cost = plan_unit(self.cost_model, shapes, self.config.max_forward_tokens)
         for item in unit.items:
             self._in_flight[item.request_id] = unit.unit_id
@@ -404,6 +384,7 @@ class Simulator:
             self._done_tokens[rid] = item.end
             self._kv_worker[rid] = worker_id
             if item.end == self._requests[rid].prompt_tokens:
+                self.prefix_caches.store(worker_id, self._requests[rid])
                 outcome = self._outcomes[rid]
                 outcome.prefill_completions += 1
                 if outcome.ttft_s is None:
