@@ -12,12 +12,42 @@ import httpx
 
 from .config import EndpointConfig, ReplayConfig
 from .plan import PlannedRequest
-from .prompts import prompt_text, prompt_token_ids
+from .prompts import block_prompt_text, block_prompt_token_ids, prompt_text, prompt_token_ids
 from .result import RequestResult
 
 # Keys under which a server may attach per-request scheduling facts to a stream chunk (our
 # server's extension; vLLM and SGLang send none). Values are merged into ``record.server``.
 SERVER_EXTENSION_KEYS = ("flowprefill", "timings")
+
+
+def request_prompt_ids(replay: ReplayConfig, planned: PlannedRequest) -> list[int]:
+    """The token ids ``planned`` sends: built from its hash-id blocks when it has them (shared
+    blocks are shared tokens), else drawn for this request alone."""
+    low, high = replay.token_id_low, replay.token_id_high
+    if planned.hash_ids and planned.block_tokens:
+        return block_prompt_token_ids(
+            planned.prompt_tokens,
+            planned.hash_ids,
+            planned.block_tokens,
+            replay.seed,
+            planned.request_id,
+            low,
+            high,
+        )
+    return prompt_token_ids(planned.prompt_tokens, replay.seed, planned.request_id, low, high)
+
+
+def request_prompt_text(replay: ReplayConfig, planned: PlannedRequest) -> str:
+    """The chat text ``planned`` sends (see ``request_prompt_ids``)."""
+    if planned.hash_ids and planned.block_tokens:
+        return block_prompt_text(
+            planned.prompt_tokens,
+            planned.hash_ids,
+            planned.block_tokens,
+            replay.seed,
+            planned.request_id,
+        )
+    return prompt_text(planned.prompt_tokens, replay.seed, planned.request_id)
 
 
 def request_body(
@@ -32,20 +62,9 @@ def request_body(
         "stream_options": {"include_usage": True},
     }
     if endpoint.api == "completions":
-        body["prompt"] = prompt_token_ids(
-            planned.prompt_tokens,
-            replay.seed,
-            planned.request_id,
-            replay.token_id_low,
-            replay.token_id_high,
-        )
+        body["prompt"] = request_prompt_ids(replay, planned)
     else:
-        body["messages"] = [
-            {
-                "role": "user",
-                "content": prompt_text(planned.prompt_tokens, replay.seed, planned.request_id),
-            }
-        ]
+        body["messages"] = [{"role": "user", "content": request_prompt_text(replay, planned)}]
     if endpoint.send_slo:
         body["slo_class"] = planned.slo_class
     if endpoint.ignore_eos:

@@ -11,12 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Built-in trace names the CLI accepts besides a file path, mapped to the shipped trace names
-# of ``flowprefill_ray.workloads.load_builtin``.
-BUILTIN_TRACE_ALIASES = {
-    "azure-conv": "azure_2023_conv",
-    "azure-code": "azure_2023_code",
-}
+from .trace_specs import BUILTIN_TRACE_ALIASES, check_source, split_outside_brackets
+
+__all__ = ["BUILTIN_TRACE_ALIASES", "EndpointConfig", "ReplayConfig", "parse_trace_spec"]
 
 
 class EndpointConfig(BaseModel):
@@ -60,14 +57,17 @@ class EndpointConfig(BaseModel):
 class ReplayConfig(BaseModel):
     """A trace replay.
 
-    ``trace``: ``azure-conv``, ``azure-code`` (the shipped Azure 2023 traces), or a path to a
-    normalized CSV (``arrival_s,input_tokens,output_tokens``); or several tenants at once,
-    ``TRACE=CLASS,TRACE=CLASS`` (e.g. ``azure-conv=urgent,azure-code=relaxed``): each trace's
+    ``trace``: ``azure-conv``, ``azure-code`` (the shipped Azure 2023 traces), ``mooncake``
+    or ``mooncake[block=N]`` (the shipped Mooncake synthetic trace, prompt blocks rescaled to
+    N tokens), ``multiturn[conversations=8,turns=4,...]`` (generated multi-turn chat), or a
+    path to a normalized CSV (``arrival_s,input_tokens,output_tokens``) or a Mooncake JSONL
+    (``loadgen.trace_specs``); or several tenants at once, ``TRACE=CLASS,TRACE=CLASS`` (e.g. ``azure-conv=urgent,azure-code=relaxed``): each trace's
     requests all get that SLO class and the traces are interleaved by arrival
     (``flowprefill_ray.workloads.merge_tenants``).
     ``start_s``: skip the trace's first seconds (a later slice of the day).
     ``rate_scale``: arrival-gap compression (2 = twice the trace's request rate).
-    ``prompt_scale``: multiplies every prompt length (e.g. 0.1 to fit a CPU), then
+    ``prompt_scale``: multiplies every prompt length (e.g. 0.1 to fit a CPU; for a trace with
+    hash ids prefer ``[block=N]``, which keeps whole blocks shared), then
     ``min_prompt_tokens`` / ``max_prompt_tokens`` clamp it; ``max_output_tokens`` caps answers.
     ``max_requests`` and ``duration_s``: the run sends at most that many requests and none
     after ``duration_s`` seconds; once sending is over, in-flight requests get ``drain_s`` more
@@ -114,18 +114,29 @@ class ReplayConfig(BaseModel):
 
 def parse_trace_spec(trace: str) -> list[tuple[str, str | None]]:
     """``(trace, slo_class)`` pairs of a ``--trace`` value: one pair with no class for a
-    single trace, one per tenant for ``TRACE=CLASS,TRACE=CLASS``."""
-    if "=" not in trace:
+    single trace, one per tenant for ``TRACE=CLASS,TRACE=CLASS``. Each trace is checked
+    (``loadgen.trace_specs.check_source``); ``,`` and ``=`` inside ``[...]`` are its options."""
+    if len(split_outside_brackets(trace, "=")) == 1:
         if not trace.strip():
             raise ValueError("trace is empty")
+        check_source(trace)
         return [(trace, None)]
     pairs: list[tuple[str, str | None]] = []
-    for part in trace.split(","):
-        name, sep, slo_class = (s.strip() for s in part.partition("="))
+    for part in split_outside_brackets(trace, ","):
+        name, sep, slo_class = _split_tenant(part)
         if not sep or not name or not slo_class:
             raise ValueError(
                 f"tenant {part!r} of trace {trace!r} is not TRACE=CLASS "
                 "(e.g. azure-conv=urgent,azure-code=relaxed)"
             )
+        check_source(name)
         pairs.append((name, slo_class))
     return pairs
+
+
+def _split_tenant(part: str) -> tuple[str, str, str]:
+    """``TRACE=CLASS`` split at its last ``=`` outside brackets: (trace, "=", class)."""
+    pieces = split_outside_brackets(part, "=")
+    if len(pieces) < 2:
+        return part.strip(), "", ""
+    return "=".join(pieces[:-1]).strip(), "=", pieces[-1].strip()

@@ -17,12 +17,11 @@ from flowprefill_ray.workloads import (
     TraceRecord,
     Workload,
     assign_slo_classes,
-    load_builtin,
-    load_normalized_csv,
     merge_tenants,
 )
 
-from .config import BUILTIN_TRACE_ALIASES, ReplayConfig, parse_trace_spec
+from .config import ReplayConfig, parse_trace_spec
+from .trace_specs import load_source
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,22 +35,20 @@ class PlannedRequest:
     max_output_tokens: int
     slo_class: str
     ttft_slo_s: float
+    # The trace's prompt-block hash ids and tokens per block, when it has them: the prompt is
+    # then built block by block so requests sharing ids share tokens (loadgen.prompts).
+    hash_ids: tuple[int, ...] = ()
+    block_tokens: int | None = None
 
 
 def load_trace_workload(trace: str) -> Workload:
-    """A shipped trace by alias (``azure-conv``, ``azure-code``) or a normalized CSV path; or
-    several tenants' traces merged, ``TRACE=CLASS,...`` (``ReplayConfig.trace``)."""
+    """A shipped trace by alias (``azure-conv``, ``azure-code``, ``mooncake[block=N]``), the
+    generated ``multiturn[...]`` workload or a trace file (``loadgen.trace_specs``); or several
+    tenants' traces merged, ``TRACE=CLASS,...`` (``ReplayConfig.trace``)."""
     pairs = parse_trace_spec(trace)
     if pairs[0][1] is None:
-        return _load_one(trace)
-    return merge_tenants([(_load_one(name), str(slo_class)) for name, slo_class in pairs])
-
-
-def _load_one(trace: str) -> Workload:
-    builtin = BUILTIN_TRACE_ALIASES.get(trace)
-    if builtin is not None:
-        return load_builtin(builtin)
-    return load_normalized_csv(trace)
+        return load_source(trace)
+    return merge_tenants([(load_source(name), str(slo_class)) for name, slo_class in pairs])
 
 
 def shape_workload(workload: Workload, replay: ReplayConfig) -> Workload:
@@ -109,6 +106,8 @@ def plan_requests(
                 max_output_tokens=output,
                 slo_class=slo_class,
                 ttft_slo_s=float(ttft_slo_s[slo_class]),
+                hash_ids=record.hash_ids if shaped.block_tokens else (),
+                block_tokens=shaped.block_tokens if record.hash_ids else None,
             )
         )
     return plan

@@ -22,7 +22,13 @@ from .config import ReplayConfig
 # the field name, so ``replay_config`` needs no second mapping. ``token_id_low`` / ``_high`` are
 # one two-value flag and handled apart.
 _FLAGS: dict[str, tuple[str, type, str]] = {
-    "trace": ("--trace", str, "azure-conv, azure-code or a normalized CSV path"),
+    "trace": (
+        "--trace",
+        str,
+        "azure-conv, azure-code, mooncake[block=N] (prefix-sharing trace, blocks rescaled to "
+        "N tokens), multiturn[conversations=C,turns=T,...] (generated chat), a normalized CSV "
+        "or Mooncake .jsonl[.gz] path, or TRACE=CLASS,TRACE=CLASS tenants",
+    ),
     "start_s": ("--start", float, "seconds of the trace to skip"),
     "rate_scale": ("--rate-scale", float, "arrival-rate multiplier"),
     "prompt_scale": ("--prompt-scale", float, "prompt-length multiplier"),

@@ -5,6 +5,7 @@ Plain Python (no Ray, no torch). Everything returns a ``Workload`` of ``TraceRec
 
 from .loaders import (
     BUILTIN_TRACES,
+    MOONCAKE_BLOCK_TOKENS,
     BailianConfig,
     load_azure_raw,
     load_bailian,
@@ -15,6 +16,7 @@ from .loaders import (
     load_trace,
     parse_azure_timestamp,
 )
+from .multiturn import MultiTurnConfig, multiturn_workload, turn_prompt_tokens
 from .slo_assignment import PAPER_CLASSES, SLOAssignmentConfig, assign_slo_classes
 from .synthetic import (
     FixedLength,
@@ -29,10 +31,12 @@ from .trace import TraceFormatError, TraceRecord, Workload
 
 __all__ = [
     "BUILTIN_TRACES",
+    "MOONCAKE_BLOCK_TOKENS",
     "PAPER_CLASSES",
     "BailianConfig",
     "FixedLength",
     "LogNormalLength",
+    "MultiTurnConfig",
     "SLOAssignmentConfig",
     "SyntheticConfig",
     "TraceFormatError",
@@ -49,6 +53,8 @@ __all__ = [
     "load_normalized_csv",
     "load_trace",
     "merge_tenants",
+    "multiturn_workload",
     "parse_azure_timestamp",
     "synthetic_workload",
+    "turn_prompt_tokens",
 ]

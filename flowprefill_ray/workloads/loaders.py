@@ -14,24 +14,49 @@ Formats (column names as the public files spell them):
   (text/image/search/file) maps to an SLO class through ``BailianConfig``.
 
 All loaders shift time so that the earliest arrival is 0 s and sort by arrival. A row that
-cannot be read raises ``TraceFormatError`` naming the file and the line.
+cannot be read raises ``TraceFormatError`` naming the file and the line. A file whose name ends
+in ``.gz`` is read through gzip.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from collections.abc import Iterator
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from .trace import TraceFormatError, TraceRecord, Workload
 
-BUILTIN_TRACES = ("azure_2023_conv", "azure_2023_code")
+# Shipped trace name -> (file in workloads/data, its format).
+_BUILTIN_FILES = {
+    "azure_2023_conv": ("azure_2023_conv.csv", "normalized"),
+    "azure_2023_code": ("azure_2023_code.csv", "normalized"),
+    "mooncake_synthetic": ("mooncake_synthetic.jsonl.gz", "mooncake"),
+}
+BUILTIN_TRACES = tuple(_BUILTIN_FILES)
+MOONCAKE_BLOCK_TOKENS = 512  # tokens per hash_ids block in Mooncake traces
+BAILIAN_BLOCK_TOKENS = 16  # ... and in Qwen-Bailian traces
+
+
+def _open_text(path: str) -> IO[str]:
+    """The file as text, gunzipped on the fly when its name ends in ``.gz``."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, newline="", encoding="utf-8")
+
+
+def _trace_name(path: str | Path) -> str:
+    """The file name without its extensions (``x.jsonl.gz`` -> ``x``)."""
+    name = Path(path).name
+    for suffix in (".gz", ".jsonl", ".csv"):
+        name = name.removesuffix(suffix)
+    return name
 
 
 def _int_field(row: dict[str, Any], key: str, path: str, line: int) -> int:
@@ -64,7 +89,7 @@ def _float_field(row: dict[str, Any], key: str, path: str, line: int) -> float:
 def _csv_rows(path: str | Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
     """(line number, row) for each data row; line numbers count the header as line 1."""
     path = str(path)
-    with open(path, newline="", encoding="utf-8") as f:
+    with _open_text(path) as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in (reader.fieldnames or [])]
         missing = [c for c in required if c not in header]
@@ -77,7 +102,7 @@ def _csv_rows(path: str | Path, required: tuple[str, ...]) -> Iterator[tuple[int
 
 def _jsonl_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     path = str(path)
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -90,7 +115,9 @@ def _jsonl_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield line_no, row
 
 
-def _rebased(name: str, records: list[TraceRecord], skipped: int = 0) -> Workload:
+def _rebased(
+    name: str, records: list[TraceRecord], skipped: int = 0, block_tokens: int | None = None
+) -> Workload:
     if records:
         t0 = min(r.arrival_s for r in records)
         if t0 != 0:
@@ -100,7 +127,7 @@ def _rebased(name: str, records: list[TraceRecord], skipped: int = 0) -> Workloa
                 )
                 for r in records
             ]
-    return Workload(name, tuple(records), skipped)
+    return Workload(name, tuple(records), skipped, block_tokens)
 
 
 # ----------------------------------------------------------------------------- Azure 2023
@@ -149,7 +176,7 @@ def load_azure_raw(path: str | Path) -> Workload:
                 _int_field(row, "GeneratedTokens", path, line),
             )
         )
-    return _rebased(Path(path).stem, records)
+    return _rebased(_trace_name(path), records)
 
 
 def load_normalized_csv(path: str | Path) -> Workload:
@@ -166,18 +193,21 @@ def load_normalized_csv(path: str | Path) -> Workload:
                 cls,
             )
         )
-    return _rebased(Path(path).stem, records)
+    return _rebased(_trace_name(path), records)
 
 
 def load_builtin(name: str) -> Workload:
-    """One of the traces shipped in ``workloads/data`` (``azure_2023_conv``, ``azure_2023_code``):
-    the first hour of the Azure LLM inference trace 2023, normalized (see data/README.md)."""
-    if name not in BUILTIN_TRACES:
+    """One of the traces shipped in ``workloads/data`` (see data/README.md for sources and
+    licences): ``azure_2023_conv`` and ``azure_2023_code``, the first hour of the Azure LLM
+    inference trace 2023, normalized; ``mooncake_synthetic``, the Mooncake synthetic trace with
+    its prompt-block ``hash_ids`` (512-token blocks, about 64 % of them repeating a prefix)."""
+    if name not in _BUILTIN_FILES:
         raise ValueError(f"unknown built-in trace {name!r}; available: {', '.join(BUILTIN_TRACES)}")
-    ref = resources.files("flowprefill_ray.workloads") / "data" / f"{name}.csv"
+    file_name, fmt = _BUILTIN_FILES[name]
+    ref = resources.files("flowprefill_ray.workloads") / "data" / file_name
     with resources.as_file(ref) as path:
-        workload = load_normalized_csv(path)
-    return Workload(name, workload.records)
+        workload = load_trace(path, fmt)
+    return Workload(name, workload.records, workload.skipped_rows, workload.block_tokens)
 
 
 # ----------------------------------------------------------------------------- BurstGPT
@@ -204,14 +234,15 @@ def load_burstgpt(path: str | Path) -> Workload:
                 response,
             )
         )
-    return _rebased(Path(path).stem, records, skipped)
+    return _rebased(_trace_name(path), records, skipped)
 
 
 # ----------------------------------------------------------------------------- Mooncake
 
 
-def load_mooncake(path: str | Path) -> Workload:
-    """Mooncake JSONL trace (``timestamp`` in milliseconds)."""
+def load_mooncake(path: str | Path, block_tokens: int = MOONCAKE_BLOCK_TOKENS) -> Workload:
+    """Mooncake JSONL trace (``timestamp`` in milliseconds); ``hash_ids`` kept on each record,
+    ``block_tokens`` (tokens per hash id) on the workload."""
     path = str(path)
     records = []
     for line, row in _jsonl_rows(path):
@@ -227,7 +258,7 @@ def load_mooncake(path: str | Path) -> Workload:
                 tuple(hash_ids),
             )
         )
-    return _rebased(Path(path).stem, records)
+    return _rebased(_trace_name(path), records, block_tokens=block_tokens)
 
 
 # ----------------------------------------------------------------------------- Qwen-Bailian
@@ -274,7 +305,10 @@ def load_bailian(path: str | Path, config: BailianConfig | None = None) -> Workl
                 tuple(hash_ids) if isinstance(hash_ids, list) else (),
             )
         )
-    return _rebased(Path(path).stem, records)
+    has_blocks = any(r.hash_ids for r in records)
+    return _rebased(
+        _trace_name(path), records, block_tokens=BAILIAN_BLOCK_TOKENS if has_blocks else None
+    )
 
 
 TraceFormat = Literal["azure_raw", "normalized", "burstgpt", "mooncake", "bailian"]

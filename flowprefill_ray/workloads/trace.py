@@ -43,23 +43,45 @@ class TraceRecord:
     hash_ids: tuple[int, ...] = ()
 
 
+def _rescaled_length(record: TraceRecord, old: int, new: int) -> int:
+    """``record``'s prompt length with blocks of ``new`` instead of ``old`` tokens."""
+    blocks = len(record.hash_ids)
+    if blocks == 0:  # no block structure to keep: plain proportional scaling
+        return max(1, -(-record.prompt_tokens * new // old))
+    last = record.prompt_tokens - (blocks - 1) * old
+    if not 0 < last <= old:
+        raise ValueError(
+            f"a record of {record.prompt_tokens} tokens cannot have {blocks} blocks of {old}"
+        )
+    return (blocks - 1) * new + max(1, -(-last * new // old))
+
+
 @dataclass(frozen=True)
 class Workload:
     """An ordered, immutable sequence of ``TraceRecord`` (sorted by arrival).
 
-    Transformations (``scale_rate``, ``window``, ``head``, ``with_slo_classes``) return new
-    workloads; ``name`` records where it came from and what was done to it.
+    Transformations (``scale_rate``, ``window``, ``head``, ``with_slo_classes``,
+    ``with_block_tokens``) return new workloads; ``name`` records where it came from and what
+    was done to it. ``block_tokens``: tokens per ``hash_ids`` block (512 for Mooncake, 16 for
+    Qwen-Bailian), None for a trace without hash ids.
     """
 
     name: str
     records: tuple[TraceRecord, ...]
     skipped_rows: int = 0  # rows a loader dropped on purpose (e.g. failed requests)
+    block_tokens: int | None = None
 
     def __post_init__(self) -> None:
         records = tuple(self.records)
         if any(b.arrival_s < a.arrival_s for a, b in zip(records, records[1:], strict=False)):
             records = tuple(sorted(records, key=lambda r: r.arrival_s))
         object.__setattr__(self, "records", records)
+        if self.block_tokens is not None and self.block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {self.block_tokens}")
+
+    def _derived(self, name: str, records: tuple[TraceRecord, ...]) -> Workload:
+        """A workload of ``records`` that keeps this one's skipped count and block size."""
+        return Workload(name, records, self.skipped_rows, self.block_tokens)
 
     # ------------------------------------------------------------------ basic views
 
@@ -113,7 +135,7 @@ class Workload:
             return self
         t0 = self.records[0].arrival_s
         scaled = tuple(replace(r, arrival_s=t0 + (r.arrival_s - t0) / scale) for r in self.records)
-        return Workload(f"{self.name}@x{scale:g}", scaled, self.skipped_rows)
+        return self._derived(f"{self.name}@x{scale:g}", scaled)
 
     def window(self, start_s: float, end_s: float, rebase: bool = True) -> Workload:
         """Requests arriving in ``[start_s, end_s)`` seconds; with ``rebase`` the window's
@@ -126,20 +148,42 @@ class Workload:
             for r in self.records
             if start_s <= r.arrival_s < end_s
         )
-        return Workload(f"{self.name}[{start_s:g}s,{end_s:g}s)", kept, self.skipped_rows)
+        return self._derived(f"{self.name}[{start_s:g}s,{end_s:g}s)", kept)
 
     def head(self, n: int) -> Workload:
         """The first ``n`` requests."""
         if n < 0:
             raise ValueError(f"head needs n >= 0, got {n}")
-        return Workload(f"{self.name}[:{n}]", self.records[:n], self.skipped_rows)
+        return self._derived(f"{self.name}[:{n}]", self.records[:n])
 
     def with_slo_classes(self, classes: Sequence[str | None]) -> Workload:
         """A copy whose records carry the given SLO classes (one per record, in order)."""
         if len(classes) != len(self.records):
             raise ValueError(f"got {len(classes)} SLO classes for {len(self.records)} requests")
         recs = tuple(replace(r, slo_class=c) for r, c in zip(self.records, classes, strict=True))
-        return Workload(self.name, recs, self.skipped_rows)
+        return self._derived(self.name, recs)
+
+    def with_block_tokens(self, block_tokens: int) -> Workload:
+        """The same requests with ``block_tokens`` tokens per hash-id block instead of
+        ``self.block_tokens``: prompt lengths shrink (or grow) by that ratio and keep their
+        block structure, so equal hash ids still mean equal blocks.
+
+        A record with ``k`` hash ids has ``k - 1`` full blocks and a last block of ``r`` tokens;
+        it gets ``(k - 1) * block_tokens + ceil(r * block_tokens / old)`` tokens (at least 1 in
+        the last block), so it still spans exactly ``k`` blocks. This is how a 40k-token
+        Mooncake prompt fits a CPU model without losing its prefix sharing.
+        """
+        old = self.block_tokens
+        if old is None:
+            raise ValueError(f"workload {self.name!r} has no hash-id blocks to rescale")
+        if block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+        if block_tokens == old:
+            return self
+        recs = tuple(
+            replace(r, prompt_tokens=_rescaled_length(r, old, block_tokens)) for r in self.records
+        )
+        return Workload(f"{self.name}[block={block_tokens}]", recs, self.skipped_rows, block_tokens)
 
     # ------------------------------------------------------------------ to the scheduler
 
