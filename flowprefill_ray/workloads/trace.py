@@ -33,7 +33,12 @@ class TraceRecord:
     ``arrival_s``: seconds since the trace start. ``prompt_tokens``/``output_tokens``: token
     counts. ``slo_class``: the TTFT SLO class name (``text``, ``image``, ...) or None when the
     trace does not say (see ``slo_assignment``). ``hash_ids``: Mooncake-style prompt block
-    hashes when the trace has them (kept for replay; the simulator ignores them).
+    hashes when the trace has them: one id per ``Workload.block_tokens`` tokens of the prompt,
+    the last block possibly partial; equal ids at the same position mean identical prompts up
+    to the end of that block. The load generator turns them into prompts whose shared blocks
+    are identical tokens (``loadgen.prompts.block_prompt_token_ids``). ``to_requests`` does
+    not copy them into ``Request.prefix_hashes`` yet (that side counts full blocks only:
+    ``hash_ids[: prompt_tokens // block_tokens]``).
     """
 
     arrival_s: float
