@@ -29,13 +29,15 @@ from loadgen.plan import PlannedRequest, load_trace_workload, plan_requests, ttf
 
 
 def plan_workload(plan: list[PlannedRequest], name: str = "live-plan") -> Workload:
-    """The plan as a trace: send offsets become arrivals, scaled lengths stay as sent."""
+    """The plan as a trace: send offsets become arrivals, scaled lengths stay as sent (hash-id
+    blocks too, for a prefix-sharing trace)."""
     return Workload(
         name,
         tuple(
-            TraceRecord(p.send_at_s, p.prompt_tokens, p.max_output_tokens, p.slo_class)
+            TraceRecord(p.send_at_s, p.prompt_tokens, p.max_output_tokens, p.slo_class, p.hash_ids)
             for p in plan
         ),
+        block_tokens=next((p.block_tokens for p in plan if p.block_tokens), None),
     )
 
 

@@ -253,3 +253,15 @@ def test_multiturn_config_mistakes_name_the_field():
         ReplayConfig(trace="azure-conv[block=16]")
     with pytest.raises(ValidationError, match="block must be an integer >= 1"):
         ReplayConfig(trace="mooncake[block=x]=urgent,azure-code=relaxed")
+
+
+def test_a_plan_turned_back_into_a_workload_keeps_its_blocks():
+    """benchmarks/sim_compare.py simulates what was sent: the sharing must survive the trip."""
+    from repo_scripts import load_script
+
+    replay = ReplayConfig(trace="multiturn[conversations=2,turns=3,block=16]")
+    plan = plan_requests(load_trace_workload(replay.trace), replay, TARGETS)
+    workload = load_script("benchmarks/sim_compare.py").plan_workload(plan)
+    assert workload.block_tokens == 16
+    assert [r.hash_ids for r in workload] == [p.hash_ids for p in plan]
+    assert all(r.hash_ids for r in workload)
