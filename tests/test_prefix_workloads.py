@@ -265,3 +265,13 @@ def test_a_plan_turned_back_into_a_workload_keeps_its_blocks():
     assert workload.block_tokens == 16
     assert [r.hash_ids for r in workload] == [p.hash_ids for p in plan]
     assert all(r.hash_ids for r in workload)
+
+
+def test_requests_carry_the_full_blocks_of_their_hash_ids():
+    from flowprefill_ray.workloads import load_builtin
+
+    workload = load_builtin("mooncake_synthetic").head(50).with_block_tokens(32)
+    for record, request in zip(workload, workload.to_requests(), strict=True):
+        full = record.prompt_tokens // 32
+        assert request.prefix_hashes == record.hash_ids[:full]
+        assert len(request.prefix_hashes) in (len(record.hash_ids), len(record.hash_ids) - 1)

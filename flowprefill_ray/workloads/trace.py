@@ -36,9 +36,8 @@ class TraceRecord:
     hashes when the trace has them: one id per ``Workload.block_tokens`` tokens of the prompt,
     the last block possibly partial; equal ids at the same position mean identical prompts up
     to the end of that block. The load generator turns them into prompts whose shared blocks
-    are identical tokens (``loadgen.prompts.block_prompt_token_ids``). ``to_requests`` does
-    not copy them into ``Request.prefix_hashes`` yet (that side counts full blocks only:
-    ``hash_ids[: prompt_tokens // block_tokens]``).
+    are identical tokens (``loadgen.prompts.block_prompt_token_ids``). ``to_requests`` passes
+    the full blocks' ids on as ``Request.prefix_hashes``.
     """
 
     arrival_s: float
@@ -201,7 +200,9 @@ class Workload:
         """One ``flowprefill_ray.scheduling.Request`` per record, in arrival order, ids
         ``{id_prefix}-{index}`` (the workload's name by default).
 
-        Records without an SLO class get ``default_class``. With ``slo_config`` the request's
+        Records with ``hash_ids`` pass their full blocks' ids on as ``prefix_hashes`` (the
+        policy's prefix pricing and routing, the simulator's caches, which must then use the
+        workload's ``block_tokens``). Records without an SLO class get ``default_class``. With ``slo_config`` the request's
         ``ttft_slo_s`` (seconds) is fixed from that config (its class targets times its scale);
         without it, the request carries only its class and the policy's own SLO config applies.
         """
@@ -215,6 +216,11 @@ class Workload:
             extra = {}
             if slo_config is not None:
                 extra["ttft_slo_s"] = slo_config.resolve(slo_class).ttft_slo_s
+            if record.hash_ids and self.block_tokens:
+                # Full blocks only: a partial last block is never cached (prefix_blocks.py).
+                extra["prefix_hashes"] = record.hash_ids[
+                    : record.prompt_tokens // self.block_tokens
+                ]
             requests.append(
                 Request(
                     request_id=f"{prefix}-{i}",
