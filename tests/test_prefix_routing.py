@@ -122,21 +122,25 @@ def test_cache_aware_prefers_the_idle_worker_with_the_cache():
 
 
 @pytest.mark.parametrize(
-    ("busy_tokens", "waits"),
-    [(128, True), (512, False)],  # 0.125 s or 0.5 s of wait against 0.375 s saved
+    ("slo_s", "waits"),
+    # 640 tokens: 0.625 s cold on the idle w1; 0.5 s of wait for w0, then 0.25 s there
+    [(30.0, True), (0.7, False)],
 )
-def test_a_request_waits_for_a_busy_workers_cache_only_when_that_is_sooner(busy_tokens, waits):
+def test_a_request_waits_for_a_busy_workers_cache_while_its_deadline_allows(slo_s, waits):
     p = prefix_policy("cache_aware")
     warm(p)
-    big = 10 * BLOCK  # 640 tokens: 0.625 s cold; 6 blocks cached on w0 -> 0.25 s there
-    busy = arrive(p, "busy", 1.0, (), busy_tokens, slo_s=60.0)
-    assert busy == [run(2, "w0", ("busy", 0, busy_tokens))]
-    out = arrive(p, "b", 1.0, H, big, slo_s=30.0)
+    big = 10 * BLOCK
+    busy = arrive(p, "busy", 1.0, (), 512, slo_s=60.0)
+    assert busy == [run(2, "w0", ("busy", 0, 512))]
+    out = arrive(p, "b", 1.0, H, big, slo_s=slo_s)
     if waits:
-        assert out == [] and p.counters["prefix_deferrals"] >= 1
+        # Waiting costs it slack it can spare; recomputing 6 blocks would cost capacity.
+        assert out == [] and p.counters["prefix_deferrals"] == 1
+        assert p.requests["b"].cache_wait_until_s == pytest.approx(1.0 + 30.0 - 0.25)
         # w0 frees up: the request takes its cache (and preempted no one meanwhile).
-        assert finish(p, busy[0], 1.0 + busy_tokens / 1024) == [run(3, "w0", ("b", 6 * BLOCK, big))]
+        assert finish(p, busy[0], 1.5) == [run(3, "w0", ("b", 6 * BLOCK, big))]
     else:
+        # Waiting would miss 0.7 s (0.75 s); starting cold on w1 makes it (0.625 s).
         assert out == [run(3, "w1", ("b", 0, big))]
 
 
@@ -145,8 +149,7 @@ def test_a_request_that_would_miss_after_waiting_starts_at_once():
     warm(p)
     busy = arrive(p, "busy", 1.0, (), 128, slo_s=60.0)
     assert busy == [run(2, "w0", ("busy", 0, 128))]
-    # Waiting would be sooner (0.375 s vs 0.625 s) but both miss a 0.2 s target: no bet on
-    # a busy worker for a request that is late either way.
+    # Both miss a 0.2 s target: a request that cannot make it by waiting starts at once.
     assert arrive(p, "b", 1.0, H, 10 * BLOCK, slo_s=0.2) == [run(3, "w1", ("b", 0, 10 * BLOCK))]
 
 

@@ -132,13 +132,12 @@ class FlowPrefillPolicy(Policy):
                 if busy is None:
                     busy = self.busy_remaining_s(now)
                 slack = self.queue.slack_s(head, now)
-                worker = self.route(head, idle, usual, slack, busy)
+                worker = self.route(head, idle, usual, slack, busy, now)
                 if worker is None and len(deferred) >= self.prefix.defer_scan_limit:
                     worker = usual
             popped = self.queue.pop(now)
             assert popped is head
             if worker is None:
-                head.waits_for_cache = True
                 deferred.append(head)
                 continue
             wid = worker.worker_id
@@ -208,8 +207,8 @@ class FlowPrefillPolicy(Policy):
             rec, feasible = top
             self.queue.pop(now)
             taken.append(rec)
-            if rec.waits_for_cache:
-                continue  # it chose to wait for a busy worker's cache: preempting buys nothing
+            if rec.cache_wait_until_s > now:
+                continue  # it waits for a busy worker's cache: preempting buys nothing
             if skip:
                 skip -= 1
                 continue

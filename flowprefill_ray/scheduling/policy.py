@@ -357,7 +357,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, ABC):
         head = None
         for item in items:
             rec = self.requests[item.request_id]
-            rec.waits_for_cache = False
+            rec.cache_wait_until_s = float("-inf")
             if rec.status is _WAITING:
                 self._left_waiting(rec)
             rec.status = _RUNNING

@@ -14,12 +14,18 @@ each cache, a ``BlockLRU`` of the block hashes it has seen finish there, and
   ``least_loaded``  the policy's usual choice, ignoring caches;
   ``random``        a seeded random idle worker;
   ``cache_only``    always the worker with the longest cached prefix, waiting for it if busy;
-  ``cache_aware``   the idle worker with the longest cached prefix, or a busy worker whose
-                    cache saves more compute than waiting for it costs, when the request can
-                    still make its deadline after that wait (an urgent request starts at once).
+  ``cache_aware``   a busy worker with a longer cached prefix than any idle one, as long as
+                    the request still makes its deadline after waiting for that worker's
+                    running unit (with ``affinity_margin_s`` to spare); otherwise the idle
+                    worker with the longest cached prefix. Waiting costs the request slack it
+                    has to spare, while recomputing a prefix costs the whole cluster
+                    capacity; an urgent request, which cannot wait, starts where it can start
+                    soonest.
 
-A request waiting for a busy worker's cache (``waits_for``) is not a reason to preempt anyone;
-it is reconsidered on every event, and goes to an idle worker once waiting stops paying.
+A request waiting for a busy worker's cache is not a reason to preempt anyone until the last
+moment at which waiting could still pay (``RequestRecord.cache_wait_until_s``); it is
+reconsidered on every event, and goes to an idle worker once waiting no longer keeps its
+deadline.
 """
 
 from __future__ import annotations
@@ -55,8 +61,8 @@ class PrefixRoutingConfig(BaseModel):
     routing: Routing = Field("cache_aware", description="how a new request picks its worker")
     affinity_margin_s: NonNegativeFloat = Field(
         0.0,
-        description="cache_aware: wait for a busy worker only when its cache saves this much "
-        "more compute than the wait costs, seconds",
+        description="cache_aware: wait for a busy worker's cache only when the request keeps "
+        "at least this much slack after the wait, seconds",
     )
     defer_scan_limit: PositiveInt = Field(
         16,
@@ -130,6 +136,7 @@ class PrefixRouting:
         usual: WorkerRecord,
         slack_s: float,
         remaining_s: dict[str, float],
+        now: float,
     ) -> WorkerRecord | None:
         """The worker ``rec`` starts on now, or None to leave it queued for a busy worker.
 
@@ -154,20 +161,20 @@ class PrefixRouting:
         if busy_id is None:
             return best_idle
         if mode == "cache_only":
-            return self._defer(rec)
-        # cache_aware: is waiting for busy_id's cache worth it, and still on time?
-        wait_s = remaining_s[busy_id]
+            return self._defer(rec, float("inf"))
+        # cache_aware: does the request still make its deadline after waiting for busy_id?
         predict = self.predictor.predict
-        here_s = predict(rec.prompt_tokens - best_idle_cached)
         there_s = predict(rec.prompt_tokens - busy_cached)
-        hint_s = predict(rec.remaining_tokens)
-        on_time = slack_s + hint_s - wait_s - there_s >= 0.0
-        if on_time and here_s - there_s > wait_s + self.prefix.affinity_margin_s:
-            return self._defer(rec)
+        time_left = slack_s + predict(rec.remaining_tokens)  # deadline - now
+        spare = time_left - remaining_s[busy_id] - there_s - self.prefix.affinity_margin_s
+        if spare >= 0.0:
+            # The last moment it can still start there on time: until then, no preemption.
+            return self._defer(rec, now + time_left - there_s - self.prefix.affinity_margin_s)
         return best_idle
 
-    def _defer(self, rec: RequestRecord) -> None:
+    def _defer(self, rec: RequestRecord, until_s: float) -> None:
         self.counters["prefix_deferrals"] += 1
+        rec.cache_wait_until_s = until_s
         return None
 
     def busy_remaining_s(self, now: float) -> dict[str, float]:

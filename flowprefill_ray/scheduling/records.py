@@ -45,7 +45,8 @@ class RequestRecord:
     # Prefix caching (prefix_routing.py): prompt tokens a worker's cache serves - the best
     # worker's on arrival, the chosen worker's once started; never computed, so never priced.
     cached_tokens: int = 0
-    waits_for_cache: bool = False  # left queued for a busy worker's cache: preempt no one for it
+    # Left queued for a busy worker's cache: preempt no one for it before this time.
+    cache_wait_until_s: float = float("-inf")
 
     @property
     def remaining_tokens(self) -> int:

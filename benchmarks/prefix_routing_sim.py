@@ -1,0 +1,224 @@
+"""Prefix caching in the simulator: FlowPrefill's goodput without a cache, and with one under
+each routing choice (issue 18, section 4).
+
+    .venv/bin/python benchmarks/prefix_routing_sim.py --out docs/results/prefix_routing_sim.json
+
+Two workloads, each with two repeats (trace windows / generator seeds):
+
+- ``mooncake``: the Mooncake synthetic trace (512-token blocks, ~64 % of blocks repeat an
+  earlier prefix), two halves of its 1,022 s, paper SLO classes given by prompt length
+  (``assign_slo_classes``), targets x``--mooncake-slo-scale``;
+- ``multiturn``: generated chat conversations (``workloads/multiturn.py``): each turn's prompt
+  is the previous one plus its answer and a new question, all conversations share the system
+  prompt; two seeds.
+
+Llama-3.1-8B on ``--workers`` simulated H100s (roofline). Each worker's cache holds
+``--cache-tokens`` tokens of finished prompts (LRU by block); the policy's view has the same
+size. Goodput: the highest rate scale with >= 90 % attainment (``simulator.goodput``), in
+requests/s. Prints a table; writes every number to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from typing import Any
+
+from provenance import write_report
+
+ROUTINGS = ("least_loaded", "random", "cache_only", "cache_aware")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument(
+        "--cache-tokens",
+        type=int,
+        action="append",
+        help="cache size per worker, tokens; repeatable (default: 200,000 ~ 26 GB of bf16 KV "
+        "in GPU memory, and 2,000,000 ~ 260 GB, a host-memory tier)",
+    )
+    p.add_argument("--mooncake-slo-scale", type=float, default=2.0)
+    p.add_argument("--multiturn-slo-scale", type=float, default=1.0)
+    p.add_argument("--conversations", type=int, default=400)
+    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--quick", action="store_true", help="a small slice of each, for a smoke run")
+    p.add_argument("--out", default="results/prefix_routing_sim.json")
+    return p.parse_args(argv)
+
+
+def workloads(args: argparse.Namespace) -> dict[str, list[tuple[str, Any, float]]]:
+    """Workload name -> [(repeat label, workload, SLO scale)]."""
+    from flowprefill_ray.workloads import load_builtin
+    from flowprefill_ray.workloads.multiturn import MultiTurnConfig, multiturn_workload
+    from flowprefill_ray.workloads.slo_assignment import assign_slo_classes
+
+    trace = assign_slo_classes(load_builtin("mooncake_synthetic"))
+    half = trace.duration_s / 2
+    windows = [("0-50%", trace.window(0, half)), ("50-100%", trace.window(half, trace.duration_s))]
+    if args.quick:
+        windows = [(label, w.head(300)) for label, w in windows]
+    chats = []
+    for seed in (0, 1):
+        config = MultiTurnConfig(
+            conversations=60 if args.quick else args.conversations,
+            turns=args.turns,
+            system_prompt_tokens=1024,
+            question_tokens=256,
+            answer_tokens=256,
+            think_time_s=20.0,
+            conversation_interval_s=0.5,
+            block_tokens=64,
+            seed=seed,
+        )
+        chats.append((f"seed {seed}", assign_slo_classes(multiturn_workload(config))))
+    return {
+        "mooncake": [(label, w, args.mooncake_slo_scale) for label, w in windows],
+        "multiturn": [(label, w, args.multiturn_slo_scale) for label, w in chats],
+    }
+
+
+def variants(cache_tokens: list[int]) -> dict[str, tuple[dict | None, int]]:
+    """Variant name -> (``policy.prefix`` or None for no cache, cache tokens per worker)."""
+    out: dict[str, tuple[dict | None, int]] = {"no cache": (None, 0)}
+    for tokens in cache_tokens:
+        for routing in ROUTINGS:
+            out[f"{routing} {tokens // 1000}k"] = ({"enabled": True, "routing": routing}, tokens)
+    return out
+
+
+def run_variant(
+    workload, block_tokens: int, prefix: dict | None, cache_tokens: int, slo_scale, args
+):
+    from flowprefill_ray.scheduling import PolicyConfig, SLOConfig
+    from flowprefill_ray.simulator import (
+        H100_SXM,
+        GoodputSearchConfig,
+        RooflineConfig,
+        RooflineCostModel,
+        SimulatorConfig,
+    )
+    from flowprefill_ray.simulator.experiment import goodput, simulate
+
+    cost = RooflineCostModel(RooflineConfig(gpu=H100_SXM))
+    blocks = cache_tokens // block_tokens
+    if prefix is None:
+        policy = PolicyConfig()
+        sim = SimulatorConfig(num_workers=args.workers)
+    else:
+        prefix = {**prefix, "block_tokens": block_tokens, "worker_capacity_blocks": blocks}
+        policy = PolicyConfig(prefix=prefix)
+        sim = SimulatorConfig(
+            num_workers=args.workers, prefix_cache_blocks=blocks, prefix_block_tokens=block_tokens
+        )
+    slo = SLOConfig(scale=slo_scale)
+    found = goodput(workload, policy, cost, slo, sim, GoodputSearchConfig(rel_tol=0.02))
+    at_goodput = simulate(workload.scale_rate(found.rate_scale), policy, cost, slo, sim)
+    return {
+        "goodput_rate_scale": found.rate_scale,
+        "goodput_rps": found.rate_scale * workload.mean_rate_per_s,
+        "attainment_at_goodput": at_goodput.attainment,
+        "curve": [(p.rate_scale, p.attainment) for p in found.points],
+    }
+
+
+def hit_fraction(workload, block_tokens: int, args, prefix: dict, cache_tokens: int, rate_scale):
+    """Share of prompt tokens served from cache at ``rate_scale`` (one more simulation)."""
+    from flowprefill_ray.scheduling import PolicyConfig, SLOConfig, make_policy
+    from flowprefill_ray.simulator import (
+        H100_SXM,
+        RooflineConfig,
+        RooflineCostModel,
+        Simulator,
+        SimulatorConfig,
+    )
+    from flowprefill_ray.simulator.experiment import fit_predictor
+
+    cost = RooflineCostModel(RooflineConfig(gpu=H100_SXM))
+    blocks = cache_tokens // block_tokens
+    config = PolicyConfig(
+        prefix={**prefix, "block_tokens": block_tokens, "worker_capacity_blocks": blocks}
+    )
+    sim = Simulator(
+        make_policy(config, fit_predictor(cost)),
+        cost,
+        SimulatorConfig(
+            num_workers=args.workers, prefix_cache_blocks=blocks, prefix_block_tokens=block_tokens
+        ),
+    )
+    requests = workload.scale_rate(rate_scale).to_requests(SLOConfig())
+    sim.run(requests)
+    total = sum(r.prompt_tokens for r in requests)
+    caches = sim.prefix_caches
+    return {
+        "hit_token_fraction": caches.hit_tokens / total,
+        "recomputed_token_fraction": caches.recomputed_tokens / total,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.cache_tokens = args.cache_tokens or [200_000, 2_000_000]
+    results: dict[str, Any] = {}
+    for name, repeats in workloads(args).items():
+        rows: dict[str, Any] = {}
+        for variant, (prefix, tokens) in variants(args.cache_tokens).items():
+            per_repeat = {}
+            for label, workload, slo_scale in repeats:
+                block = workload.block_tokens
+                entry = run_variant(workload, block, prefix, tokens, slo_scale, args)
+                if prefix is not None:
+                    scale = entry["goodput_rate_scale"]
+                    entry.update(hit_fraction(workload, block, args, prefix, tokens, scale))
+                per_repeat[label] = entry
+            goodputs = [e["goodput_rps"] for e in per_repeat.values()]
+            rows[variant] = {
+                "cache_tokens_per_worker": tokens,
+                "repeats": per_repeat,
+                "goodput_rps_mean": statistics.mean(goodputs),
+            }
+        base = rows["no cache"]["goodput_rps_mean"]
+        for row in rows.values():
+            row["vs_no_cache"] = row["goodput_rps_mean"] / base if base else None
+        results[name] = {
+            "repeats": [
+                {
+                    "label": label,
+                    "requests": len(w),
+                    "rate_rps_at_scale_1": w.mean_rate_per_s,
+                    "block_tokens": w.block_tokens,
+                    "slo_scale": scale,
+                }
+                for label, w, scale in repeats
+            ],
+            "variants": rows,
+        }
+        print_table(name, rows)
+    write_report(
+        args.out,
+        __file__,
+        argv,
+        "prefix_routing_sim",
+        args=vars(args),
+        workloads=results,
+    )
+    return 0
+
+
+def print_table(name: str, rows: dict[str, Any]) -> None:
+    print(f"\n{name}: goodput (req/s, >= 90 % attainment), per repeat and mean")
+    print(f"{'variant':<18} {'repeats':<24} {'mean':>8} {'vs none':>8} {'hit tokens':>11}")
+    for variant, row in rows.items():
+        reps = " ".join(f"{e['goodput_rps']:.2f}" for e in row["repeats"].values())
+        hits = [e.get("hit_token_fraction") for e in row["repeats"].values()]
+        hit = f"{statistics.mean(hits):.1%}" if None not in hits else "-"
+        print(
+            f"{variant:<18} {reps:<24} {row['goodput_rps_mean']:>8.2f} "
+            f"{row['vs_no_cache']:>7.2f}x {hit:>11}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
