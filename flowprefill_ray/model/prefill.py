@@ -221,6 +221,11 @@ class PrefillState:
         return len(self._checkpoints)
 
     @property
+    def checkpoint_sync(self) -> CheckpointSync:
+        """How this prefill waits for the device at checkpoints (its mode and run-ahead)."""
+        return self._sync
+
+    @property
     def at_checkpoint(self) -> bool:
         """True when the last operator run is followed by a checkpoint."""
         return (self._next - 1) in self._checkpoints

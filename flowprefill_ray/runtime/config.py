@@ -93,6 +93,13 @@ class PrefillConfig(BaseModel):
     # underestimates long ones (docs/SCHEDULING.md).
     profile_tokens: tuple[int, ...] = (16, 64, 128, 256, 512, 1024, 2048, 4096)
     profile_repeats: int = Field(2, ge=1, le=10)
+    # How a checkpoint waits for the GPU (flowprefill_ray/model/checkpoint_sync.py, docs/GPU.md):
+    # "sync" synchronises the stream at every checkpoint; "bounded" lets the CPU run at most
+    # max_run_ahead checkpoints ahead of the GPU, so the launch queue never runs dry and a pause
+    # still lands within that many checkpoints. "auto": bounded on CUDA, sync on CPU (where
+    # both do nothing: CPU operators have finished when they return).
+    checkpoint_sync: Literal["auto", "sync", "bounded"] = "auto"
+    max_run_ahead: int = Field(2, ge=1, le=64)
 
     @field_validator("profile_tokens")
     @classmethod
@@ -102,6 +109,12 @@ class PrefillConfig(BaseModel):
                 f"profile_tokens needs at least 4 distinct positive lengths (a cubic fit), got {tokens}"
             )
         return tuple(sorted(set(tokens)))
+
+    def sync_mode(self, device_type: str) -> Literal["sync", "bounded"]:
+        """``checkpoint_sync`` with "auto" resolved for a worker on ``device_type``."""
+        if self.checkpoint_sync != "auto":
+            return self.checkpoint_sync
+        return "bounded" if device_type == "cuda" else "sync"
 
     def profile_lengths(self, max_prompt_tokens: int) -> list[int]:
         """The lengths to time for an engine accepting prompts up to ``max_prompt_tokens``:

@@ -43,6 +43,8 @@ class PrefillExecutor:
 
     ``granularity``: where a run may stop ("block", "layer", "operator").
     ``chunk_tokens``: the largest piece of one prompt run in a single forward (tokens).
+    ``checkpoint_sync`` / ``max_run_ahead``: how a checkpoint waits for the device ("sync" or
+    "bounded", see flowprefill_ray/model/checkpoint_sync.py).
     """
 
     def __init__(
@@ -51,6 +53,8 @@ class PrefillExecutor:
         granularity: str = "block",
         chunk_tokens: int = 8192,
         stop_checker: Callable[[PrefillItemSpec], StopChecker] | None = None,
+        checkpoint_sync: str = "sync",
+        max_run_ahead: int = 2,
     ):
         self.model = model
         # Decides whether the first token already ends the request (EOS, max_tokens=1, a stop
@@ -62,6 +66,8 @@ class PrefillExecutor:
         )
         self.granularity = granularity
         self.chunk_tokens = chunk_tokens
+        self.checkpoint_sync = checkpoint_sync
+        self.max_run_ahead = max_run_ahead
         self._lock = threading.Lock()
         self._units: dict[int, WorkUnit] = {}
         self._running: int | None = None
@@ -132,6 +138,8 @@ class PrefillExecutor:
                             [self._next_chunk(unit.items[i]) for i in pending],
                             granularity=self.granularity,
                             prefixes=[unit.items[i].kv for i in pending],
+                            checkpoint_sync=self.checkpoint_sync,
+                            max_run_ahead=self.max_run_ahead,
                         )
                     except Exception as error:  # noqa: BLE001 - isolated per item below
                         self._forward_failed(unit, error)

@@ -57,7 +57,16 @@ class PrefillWorker:
             # token (EOS, max_tokens=1, a stop string) never reaches decode.
             return StopChecker(spec.sampling, eos_ids, spec.prompt_tokens, limit, tokenizer)
 
-        self.executor = PrefillExecutor(self.model, prefill.granularity, chunk_tokens, stop_checker)
+        # "auto" becomes bounded run-ahead on CUDA (no stream sync per checkpoint), sync on CPU.
+        self.checkpoint_sync = prefill.sync_mode(self.device.type)
+        self.executor = PrefillExecutor(
+            self.model,
+            prefill.granularity,
+            chunk_tokens,
+            stop_checker,
+            checkpoint_sync=self.checkpoint_sync,
+            max_run_ahead=prefill.max_run_ahead,
+        )
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prefill-{worker_id}")
         self._metrics = RuntimeMetrics()
         # Which scheduler incarnation this worker serves (``adopt``). Calls stamped with another
@@ -71,6 +80,7 @@ class PrefillWorker:
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "device": str(self.device),
+            "checkpoint_sync": self.checkpoint_sync,
             "max_position_embeddings": self.model.config.max_position_embeddings,
         }
 
@@ -164,7 +174,12 @@ class PrefillWorker:
 
     def _time_prefill(self, tokens: list[int]) -> float:
         started = time.perf_counter()
-        state = self.model.start_prefill([tokens])
+        # Timed as units run: the same checkpoint_sync, so the predictor sees their cost.
+        state = self.model.start_prefill(
+            [tokens],
+            checkpoint_sync=self.checkpoint_sync,
+            max_run_ahead=self.executor.max_run_ahead,
+        )
         state.run(lambda: False)
         state.result()
         if self.device.type == "cuda":
