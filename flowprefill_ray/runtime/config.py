@@ -7,7 +7,7 @@ its YAML). Everything below it is passed inward already validated, so actors nev
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -148,7 +148,13 @@ class DecodeConfig(BaseModel):
     model_config = _STRICT
 
     max_batch_size: int = Field(32, ge=1, le=4096)
-    kv_blocks: int = Field(512, ge=1)
+    # Blocks of block_size tokens in the worker's KV pool, or "auto": kv_memory_fraction of the
+    # GPU memory still free once the weights are loaded (decode_worker.kv_pool_blocks); on CPU
+    # "auto" gives CPU_AUTO_KV_BLOCKS (512 blocks, 8,192 tokens at block_size 16).
+    kv_blocks: Annotated[int, Field(ge=1)] | Literal["auto"] = 512
+    # Share of the free GPU memory an "auto" pool takes; the rest is for the decode step's
+    # activations and the CUDA context. Lower it when decode workers share a GPU.
+    kv_memory_fraction: float = Field(0.85, gt=0, lt=1)
     block_size: int = Field(16, ge=1, le=1024)
     torch_threads: int = Field(1, ge=1, le=256)
 

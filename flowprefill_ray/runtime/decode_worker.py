@@ -27,6 +27,7 @@ from flowprefill_ray.model import load_model, load_tokenizer
 from flowprefill_ray.model.decode import make_cache
 from flowprefill_ray.model.generate import StopChecker, eos_token_ids
 from flowprefill_ray.model.kv import KVCache
+from flowprefill_ray.model.paged_kv import PagedKVCache
 from flowprefill_ray.model.sampling import sample_with_params
 
 from .config import DecodeConfig, ModelSource
@@ -41,6 +42,39 @@ logger = logging.getLogger(__name__)
 _CANCELLED_MEMORY = 4096
 # Per-hand-off (bytes, seconds) samples kept for stats; totals are kept separately.
 _TRANSFER_SAMPLES = 1000
+# The pool of ``decode.kv_blocks: auto`` on CPU, where host memory is shared with everything
+# else and no query says what is safe to take: the default of an explicit pool.
+CPU_AUTO_KV_BLOCKS = 512
+
+
+def kv_pool_blocks(
+    model_config, dtype: torch.dtype, decode: DecodeConfig, free_bytes: int | None
+) -> int:
+    """Blocks in a decode worker's KV pool: ``decode.kv_blocks`` when it is a number; for
+    "auto", ``kv_memory_fraction`` of ``free_bytes`` (GPU memory free after the weights
+    loaded), or ``CPU_AUTO_KV_BLOCKS`` when ``free_bytes`` is None (CPU)."""
+    if decode.kv_blocks != "auto":
+        return decode.kv_blocks
+    if free_bytes is None:
+        return CPU_AUTO_KV_BLOCKS
+    per_block = PagedKVCache.bytes_per_block(model_config, decode.block_size, dtype)
+    blocks = int(free_bytes * decode.kv_memory_fraction) // per_block
+    if blocks < 1:
+        raise ValueError(
+            f"decode.kv_blocks 'auto': {free_bytes / 2**30:.2f} GiB free x kv_memory_fraction "
+            f"{decode.kv_memory_fraction} holds no {per_block}-byte KV block; free GPU memory "
+            "or give decode.kv_blocks a number"
+        )
+    return blocks
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """GPU memory this process could still allocate (None on CPU): free on the device plus
+    what torch's caching allocator holds but no tensor uses (e.g. left by weight loading)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 @dataclass
@@ -77,7 +111,10 @@ class DecodeWorker:
         self.tokenizer = load_tokenizer(path)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.context_length = self.model.config.context_limit
-        self.cache = make_cache(self.model, decode.kv_blocks, decode.block_size)
+        blocks = kv_pool_blocks(
+            self.model.config, self.model.dtype, decode, free_device_bytes(self.device)
+        )
+        self.cache = make_cache(self.model, blocks, decode.block_size)
         self._waiting: deque[_Sequence] = deque()
         self._running: dict[str, _Sequence] = {}
         self._reserved = 0  # blocks promised to running sequences (see module docstring)

@@ -58,8 +58,9 @@ class FlowPrefillEngine:
         # eos_token_ids reads model.config; the engine holds only the config.
         self._eos_ids = eos_token_ids(SimpleNamespace(config=model_config), tokenizer)
         self.max_prompt_tokens = max_prompt_tokens(config, self._context)
-        # What one decode worker can ever hold (prompt + output), tokens.
-        self._decode_capacity = config.decode.kv_blocks * config.decode.block_size
+        # What one decode worker can ever hold (prompt + output), tokens: the smallest pool,
+        # since a request may land on any worker.
+        self.decode_capacity_tokens = decode_pool_tokens(config, workers)
         self._in_decode: dict[str, object] = {}  # request id -> decode worker handle
         self._in_flight: set[str] = set()
         self._metrics = RuntimeMetrics()
@@ -154,10 +155,10 @@ class FlowPrefillEngine:
             raise InvalidRequestError(
                 f"max_tokens={sampling.max_tokens} is above this server's limit of {bounds.max_output_tokens}"
             )
-        if min(len(ids) + sampling.max_tokens, self._context) > self._decode_capacity:
+        if min(len(ids) + sampling.max_tokens, self._context) > self.decode_capacity_tokens:
             raise InvalidRequestError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) exceed a decode "
-                f"worker's KV capacity of {self._decode_capacity} tokens"
+                f"worker's KV capacity of {self.decode_capacity_tokens} tokens"
             )
         slo_config = self.config.slo
         if slo is None:
@@ -287,6 +288,17 @@ def _validated(config: RuntimeConfig | dict | None) -> RuntimeConfig:
     if isinstance(config, RuntimeConfig):
         return config
     return RuntimeConfig.model_validate(config)
+
+
+def decode_pool_tokens(config: RuntimeConfig, workers: Workers) -> int:
+    """Tokens the smallest decode worker's KV pool holds: as the workers sized it (they report
+    it when they start), else as configured."""
+    blocks = min(workers.decode_kv_blocks.values(), default=None)
+    if blocks is None:
+        blocks = config.decode.kv_blocks
+        if blocks == "auto":
+            raise ValueError("decode.kv_blocks is 'auto' but no decode worker reported its pool")
+    return blocks * config.decode.block_size
 
 
 def max_prompt_tokens(config: RuntimeConfig, context_tokens: int) -> int:

@@ -28,6 +28,8 @@ class Workers:
     prefill: dict[str, object] = field(default_factory=dict)
     decode: dict[str, object] = field(default_factory=dict)
     group: PlacementGroup | None = None
+    # KV pool of each decode worker, blocks (``decode.kv_blocks: auto`` sizes it per GPU).
+    decode_kv_blocks: dict[str, int] = field(default_factory=dict)
 
     def all_handles(self) -> list:
         return [*self.prefill.values(), *self.decode.values()]
@@ -115,7 +117,12 @@ def create_workers(config: RuntimeConfig, ready_timeout_s: float = 300.0) -> Wor
             f"{len(refs)} workers did not load the model within {ready_timeout_s:.0f} s "
             f"(placement {placement.model_dump()})"
         )
-    ray.get(refs)  # re-raises a worker's constructor error, e.g. a bad checkpoint
+    infos = ray.get(refs)  # re-raises a worker's constructor error, e.g. a bad checkpoint
+    workers.decode_kv_blocks = {
+        info["worker_id"]: info["kv_blocks"]
+        for info in infos
+        if info["worker_id"] in workers.decode
+    }
     return workers
 
 
