@@ -3,20 +3,54 @@ GPU worker groups for prefill and decode, token auth from Secrets, nothing expos
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from promql_names import exported_series, metric_names_in
 from ray.serve.schema import ServeDeploySchema
 
+from flowprefill_ray.model import ModelConfig
+from flowprefill_ray.runtime.decode_worker import kv_pool_blocks
 from flowprefill_ray.serve.config import ServeAppArgs
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
 SERVE_CONFIGS = [REPO / "deployments" / "local.yaml", REPO / "deployments" / "gpu-cluster.yaml"]
 APP_IMPORT_PATH = "flowprefill_ray.serve.app:build_app"
+# Where the GPU configs expect the model volume, and the checkpoint they serve from it.
+MODEL_MOUNT = "/models"
+GPU_MODEL_PATH = "/models/Llama-3.1-8B-Instruct"
+# Llama-3.1-8B's shape (its config.json without the weights): what the GPU configs are sized for.
+LLAMA_8B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
 
 
 def load_all(path: Path) -> list[dict]:
@@ -49,25 +83,93 @@ def containers_of(group: dict) -> list[dict]:
     return group["template"]["spec"]["containers"]
 
 
-def check_serve_config(config: dict) -> ServeAppArgs:
+@pytest.fixture(scope="module")
+def model_volume(tmp_path_factory) -> Path:
+    """A stand-in for the /models volume: the 8B checkpoint's config.json, no weights."""
+    volume = tmp_path_factory.mktemp("models")
+    checkpoint = volume / Path(GPU_MODEL_PATH).relative_to(MODEL_MOUNT)
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(LLAMA_8B_CONFIG))
+    return volume
+
+
+def on_volume(args: dict, volume: Path) -> dict:
+    """``args`` with a model path on /models moved to ``volume`` (the validator checks that
+    the checkpoint exists, as it would on the pod where the volume is mounted)."""
+    args = copy.deepcopy(args)
+    model = args["runtime"]["model"]
+    if model["path"].startswith(MODEL_MOUNT + "/"):
+        model["path"] = str(volume / Path(model["path"]).relative_to(MODEL_MOUNT))
+    return args
+
+
+def rayservice_args(rayservice: dict, volume: Path) -> ServeAppArgs:
+    return ServeAppArgs.model_validate(
+        on_volume(serve_config_of(rayservice)["applications"][0]["args"], volume)
+    )
+
+
+def check_serve_config(config: dict, volume: Path) -> ServeAppArgs:
     """Validate with Ray's own schema, then our app's args; returns the parsed args."""
     ServeDeploySchema.model_validate(config)
     (app,) = config["applications"]
     assert app["import_path"] == APP_IMPORT_PATH
-    return ServeAppArgs.model_validate(app["args"])
+    return ServeAppArgs.model_validate(on_volume(app["args"], volume))
 
 
-def test_rayservice_is_ray_io_v1_with_a_valid_serve_config(rayservice):
+def test_rayservice_is_ray_io_v1_with_a_valid_serve_config(rayservice, model_volume):
     assert rayservice["apiVersion"] == "ray.io/v1" and rayservice["kind"] == "RayService"
-    args = check_serve_config(serve_config_of(rayservice))
+    args = check_serve_config(serve_config_of(rayservice), model_volume)
     assert args.runtime.placement.prefill_num_gpus == 1
     assert args.runtime.placement.decode_num_gpus == 1
 
 
 @pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
-def test_serve_deploy_configs_validate(path):
-    args = check_serve_config(yaml.safe_load(path.read_text()))
+def test_serve_deploy_configs_validate(path, model_volume):
+    args = check_serve_config(yaml.safe_load(path.read_text()), model_volume)
     assert args.served_model_name()
+
+
+def _gpu_configs(rayservice) -> list[dict]:
+    gpu_cluster = yaml.safe_load((REPO / "deployments" / "gpu-cluster.yaml").read_text())
+    return [
+        gpu_cluster["applications"][0]["args"],
+        serve_config_of(rayservice)["applications"][0]["args"],
+    ]
+
+
+def test_gpu_configs_serve_the_8b_model_from_the_volume_in_bf16_with_gpu_settings(
+    rayservice, model_volume
+):
+    for raw in _gpu_configs(rayservice):
+        assert raw["runtime"]["model"]["path"] == GPU_MODEL_PATH
+        args = ServeAppArgs.model_validate(on_volume(raw, model_volume))
+        runtime = args.runtime
+        assert args.served_model_name() == "Llama-3.1-8B-Instruct"
+        assert runtime.model.dtype == "bfloat16" and runtime.model.device == "cuda"
+        assert runtime.model.kernels == "triton"
+        # Bounded run-ahead on CUDA (auto), and the decode pool sized from GPU memory.
+        assert runtime.prefill.sync_mode("cuda") == "bounded"
+        assert runtime.decode.kv_blocks == "auto"
+        # Prefill and decode packed so the KV hand-off stays on one node where it fits.
+        assert runtime.placement.strategy in ("PACK", "STRICT_PACK")
+        # The predictor times the longest prompt served instead of extrapolating to it.
+        longest = runtime.requests.max_prompt_tokens
+        assert longest and max(runtime.prefill.profile_tokens) >= longest
+
+
+def test_auto_kv_pool_of_the_8b_model_on_an_80gb_gpu_fits_a_full_batch(rayservice, model_volume):
+    """What kv_blocks: auto gives on an H100 once the bf16 weights (~16 GB) are loaded: room
+    for max_batch_size requests of 1,024 prompt + output tokens, and for the longest one."""
+    config = ModelConfig.from_pretrained(model_volume / "Llama-3.1-8B-Instruct")
+    free_after_weights = (80 - 16 - 2) * 2**30  # 2 GB for the CUDA context and the step
+    for raw in _gpu_configs(rayservice):
+        runtime = ServeAppArgs.model_validate(on_volume(raw, model_volume)).runtime
+        decode = runtime.decode
+        blocks = kv_pool_blocks(config, torch.bfloat16, decode, free_after_weights)
+        tokens = blocks * decode.block_size
+        assert tokens >= decode.max_batch_size * 1024
+        assert tokens >= runtime.requests.max_prompt_tokens + runtime.requests.max_output_tokens
 
 
 def test_local_config_serves_on_loopback_cpu_only():
@@ -75,29 +177,104 @@ def test_local_config_serves_on_loopback_cpu_only():
     assert config["http_options"]["host"] == "127.0.0.1"
     args = ServeAppArgs.model_validate(config["applications"][0]["args"])
     assert args.runtime.model.path == "default" and args.runtime.model.device == "cpu"
+    assert args.runtime.model.dtype == "float32"  # SmolLM2 answers wrongly in bf16 on CPU
     assert args.runtime.placement.prefill_num_gpus == 0
 
 
-def test_head_has_no_gpus_and_workers_request_one_gpu_each(rayservice):
+def _gpu_groups(rayservice: dict) -> list[dict]:
+    return rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+
+
+def _quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity in bytes (binary suffixes only, as these manifests use)."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity)
+
+
+def test_head_has_no_gpus_and_workers_request_the_gpus_ray_advertises(rayservice):
     cluster = rayservice["spec"]["rayClusterConfig"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
-    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
-    assert {"prefill-gpu", "decode-gpu"} <= set(groups)
-    for group in groups.values():
-        assert group["rayStartParams"]["num-gpus"] == "1"
+    for group in _gpu_groups(rayservice):
+        gpus = group["rayStartParams"]["num-gpus"]
         (container,) = containers_of(group)
         resources = container["resources"]
         for kind in ("requests", "limits"):
-            assert resources[kind]["nvidia.com/gpu"] == "1", (group["groupName"], kind)
+            assert resources[kind]["nvidia.com/gpu"] == gpus, (group["groupName"], kind)
             assert "cpu" in resources[kind] and "memory" in resources[kind]
+        # Guaranteed QoS: what the pod asks for is what it may use.
+        assert resources["requests"] == resources["limits"]
 
 
-def test_worker_counts_cover_the_placement(rayservice):
-    args = ServeAppArgs.model_validate(serve_config_of(rayservice)["applications"][0]["args"])
-    groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
-    # One prefill worker per GPU: the prefill group has exactly as many GPU pods as workers.
-    assert groups["prefill-gpu"]["replicas"] == args.runtime.placement.num_prefill_workers
-    assert groups["decode-gpu"]["replicas"] >= args.runtime.placement.num_decode_workers
+def test_one_pod_holds_every_worker_so_the_kv_hand_off_stays_inside_it(rayservice, model_volume):
+    """STRICT_PACK places all prefill and decode workers as one placement group on one node:
+    the GPU pod must offer exactly their GPUs and CPUs."""
+    placement = rayservice_args(rayservice, model_volume).runtime.placement
+    assert placement.strategy == "STRICT_PACK"
+    (group,) = _gpu_groups(rayservice)
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 1
+    workers = placement.num_prefill_workers + placement.num_decode_workers
+    assert int(group["rayStartParams"]["num-gpus"]) == workers
+    bundle_cpus = (
+        placement.num_prefill_workers * placement.prefill_num_cpus
+        + placement.num_decode_workers * placement.decode_num_cpus
+    )
+    (container,) = containers_of(group)
+    assert bundle_cpus <= float(container["resources"]["limits"]["cpu"])
+
+
+def _volumes(group: dict) -> dict[str, dict]:
+    return {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+
+
+def _mounts(container: dict) -> dict[str, dict]:
+    return {m["mountPath"]: m for m in container["volumeMounts"]}
+
+
+def test_object_store_has_a_memory_backed_dev_shm_within_the_pod_memory(rayservice):
+    """Ray's object store carries the default KV hand-off; a container's own /dev/shm is
+    64 MiB, so without a memory volume Ray falls back to disk."""
+    for group in all_groups(rayservice):
+        name = group.get("groupName", "head")
+        (container,) = containers_of(group)
+        mount = _mounts(container)["/dev/shm"]
+        shm = _volumes(group)[mount["name"]]["emptyDir"]
+        assert shm["medium"] == "Memory", name
+        size = _quantity_bytes(shm["sizeLimit"])
+        store = int(group["rayStartParams"]["object-store-memory"])
+        assert store <= size, f"{name}: object store larger than /dev/shm"
+        # tmpfs pages count against the container's memory limit.
+        limit = _quantity_bytes(container["resources"]["limits"]["memory"])
+        assert size <= limit / 2, f"{name}: /dev/shm leaves too little memory for the workers"
+
+
+def test_model_volume_is_mounted_read_only_where_the_config_reads_it(rayservice):
+    (claim,) = [d for d in manifests() if d.get("kind") == "PersistentVolumeClaim"]
+    for group in all_groups(rayservice):
+        (container,) = containers_of(group)
+        mount = _mounts(container)[MODEL_MOUNT]
+        assert mount["readOnly"] is True
+        volume = _volumes(group)[mount["name"]]["persistentVolumeClaim"]
+        assert volume["claimName"] == claim["metadata"]["name"] and volume["readOnly"] is True
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]  # head and GPU pod, maybe two nodes
+
+
+def test_readiness_probes_use_the_app_health_route_on_gpu_pods_and_gcs_on_the_head(rayservice):
+    serve_port = serve_config_of(rayservice)["http_options"]["port"]
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+    (head_container,) = containers_of(head)
+    named = {p["name"]: p["containerPort"] for p in head_container["ports"]}
+    # The head must get ready before KubeRay submits the app, so not the app's route.
+    assert named[head_container["readinessProbe"]["tcpSocket"]["port"]] == named["gcs-server"]
+    for group in _gpu_groups(rayservice):
+        (container,) = containers_of(group)
+        probe = container["readinessProbe"]["httpGet"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert probe["path"] == "/health" and ports[probe["port"]] == serve_port
+        # /health waits up to 5 s for the scheduler; the probe must wait longer.
+        assert container["readinessProbe"]["timeoutSeconds"] > 5
 
 
 def test_token_auth_is_on_everywhere_with_the_token_from_a_secret(rayservice):
@@ -110,8 +287,8 @@ def test_token_auth_is_on_everywhere_with_the_token_from_a_secret(rayservice):
             assert token["valueFrom"]["secretKeyRef"]["key"] == "auth_token"
 
 
-def test_api_key_variable_reaches_the_pods_from_a_secret(rayservice):
-    args = ServeAppArgs.model_validate(serve_config_of(rayservice)["applications"][0]["args"])
+def test_api_key_variable_reaches_the_pods_from_a_secret(rayservice, model_volume):
+    args = rayservice_args(rayservice, model_volume)
     assert args.api.api_key_env
     for group in all_groups(rayservice):
         for container in containers_of(group):
