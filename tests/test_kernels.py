@@ -426,13 +426,19 @@ def test_gpu_check_dry_run_writes_tables_and_json(tmp_path, capsys):
     sys.modules[spec.name] = gpu_check  # its dataclasses look their module up by name
     spec.loader.exec_module(gpu_check)
     out = tmp_path / "gpu_check.json"
-    assert gpu_check.main(["--dry-run", "--dtypes", "fp32", "--iters", "1", "--out", str(out)]) == 0
+    # The live runtime starts its own Ray cluster: tests/test_gpu_check.py runs it apart.
+    args = ["--dry-run", "--dtypes", "fp32", "--iters", "1", "--skip-runtime", "--out", str(out)]
+    assert gpu_check.main(args) == 0
     report = json.loads(out.read_text())
     assert report["dry_run"] is True
     kernels = {row["kernel"] for row in report["correctness"]}
     assert kernels == {"rms_norm", "rotary", "varlen_attention", "decode_attention", "silu_and_mul"}
     assert all(row["ok"] for row in report["correctness"])
     assert all(row["triton_ms"] > 0 and row["torch_ms"] > 0 for row in report["timing"])
+    # Pause latency, both checkpoint_sync modes at every granularity, resumed exactly.
+    pause = {(row["granularity"], row["checkpoint_sync"]) for row in report["pause"]}
+    assert pause == {(g, m) for g in ("block", "layer", "operator") for m in ("sync", "bounded")}
+    assert all(row["resumed_logits_max_diff"] == 0 for row in report["pause"])
     printed = capsys.readouterr().out
     assert "varlen_attention" in printed and "max_abs_err" in printed
 
