@@ -281,6 +281,10 @@ def pause_part(args, device) -> tuple[list[dict], str | None]:
 def runtime_part(args, device) -> tuple[dict[str, dict], dict[str, str]]:
     """The live runtime with the object-store hand-off, then with nccl (two GPUs only)."""
     spec = DRY_RUNTIME_MODEL if args.dry_run else GPU_RUNTIME_MODEL
+    if device.type == "cuda":
+        # The workers are other processes on this GPU: hand back what the earlier parts cached,
+        # so the decode worker's auto pool sees the memory really free.
+        torch.cuda.empty_cache()
     reports, skipped = {}, {}
     for mode in ("object_store", "nccl"):
         report, reason = measure_runtime(spec, device, mode)
