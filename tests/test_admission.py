@@ -464,7 +464,8 @@ def _paused_budget_stream(budget: int | None, deadlines: dict[str, float], seed:
     """A random stream over 2 workers; yields the policy after every event and records each
     request's deadline in ``deadlines``."""
     rng = random.Random(seed)
-    p = policy(workers=2, paused_token_budget=budget)
+    # after_pause: the driver answers a preemption before the next unit is decided.
+    p = policy(workers=2, paused_token_budget=budget, handover="after_pause")
     driver = WorkerDriver(p, rng)
     for step in range(2000):
         now = step * 0.005
@@ -513,7 +514,7 @@ def test_without_a_budget_the_same_stream_holds_more_paused_tokens():
 def _preempted_twice(budget: int):
     """big1 (3000 tokens, due at 60 s) runs; mid (2000, due 5 s) preempts it at 0.5 s;
     small (1500, due 2.2 s) would preempt mid at 0.6 s."""
-    p = policy(paused_token_budget=budget)
+    p = policy(paused_token_budget=budget, handover="after_pause")
     assert arrive(p, "big1", 0.0, 3000, 60.0) == [run(1, "w0", ("big1", 0, 3000))]
     assert arrive(p, "mid", 0.5, 2000, 4.5) == [Preempt("w0", 1)]
     assert p.on_event(UnitPaused("w0", 1, 0.5), 0.5) == [run(2, "w0", ("mid", 0, 2000))]

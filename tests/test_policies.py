@@ -54,7 +54,7 @@ def test_priority_is_sign_of_slack_over_deadline_with_sign_zero_positive():
 
 
 def test_late_requests_queue_after_feasible_ones_latest_deadline_first():
-    p = policy()
+    p = policy(handover="after_pause")  # the first arrival's preemption leaves it queued
     arrive(p, "busy", 0.0, 8192, 100.0)  # occupies the worker
     arrive(p, "ok-late-deadline", 0.0, 1024, 8.0)  # needs 1 s, deadline 8: feasible
     arrive(p, "ok-early-deadline", 0.0, 1024, 4.0)  # feasible, earlier deadline
@@ -77,7 +77,8 @@ def test_late_requests_queue_after_feasible_ones_latest_deadline_first():
 
 def test_lazy_queue_matches_a_full_rescan():
     rng = random.Random(7)
-    p = policy(rescore_threshold=0.0)
+    # after_pause: the worker stays pausing, so every arrival stays in the queue under test.
+    p = policy(rescore_threshold=0.0, handover="after_pause")
     arrive(p, "busy", 0.0, 16384, 1e6)
     brute: dict[str, tuple[float, int, int]] = {}  # id -> (deadline, tokens, arrival order)
     now = 0.0
@@ -116,11 +117,16 @@ def test_lazy_queue_matches_a_full_rescan():
 def test_urgent_short_request_preempts_long_relaxed_prefill_then_long_resumes():
     p = policy("flowprefill")
     assert arrive(p, "long", 0.0, 4096, 6.0) == [run(1, "w0", ("long", 0, 4096))]
-    assert arrive(p, "short", 0.5, 128, 0.25) == [Preempt("w0", 1)]
-    assert p.request_view("long").status is RequestStatus.RUNNING  # until the worker answers
-    assert p.on_event(UnitPaused("w0", 1, executed_s=0.5, blocking_s=0.002), 0.502) == [
-        run(2, "w0", ("short", 0, 128))
+    # One hop: the unit that replaces the victim goes with the preemption.
+    assert arrive(p, "short", 0.5, 128, 0.25) == [
+        Preempt("w0", 1),
+        run(2, "w0", ("short", 0, 128)),
     ]
+    assert p.request_view("long").status is RequestStatus.RUNNING  # until the worker answers
+    assert p.request_view("short").status is RequestStatus.RUNNING  # committed to w0
+    # The worker switched at its checkpoint on its own: the report only updates the books.
+    assert p.on_event(UnitPaused("w0", 1, executed_s=0.5, blocking_s=0.002), 0.502) == []
+    assert p.workers["w0"].running is p.units[2] and p.units[2].started_at_s == 0.502
     view = p.request_view("long")
     assert (view.status, view.worker_id) == (RequestStatus.PAUSED, "w0")
     assert p.on_event(UnitCompleted("w0", 2, executed_s=0.125), 0.627) == [Resume("w0", 1)]
@@ -130,7 +136,17 @@ def test_urgent_short_request_preempts_long_relaxed_prefill_then_long_resumes():
     stats = p.stats()
     assert (stats["preemptions"], stats["resumes"], stats["units_started"]) == (1, 1, 2)
     assert stats["blocking_s_total"] == 0.002
-    assert (p.decisions.events, p.decisions.decisions) == (4, 4)
+    assert (p.decisions.events, p.decisions.decisions) == (3, 4)
+
+
+def test_after_pause_handover_decides_the_next_unit_when_the_pause_is_reported():
+    p = policy("flowprefill", handover="after_pause")
+    arrive(p, "long", 0.0, 4096, 6.0)
+    assert arrive(p, "short", 0.5, 128, 0.25) == [Preempt("w0", 1)]
+    assert p.request_view("short").status is RequestStatus.WAITING
+    assert p.on_event(UnitPaused("w0", 1, executed_s=0.5, blocking_s=0.002), 0.502) == [
+        run(2, "w0", ("short", 0, 128))
+    ]
 
 
 def test_a_paused_batch_whose_urgent_member_is_late_still_resumes_for_its_other_members():
@@ -144,10 +160,11 @@ def test_a_paused_batch_whose_urgent_member_is_late_still_resumes_for_its_other_
         run(1, "w0", ("image", 0, 256), ("file", 0, 256))
     ]
     # 1.5 s of work due at 1.6 s cannot wait for the unit's remaining 0.4 s: it preempts.
-    assert arrive(p, "urgent", 0.1, 1536, 1.5) == [Preempt("w0", 1)]
-    assert p.on_event(UnitPaused("w0", 1, executed_s=0.1, blocking_s=0.0), 0.1) == [
-        run(2, "w0", ("urgent", 0, 1536))
+    assert arrive(p, "urgent", 0.1, 1536, 1.5) == [
+        Preempt("w0", 1),
+        run(2, "w0", ("urgent", 0, 1536)),
     ]
+    assert p.on_event(UnitPaused("w0", 1, executed_s=0.1, blocking_s=0.0), 0.1) == []
     assert arrive(p, "relaxed", 0.2, 512, 60.0) == []  # feasible, due at 60.2 s
     # The urgent unit overruns to 1.7 s: the image request (due 2.0, 0.4 s left) is now late,
     # the file request (due 24.0) is not, and it is due before the relaxed one.
@@ -170,11 +187,14 @@ def test_a_unit_is_due_at_its_earliest_deadline_it_can_still_make():
 def test_a_unit_that_completes_before_pausing_is_just_completed():
     p = policy("flowprefill")
     arrive(p, "long", 0.0, 4096, 6.0)
-    assert arrive(p, "short", 0.5, 128, 0.25) == [Preempt("w0", 1)]
-    assert p.on_event(UnitCompleted("w0", 1, executed_s=4.0), 4.0) == [
-        run(2, "w0", ("short", 0, 128))
+    assert arrive(p, "short", 0.5, 128, 0.25) == [
+        Preempt("w0", 1),
+        run(2, "w0", ("short", 0, 128)),
     ]
+    # Finished before its checkpoint: the worker goes on to the unit sent with the preempt.
+    assert p.on_event(UnitCompleted("w0", 1, executed_s=4.0), 4.0) == []
     assert p.request_view("long").status is RequestStatus.FINISHED
+    assert p.workers["w0"].running is p.units[2]
 
 
 @pytest.mark.parametrize("name", ["fcfs", "edf"])
@@ -334,11 +354,18 @@ def test_newcomer_preempts_the_lowest_ranked_worker():
     p = policy(workers=2)
     arrive(p, "relaxed", 0.0, 4096, 30.0)  # deadline 30
     arrive(p, "more-relaxed", 0.0, 4096, 60.0)  # deadline 60: lowest rank
-    assert arrive(p, "urgent", 0.5, 256, 0.5) == [Preempt("w1", 2)]
+    assert arrive(p, "urgent", 0.5, 256, 0.5) == [
+        Preempt("w1", 2),
+        run(3, "w1", ("urgent", 0, 256)),
+    ]
     # A second urgent request while w1 is still pausing: it takes w0, ranked lowest now.
-    assert arrive(p, "urgent-2", 0.6, 256, 0.5) == [Preempt("w0", 1)]
-    assert p.on_event(UnitPaused("w1", 2, 0.5), 0.61) == [run(3, "w1", ("urgent", 0, 256))]
-    assert p.on_event(UnitPaused("w0", 1, 0.6), 0.62) == [run(4, "w0", ("urgent-2", 0, 256))]
+    assert arrive(p, "urgent-2", 0.6, 256, 0.5) == [
+        Preempt("w0", 1),
+        run(4, "w0", ("urgent-2", 0, 256)),
+    ]
+    assert p.on_event(UnitPaused("w1", 2, 0.5), 0.61) == []
+    assert p.on_event(UnitPaused("w0", 1, 0.6), 0.62) == []
+    assert [p.workers[w].running.unit_id for w in ("w0", "w1")] == [4, 3]
 
 
 def test_no_preemption_that_buys_nothing():
@@ -361,7 +388,10 @@ def test_preemption_allowed_when_the_victim_keeps_its_slack():
     p = policy(workers=1)
     arrive(p, "relaxed", 0.0, 2048, 4.0)  # needs 2 s, 2 s of slack
     # Ranks above (due 3.5 < 4) and could wait, but the victim still makes it after 0.5 s more.
-    assert arrive(p, "earlier", 1.5, 512, 2.0) == [Preempt("w0", 1)]
+    assert arrive(p, "earlier", 1.5, 512, 2.0) == [
+        Preempt("w0", 1),
+        run(2, "w0", ("earlier", 0, 512)),
+    ]
 
 
 def test_late_newcomer_never_preempts():
@@ -378,21 +408,28 @@ def test_worker_left_requeues_its_requests_with_progress_reset():
     p = policy(workers=2)
     arrive(p, "long", 0.0, 4096, 6.0)  # w0
     arrive(p, "other", 0.0, 4096, 7.0)  # w1
-    assert arrive(p, "urgent", 0.5, 128, 0.25) == [Preempt("w1", 2)]  # lowest ranked
-    assert p.on_event(UnitPaused("w1", 2, 0.5), 0.5) == [run(3, "w1", ("urgent", 0, 128))]
+    assert arrive(p, "urgent", 0.5, 128, 0.25) == [  # w1: the lowest ranked
+        Preempt("w1", 2),
+        run(3, "w1", ("urgent", 0, 128)),
+    ]
+    assert p.on_event(UnitPaused("w1", 2, 0.5), 0.5) == []
     # w1 dies with urgent running and other paused on it. Both go back to the queue with
     # their progress reset and deadlines unchanged; urgent (due 0.75, needs 0.125 s) would
     # miss waiting for w0 (3.4 s left), so it preempts w0.
-    assert p.on_event(WorkerLeft("w1"), 0.5625) == [Preempt("w0", 1)]
-    for rid in ("urgent", "other"):
-        view = p.request_view(rid)
-        assert (view.status, view.executed_s, view.worker_id) == (RequestStatus.WAITING, 0.0, None)
+    assert p.on_event(WorkerLeft("w1"), 0.5625) == [
+        Preempt("w0", 1),
+        run(4, "w0", ("urgent", 0, 128)),
+    ]
+    view = p.request_view("other")
+    assert (view.status, view.executed_s, view.worker_id) == (RequestStatus.WAITING, 0.0, None)
+    view = p.request_view("urgent")  # re-queued, then sent to w0 with the preemption
+    assert (view.status, view.executed_s, view.worker_id) == (RequestStatus.RUNNING, 0.0, "w0")
     assert p.request_view("urgent").deadline_s == 0.75
     assert p.stats()["requeued"] == 2
     # A late completion from the dead worker is ignored.
     assert p.on_event(UnitCompleted("w1", 3, 0.1), 0.5625) == []
     assert p.stats()["stale_events"] == 1
-    assert p.on_event(UnitPaused("w0", 1, 0.5625), 0.5625) == [run(4, "w0", ("urgent", 0, 128))]
+    assert p.on_event(UnitPaused("w0", 1, 0.5625), 0.5625) == []
     # Then w0's own paused unit (due 6) ranks above the re-queued "other" (due 7).
     assert p.on_event(UnitCompleted("w0", 4, 0.125), 0.6875) == [Resume("w0", 1)]
 
@@ -460,6 +497,7 @@ class _Executor:
         self.running: dict[str, WorkUnit] = {}  # worker -> unit it executes
         self.paused: dict[int, WorkUnit] = {}
         self.preempting: set[str] = set()
+        self.queued: dict[str, WorkUnit] = {}  # one-hop: sent with the preempt, runs next
         self.workers: set[str] = set()
         self.now = 0.0
 
@@ -470,8 +508,12 @@ class _Executor:
     def apply(self, d) -> None:
         if isinstance(d, RunUnit):
             w = d.unit.worker_id
-            assert w in self.workers and w not in self.running, f"{w} is not idle"
-            self.running[w] = d.unit
+            assert w in self.workers, f"{w} is gone"
+            if w in self.running:  # only behind a unit told to pause, and only one
+                assert w in self.preempting and w not in self.queued, f"{w} is not idle"
+                self.queued[w] = d.unit
+            else:
+                self.running[w] = d.unit
         elif isinstance(d, Preempt):
             assert self.running[d.worker_id].unit_id == d.unit_id
             assert d.worker_id not in self.preempting, "preempted twice"
@@ -500,6 +542,8 @@ class _Executor:
         elif r < 0.8 and self.running:
             w = self.rng.choice(sorted(self.running))
             unit = self.running.pop(w)
+            if w in self.queued:  # the worker switches to it on its own
+                self.running[w] = self.queued.pop(w)
             if w in self.preempting and self.rng.random() < 0.7:
                 self.preempting.discard(w)
                 self.paused[unit.unit_id] = unit
@@ -515,6 +559,7 @@ class _Executor:
             w = self.rng.choice(sorted(self.workers))
             self.workers.discard(w)
             self.running.pop(w, None)
+            self.queued.pop(w, None)
             self.preempting.discard(w)
             self.paused = {k: u for k, u in self.paused.items() if u.worker_id != w}
             self.send(WorkerLeft(w))
@@ -529,6 +574,8 @@ class _Executor:
                 break
             w = sorted(self.running)[0]
             unit = self.running.pop(w)
+            if w in self.queued:
+                self.running[w] = self.queued.pop(w)
             self.preempting.discard(w)
             self.now += unit.tokens * SPT
             self.send(UnitCompleted(w, unit.unit_id, unit.tokens * SPT))

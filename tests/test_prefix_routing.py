@@ -11,7 +11,7 @@ from policy_helpers import linear_predictor, policy, run
 from pydantic import ValidationError
 
 from flowprefill_ray.scheduling import PolicyConfig, Request, SLOConfig, make_policy
-from flowprefill_ray.scheduling.events import Arrival, RunUnit, UnitCompleted
+from flowprefill_ray.scheduling.events import Arrival, Preempt, RunUnit, UnitCompleted
 from flowprefill_ray.scheduling.prefix_blocks import BlockLRU, prefix_hashes, reusable_tokens
 from flowprefill_ray.simulator import Simulator, SimulatorConfig
 from flowprefill_ray.simulator.experiment import fit_predictor, fresh_copy
@@ -174,8 +174,8 @@ def test_a_cached_long_prompt_is_priced_as_the_short_job_it_is():
     # preempts the hog; priced cold (2.5 s) it would be late already and could not.
     out = arrive(p, "again", 3.5, hashes + (999,), 40 * BLOCK + 16, slo_s=0.1)
     assert p.requests["again"].remaining_tokens == 16
-    assert not p.requests["again"].queue_late
-    assert [type(d).__name__ for d in out] == ["Preempt"]
+    # It preempts the hog, and its unit, sent along, starts at the cached prefix.
+    assert out == [Preempt("w0", 2), run(3, "w0", ("again", 40 * BLOCK, 40 * BLOCK + 16))]
 
 
 # ------------------------------------------------------------------ the simulator

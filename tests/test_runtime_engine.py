@@ -138,6 +138,10 @@ def test_urgent_request_preempts_long_prefill_which_still_matches_unpreempted_ru
     assert _token_ids(long) == generate(reference_model, _prompt(LONG_PROMPT_TOKENS, 1), GREEDY)
     stats = asyncio.run(engine.stats())["scheduler"]
     assert stats["preemption_blocking_s"], "the worker reported no blocking time"
+    # One-hop handover: the urgent unit went with the preempt and started at the checkpoint.
+    handed_over = dict(stats["start_delay_s"]["after_preempt"])
+    assert urgent[0].request_id in handed_over
+    assert 0.0 < handed_over[urgent[0].request_id] < urgent[0].ttft_s
 
 
 def test_fcfs_makes_the_urgent_request_wait_for_the_long_prefill(runtime_engines):

@@ -120,9 +120,9 @@ def test_a_paused_unit_starved_after_its_request_turned_late():
 @pytest.mark.parametrize(
     "granularity,victim,urgent,worker_went_to",
     [
-        # The preempt is decided at 0.01 for u (due 0.11); the victim stops at 0.1, when u is
-        # already late, and FlowPrefill gives the worker back to the feasible victim.
-        ("block", ("long", 0.0, 1000, 6.0, "file"), ("u", 0.01, 50, 0.1), "long"),
+        # The preempt is decided at 0.01 for u (due 0.11), with u's unit sent along (one-hop
+        # handover); the victim stops at 0.1, and u, already late, takes the worker as sent.
+        ("block", ("long", 0.0, 1000, 6.0, "file"), ("u", 0.01, 50, 0.1), "u"),
         # Both late at the stop (0.2 s, layer granularity): the later deadline (u) goes first.
         ("layer", ("long", 0.0, 1000, 0.05, "file"), ("u", 0.06, 50, 0.1), "u"),
     ],

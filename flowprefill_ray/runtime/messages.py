@@ -62,7 +62,8 @@ class UnitOutcome:
 
     ``executed_s``: compute seconds of the unit over all its runs; ``blocking_s``: for a
     paused unit, seconds from the preempt call reaching the worker to the stop; ``block_s``:
-    the block the preempt had to wait for (previous checkpoint to the stop), seconds.
+    the block the preempt had to wait for (previous checkpoint to the stop), seconds;
+    ``started_wall_s``: ``time.time()`` when this run began computing on the worker.
     """
 
     unit_id: int
@@ -72,6 +73,7 @@ class UnitOutcome:
     first_tokens: tuple[FirstToken, ...] = ()
     block_s: float = 0.0
     failed: tuple[FailedItem, ...] = ()
+    started_wall_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,6 +122,7 @@ class PrefillExecutor:
     def _execute(self, unit: WorkUnit) -> UnitOutcome:
         with self._lock:
             self._running = unit.unit_id
+        unit.run_started_wall_s = time.time()  # the scheduler times its dispatch path with it
         try:
             while True:
                 if unit.pause.is_set():
@@ -212,7 +213,12 @@ class PrefillExecutor:
             unit.block_s = now - unit.checkpoint_at if unit.checkpoint_at else 0.0
             unit.stopped.set()
         return UnitOutcome(
-            unit.unit_id, "paused", unit.executed_s, unit.blocking_s, block_s=unit.block_s
+            unit.unit_id,
+            "paused",
+            unit.executed_s,
+            unit.blocking_s,
+            block_s=unit.block_s,
+            started_wall_s=unit.run_started_wall_s,
         )
 
     def _completed(self, unit: WorkUnit) -> UnitOutcome:
@@ -247,7 +253,13 @@ class PrefillExecutor:
             unit.blocking_s = 0.0 if requested is None else time.perf_counter() - requested
             unit.stopped.set()
         return UnitOutcome(
-            unit.unit_id, "completed", unit.executed_s, 0.0, tuple(firsts), failed=tuple(failed)
+            unit.unit_id,
+            "completed",
+            unit.executed_s,
+            0.0,
+            tuple(firsts),
+            failed=tuple(failed),
+            started_wall_s=unit.run_started_wall_s,
         )
 
     def _release(self, unit: WorkUnit) -> None:

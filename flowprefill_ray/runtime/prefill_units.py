@@ -53,6 +53,7 @@ class WorkUnit:
     # block in flight when the preempt arrived runs from here to the stop.
     checkpoint_at: float = 0.0
     block_s: float = 0.0
+    run_started_wall_s: float = 0.0  # time.time() when this run (or resume) began computing
     # Set once a batched forward of this unit raised: from then on its items run one at a
     # time, so the item that raises is found and fails alone.
     isolated: bool = False

@@ -68,6 +68,8 @@ class TrackedRequest:
     sampling: SamplingParams
     done: asyncio.Future
     first_run_s: float | None = None
+    first_unit_id: int | None = None
+    arrival_wall_s: float = 0.0  # time.time() on arrival: start delays are timed from it
     preemptions: int = 0
     requested_slo_class: str | None = None  # set when admission control downgraded it
     workers: set[str] = field(default_factory=set)
@@ -198,7 +200,11 @@ class Scheduler:
             ttft_slo_s=ttft_slo_s,
         ).with_slo(self.config.slo)
         tracked = TrackedRequest(
-            request, tuple(token_ids), sampling, asyncio.get_running_loop().create_future()
+            request,
+            tuple(token_ids),
+            sampling,
+            asyncio.get_running_loop().create_future(),
+            arrival_wall_s=time.time(),
         )
         self._requests[request_id] = tracked
         self._counts["submitted"] += 1

@@ -28,6 +28,12 @@ class SchedulerSamples:
         self.policy_seconds: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=SAMPLES))
         self.blocking_s: deque[float] = deque(maxlen=SAMPLES)
         self.block_in_flight_s: deque[float] = deque(maxlen=SAMPLES)
+        # (request id, seconds) from arrival at the scheduler to its first unit computing on
+        # its worker, by whether that unit was handed over at a preempted unit's checkpoint
+        # or sent to an idle worker.
+        self.start_delay_s: dict[str, deque[tuple[str, float]]] = defaultdict(
+            lambda: deque(maxlen=SAMPLES)
+        )
 
     def event(self, name: str, started: float, decided: float, finished: float) -> None:
         """One event handled: ``started`` to ``decided`` is the policy, to ``finished`` the
@@ -40,6 +46,10 @@ class SchedulerSamples:
         self.blocking_s.append(blocking_s)
         self.block_in_flight_s.append(block_s)
 
+    def start_delay(self, request_id: str, seconds: float, after_preempt: bool) -> None:
+        kind = "after_preempt" if after_preempt else "idle_worker"
+        self.start_delay_s[kind].append((request_id, seconds))
+
     def export(self) -> dict:
         """The samples as lists, under the keys of ``Scheduler.stats``."""
         overhead = {name: list(values) for name, values in self.event_seconds.items()}
@@ -50,6 +60,7 @@ class SchedulerSamples:
             "preemption_blocking_s": list(self.blocking_s),
             # The block each of those preemptions waited for, measured in the worker.
             "preemption_block_in_flight_s": list(self.block_in_flight_s),
+            "start_delay_s": {kind: list(v) for kind, v in self.start_delay_s.items()},
         }
 
 

@@ -42,6 +42,7 @@ class UnitCalls:
             tracked = s._requests[item.request_id]
             if tracked.first_run_s is None:
                 tracked.first_run_s = now
+                tracked.first_unit_id = unit.unit_id
                 queue_s = now - tracked.request.arrival_s
                 s._metrics.observe(
                     "flowprefill_request_queue_time_seconds",
@@ -60,21 +61,25 @@ class UnitCalls:
                 )
             )
         s._units[unit.unit_id] = unit
+        # A unit sent to a worker still running another one was sent with that one's preempt
+        # (one-hop handover): the worker starts it at the checkpoint, with no further call.
+        handover = s._running_unit.get(unit.worker_id) is not None
         s._running_unit[unit.worker_id] = unit.unit_id
         s._counts["units"] += 1
         s._metrics.observe("flowprefill_prefill_batch_size", len(unit.items))
         s._metrics.observe("flowprefill_prefill_batch_tokens", unit.tokens)
         handle = s._prefill[unit.worker_id]
-        s._spawn(
-            self._await_unit(
-                unit.worker_id, unit.unit_id, handle.run.remote(unit.unit_id, items, s._epoch)
-            )
-        )
+        call = handle.run.remote(unit.unit_id, items, s._epoch)
+        s._spawn(self._await_unit(unit.worker_id, unit.unit_id, call, handover))
 
     def preempt(self, worker_id: str, unit_id: int) -> None:
         s = self._scheduler
         s._counts["preempt_decisions"] += 1
-        s._spawn(self._preempt(worker_id, unit_id))
+        handle = s._prefill.get(worker_id)
+        if handle is not None:
+            # Sent now, not from a task on the next loop turn: every millisecond here is
+            # preemption latency.
+            s._spawn(self._preempt(worker_id, handle.preempt.remote(unit_id, s._epoch)))
 
     def resume(self, worker_id: str, unit_id: int) -> None:
         s = self._scheduler
@@ -97,7 +102,9 @@ class UnitCalls:
 
     # ------------------------------------------------------------------ answers
 
-    async def _await_unit(self, worker_id: str, unit_id: int, call) -> None:
+    async def _await_unit(self, worker_id: str, unit_id: int, call, handover=None) -> None:
+        """``handover``: for a ``run`` call, whether it was sent behind a preempted unit (then
+        start delays are recorded under ``after_preempt``); None for a resume."""
         s = self._scheduler
         try:
             outcome: UnitOutcome = await call
@@ -110,6 +117,8 @@ class UnitCalls:
             return
         if worker_id not in s._prefill:
             return  # the worker was declared failed meanwhile; the policy re-queued its work
+        if handover is not None:
+            self._start_delays(unit_id, outcome.started_wall_s, handover)
         if s._running_unit.get(worker_id) == unit_id:
             s._running_unit[worker_id] = None
         if outcome.status == "paused":
@@ -205,13 +214,20 @@ class UnitCalls:
 
     # ---------------------------------------------------------- control calls
 
-    async def _preempt(self, worker_id: str, unit_id: int) -> None:
+    def _start_delays(self, unit_id: int, started_wall_s: float, handover: bool) -> None:
+        """From each request's arrival at this scheduler to its first unit starting to compute
+        on the worker (both ``time.time()``; one host in the tests and benchmarks)."""
         s = self._scheduler
-        handle = s._prefill.get(worker_id)
-        if handle is None:
-            return
+        unit = s._units.get(unit_id)
+        for rid in unit.request_ids if unit else ():
+            tracked = s._requests.get(rid)
+            if tracked is not None and tracked.first_unit_id == unit_id and started_wall_s:
+                s._samples.start_delay(rid, started_wall_s - tracked.arrival_wall_s, handover)
+
+    async def _preempt(self, worker_id: str, call) -> None:
+        s = self._scheduler
         try:
-            await handle.preempt.remote(unit_id, s._epoch)
+            await call
         except WORKER_GONE:
             s._failures.worker_failed(worker_id)
         # The run/resume call of the unit returns with status "paused" (or "completed"); that

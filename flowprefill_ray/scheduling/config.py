@@ -68,6 +68,12 @@ class PolicyConfig(BaseModel):
         "lowest-ranked paused units (recomputed later) and is skipped if the victim alone "
         "exceeds it. Paused state bytes grow about linearly with tokens. None = unbounded",
     )
+    handover: Literal["one_hop", "after_pause"] = Field(
+        "one_hop",
+        description="flowprefill: one_hop sends the unit that replaces a preempted one with "
+        "the preemption (the worker switches at its checkpoint, no further call); after_pause "
+        "decides it when the pause is reported (one more scheduler-worker round trip)",
+    )
     rescore_threshold: NonNegativeFloat = Field(
         0.05,
         description="flowprefill: re-check late (infeasible) requests when the predictor's "

@@ -25,7 +25,10 @@ with no progress and the same deadlines, to be recomputed later) until the unit 
 unit larger than the budget by itself is never preempted (the next victim is tried).
 
 Preemption is asynchronous: the worker is PAUSING until ``UnitPaused`` (or
-``UnitCompleted``) arrives, and is then scheduled again. A long prompt is one unit
+``UnitCompleted``) arrives. With ``handover = "one_hop"`` (default) the unit that replaces the
+victim is decided with the preemption and sent with it (``handover.py``): the worker switches
+at its checkpoint without another call. With ``after_pause`` the worker is scheduled again
+when the pause is reported. A long prompt is one unit
 ``[0, n)``; the worker runs it as ``long_chunk_tokens`` chunks back to back.
 """
 
@@ -195,8 +198,10 @@ class FlowPrefillPolicy(Policy):
                 )
             )
         victims.sort(key=lambda v: v[0], reverse=True)
-        # The best `pausing` waiting requests are expected to take the workers already pausing.
-        skip = sum(1 for w in self.workers.values() if w.state is _PAUSING)
+        # The best `pausing` waiting requests are expected to take the workers already pausing
+        # (after_pause handover; one_hop gave each pausing worker its next unit already).
+        skip = sum(1 for w in self.workers.values() if w.state is _PAUSING and w.next is None)
+        one_hop = self.config.handover == "one_hop"
         budget = self.config.paused_token_budget
         taken: list[RequestRecord] = []
         evicted: list[RequestRecord] = []
@@ -236,6 +241,19 @@ class FlowPrefillPolicy(Policy):
                 self._make_room(victim, budget, now, out, evicted)
             out.append(self._preempt(victim))
             victims.pop(i)
+            if one_hop:  # what replaces the victim goes with the preemption (handover.py)
+                taken.pop()
+                wid = victim.worker_id
+                items = form_slo_batch(
+                    rec,
+                    self.queue,
+                    self.predictor,
+                    self.config,
+                    lambda tokens, wid=wid: self._kv_admits(wid, tokens),
+                    now,
+                    self._uncached_on(wid),
+                )
+                out.append(self._queue_next(victim, items, now))
         for rec in taken:
             self.queue.unpop(rec)
         # Queued only now, so that this event's preemption scan sees the queue it started with.

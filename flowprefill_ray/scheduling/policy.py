@@ -42,6 +42,7 @@ from .events import (
     WorkItem,
     WorkUnit,
 )
+from .handover import Handover
 from .policy_views import PolicyViews
 from .predictor import TTFTPredictor
 from .prefix_routing import PrefixRouting
@@ -80,7 +81,7 @@ class DecisionCounts:
     decisions: int = 0  # decisions produced in all
 
 
-class Policy(WorkEstimates, PolicyViews, PrefixRouting, ABC):
+class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, ABC):
     """Base of all policies. Decisions happen only in ``on_event``."""
 
     name: ClassVar[str]
@@ -216,9 +217,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, ABC):
             return
         del self.units[u.unit_id]
         w = self.workers[u.worker_id]
-        if w.running is u:
-            w.running = None
-            w.state = WorkerState.IDLE
+        self._running_ended(w, u, now)
         w.paused.pop(u.unit_id, None)
         items = u.unit.items
         if self.config.online_correction and self.config.learn_unit_overhead:
@@ -256,9 +255,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, ABC):
         u.state = UnitState.PAUSED
         u.executed_s = event.executed_s
         self.blocking_s_total += event.blocking_s
-        if w.running is u:
-            w.running = None
-            w.state = WorkerState.IDLE
+        self._running_ended(w, u, now)
         w.paused[u.unit_id] = u
         live = False
         for item in u.unit.items:
@@ -283,8 +280,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, ABC):
             return
         self._prefix_worker_left(event.worker_id)
         lost = list(w.paused.values())
-        if w.running is not None:
-            lost.append(w.running)
+        lost.extend(u for u in (w.running, w.next) if u is not None)
         rids: list[str] = [item.request_id for u in lost for item in u.unit.items]
         rids.extend(w.partial)
         for u in lost:
@@ -345,8 +341,15 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, ABC):
     # ------------------------------------------------------------------ decision helpers
 
     def _start_unit(self, w: WorkerRecord, items: list[WorkItem], now: float) -> RunUnit:
-        """Start ``items`` as a new unit on idle worker ``w``. A whole prompt starts where
-        ``w``'s prefix cache ends (``prefix_routing.py``)."""
+        """Start ``items`` as a new unit on idle worker ``w``."""
+        u = self._new_unit(w, items, now)
+        w.running = u
+        w.state = WorkerState.RUNNING
+        return RunUnit(u.unit)
+
+    def _new_unit(self, w: WorkerRecord, items: list[WorkItem], now: float) -> UnitRecord:
+        """The records of a new unit of ``items`` on ``w``; its requests are RUNNING. A whole
+        prompt starts where ``w``'s prefix cache ends (``prefix_routing.py``)."""
         for i, item in enumerate(items):
             rec = self.requests[item.request_id]
             start = self._prefix_start(w.worker_id, rec, item.start, item.end)
@@ -376,10 +379,8 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, ABC):
             started_at_s=now,
         )
         self.units[unit.unit_id] = u
-        w.running = u
-        w.state = WorkerState.RUNNING
         self.counters["units_started"] += 1
-        return RunUnit(unit)
+        return u
 
     def _preempt(self, w: WorkerRecord) -> Preempt:
         """Ask ``w`` to pause its running unit; ``w`` is PAUSING until it answers."""

@@ -109,6 +109,7 @@ class WorkerRecord:
     worker_id: str
     state: WorkerState = WorkerState.IDLE
     running: UnitRecord | None = None
+    next: UnitRecord | None = None  # one-hop: queued behind its pausing unit (handover.py)
     paused: dict[int, UnitRecord] = field(default_factory=dict)
     partial: set[str] = field(default_factory=set)  # chunked: requests whose KV so far is here
 

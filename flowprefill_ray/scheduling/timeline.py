@@ -71,6 +71,9 @@ class Timeline:
         self._done: OrderedDict[str, RequestTrace] = OrderedDict()  # the ring, oldest first
         self._units: dict[int, UnitTrace] = {}  # running and paused units
         self._partial: dict[str, set[str]] = {}  # worker -> requests whose KV waits there
+        self._stopping: dict[str, UnitTrace] = {}  # worker -> its unit told to pause
+        # One-hop handover: worker -> the unit sent with the preemption, begun at the stop.
+        self._queued: dict[str, UnitTrace] = {}
         self._seq = 0
 
     @classmethod
@@ -87,8 +90,10 @@ class Timeline:
             self._arrival(event, now)
         elif isinstance(event, UnitCompleted):
             self._completed(event, now)
+            self._hand_over(event.worker_id, event.unit_id, now, None)
         elif isinstance(event, UnitPaused):
             paused = self._paused(event, now)
+            self._hand_over(event.worker_id, event.unit_id, now, paused)
         elif isinstance(event, Cancelled):
             rec = self._live.get(event.request_id)
             if rec is not None:
@@ -107,6 +112,7 @@ class Timeline:
                 u = self._units.get(d.unit_id)
                 if u is not None:
                     u.pending_preempt_s = now
+                    self._stopping[u.worker_id] = u
                     if isinstance(event, Arrival):  # asked for the newcomer (see why_late)
                         rec = self._live.get(event.request.request_id)
                         if rec is not None and rec.preempt_asked is None:
@@ -163,10 +169,13 @@ class Timeline:
         u = UnitTrace(
             unit.unit_id, unit.worker_id, members, unit.tokens, self.predict(unit.tokens), now
         )
-        u.runs.append([now, None])
-        self._took_worker(u, paused)
         self._units[u.unit_id] = u
         self.workers.setdefault(u.worker_id, None)
+        stopping = self._stopping.get(u.worker_id)
+        if stopping is not None and stopping.outcome == "running":
+            self._queued[u.worker_id] = u  # begins when the stopping unit stops
+        else:
+            self._begin(u, now, paused)
         for rid, start, end in members:
             rec = self._live.get(rid)
             if rec is None:
@@ -176,8 +185,26 @@ class Timeline:
             rest = self.predict(rec.prompt_tokens - end) if end < rec.prompt_tokens else 0.0
             rec.stages.append((u, start, end, rest))
             rec.status, rec.worker_id = "running", u.worker_id
-            if rec.first_start_s is None:
+
+    def _begin(self, u: UnitTrace, now: float, paused: _Freed | None) -> None:
+        if not u.runs:
+            u.started_s = now  # a handed-over unit starts at the stop, not when decided
+        u.runs.append([now, None])
+        self._took_worker(u, paused)
+        for rid, _, _ in u.members:
+            rec = self._live.get(rid)
+            if rec is not None and rec.first_start_s is None:
                 rec.first_start_s = now
+
+    def _hand_over(self, worker_id: str, unit_id: int, now: float, paused: _Freed | None) -> None:
+        """The worker's stopping unit stopped: the unit queued behind it begins."""
+        stopping = self._stopping.get(worker_id)
+        if stopping is None or stopping.unit_id != unit_id:
+            return
+        del self._stopping[worker_id]
+        queued = self._queued.pop(worker_id, None)
+        if queued is not None and self._units.get(queued.unit_id) is queued:
+            self._begin(queued, now, paused)
 
     def _resume(self, d: Resume, now: float, paused: _Freed | None) -> None:
         u = self._units.get(d.unit_id)

@@ -87,6 +87,9 @@ class _Worker:
     stats: WorkerStats
     running: _Run | None = None
     paused: dict[int, _Run] = field(default_factory=dict)  # unit id -> paused state
+    stopping: bool = False  # its running unit was told to pause
+    # One-hop handover: the unit sent with the preemption, started when the running one stops.
+    queued: tuple[WorkUnit, UnitTimeline] | None = None
 
 
 # Event kinds in the heap; at equal times a unit's end/pause is handled before an arrival so
@@ -239,7 +242,7 @@ class Simulator:
     def _run_unit(self, d: RunUnit) -> None:
         unit = d.unit
         worker = self._worker(unit.worker_id, d)
-        if worker.running is not None:
+        if worker.running is not None and (not worker.stopping or worker.queued is not None):
             raise PolicyContractError(
                 f"{d!r}: worker is busy with unit {worker.running.unit.unit_id}"
             )
@@ -279,7 +282,12 @@ class Simulator:
         cost = plan_unit(self.cost_model, shapes, self.config.max_forward_tokens)
         for item in unit.items:
             self._in_flight[item.request_id] = unit.unit_id
-        lead = self.config.unit_overhead_s
+        if worker.running is not None:  # sent with the preemption: starts at the checkpoint
+            worker.queued = (unit, cost)
+            return
+        self._start(worker, unit, cost, self.config.unit_overhead_s)
+
+    def _start(self, worker: _Worker, unit: WorkUnit, cost: UnitTimeline, lead: float) -> None:
         run = _Run(unit, cost, run_start=self._now, lead_s=lead, token=self._new_token())
         self._work_s += lead
         worker.running = run
@@ -294,6 +302,7 @@ class Simulator:
             # UnitCompleted / UnitPaused for it, as the contract allows.
             self._ignored_preempts += 1
             return
+        worker.stopping = True
         progress = run.progress_s + max(0.0, self._now - run.run_start - run.lead_s)
         stop = run.cost.next_checkpoint(progress, self.config.granularity)
         if stop is None:
@@ -367,6 +376,12 @@ class Simulator:
         worker.stats.busy_s += duration
         run.compute_s += duration
         worker.running = None
+        worker.stopping = False
+        if worker.queued is not None:
+            # One-hop handover: the worker already has its next unit and no call to wait for.
+            unit, cost = worker.queued
+            worker.queued = None
+            self._start(worker, unit, cost, 0.0)
         return duration
 
     def _on_end(self, worker_id: str, token: int) -> None:
