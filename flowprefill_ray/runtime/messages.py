@@ -26,6 +26,8 @@ class PrefillItemSpec:
     token_ids: tuple[int, ...]
     prompt_tokens: int
     sampling: SamplingParams
+    # The request's prefix-cache salt: it shares cached KV only with requests of equal salt.
+    cache_salt: str | None = None
 
     @property
     def is_last(self) -> bool:
@@ -63,7 +65,9 @@ class UnitOutcome:
     ``executed_s``: compute seconds of the unit over all its runs; ``blocking_s``: for a
     paused unit, seconds from the preempt call reaching the worker to the stop; ``block_s``:
     the block the preempt had to wait for (previous checkpoint to the stop), seconds;
-    ``started_wall_s``: ``time.time()`` when this run began computing on the worker.
+    ``started_wall_s``: ``time.time()`` when this run began computing on the worker;
+    ``cached_tokens``: ``(request_id, tokens)`` for each item of a completed unit whose first
+    tokens came from the worker's prefix cache instead of being computed.
     """
 
     unit_id: int
@@ -74,6 +78,7 @@ class UnitOutcome:
     block_s: float = 0.0
     failed: tuple[FailedItem, ...] = ()
     started_wall_s: float = 0.0
+    cached_tokens: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,8 @@ A unit whose items are longer than ``chunk_tokens`` runs as consecutive chunks b
 One request's failure never fails the others in its unit: if a batched forward raises, the unit
 falls back to running its remaining items one at a time, so only the culprit fails; a failed
 item (forward or first-token sampling) is reported in ``UnitOutcome.failed`` and its KV dropped.
-A unit that ends in any way (completed, failed, discarded) leaves nothing behind on the worker.
+A unit that ends in any way (completed, failed, discarded) leaves nothing behind on the worker,
+except the full blocks of completed prompts in the optional prefix cache (prefix_reuse.py).
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import torch
 
 from flowprefill_ray.model.generate import StopChecker, eos_token_ids
 from flowprefill_ray.model.kv import KVCache
+from flowprefill_ray.model.prefix_cache import PrefixCache
 from flowprefill_ray.model.sampling import sample_with_params
 
 from .messages import FailedItem, FirstToken, PrefillItemSpec, UnitOutcome
 from .prefill_units import ItemProgress, WorkUnit, paused_bytes
+from .prefix_reuse import PrefixReuse
 
 # How many finished unit ids to remember, so a preempt that arrives after its unit completed
 # answers at once instead of waiting for a unit that will never run again.
@@ -45,6 +48,8 @@ class PrefillExecutor:
     ``chunk_tokens``: the largest piece of one prompt run in a single forward (tokens).
     ``checkpoint_sync`` / ``max_run_ahead``: how a checkpoint waits for the device ("sync" or
     "bounded", see flowprefill_ray/model/checkpoint_sync.py).
+    ``prefix_cache``: reuse the KV of cached prompt prefixes (None: off); ``share_unsalted``:
+    whether requests without a cache salt use it (see ``PrefixReuse``).
     """
 
     def __init__(
@@ -55,6 +60,8 @@ class PrefillExecutor:
         stop_checker: Callable[[PrefillItemSpec], StopChecker] | None = None,
         checkpoint_sync: str = "sync",
         max_run_ahead: int = 2,
+        prefix_cache: PrefixCache | None = None,
+        share_unsalted: bool = True,
     ):
         self.model = model
         # Decides whether the first token already ends the request (EOS, max_tokens=1, a stop
@@ -75,6 +82,7 @@ class PrefillExecutor:
         self._partial_kv: dict[str, KVCache] = {}  # KV of earlier chunks, by request
         self._ready_kv: dict[str, KVCache] = {}  # finished prompts waiting for a decode worker
         self._units_completed = 0
+        self.prefix_reuse = PrefixReuse(prefix_cache, share_unsalted)
 
     # ------------------------------------------------------------------ compute thread
 
@@ -84,20 +92,21 @@ class PrefillExecutor:
             raise ValueError(f"unit {unit_id} has no work items")
         progress = []
         for spec in items:
-            prefix = None
-            if spec.start > 0:
-                prefix = self._partial_kv.pop(spec.request_id, None)
-                if prefix is None or prefix.num_tokens != spec.start:
-                    # This item cannot continue; the others in the unit still can.
-                    have = None if prefix is None else prefix.num_tokens
-                    progress.append(
-                        ItemProgress(
-                            spec,
-                            error=f"starts at token {spec.start} but this worker holds KV "
-                            f"of {have} tokens for it",
-                        )
+            if spec.start == 0:  # a new prompt: it may begin with cached blocks
+                progress.append(self.prefix_reuse.start(spec))
+                continue
+            prefix = self._partial_kv.pop(spec.request_id, None)
+            if prefix is None or prefix.num_tokens != spec.start:
+                # This item cannot continue; the others in the unit still can.
+                have = None if prefix is None else prefix.num_tokens
+                progress.append(
+                    ItemProgress(
+                        spec,
+                        error=f"starts at token {spec.start} but this worker holds KV "
+                        f"of {have} tokens for it",
                     )
-                    continue
+                )
+                continue
             progress.append(ItemProgress(spec, kv=prefix))
         with self._lock:
             unit = self._units.get(unit_id)
@@ -222,13 +231,19 @@ class PrefillExecutor:
         )
 
     def _completed(self, unit: WorkUnit) -> UnitOutcome:
-        firsts, failed = [], []
+        firsts, failed, cached = [], [], []
+        for item in unit.items:  # outside the lock: copying blocks takes a while on CPU
+            if item.error is None:
+                self.prefix_reuse.finished(item)
         with self._lock:
             for item in unit.items:
                 spec = item.spec
                 if item.error is not None:
                     failed.append(FailedItem(spec.request_id, item.error))
+                    self.prefix_reuse.forget(spec.request_id)
                     continue
+                if item.cached_tokens:
+                    cached.append((spec.request_id, item.cached_tokens))
                 if spec.is_last:
                     token, gen_state = item.first_token
                     checker = self.stop_checker(spec)
@@ -260,6 +275,7 @@ class PrefillExecutor:
             tuple(firsts),
             failed=tuple(failed),
             started_wall_s=unit.run_started_wall_s,
+            cached_tokens=tuple(cached),
         )
 
     def _release(self, unit: WorkUnit) -> None:
@@ -269,6 +285,7 @@ class PrefillExecutor:
             for item in unit.items:
                 self._partial_kv.pop(item.spec.request_id, None)
                 self._ready_kv.pop(item.spec.request_id, None)
+                self.prefix_reuse.forget(item.spec.request_id)
             unit.state = None
             unit.items = []
             unit.stopped.set()
@@ -316,6 +333,8 @@ class PrefillExecutor:
             if unit is None:
                 return False
             self._finished[unit_id] = None
+            for item in unit.items:
+                self.prefix_reuse.forget(item.spec.request_id)
             return True
 
     def reset(self, timeout_s: float = 60.0) -> dict:
@@ -344,6 +363,7 @@ class PrefillExecutor:
             self._units.clear()
             self._partial_kv.clear()
             self._ready_kv.clear()
+            self.prefix_reuse.reset()
             # The new scheduler numbers its units from 1 again.
             self._finished.clear()
             return dropped
@@ -360,6 +380,7 @@ class PrefillExecutor:
         """Free every KV this worker keeps for a request; returns the bytes freed."""
         with self._lock:
             freed = 0
+            self.prefix_reuse.forget(request_id)
             for table in (self._partial_kv, self._ready_kv):
                 kv = table.pop(request_id, None)
                 if kv is not None:
@@ -385,6 +406,8 @@ class PrefillExecutor:
                 "paused_bytes": paused_total,
                 # Everything this worker holds between units (exported as a gauge).
                 "held_bytes": held + paused_total,
+                # Kept apart from held_bytes: cached blocks stay by design (None: cache off).
+                "prefix_cache": self.prefix_reuse.stats(),
             }
 
     def held_bytes(self) -> int:

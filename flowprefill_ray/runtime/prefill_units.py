@@ -23,6 +23,7 @@ class ItemProgress:
     kv: KVCache | None = None  # KV of [0, start + done)
     first_token: tuple[int, bytes | None] | None = None  # (token id, sampler RNG state)
     error: str | None = None  # why this item failed (for the server log, never the client)
+    cached_tokens: int = 0  # of ``done``, the tokens served from the prefix cache
 
     @property
     def remaining(self) -> int:
