@@ -22,6 +22,9 @@ MIN_SAMPLING_TEMPERATURE = 1e-5
 # is refused when the request is validated, never inside a batch it would fail.
 MIN_SEED = -(2**63)
 MAX_SEED = 2**64 - 1
+# The longest ``cache_salt`` a request may carry (characters). Not a sampling parameter, but
+# like one it is checked by the front end and by the engine, so it lives here, free of torch.
+MAX_CACHE_SALT_CHARS = 256
 
 
 class SamplingParams(BaseModel):

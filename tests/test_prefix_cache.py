@@ -4,6 +4,7 @@ prefill executor that starts prompts from cached blocks with the same result as 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -291,3 +292,55 @@ def test_a_request_whose_blocks_were_evicted_while_it_waited_is_recomputed(model
     reference = model.prefill(tokens)
     for rid in ("r", "r2"):
         torch.testing.assert_close(executor.take_kv(rid).k, reference.kv[0].k, **TOL)
+
+
+# ------------------------------------------------------------- live, through the runtime
+
+
+@pytest.fixture(scope="module")
+def cached_engine(ray_local, runtime_cache_dir):
+    from conftest_ray import runtime_test_config
+
+    from flowprefill_ray.runtime.engine import FlowPrefillEngine
+
+    config = runtime_test_config(
+        runtime_cache_dir,
+        "flowprefill",
+        name_prefix="fp-prefix-cache",
+        prefill={"prefix_cache": {"enabled": True, "block_tokens": BLOCK}},
+    )
+    engine = asyncio.run(FlowPrefillEngine.start(config))
+    yield engine
+    asyncio.run(engine.shutdown())
+
+
+@pytest.mark.ray
+def test_live_runtime_counts_hits_and_keeps_salts_apart(cached_engine):
+    engine = cached_engine
+    prompt = _prompt(10 * BLOCK + 5, salt=13)
+
+    async def served(salt: str | None) -> tuple[list[int], dict]:
+        outs = [o async for o in engine.submit(prompt, GREEDY, cache_salt=salt)]
+        stats = await engine.stats()
+        return [o.token_id for o in outs], stats
+
+    async def scenario():
+        return [await served(salt) for salt in (None, None, "a", "b", "a")]
+
+    runs = asyncio.run(scenario())
+    hits = [s["prefill_workers"]["prefill-0"]["prefix_cache"]["hit_tokens"] for _, s in runs]
+    # Cold, then a repeat (10 full blocks; the partial one and the last token computed); the
+    # first "a" and the first "b" find nothing of the unsalted entry nor of each other; the
+    # second "a" finds the first one's.
+    assert [b - a for a, b in zip([0, *hits], hits, strict=False)] == [0, 160, 0, 0, 160]
+    scheduler = runs[-1][1]["scheduler"]["counts"]
+    assert scheduler["prefix_cache_hit_tokens"] == 320  # what the workers reported back
+    cache = runs[-1][1]["prefill_workers"]["prefill-0"]["prefix_cache"]
+    assert cache["blocks"] == 30 and cache["bytes"] > 0  # three key spaces of 10 blocks
+    tokens = {tuple(t) for t, _ in runs}
+    assert len(tokens) == 1 and len(next(iter(tokens))) == GREEDY.max_tokens
+    from flowprefill_ray.runtime.errors import InvalidRequestError
+
+    for bad in ("", "s" * 257, 5):
+        with pytest.raises(InvalidRequestError, match="cache_salt"):
+            engine.submit(prompt, GREEDY, cache_salt=bad)

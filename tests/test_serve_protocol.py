@@ -45,6 +45,11 @@ def status_of(body: dict, model=CompletionRequest) -> int:
         ({"model": "m", "prompt": "x", "ttft_slo_ms": -1}, 400),
         ({"model": "m", "prompt": "x", "logprobs": 2}, 400),
         ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400),
+        ({"model": "m", "prompt": "x", "cache_salt": "tenant-a"}, 200),
+        ({"model": "m", "prompt": "x", "cache_salt": ""}, 400),
+        ({"model": "m", "prompt": "x", "cache_salt": "s" * 257}, 400),
+        ({"model": "m", "prompt": "x", "cache_salt": 7}, 422),
+        ({"model": "m", "prompt": "x", "cache_salt": ["a"]}, 422),
         ({"model": "m", "prompt": "x", "max_tokens": "10"}, 422),
         ({"model": "m", "prompt": "x", "stream": "yes"}, 422),
         ({"model": "m", "prompt": 7}, 422),
@@ -84,6 +89,16 @@ def test_chat_messages_flatten_text_parts_and_prefer_max_completion_tokens():
     assert status_of({"model": "m", "messages": []}, ChatCompletionRequest) == 400
     image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
     assert status_of({"model": "m", "messages": [image]}, ChatCompletionRequest) == 422
+
+
+@pytest.mark.parametrize("salt, status", [("t1", 200), ("", 400), ("s" * 257, 400), (1, 422)])
+def test_chat_cache_salt_is_a_bounded_string(salt, status):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "cache_salt": salt}
+    assert status_of(body, ChatCompletionRequest) == status
+    if status != 200:
+        with pytest.raises(ValidationError) as caught:
+            ChatCompletionRequest.model_validate(body)
+        assert from_validation_error(caught.value).param == "cache_salt"
 
 
 def test_error_body_is_openai_shaped_and_retry_after_rounds_up():

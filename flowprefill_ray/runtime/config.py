@@ -75,6 +75,23 @@ class PlacementConfig(BaseModel):
         return self
 
 
+class PrefixCacheConfig(BaseModel):
+    """Each prefill worker's cache of prompt-prefix KV (docs/RUNTIME.md, "Prefix cache").
+
+    Full blocks of ``block_tokens`` prompt tokens are kept after their prefill, least recently
+    used first out under ``budget_bytes`` per worker; a prompt starting with cached blocks
+    prefills only the rest. Requests share cached blocks only when their tokens (and their
+    ``cache_salt``) are equal; ``share_unsalted`` False caches only requests that carry a salt.
+    """
+
+    model_config = _STRICT
+
+    enabled: bool = False
+    block_tokens: int = Field(64, ge=1, le=65536)
+    budget_bytes: int = Field(1 << 30, ge=0)
+    share_unsalted: bool = True
+
+
 class PrefillConfig(BaseModel):
     """How a prefill worker runs its units. (The chunk length of long prompts is the policy's
     ``long_chunk_tokens``: the policy and the workers must agree on it.)"""
@@ -100,6 +117,7 @@ class PrefillConfig(BaseModel):
     # both do nothing: CPU operators have finished when they return).
     checkpoint_sync: Literal["auto", "sync", "bounded"] = "auto"
     max_run_ahead: int = Field(2, ge=1, le=64)
+    prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
 
     @field_validator("profile_tokens")
     @classmethod

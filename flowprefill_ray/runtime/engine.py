@@ -23,7 +23,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from flowprefill_ray.model import ModelConfig, load_tokenizer
 from flowprefill_ray.model.generate import eos_token_ids
-from flowprefill_ray.sampling_params import SamplingParams
+from flowprefill_ray.sampling_params import MAX_CACHE_SALT_CHARS, SamplingParams
 from flowprefill_ray.scheduling import TTFTPredictor
 from flowprefill_ray.scheduling.predictor import PredictorConfig
 
@@ -182,6 +182,7 @@ class FlowPrefillEngine:
         slo: str | float | None = None,
         request_id: str | None = None,
         timeout_s: float | None = None,
+        cache_salt: str | None = None,
     ) -> RequestStream:
         """Start a request; iterate the result to receive its tokens as they are produced.
 
@@ -191,7 +192,8 @@ class FlowPrefillEngine:
         ``requests.request_timeout_s``); past it the request fails with RequestTimeoutError and
         what it held is released. Validation errors are raised by this call itself, before anything
         reaches the cluster. Abandoning the stream (``aclose``, or the consumer's task being
-        cancelled) cancels the request.
+        cancelled) cancels the request. ``cache_salt``: the request shares prefix-cached KV only
+        with requests of the same salt (None: with other unsalted ones).
         """
         if self._closed:
             raise EngineUnavailableError("the engine is shut down")
@@ -202,13 +204,21 @@ class FlowPrefillEngine:
             # A 429 like the scheduler's admission rejections, so counted with them.
             self._metrics.inc("flowprefill_requests_rejected_total", slo_class=slo_class)
             raise RequestRejectedError(request_id or "-", "too many requests in flight", 1.0)
+        if cache_salt is not None and not (
+            isinstance(cache_salt, str) and 0 < len(cache_salt) <= MAX_CACHE_SALT_CHARS
+        ):
+            raise InvalidRequestError(
+                f"cache_salt must be a string of 1 to {MAX_CACHE_SALT_CHARS} characters"
+            )
         if timeout_s is not None and not timeout_s > 0:
             raise InvalidRequestError(f"timeout_s must be positive seconds, got {timeout_s!r}")
         timeout_s = timeout_s if timeout_s is not None else self.config.requests.request_timeout_s
         request_id = request_id or uuid.uuid4().hex
         return RequestStream(
             request_id,
-            stream_tokens(self, request_id, ids, sampling, slo_class, ttft_slo_s, timeout_s),
+            stream_tokens(
+                self, request_id, ids, sampling, slo_class, ttft_slo_s, timeout_s, cache_salt
+            ),
         )
 
     def _decode_handle(self, decode_id: str):

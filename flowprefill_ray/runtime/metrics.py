@@ -248,6 +248,26 @@ METRICS: tuple[MetricSpec, ...] = (
         "finished KV waiting for its decode hand-off. 0 when idle; growth while idle is a leak.",
         ("worker_id",),
     ),
+    # --- prefix cache, per prefill worker (docs/RUNTIME.md, "Prefix cache")
+    MetricSpec(
+        "flowprefill_prefix_cache_query_tokens_total",
+        "counter",
+        "Prompt tokens looked up in a prefill worker's prefix cache (every prompt token but "
+        "the last, which is always computed).",
+        ("worker_id",),
+    ),
+    MetricSpec(
+        "flowprefill_prefix_cache_hit_tokens_total",
+        "counter",
+        "Prompt tokens served from a prefill worker's prefix cache instead of being computed.",
+        ("worker_id",),
+    ),
+    MetricSpec(
+        "flowprefill_prefix_cache_bytes",
+        "gauge",
+        "Bytes of KV blocks in a prefill worker's prefix cache (kept apart from held_bytes).",
+        ("worker_id",),
+    ),
     MetricSpec(
         "flowprefill_preemptions_total",
         "counter",

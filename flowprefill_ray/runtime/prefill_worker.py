@@ -19,6 +19,7 @@ import torch
 
 from flowprefill_ray.model import load_model, load_tokenizer
 from flowprefill_ray.model.generate import StopChecker, eos_token_ids
+from flowprefill_ray.model.prefix_cache import PrefixCache
 
 from .config import ModelSource, PrefillConfig
 from .messages import PrefillItemSpec, UnitOutcome
@@ -59,6 +60,7 @@ class PrefillWorker:
 
         # "auto" becomes bounded run-ahead on CUDA (no stream sync per checkpoint), sync on CPU.
         self.checkpoint_sync = prefill.sync_mode(self.device.type)
+        cache = prefill.prefix_cache
         self.executor = PrefillExecutor(
             self.model,
             prefill.granularity,
@@ -66,6 +68,10 @@ class PrefillWorker:
             stop_checker,
             checkpoint_sync=self.checkpoint_sync,
             max_run_ahead=prefill.max_run_ahead,
+            prefix_cache=(
+                PrefixCache(cache.block_tokens, cache.budget_bytes) if cache.enabled else None
+            ),
+            share_unsalted=cache.share_unsalted,
         )
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"prefill-{worker_id}")
         self._metrics = RuntimeMetrics()
@@ -116,6 +122,17 @@ class PrefillWorker:
                 self.executor.held_bytes(),
                 worker_id=self.worker_id,
             )
+            self._report_prefix_cache()
+
+    def _report_prefix_cache(self) -> None:
+        reuse = self.executor.prefix_reuse
+        if reuse.cache is None:
+            return
+        queried, hit = reuse.new_counts()
+        labels = {"worker_id": self.worker_id}
+        self._metrics.inc("flowprefill_prefix_cache_query_tokens_total", queried, **labels)
+        self._metrics.inc("flowprefill_prefix_cache_hit_tokens_total", hit, **labels)
+        self._metrics.set("flowprefill_prefix_cache_bytes", reuse.cache.nbytes, **labels)
 
     def preempt(self, unit_id: int, epoch: int | None = None) -> dict:
         """Stop ``unit_id`` at its next checkpoint; returns once it stopped, with the measured

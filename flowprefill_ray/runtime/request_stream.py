@@ -89,7 +89,14 @@ class RequestStream:
 
 
 async def stream_tokens(
-    engine: FlowPrefillEngine, request_id, ids, sampling, slo_class, ttft_slo_s, timeout_s
+    engine: FlowPrefillEngine,
+    request_id,
+    ids,
+    sampling,
+    slo_class,
+    ttft_slo_s,
+    timeout_s,
+    cache_salt=None,
 ) -> AsyncIterator[TokenOutput]:
     """The outputs of one request, from ``engine.submit`` to its last token (see there).
 
@@ -104,7 +111,9 @@ async def stream_tokens(
     try:
         done = await bound.wait(
             engine._call(
-                engine._scheduler.submit.remote(request_id, ids, sampling, slo_class, ttft_slo_s)
+                engine._scheduler.submit.remote(
+                    request_id, ids, sampling, slo_class, ttft_slo_s, cache_salt
+                )
             )
         )
         if done is None:  # cancelled before its first token

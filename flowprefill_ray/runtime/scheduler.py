@@ -73,6 +73,7 @@ class TrackedRequest:
     preemptions: int = 0
     requested_slo_class: str | None = None  # set when admission control downgraded it
     workers: set[str] = field(default_factory=set)
+    cache_salt: str | None = None  # shares prefix-cached KV only with requests of this salt
 
 
 class Scheduler:
@@ -178,6 +179,7 @@ class Scheduler:
         sampling: SamplingParams,
         slo_class: str,
         ttft_slo_s: float | None = None,
+        cache_salt: str | None = None,
     ) -> PrefillDone | None:
         """Admit a request and return when its first token exists (None if cancelled).
 
@@ -205,6 +207,7 @@ class Scheduler:
             sampling,
             asyncio.get_running_loop().create_future(),
             arrival_wall_s=time.time(),
+            cache_salt=cache_salt,
         )
         self._requests[request_id] = tracked
         self._counts["submitted"] += 1

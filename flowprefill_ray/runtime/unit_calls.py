@@ -58,6 +58,7 @@ class UnitCalls:
                     tracked.token_ids[item.start : item.end],
                     tracked.request.prompt_tokens,
                     tracked.sampling,
+                    tracked.cache_salt,
                 )
             )
         s._units[unit.unit_id] = unit
@@ -144,8 +145,13 @@ class UnitCalls:
     def _completed(self, worker_id: str, outcome: UnitOutcome) -> None:
         s = self._scheduler
         unit = s._units.pop(outcome.unit_id, None)
+        # Tokens the worker's prefix cache served: not computed, so not in the compute time
+        # the prediction is judged against (the policy does not price them yet).
+        cached = sum(tokens for _, tokens in outcome.cached_tokens)
+        if cached:
+            s._counts["prefix_cache_hit_tokens"] += cached
         if unit is not None:
-            predicted = s.predictor.predict(unit.tokens)
+            predicted = s.predictor.predict(max(1, unit.tokens - cached))
             if predicted > 0 and outcome.executed_s > 0:
                 s._metrics.observe(
                     "flowprefill_ttft_prediction_ratio", outcome.executed_s / predicted

@@ -55,6 +55,7 @@ class PreparedRequest:
     stream: bool
     include_usage: bool
     ident: ResponseIdentity
+    cache_salt: str | None = None
 
 
 class OpenAIFrontend:
@@ -160,7 +161,11 @@ class OpenAIFrontend:
         )
         try:
             events = await self.engine.submit(
-                prepared.prompt_ids, prepared.sampling, slo, request_id=prepared.request_id
+                prepared.prompt_ids,
+                prepared.sampling,
+                slo,
+                request_id=prepared.request_id,
+                cache_salt=prepared.cache_salt,
             )
         except RuntimeEngineError as exc:
             raise engine_error(exc, prepared.request_id) from None
@@ -222,6 +227,7 @@ class OpenAIFrontend:
             request.stream,
             request.include_usage,
             ident,
+            request.cache_salt,
         )
 
     async def _first_event(self, prepared: PreparedRequest, events: AsyncIterator):

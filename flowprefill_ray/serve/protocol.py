@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flowprefill_ray.sampling_params import MAX_SEED, MIN_SEED
+from flowprefill_ray.sampling_params import MAX_CACHE_SALT_CHARS, MAX_SEED, MIN_SEED
 
 # Parameters we do not implement, and the values that mean "not used".
 _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
@@ -67,6 +67,10 @@ class _GenerationFields(BaseModel):
     # SLO extension: a named class, or an explicit TTFT target in milliseconds.
     slo_class: str | None = None
     ttft_slo_ms: PositiveFiniteFloat | None = None
+    # vLLM's extension: requests share prefix-cached KV only with requests of the same salt
+    # (docs/RUNTIME.md, "Prefix cache"). A tenant sets its own to keep its prompts' cache
+    # timing unobservable by other tenants.
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
 
     @field_validator("n")
     @classmethod
