@@ -188,14 +188,34 @@ def _panels() -> list[dict[str, Any]]:
         _panel(
             "Prefill worker memory held",
             "Bytes each prefill worker holds between units: paused prefills' activations and "
-            "KV, finished KV waiting for decode. 0 when idle; growth while idle is a leak.",
+            "KV, finished KV waiting for decode (0 when idle; growth while idle is a leak); "
+            "and, apart, the KV blocks of its prefix cache (kept by design, up to its budget).",
             "bytes",
             [
                 (
                     f"max by (worker_id) ({exported('flowprefill_prefill_held_bytes')})",
                     "{{worker_id}}",
+                ),
+                (
+                    f"max by (worker_id) ({exported('flowprefill_prefix_cache_bytes')})",
+                    "prefix cache {{worker_id}}",
+                ),
+            ],
+        ),
+        _panel(
+            "Prefix cache hit rate",
+            "Per prefill worker, the share of looked-up prompt tokens served from its prefix "
+            "cache instead of being computed (cache off or no traffic: no data).",
+            "percentunit",
+            [
+                (
+                    # "> 0": a worker with nothing looked up shows no point, not 0 / 0.
+                    f"{_rate('flowprefill_prefix_cache_hit_tokens_total', 'worker_id')} / "
+                    f"({_rate('flowprefill_prefix_cache_query_tokens_total', 'worker_id')} > 0)",
+                    "{{worker_id}}",
                 )
             ],
+            max_value=1,
         ),
         _panel(
             "Decode worker load",

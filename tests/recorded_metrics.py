@@ -47,6 +47,9 @@ FAILING = {
 # holds 2 requests (the 13th of 25); integer bucket bounds would interpolate it to 1.2.
 UNIT_SIZES = ((1, 10), (2, 12), (3, 3))
 PROMPT_TOKENS_PER_REQUEST = 512
+# Of each prompt's tokens looked up in prefill-0's prefix cache (all but the last), how many
+# it served; prefill-1 looks nothing up (its counters stay at their zero-initialised 0).
+CACHE_HIT_TOKENS_PER_REQUEST = 192
 KV_BYTES_PER_REQUEST = 1_000_000
 
 
@@ -310,6 +313,9 @@ _COVERED = {
     "flowprefill_decode_batch_size",
     "flowprefill_decode_requests_waiting",
     "flowprefill_decode_kv_usage_ratio",
+    "flowprefill_prefix_cache_query_tokens_total",
+    "flowprefill_prefix_cache_hit_tokens_total",
+    "flowprefill_prefix_cache_bytes",
 }
 _GENERIC_LABELS = {
     "slo_class": "text",
@@ -356,6 +362,19 @@ def _one_interval(t: float, engine, scheduler, decode) -> None:
     for worker, running in zip(PREFILL_WORKERS, (1, 0), strict=True):
         scheduler.set("flowprefill_prefill_requests_running", running, worker_id=worker)
         scheduler.set("flowprefill_prefill_requests_paused", 0, worker_id=worker)
+    prefill = {"worker_id": "prefill-0"}
+    scheduler.inc(
+        "flowprefill_prefix_cache_query_tokens_total",
+        requests * (PROMPT_TOKENS_PER_REQUEST - 1),
+        **prefill,
+    )
+    scheduler.inc(
+        "flowprefill_prefix_cache_hit_tokens_total",
+        requests * CACHE_HIT_TOKENS_PER_REQUEST,
+        **prefill,
+    )
+    for worker in PREFILL_WORKERS:
+        scheduler.set("flowprefill_prefix_cache_bytes", 2**20, worker_id=worker)
     decode.inc("flowprefill_kv_transfer_bytes_total", requests * KV_BYTES_PER_REQUEST)
     for _ in range(requests):
         decode.observe("flowprefill_kv_transfer_seconds", 0.004)

@@ -14,11 +14,13 @@ import yaml
 from promql_eval import SampleStore, by_label, duration_s, evaluate
 from promql_names import exported_series, metric_names_in
 from recorded_metrics import (
+    CACHE_HIT_TOKENS_PER_REQUEST,
     DECODE_POD,
     END_S,
     FAILING_AT_S,
     HEALTHY_AT_S,
     PODS,
+    PROMPT_TOKENS_PER_REQUEST,
     STEP_S,
     FakeRay,
     Recording,
@@ -86,6 +88,8 @@ def test_panels_use_the_datasource_variable(dashboard):
         ("Queue depth", "prefill_requests_waiting"),
         ("Prefill worker utilisation", "prefill_requests_running"),
         ("Decode worker load", "decode_kv_usage_ratio"),
+        ("Prefill worker memory held", "prefix_cache_bytes"),
+        ("Prefix cache hit rate", "prefix_cache_hit_tokens_total"),
         ("KV transfer throughput", "kv_transfer_bytes_total"),
         ("KV transfer time", "kv_transfer_seconds_bucket"),
         ("Decode inter-token latency", "inter_token_latency_seconds_bucket"),
@@ -238,6 +242,17 @@ def test_prefill_batch_size_median_is_the_integer_batch_size(dashboard, recordin
         _target(dashboard, "Prefill batch size", "requests mean"), recording.store, HEALTHY_AT_S
     )
     assert mean == {(): pytest.approx((10 + 2 * 12 + 3 * 3) / 25)}
+
+
+def test_prefix_cache_hit_rate_is_per_worker_and_absent_where_nothing_was_looked_up(
+    dashboard, recording
+):
+    expr = _target(dashboard, "Prefix cache hit rate", "{{worker_id}}")
+    rates = by_label(evaluate(expr, recording.store, HEALTHY_AT_S), "worker_id")
+    # prefill-1's counters exist (zero-initialised) but never move: no point, not 0 / 0.
+    assert rates == {
+        "prefill-0": pytest.approx(CACHE_HIT_TOKENS_PER_REQUEST / (PROMPT_TOKENS_PER_REQUEST - 1))
+    }
 
 
 def test_slo_alerts_use_the_dashboards_attainment():
