@@ -68,7 +68,12 @@ def app_args(cache_dir: str) -> dict:
                 "admission": {"action": "downgrade", "estimate": "alone", "retry_after_s": 2.0},
             },
             "slo": {"scale": SLO_SCALE, "classes": SLO_CLASSES},
-            "prefill": {"profile_tokens": [16, 64, 128, 256, 512], "profile_repeats": 1},
+            "prefill": {
+                "profile_tokens": [16, 64, 128, 256, 512],
+                "profile_repeats": 1,
+                # Only salted requests are cached, so no other test here sees a cache hit.
+                "prefix_cache": {"enabled": True, "block_tokens": 16, "share_unsalted": False},
+            },
             "decode": {"kv_blocks": 512, "block_size": 16, "max_batch_size": 16},
             "name_prefix": NAME_PREFIX,
         },
@@ -192,6 +197,35 @@ def test_completion_counts_usage_and_reports_server_timings(live_app):
     assert server["slo_class"] == "text"  # the configured default class
     assert server["ttft_slo_s"] == pytest.approx(0.25 * SLO_SCALE)
     assert 0 < server["ttft_s"] < server["ttft_slo_s"] and server["slo_met"] is True
+
+
+def test_cache_salt_shares_cached_prefixes_only_within_a_salt(live_app):
+    import ray
+
+    prefill = actor("prefill-0")
+
+    def hit_tokens() -> int:
+        return ray.get(prefill.stats.remote())["prefix_cache"]["hit_tokens"]
+
+    prompt = [(i * 37) % 400 + 20 for i in range(100)]  # 6 full blocks of 16, and 4 tokens
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 0}
+    gained, texts = [], set()
+    with live_app.client() as http:
+        for salt in ("tenant-a", "tenant-b", "tenant-a", None):
+            before = hit_tokens()
+            extra = {} if salt is None else {"cache_salt": salt}
+            response = http.post("/v1/completions", json={**body, **extra})
+            assert response.status_code == 200, response.text
+            texts.add(response.json()["choices"][0]["text"])
+            gained.append(hit_tokens() - before)
+        for bad, status in ((7, 422), ("", 400), ("s" * 257, 400)):
+            response = http.post("/v1/completions", json={**body, "cache_salt": bad})
+            assert response.status_code == status, response.text
+            assert response.json()["error"]["param"] == "cache_salt"
+    # b finds nothing of a; the second a finds the first one's 6 blocks; unsalted requests
+    # are not cached on this server (share_unsalted false).
+    assert gained == [0, 0, 96, 0]
+    assert len(texts) == 1  # the same answer whether its prefix was cached or not
 
 
 def test_streamed_text_equals_the_whole_response_and_ends_with_usage(live_app):

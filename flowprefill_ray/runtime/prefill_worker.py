@@ -125,14 +125,14 @@ class PrefillWorker:
             self._report_prefix_cache()
 
     def _report_prefix_cache(self) -> None:
+        # The gauge reads 0 with the cache off, as its counters (zero-initialised) do.
         reuse = self.executor.prefix_reuse
-        if reuse.cache is None:
-            return
-        queried, hit = reuse.new_counts()
         labels = {"worker_id": self.worker_id}
+        queried, hit = reuse.new_counts()
         self._metrics.inc("flowprefill_prefix_cache_query_tokens_total", queried, **labels)
         self._metrics.inc("flowprefill_prefix_cache_hit_tokens_total", hit, **labels)
-        self._metrics.set("flowprefill_prefix_cache_bytes", reuse.cache.nbytes, **labels)
+        nbytes = reuse.cache.nbytes if reuse.cache is not None else 0
+        self._metrics.set("flowprefill_prefix_cache_bytes", nbytes, **labels)
 
     def preempt(self, unit_id: int, epoch: int | None = None) -> dict:
         """Stop ``unit_id`` at its next checkpoint; returns once it stopped, with the measured
