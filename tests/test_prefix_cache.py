@@ -9,12 +9,14 @@ import threading
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from flowprefill_ray.model import load_model
 from flowprefill_ray.model.checkpoints import tiny_checkpoint
 from flowprefill_ray.model.kv import KVCache
 from flowprefill_ray.model.prefix_cache import PrefixCache, block_hashes
 from flowprefill_ray.runtime import prefill_units
+from flowprefill_ray.runtime.config import RuntimeConfig
 from flowprefill_ray.runtime.messages import PrefillItemSpec
 from flowprefill_ray.runtime.model_source import TINY_MODEL_SHAPE
 from flowprefill_ray.runtime.prefill_executor import PrefillExecutor
@@ -151,6 +153,19 @@ def test_cached_blocks_do_not_keep_the_prompts_kv_alive():
     assert torch.equal(cache.lookup(_prompt(2 * BLOCK)).kv.k[0, :, 0, 0], torch.arange(32.0))
 
 
+@pytest.mark.parametrize(
+    "setting, field",
+    [({"block_tokens": 0}, "block_tokens"), ({"budget_bytes": -1}, "budget_bytes")],
+)
+def test_config_refuses_bad_cache_settings_naming_the_field(setting, field):
+    with pytest.raises(ValidationError, match=rf"prefill\.prefix_cache\.{field}") as caught:
+        RuntimeConfig.model_validate({"prefill": {"prefix_cache": setting}})
+    assert "greater than" in str(caught.value)
+    with pytest.raises(ValidationError, match="extra"):
+        RuntimeConfig.model_validate({"prefill": {"prefix_cache": {"block_size": 16}}})
+    assert RuntimeConfig().prefill.prefix_cache.enabled is False
+
+
 # ----------------------------------------------------------------- on the executor
 
 
@@ -192,6 +207,17 @@ def test_logits_after_a_hit_equal_a_cold_prefill(model, blocks):
     state.run(lambda: False)
     cold = model.prefill(tokens)
     torch.testing.assert_close(state.result().last_logits, cold.last_logits, **TOL)
+
+
+def test_a_hit_followed_by_chunks_of_the_rest_matches_too(model):
+    cached = _prompt(8 * BLOCK, salt=14)
+    executor = _warm_executor(model, cached, chunk_tokens=24)  # the rest runs as 24-token chunks
+    tokens = cached + _prompt(70, salt=15)
+    done = executor.run(2, [_item("r", tokens)])
+    assert _cached_tokens(done, "r") == 8 * BLOCK
+    reference = model.prefill(tokens)
+    torch.testing.assert_close(executor.take_kv("r").k, reference.kv[0].k, **TOL)
+    assert done.first_tokens[0].token_id == int(reference.last_logits[0].argmax())
 
 
 def test_an_exact_repeat_still_computes_its_last_token(model):

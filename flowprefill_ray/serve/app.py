@@ -147,6 +147,15 @@ class OpenAIIngress:
             self._frontend.context_tokens,
             "required" if self._auth.enabled else "not required",
         )
+        cache = parsed.runtime.prefill.prefix_cache
+        if self._auth.enabled and cache.enabled and cache.share_unsalted:
+            # An API key usually means several clients: whether a prefix was cached shows in
+            # TTFT, so one client can learn what another recently sent (docs/RUNTIME.md).
+            logger.warning(
+                "prefix cache shared by unsalted requests of every API client: cache timing "
+                "is observable across them; give tenants a cache_salt, or set "
+                "runtime.prefill.prefix_cache.share_unsalted: false"
+            )
 
     async def _json_body(self, request: Request) -> dict[str, Any]:
         self._auth.check(request.headers.get("authorization"))
