@@ -166,6 +166,18 @@ def test_config_refuses_bad_cache_settings_naming_the_field(setting, field):
     assert RuntimeConfig().prefill.prefix_cache.enabled is False
 
 
+def test_prefix_routing_needs_worker_caches_of_its_block_size():
+    with pytest.raises(ValidationError, match="set prefill.prefix_cache.enabled too"):
+        RuntimeConfig.model_validate({"policy": {"prefix": {"enabled": True}}})
+    with pytest.raises(ValidationError, match=r"policy.prefix.block_tokens \(32\) must equal"):
+        RuntimeConfig.model_validate(
+            {
+                "policy": {"prefix": {"enabled": True, "block_tokens": 32}},
+                "prefill": {"prefix_cache": {"enabled": True}},
+            }
+        )
+
+
 # ----------------------------------------------------------------- on the executor
 
 
@@ -218,6 +230,34 @@ def test_a_hit_followed_by_chunks_of_the_rest_matches_too(model):
     reference = model.prefill(tokens)
     torch.testing.assert_close(executor.take_kv("r").k, reference.kv[0].k, **TOL)
     assert done.first_tokens[0].token_id == int(reference.last_logits[0].argmax())
+
+
+@pytest.mark.parametrize("evicted", [False, True])
+def test_an_item_the_policy_started_at_a_cached_prefix_runs_from_it_or_recomputes(model, evicted):
+    """With prefix routing the policy sends ``[start, end)`` of a whole prompt, ``start`` being
+    the prefix it believes cached here, and the tokens before it."""
+    cached = _prompt(6 * BLOCK, salt=16)
+    executor = _warm_executor(model, cached)
+    if evicted:  # the policy's view was stale: the blocks went while the request waited
+        executor.prefix_reuse.cache.evict_to(0)
+    tokens = cached + _prompt(9, salt=17)
+    start = 6 * BLOCK
+    spec = _item("r", tokens, start)
+    policy_started = PrefillItemSpec(**{**_fields(spec), "prefix_token_ids": tuple(tokens[:start])})
+    done = executor.run(2, [policy_started])
+    assert done.failed == ()
+    assert _cached_tokens(done, "r") == (0 if evicted else start)
+    reference = model.prefill(tokens)
+    kv = executor.take_kv("r")
+    assert kv.num_tokens == len(tokens)
+    torch.testing.assert_close(kv.k, reference.kv[0].k, **TOL)
+    assert done.first_tokens[0].token_id == int(reference.last_logits[0].argmax())
+    # Without the prefix's tokens such an item still fails alone, as before.
+    assert executor.run(3, [_item("s", tokens, start)]).failed[0].request_id == "s"
+
+
+def _fields(spec: PrefillItemSpec) -> dict:
+    return {name: getattr(spec, name) for name in PrefillItemSpec.__slots__}
 
 
 def test_an_exact_repeat_still_computes_its_last_token(model):
@@ -334,7 +374,10 @@ def cached_engine(ray_local, runtime_cache_dir):
         "flowprefill",
         name_prefix="fp-prefix-cache",
         prefill={"prefix_cache": {"enabled": True, "block_tokens": BLOCK}},
-    )
+    ).model_dump()
+    # The policy routes by its view of the cache and starts prompts at their cached prefix.
+    config["policy"]["prefix"] = {"enabled": True, "block_tokens": BLOCK}
+    config = RuntimeConfig.model_validate(config)
     engine = asyncio.run(FlowPrefillEngine.start(config))
     yield engine
     asyncio.run(engine.shutdown())
@@ -361,6 +404,8 @@ def test_live_runtime_counts_hits_and_keeps_salts_apart(cached_engine):
     assert [b - a for a, b in zip([0, *hits], hits, strict=False)] == [0, 160, 0, 0, 160]
     scheduler = runs[-1][1]["scheduler"]["counts"]
     assert scheduler["prefix_cache_hit_tokens"] == 320  # what the workers reported back
+    # The policy started both hits at the prefix it believed cached: its view agreed.
+    assert runs[-1][1]["scheduler"]["policy"]["prefix_hit_tokens"] == 320
     cache = runs[-1][1]["prefill_workers"]["prefill-0"]["prefix_cache"]
     assert cache["blocks"] == 30 and cache["bytes"] > 0  # three key spaces of 10 blocks
     tokens = {tuple(t) for t, _ in runs}

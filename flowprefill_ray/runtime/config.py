@@ -242,6 +242,18 @@ class RuntimeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RuntimeConfig:
+        cache, routing = self.prefill.prefix_cache, self.policy.prefix
+        if routing.enabled and not cache.enabled:
+            raise ValueError(
+                "policy.prefix.enabled routes requests by the workers' prefix caches: set "
+                "prefill.prefix_cache.enabled too"
+            )
+        if routing.enabled and routing.block_tokens != cache.block_tokens:
+            raise ValueError(
+                f"policy.prefix.block_tokens ({routing.block_tokens}) must equal "
+                f"prefill.prefix_cache.block_tokens ({cache.block_tokens}): the policy's view "
+                "of each cache counts the workers' blocks"
+            )
         if self.kv_transfer.mode == "nccl" and (
             self.placement.prefill_num_gpus == 0 or self.placement.decode_num_gpus == 0
         ):

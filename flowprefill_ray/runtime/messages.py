@@ -28,6 +28,10 @@ class PrefillItemSpec:
     sampling: SamplingParams
     # The request's prefix-cache salt: it shares cached KV only with requests of equal salt.
     cache_salt: str | None = None
+    # Tokens [0, start), sent when the policy started a whole prompt at the prefix it believes
+    # the worker has cached (policy.prefix): a worker holding no partial KV for the request
+    # takes that prefix from its cache, and computes whatever of it is no longer there.
+    prefix_token_ids: tuple[int, ...] = ()
 
     @property
     def is_last(self) -> bool:

@@ -96,6 +96,11 @@ class PrefillExecutor:
                 progress.append(self.prefix_reuse.start(spec))
                 continue
             prefix = self._partial_kv.pop(spec.request_id, None)
+            if prefix is None and len(spec.prefix_token_ids) == spec.start:
+                # Started at a prefix the policy believes cached here: whatever of it is
+                # cached is reused, the rest computed (a whole prompt from token 0).
+                progress.append(self.prefix_reuse.start(self.prefix_reuse.whole_prompt(spec)))
+                continue
             if prefix is None or prefix.num_tokens != spec.start:
                 # This item cannot continue; the others in the unit still can.
                 have = None if prefix is None else prefix.num_tokens

@@ -4,6 +4,9 @@ When a unit starts, an item that begins at token 0 looks up its longest cached p
 starts with that KV and ``done`` already counted, so only the rest is prefilled (the pause and
 resume machinery sees an ordinary item with a prefix, as a later chunk of a long prompt is).
 A hit is whole blocks, and never the last prompt token: its logits give the first token.
+With prefix routing (``policy.prefix``) the policy itself starts a whole prompt at the prefix
+it believes cached on the worker; such an item carries the tokens before its start and runs
+here as the prompt from token 0 (``whole_prompt``), so a prefix evicted meanwhile is computed.
 
 When an item completes, the full blocks of everything prefilled so far for its request are
 inserted. A long prompt runs as several items (one per unit), each knowing only its own token
@@ -12,6 +15,7 @@ ids, so the ids of the earlier items are remembered here until the request's las
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 from flowprefill_ray.model.prefix_cache import PrefixCache
@@ -48,6 +52,17 @@ class PrefixReuse:
         if hit is None:
             return ItemProgress(spec)
         return ItemProgress(spec, done=hit.tokens, kv=hit.kv, cached_tokens=hit.tokens)
+
+    @staticmethod
+    def whole_prompt(spec: PrefillItemSpec) -> PrefillItemSpec:
+        """An item the policy started at its cached prefix, as the item from token 0 it is
+        for this worker (``spec.prefix_token_ids`` are the tokens before ``spec.start``)."""
+        return dataclasses.replace(
+            spec,
+            start=0,
+            token_ids=spec.prefix_token_ids + tuple(spec.token_ids),
+            prefix_token_ids=(),
+        )
 
     def finished(self, item: ItemProgress) -> None:
         """``item`` completed: cache the full blocks of its request's prompt so far."""

@@ -45,6 +45,7 @@ from flowprefill_ray.scheduling.events import (
     WorkerJoined,
     WorkUnit,
 )
+from flowprefill_ray.scheduling.prefix_blocks import prefix_hashes
 from flowprefill_ray.scheduling.timeline import Timeline
 
 from .config import RuntimeConfig
@@ -93,6 +94,9 @@ class Scheduler:
         self.config = config
         self.predictor = predictor
         self.policy = make_policy(config.policy, predictor, slo=config.slo)
+        # Prefix routing: the policy prices and routes requests by the block hashes of their
+        # prompts (config validation makes the workers' caches match its block size).
+        self._prefix_routing = config.policy.prefix.enabled
         # Every event and decision, for "why was this request late?" (bounded ring).
         self.timeline = Timeline.for_policy(self.policy, config.timeline.capacity)
         self._origin = time.monotonic()
@@ -200,6 +204,7 @@ class Scheduler:
             max_output_tokens=sampling.max_tokens,
             slo_class=slo_class,
             ttft_slo_s=ttft_slo_s,
+            prefix_hashes=self._prefix_hashes(token_ids, cache_salt),
         ).with_slo(self.config.slo)
         tracked = TrackedRequest(
             request,
@@ -218,6 +223,14 @@ class Scheduler:
             # The caller went away (client disconnect): the request must not keep running.
             self._cancel(request_id)
             raise
+
+    def _prefix_hashes(self, token_ids: list[int], cache_salt: str | None) -> tuple[int, ...]:
+        """The prompt's block hashes for the policy's prefix routing; none where the workers
+        would not cache it (routing off, or an unsalted request with ``share_unsalted`` off)."""
+        cache = self.config.prefill.prefix_cache
+        if not self._prefix_routing or (cache_salt is None and not cache.share_unsalted):
+            return ()
+        return prefix_hashes(token_ids, cache.block_tokens, cache_salt or "")
 
     async def cancel(self, request_id: str) -> bool:
         """Cancel a request still in prefill. Returns False if it is not (or no longer) here."""

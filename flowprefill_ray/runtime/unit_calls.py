@@ -59,6 +59,11 @@ class UnitCalls:
                     tracked.request.prompt_tokens,
                     tracked.sampling,
                     tracked.cache_salt,
+                    # A whole prompt the policy started at a cached prefix (policy.prefix): the
+                    # worker needs the prefix's tokens to find it, or to compute it if gone.
+                    tracked.token_ids[: item.start]
+                    if s._prefix_routing and 0 < item.start and item.end == len(tracked.token_ids)
+                    else (),
                 )
             )
         s._units[unit.unit_id] = unit
