@@ -144,6 +144,37 @@ def test_a_zero_budget_caches_nothing_and_bad_sizes_are_refused():
         PrefixCache(1, -1)
 
 
+def test_control_threads_may_read_and_shrink_the_cache_while_it_is_used():
+    """The compute thread inserts and looks up while control threads read stats and evict
+    (a shared memory budget): the byte count always matches the blocks held."""
+    cache = PrefixCache(BLOCK, budget_bytes=12 * _block_bytes())
+    stop = threading.Event()
+    seen = []
+
+    def control() -> None:
+        while not stop.is_set():
+            stats = cache.stats()
+            seen.append(stats["bytes"] == stats["blocks"] * _block_bytes())
+            cache.evict_to(6 * _block_bytes())
+
+    readers = [threading.Thread(target=control) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        for i in range(200):
+            tokens = _prompt(4 * BLOCK, salt=i % 9)
+            cache.insert(tokens, _fake_kv(len(tokens)))
+            hit = cache.lookup(tokens)
+            assert hit is None or hit.kv.num_tokens == hit.tokens <= 4 * BLOCK
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+    assert seen and all(seen)
+    stats = cache.stats()
+    assert stats["bytes"] == stats["blocks"] * _block_bytes() <= 12 * _block_bytes()
+
+
 def test_cached_blocks_do_not_keep_the_prompts_kv_alive():
     cache = PrefixCache(BLOCK, 1 << 30)
     kv = _fake_kv(10 * BLOCK)
