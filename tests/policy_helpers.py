@@ -6,7 +6,14 @@ those tests is an exact binary fraction and bounds are tested exactly.
 
 from __future__ import annotations
 
-from flowprefill_ray.scheduling import PolicyConfig, Request, SLOConfig, TTFTPredictor, make_policy
+from flowprefill_ray.scheduling import (
+    KVBudget,
+    PolicyConfig,
+    Request,
+    SLOConfig,
+    TTFTPredictor,
+    make_policy,
+)
 from flowprefill_ray.scheduling.events import Arrival, RunUnit, WorkerJoined, WorkItem, WorkUnit
 
 SPT = 2.0**-10  # predicted seconds per prompt token
@@ -16,13 +23,20 @@ def linear_predictor() -> TTFTPredictor:
     return TTFTPredictor.linear(SPT, max_tokens=16384)
 
 
-def policy(name: str = "flowprefill", workers: int = 1, slo: SLOConfig | None = None, **config):
-    """A policy with ``workers`` idle workers ``w0..``, no online correction."""
+def policy(
+    name: str = "flowprefill",
+    workers: int = 1,
+    slo: SLOConfig | None = None,
+    kv_budget: KVBudget | None = None,
+    **config,
+):
+    """A policy with ``workers`` idle workers ``w0..``, each with ``kv_budget`` (None =
+    unbounded), no online correction."""
     p = make_policy(
         PolicyConfig(name=name, online_correction=False, **config), linear_predictor(), slo=slo
     )
     for i in range(workers):
-        assert p.on_event(WorkerJoined(f"w{i}"), 0.0) == []  # nothing to run yet
+        assert p.on_event(WorkerJoined(f"w{i}", kv_budget), 0.0) == []  # nothing to run yet
     return p
 
 

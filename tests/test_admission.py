@@ -15,6 +15,7 @@ from policy_helpers import arrive, policy, run
 
 from flowprefill_ray.scheduling import (
     AdmissionConfig,
+    KVBudget,
     PolicyConfig,
     Request,
     RequestStatus,
@@ -380,7 +381,8 @@ def test_max_waiting_rejects_arrivals_beyond_it_whatever_the_action():
 def test_waiting_count_is_exact_and_arrivals_never_exceed_max_waiting(name, action, budget):
     rng = random.Random(3)
     admission = AdmissionConfig(action=action, estimate="queue", max_waiting=5)
-    p = policy(name, workers=2, chunk_size=256, paused_token_budget=budget, admission=admission)
+    kv = None if budget is None else KVBudget.of_tokens(budget)
+    p = policy(name, workers=2, chunk_size=256, kv_budget=kv, admission=admission)
     driver = WorkerDriver(p, rng)
     rejected = 0
     for step in range(1500):
@@ -465,7 +467,8 @@ def _paused_budget_stream(budget: int | None, deadlines: dict[str, float], seed:
     request's deadline in ``deadlines``."""
     rng = random.Random(seed)
     # after_pause: the driver answers a preemption before the next unit is decided.
-    p = policy(workers=2, paused_token_budget=budget, handover="after_pause")
+    kv = None if budget is None else KVBudget.of_tokens(budget)
+    p = policy(workers=2, kv_budget=kv, handover="after_pause")
     driver = WorkerDriver(p, rng)
     for step in range(2000):
         now = step * 0.005
@@ -514,7 +517,7 @@ def test_without_a_budget_the_same_stream_holds_more_paused_tokens():
 def _preempted_twice(budget: int):
     """big1 (3000 tokens, due at 60 s) runs; mid (2000, due 5 s) preempts it at 0.5 s;
     small (1500, due 2.2 s) would preempt mid at 0.6 s."""
-    p = policy(paused_token_budget=budget, handover="after_pause")
+    p = policy(kv_budget=KVBudget.of_tokens(budget), handover="after_pause")
     assert arrive(p, "big1", 0.0, 3000, 60.0) == [run(1, "w0", ("big1", 0, 3000))]
     assert arrive(p, "mid", 0.5, 2000, 4.5) == [Preempt("w0", 1)]
     assert p.on_event(UnitPaused("w0", 1, 0.5), 0.5) == [run(2, "w0", ("mid", 0, 2000))]
@@ -540,7 +543,7 @@ def test_eviction_requeues_the_paused_request_with_its_deadline_and_it_finishes_
 
 
 def test_a_unit_larger_than_the_budget_is_never_preempted():
-    p = policy(paused_token_budget=2500)
+    p = policy(kv_budget=KVBudget.of_tokens(2500))
     assert arrive(p, "big1", 0.0, 3000, 60.0) == [run(1, "w0", ("big1", 0, 3000))]
     # mid would preempt big1 (as above), but big1 alone would exceed 2500 paused tokens.
     assert arrive(p, "mid", 0.5, 2000, 4.5) == []
@@ -567,7 +570,12 @@ def _simulate(overload, admission: AdmissionConfig, budget: int | None = None, n
     """One flowprefill run; returns the result and the most requests ever WAITING."""
     cost, predictor, requests = overload
     return simulate_admission(
-        requests[n], cost, predictor, OVERLOAD_SLO, admission, paused_token_budget=budget
+        requests[n],
+        cost,
+        predictor,
+        OVERLOAD_SLO,
+        admission,
+        kv_budget=None if budget is None else KVBudget.of_tokens(budget),
     )
 
 
@@ -637,9 +645,9 @@ def test_simulated_evictions_recompute_the_request_and_conserve_work(overload):
     requests = _long_and_urgent(200, 1.0)
     results = {}
     for budget in (None, 6000):
-        config = PolicyConfig(paused_token_budget=budget)
-        probe = PausedPeak(make_policy(config, fresh_copy(predictor), slo=OVERLOAD_SLO))
-        result = Simulator(probe, cost, SimulatorConfig(num_workers=2)).run(requests)
+        kv = None if budget is None else KVBudget.of_tokens(budget)
+        probe = PausedPeak(make_policy(PolicyConfig(), fresh_copy(predictor), slo=OVERLOAD_SLO))
+        result = Simulator(probe, cost, SimulatorConfig(num_workers=2, kv_budget=kv)).run(requests)
         results[budget] = result, probe.peak
     unbounded, unbounded_peak = results[None]
     result, peak = results[6000]

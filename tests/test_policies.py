@@ -15,6 +15,7 @@ from flowprefill_ray.scheduling import (
     AdmissionConfig,
     DuplicateArrivalError,
     FlowPrefillPolicy,
+    KVBudget,
     PolicyConfig,
     Request,
     RequestStatus,
@@ -326,19 +327,18 @@ def test_no_batching_when_head_has_less_than_alpha_slo_left():
     assert p.on_event(WorkerJoined("w0"), 0.8) == [run(1, "w0", ("head", 0, 16))]
 
 
-def test_kv_check_vetoes_batch_members():
-    allowed = {"w0": 1100}
-    p = make_policy(
-        PolicyConfig(online_correction=False),
-        linear_predictor(),
-        kv_check=lambda worker, tokens: tokens <= allowed[worker],
-    )
+def test_batch_members_join_only_within_the_free_kv_bytes():
+    # 10 bytes of KV and 2 of activations per token: head 1024 + small 64 tokens need
+    # 13056 bytes, adding big (512) would need 19200 > 16000.
+    budget = KVBudget(16_000, 8_000, kv_bytes_per_token=10, activation_bytes_per_token=2)
+    p = make_policy(PolicyConfig(online_correction=False), linear_predictor())
     arrive(p, "head", 0.0, 1024, 6.0)
     arrive(p, "big", 0.0, 512, 7.0)
     arrive(p, "small", 0.0, 64, 8.0)
-    assert p.on_event(WorkerJoined("w0"), 0.0) == [
+    assert p.on_event(WorkerJoined("w0", budget), 0.0) == [
         run(1, "w0", ("head", 0, 1024), ("small", 0, 64))
     ]
+    assert p.stats()["kv_memory"]["w0"]["held_bytes"] == 1088 * 12
 
 
 # --------------------------------------------------------------------------- many workers

@@ -16,7 +16,7 @@ import pytest
 from policy_helpers import arrive, policy
 
 from flowprefill_ray.__main__ import main as cli
-from flowprefill_ray.scheduling import PolicyConfig, Request, make_policy
+from flowprefill_ray.scheduling import KVBudget, PolicyConfig, Request, make_policy
 from flowprefill_ray.scheduling.events import Arrival, Cancelled, UnitCompleted, WorkerLeft
 from flowprefill_ray.scheduling.timeline import Timeline
 from flowprefill_ray.scheduling.timeline_records import UnitTrace
@@ -167,8 +167,10 @@ def conv_sample():
 
 @pytest.mark.parametrize("name", ["flowprefill", "fcfs", "edf", "chunked"])
 def test_the_timeline_agrees_with_the_simulator_and_every_miss_gets_one_cause(name, conv_sample):
-    budget = {"paused_token_budget": 3000} if name == "flowprefill" else {}
-    result, timeline = simulate(conv_sample, name=name, sim={"num_workers": 2}, **budget)
+    sim = {"num_workers": 2}
+    if name == "flowprefill":
+        sim["kv_budget"] = KVBudget.of_tokens(3000)  # 3000 paused tokens: some evictions
+    result, timeline = simulate(conv_sample, name=name, sim=sim)
     export = timeline.export(None)
     outcomes = {o.request_id: o for o in result.outcomes}
     assert len(export["requests"]) == len(conv_sample)

@@ -10,7 +10,8 @@ from .admission import AdmissionConfig, AdmissionControl
 from .chunked import ChunkedPolicy
 from .config import PolicyConfig
 from .flowprefill import FlowPrefillPolicy
-from .policy import DecisionCounts, DuplicateArrivalError, KVCheck, Policy
+from .kv_memory import KVBudget, KVMemory
+from .policy import DecisionCounts, DuplicateArrivalError, Policy
 from .predictor import PredictorConfig, TTFTPredictor
 from .priority import priority, rank_key, slack_s
 from .records import RequestView
@@ -26,20 +27,19 @@ POLICIES: dict[str, type[Policy]] = {
 def make_policy(
     config: PolicyConfig,
     predictor: TTFTPredictor,
-    kv_check: KVCheck | None = None,
     slo: SLOConfig | None = None,
 ) -> Policy:
-    """A fresh policy named by ``config.name``. ``kv_check(worker_id, tokens)``, if given,
-    vetoes units a worker has no KV memory for. ``slo`` (default ``DEFAULT_SLO_CONFIG``) gives
+    """A fresh policy named by ``config.name``. ``slo`` (default ``DEFAULT_SLO_CONFIG``) gives
     the classes admission control may downgrade a request to; pass the SLO configuration the
-    requests were stamped with (``Request.with_slo``)."""
+    requests were stamped with (``Request.with_slo``). Each worker's KV memory budget comes
+    with its ``WorkerJoined`` event (``kv_memory.py``)."""
     try:
         cls = POLICIES[config.name]
     except KeyError:
         raise ValueError(
             f"policy {config.name!r} is not available; available: {sorted(POLICIES)}"
         ) from None
-    return cls(config, predictor, kv_check, slo)
+    return cls(config, predictor, slo)
 
 
 __all__ = [
@@ -53,7 +53,8 @@ __all__ = [
     "EDFPolicy",
     "FCFSPolicy",
     "FlowPrefillPolicy",
-    "KVCheck",
+    "KVBudget",
+    "KVMemory",
     "Policy",
     "PolicyConfig",
     "PredictorConfig",

@@ -3,7 +3,7 @@
 Batching is tried only when the head is new, has at most ``token_bound`` tokens and still has
 at least ``alpha x its TTFT SLO`` of time before its deadline. Waiting requests are then taken
 in priority order; a request joins when it has at most ``token_bound`` tokens, the batch total
-stays within ``token_bound`` and the worker has KV memory for the total. The scan stops before
+stays within ``token_bound`` and its KV fits in the worker's free bytes (``kv_memory.py``). The scan stops before
 the first request whose addition would leave the head less than ``alpha x SLO`` of time:
 ``(deadline_head - now) - predict(batch_tokens) x overrun < alpha * slo_head``, where
 ``overrun`` is the predictor's recent 90th-percentile actual/predicted ratio (at least 1;
@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from .config import PolicyConfig
 from .events import WorkItem
+from .kv_memory import UnitRoom
 from .predictor import TTFTPredictor
 from .queues import SlackQueue
 from .records import RequestRecord
@@ -28,14 +29,15 @@ def form_slo_batch(
     queue: SlackQueue,
     predictor: TTFTPredictor,
     config: PolicyConfig,
-    kv_admits: Callable[[int], bool],
+    room: UnitRoom,
     now: float,
     uncached: Callable[[RequestRecord], int] = lambda rec: rec.remaining_tokens,
 ) -> list[WorkItem]:
     """Items of the unit headed by ``head`` (already popped from ``queue``); members are popped
-    from ``queue``, examined non-members are put back. ``kv_admits(tokens)`` says whether the
-    worker can hold a batch of ``tokens`` tokens; ``uncached(rec)`` is what ``rec`` would compute
-    on that worker (its remaining tokens less what the worker's prefix cache holds)."""
+    from ``queue``, examined non-members are put back. ``room``: the worker's free KV bytes,
+    the head's already taken; each member takes its own. ``uncached(rec)`` is what ``rec``
+    would compute on that worker (its remaining tokens less what the worker's prefix cache
+    holds)."""
     items = [WorkItem(head.request_id, head.prefilled_tokens, head.prompt_tokens)]
     bound = config.token_bound
     total = uncached(head)
@@ -59,11 +61,13 @@ def form_slo_batch(
         examined.append(rec)
         tokens = uncached(rec)
         new_total = total + tokens
-        if new_total > bound or not kv_admits(new_total):
+        item = WorkItem(rec.request_id, rec.prefilled_tokens, rec.prompt_tokens)
+        if new_total > bound or not room.fits(item):
             continue
         if time_left - predictor.predict(new_total) * inflate < margin:
             break
-        items.append(WorkItem(rec.request_id, rec.prefilled_tokens, rec.prompt_tokens))
+        room.take(item)
+        items.append(item)
         examined.pop()
         total = new_total
     for rec in examined:

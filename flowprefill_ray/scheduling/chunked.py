@@ -6,13 +6,18 @@ worker packs pieces of requests in ``chunk_order`` (arrival order for ``fcfs``, 
 only continue there) compete with new requests from the global queue. A request's piece is
 its next ``min(remaining, budget left)`` tokens, so one unit may hold the tail of one request
 and the heads of others. Switching to urgent work can happen only at a chunk boundary.
+
+A piece joins only within the worker's free KV bytes (``kv_memory.py``). Requests between
+chunks cannot be evicted (no decision drops their KV), so when they fill the budget the best
+of them goes on alone, beyond it if need be: finishing it is the only way to free memory.
 """
 
 from __future__ import annotations
 
 from .config import PolicyConfig
 from .events import Decision, WorkItem
-from .policy import KVCheck, Policy
+from .kv_memory import UnitRoom
+from .policy import Policy
 from .predictor import TTFTPredictor
 from .queues import KeyedQueue
 from .records import RequestRecord, WorkerRecord, WorkerState
@@ -27,10 +32,9 @@ class ChunkedPolicy(Policy):
         self,
         config: PolicyConfig,
         predictor: TTFTPredictor,
-        kv_check: KVCheck | None = None,
         slo: SLOConfig | None = None,
     ) -> None:
-        super().__init__(config, predictor, kv_check, slo)
+        super().__init__(config, predictor, slo)
         self._by_deadline = config.chunk_order == "edf"
         self.queue = KeyedQueue(self._order_value)
 
@@ -44,13 +48,14 @@ class ChunkedPolicy(Policy):
         out: list[Decision] = []
         for w in self.workers.values():
             if w.state is WorkerState.IDLE:
-                items = self._next_chunk(w)
+                items, room = self._next_chunk(w)
                 if items:
-                    out.append(self._start_unit(w, items, now))
+                    out.append(self._start_unit(w, items, now, room))
         return out
 
-    def _next_chunk(self, w: WorkerRecord) -> list[WorkItem]:
-        """Pieces for ``w``'s next unit, best first, within the ``chunk_size`` budget."""
+    def _next_chunk(self, w: WorkerRecord) -> tuple[list[WorkItem], UnitRoom]:
+        """Pieces for ``w``'s next unit, best first, within the ``chunk_size`` budget and
+        the worker's free KV bytes, and the room they took of those."""
         partials = sorted(
             (
                 rec
@@ -61,7 +66,7 @@ class ChunkedPolicy(Policy):
         )
         budget = self.config.chunk_size
         items: list[WorkItem] = []
-        total = 0
+        room = self.memory.room(w, self.requests)
         i = 0
         while budget > 0:
             partial = partials[i] if i < len(partials) else None
@@ -76,15 +81,27 @@ class ChunkedPolicy(Policy):
             rec = partial if take_partial else new
             assert rec is not None
             piece = min(rec.prompt_tokens - rec.prefilled_tokens, budget)
-            if not self._kv_admits(w.worker_id, total + piece):
+            item = WorkItem(rec.request_id, rec.prefilled_tokens, rec.prefilled_tokens + piece)
+            if not room.take(item):
+                if not items and partials:
+                    # The worker's KV is full of unfinished requests: only finishing them
+                    # frees it, so the best one goes on (beyond the budget if need be).
+                    best = partials[0]
+                    piece = min(best.remaining_tokens, self.config.chunk_size)
+                    item = WorkItem(
+                        best.request_id, best.prefilled_tokens, best.prefilled_tokens + piece
+                    )
+                    room.take(item, force=True)
+                    items.append(item)
+                elif not items:  # nothing held here, and still no room: it runs alone
+                    room.take(item, force=True)
+                    self.queue.pop()
+                    items.append(item)
                 break
             if take_partial:
                 i += 1
             else:
                 self.queue.pop()
-            items.append(
-                WorkItem(rec.request_id, rec.prefilled_tokens, rec.prefilled_tokens + piece)
-            )
+            items.append(item)
             budget -= piece
-            total += piece
-        return items
+        return items, room

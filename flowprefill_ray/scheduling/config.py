@@ -23,6 +23,12 @@ _MOVED_TO_ADMISSION = {
     "reject_infeasible": "admission: {action: reject, estimate: alone}",
     "retry_after_s": "admission: {retry_after_s: ...}",
 }
+# Keys replaced by the byte budgets of kv_memory.py, with what replaces them.
+_REPLACED = {
+    "paused_token_budget": "the paused-prefill budget is now bytes, a share of each worker's "
+    "measured KV memory: set prefill.kv_memory.paused_kv_fraction (runtime) or "
+    "SimulatorConfig.kv_budget (simulator) instead",
+}
 
 
 class PolicyConfig(BaseModel):
@@ -39,6 +45,9 @@ class PolicyConfig(BaseModel):
             moved = [f"{k} -> {v}" for k, v in _MOVED_TO_ADMISSION.items() if k in data]
             if moved:
                 raise ValueError("policy keys moved into 'admission': " + "; ".join(moved))
+            for key, instead in _REPLACED.items():
+                if key in data:
+                    raise ValueError(f"policy.{key} was removed: {instead}")
         return data
 
     # flowprefill: SLO-aware batching (FLOWPREFILL.md)
@@ -59,14 +68,8 @@ class PolicyConfig(BaseModel):
     long_chunk_tokens: PositiveInt = Field(
         8192,
         description="flowprefill/fcfs/edf: a worker runs prompts longer than this as chunks of "
-        "this size back to back, with no scheduling decision in between",
-    )
-    paused_token_budget: PositiveInt | None = Field(
-        None,
-        description="flowprefill: most prompt tokens one worker may hold in paused (and "
-        "pausing) units; a preemption that would exceed it first evicts the worker's "
-        "lowest-ranked paused units (recomputed later) and is skipped if the victim alone "
-        "exceeds it. Paused state bytes grow about linearly with tokens. None = unbounded",
+        "this size back to back, with no scheduling decision in between (a paused unit keeps "
+        "the activations of one such chunk: kv_memory.py)",
     )
     handover: Literal["one_hop", "after_pause"] = Field(
         "one_hop",

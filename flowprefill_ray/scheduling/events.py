@@ -16,9 +16,10 @@ looser SLO class; its deadline is now ``arrival_s + ttft_slo_s`` of that class a
 decision uses it). A ``Downgrade`` always comes before any ``RunUnit`` that holds the request,
 in the same decision list; the executor tells the client and goes on as for an admitted request.
 
-Memory. A policy may ``Discard`` a paused unit whose requests are still live, to free memory
-(a paused-token budget): those requests are back in the policy's queue, WAITING, with no
-progress (they will be recomputed from token 0) and their deadlines unchanged. The executor
+Memory. A worker joins with its KV memory budget in bytes (``kv_memory.py``); a policy forms
+units within it and may ``Discard`` a paused unit whose requests are still live, to free
+memory: those requests are back in the policy's queue, WAITING, with no progress (they will
+be recomputed from token 0) and their deadlines unchanged. The executor
 frees the unit's state and keeps the requests open; they come back in a later ``RunUnit``.
 
 Time is always in seconds, on the clock of whoever drives the policy (simulated time in the
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
+    from .kv_memory import KVBudget
     from .request import Request
 
 
@@ -97,7 +99,11 @@ class UnitPaused:
 
 @dataclass(frozen=True, slots=True)
 class WorkerJoined:
+    """A worker is ready for work. ``kv_budget``: the bytes it may hold in KV and paused
+    state (``kv_memory.py``); None = unbounded."""
+
     worker_id: str
+    kv_budget: KVBudget | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,13 @@ best thing for it; it never preempts. (A running unit's slack stays constant whi
 predicted, so it only turns late by overrunning its prediction, and then how much work it has
 left is unknown: preempting it on a guess is not worth the thrashing risk.)
 
-Paused state costs memory. With ``paused_token_budget`` set, a worker never holds more than
-that many prompt tokens in paused and pausing units: before its running unit is preempted,
-its lowest-ranked paused units are evicted (``Discard``; their requests go back to the queue
-with no progress and the same deadlines, to be recomputed later) until the unit fits, and a
-unit larger than the budget by itself is never preempted (the next victim is tried).
+Paused state costs memory. A worker that joined with a KV budget (``kv_memory.py``) never
+holds more than its paused budget in paused and pausing units, nor more than its whole budget
+in all: before its running unit is preempted, its lowest-ranked paused units are evicted
+(``Discard``; their requests go back to the queue with no progress and the same deadlines, to
+be recomputed later) until the unit fits beside the newcomer, and a unit that could not fit
+even then is not preempted (the next victim is tried). A new unit on an idle worker evicts the
+same way when its head does not fit; batch members join only within the free bytes.
 
 Preemption is asynchronous: the worker is PAUSING until ``UnitPaused`` (or
 ``UnitCompleted``) arrives. With ``handover = "one_hop"`` (default) the unit that replaces the
@@ -36,8 +38,9 @@ from __future__ import annotations
 
 from .batching import form_slo_batch
 from .config import PolicyConfig
-from .events import Decision
-from .policy import KVCheck, Policy
+from .events import Decision, WorkItem
+from .kv_memory import UnitRoom
+from .policy import Policy
 from .predictor import TTFTPredictor
 from .priority import rank_key
 from .queues import SlackQueue
@@ -57,10 +60,9 @@ class FlowPrefillPolicy(Policy):
         self,
         config: PolicyConfig,
         predictor: TTFTPredictor,
-        kv_check: KVCheck | None = None,
         slo: SLOConfig | None = None,
     ) -> None:
-        super().__init__(config, predictor, kv_check, slo)
+        super().__init__(config, predictor, slo)
         self.queue = SlackQueue(predictor, config.token_bound, config.rescore_threshold)
 
     def _enqueue(self, rec: RequestRecord, now: float) -> None:
@@ -143,18 +145,49 @@ class FlowPrefillPolicy(Policy):
             if worker is None:
                 deferred.append(head)
                 continue
-            wid = worker.worker_id
+            evicted: list[RequestRecord] = []
+            room = self._room_for_head(worker, head, now, out, evicted)
             items = form_slo_batch(
                 head,
                 self.queue,
                 self.predictor,
                 self.config,
-                lambda tokens, wid=wid: self._kv_admits(wid, tokens),
+                room,
                 now,
-                self._uncached_on(wid),
+                self._uncached_on(worker.worker_id),
             )
-            out.append(self._start_unit(worker, items, now))
+            out.append(self._start_unit(worker, items, now, room))
             idle.remove(worker)
+            for rec in evicted:  # queued after the batch, which must not take them back
+                self._queue(rec, now)
+
+    def _room_for_head(
+        self,
+        w: WorkerRecord,
+        head: RequestRecord,
+        now: float,
+        out: list[Decision],
+        evicted: list[RequestRecord],
+    ) -> UnitRoom:
+        """``w``'s free KV bytes with ``head`` taken. When the head does not fit, ``w``'s
+        lowest-ranked paused units are evicted until it does (the head outranks them all, or
+        one of them would have been resumed); a head that could not fit even then runs beyond
+        the budget with nothing evicted."""
+        item = WorkItem(head.request_id, head.prefilled_tokens, head.prompt_tokens)
+        room = self.memory.room(w, self.requests)
+        if room.free is not None and not room.fits(item):
+            paused = sorted(w.paused.values(), key=lambda u: self._unit_rank(u, now), reverse=True)
+            bytes_of = self.memory.unit_bytes
+            if room.free + sum(bytes_of(u) for u in paused) >= room.need(item):
+                for u in paused:
+                    discard, requeue = self._evict(u)
+                    out.append(discard)
+                    evicted.extend(requeue)
+                    room.free += bytes_of(u)
+                    if room.fits(item):
+                        break
+        room.take(item, force=True)
+        return room
 
     def _uncached_on(self, worker_id: str):
         """Tokens a request would compute on ``worker_id`` (its cache's prefix excluded)."""
@@ -202,7 +235,7 @@ class FlowPrefillPolicy(Policy):
         # (after_pause handover; one_hop gave each pausing worker its next unit already).
         skip = sum(1 for w in self.workers.values() if w.state is _PAUSING and w.next is None)
         one_hop = self.config.handover == "one_hop"
-        budget = self.config.paused_token_budget
+        memory = self.memory
         taken: list[RequestRecord] = []
         evicted: list[RequestRecord] = []
         while victims:
@@ -219,13 +252,16 @@ class FlowPrefillPolicy(Policy):
                 continue
             if not feasible:
                 break  # a late newcomer cannot be saved by preempting anyone
-            # The lowest-ranked victim whose unit could be held paused within the budget.
+            # The lowest-ranked victim whose unit could be held paused within its worker's
+            # budgets with the newcomer running beside it.
+            item = WorkItem(rec.request_id, rec.prefilled_tokens, rec.prompt_tokens)
             i = 0
-            if budget is not None:
-                while i < len(victims) and victims[i][3].running.tokens > budget:
-                    i += 1
-                if i == len(victims):
-                    break
+            while i < len(victims) and not memory.may_pause(
+                victims[i][3], self.requests, memory.item_bytes(victims[i][3].worker_id, item)
+            ):
+                i += 1
+            if i == len(victims):
+                break
             challenger_slack = self.queue.slack_s(rec, now)
             victim_rank, victim_slack, _, victim = victims[i]
             if not self._request_rank(rec, True) < victim_rank:
@@ -237,23 +273,26 @@ class FlowPrefillPolicy(Policy):
             victim_keeps_slack = victim_slack - cost >= 0.0
             if not (would_miss or victim_keeps_slack):
                 break  # a preemption would buy nothing: avoid thrashing
-            if budget is not None:
-                self._make_room(victim, budget, now, out, evicted)
+            self._make_room(victim, memory.item_bytes(victim.worker_id, item), now, out, evicted)
             out.append(self._preempt(victim))
             victims.pop(i)
             if one_hop:  # what replaces the victim goes with the preemption (handover.py)
                 taken.pop()
                 wid = victim.worker_id
+                room = self.memory.room(
+                    victim, self.requests
+                )  # _make_room left the newcomer room beside it
+                room.take(item, force=True)
                 items = form_slo_batch(
                     rec,
                     self.queue,
                     self.predictor,
                     self.config,
-                    lambda tokens, wid=wid: self._kv_admits(wid, tokens),
+                    room,
                     now,
                     self._uncached_on(wid),
                 )
-                out.append(self._queue_next(victim, items, now))
+                out.append(self._queue_next(victim, items, now, room))
         for rec in taken:
             self.queue.unpop(rec)
         # Queued only now, so that this event's preemption scan sees the queue it started with.
@@ -263,25 +302,23 @@ class FlowPrefillPolicy(Policy):
     def _make_room(
         self,
         w: WorkerRecord,
-        budget: int,
+        newcomer_bytes: int,
         now: float,
         out: list[Decision],
         evicted: list[RequestRecord],
     ) -> None:
         """Evict ``w``'s lowest-ranked paused units until its running unit can join them
-        within ``budget`` tokens (the caller checked that the running unit alone fits)."""
+        within the paused budget and a newcomer of ``newcomer_bytes`` can start beside them
+        within the whole budget (the caller checked ``may_pause``)."""
         running = w.running
-        assert running is not None and running.tokens <= budget
-        held = self.paused_tokens(w)
-        if held + running.tokens <= budget:
-            return
+        assert running is not None
+        pausing = self.memory.unit_bytes(running)
         for u in sorted(w.paused.values(), key=lambda u: self._unit_rank(u, now), reverse=True):
+            if not self.memory.over(w, self.requests, pausing, newcomer_bytes):
+                return
             discard, requeue = self._evict(u)
             out.append(discard)
             evicted.extend(requeue)
-            held -= u.tokens
-            if held + running.tokens <= budget:
-                return
 
     # ------------------------------------------------------------------ introspection
 

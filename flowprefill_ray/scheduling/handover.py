@@ -22,16 +22,20 @@ from .records import UnitState, WorkerState
 
 if TYPE_CHECKING:
     from .events import WorkItem
+    from .kv_memory import UnitRoom
     from .records import UnitRecord, WorkerRecord
 
 
 class Handover:
     """Mixed into ``Policy`` (policy.py)."""
 
-    def _queue_next(self, w: WorkerRecord, items: list[WorkItem], now: float) -> RunUnit:
-        """Commit ``items`` as the unit ``w`` runs once its pausing unit stops."""
+    def _queue_next(
+        self, w: WorkerRecord, items: list[WorkItem], now: float, room: UnitRoom | None = None
+    ) -> RunUnit:
+        """Commit ``items`` as the unit ``w`` runs once its pausing unit stops (``room``: what
+        they took of ``w``'s KV budget)."""
         assert w.state is WorkerState.PAUSING and w.next is None
-        u = self._new_unit(w, items, now)  # type: ignore[attr-defined]
+        u = self._new_unit(w, items, now, room)  # type: ignore[attr-defined]
         w.next = u
         return RunUnit(u.unit)
 

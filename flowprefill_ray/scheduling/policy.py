@@ -43,6 +43,7 @@ from .events import (
     WorkUnit,
 )
 from .handover import Handover
+from .kv_memory import KVMemory, UnitRoom
 from .policy_views import PolicyViews
 from .predictor import TTFTPredictor
 from .prefix_routing import PrefixRouting
@@ -57,9 +58,6 @@ from .request import RequestStatus
 from .slo import DEFAULT_SLO_CONFIG, SLOConfig
 from .waiting_work import WaitingWork
 from .work_estimates import WorkEstimates
-
-# (worker_id, batch tokens) -> whether the worker has KV memory for a unit of that size.
-KVCheck = Callable[[str, int], bool]
 
 _WAITING = RequestStatus.WAITING
 _RUNNING = RequestStatus.RUNNING
@@ -93,12 +91,12 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, ABC):
         self,
         config: PolicyConfig,
         predictor: TTFTPredictor,
-        kv_check: KVCheck | None = None,
         slo: SLOConfig | None = None,
     ) -> None:
         self.config = config
         self.predictor = predictor
-        self.kv_check = kv_check
+        # Each worker's KV budget, from its WorkerJoined (kv_memory.py).
+        self.memory = KVMemory(config.long_chunk_tokens)
         self.slo = slo or DEFAULT_SLO_CONFIG
         self.admission = AdmissionControl(config.admission, predictor, self.slo)
         # Only the `queue` estimate needs the index; the count is kept for max_waiting.
@@ -125,9 +123,10 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, ABC):
                 "rejects",  # every Reject
                 "rejects_queue_full",  # of which: admission.max_waiting reached
                 "downgrades",
-                "evictions",  # paused units discarded to stay within paused_token_budget
+                "evictions",  # paused units discarded to stay within a worker's KV budget
                 "evicted_requests",  # live requests in them, re-queued from token 0
                 "requeued",  # requests re-queued because their worker left
+                "over_budget_units",  # units started beyond their worker's KV budget
                 "stale_events",
             ),
             0,
@@ -272,6 +271,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, ABC):
             return
         self.workers[event.worker_id] = WorkerRecord(event.worker_id)
         self._prefix_worker_joined(event.worker_id)
+        self.memory.join(event.worker_id, event.kv_budget)
 
     def _on_worker_left(self, event: WorkerLeft, now: float, out: list[Decision]) -> None:
         w = self.workers.pop(event.worker_id, None)
@@ -279,6 +279,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, ABC):
             self.counters["stale_events"] += 1
             return
         self._prefix_worker_left(event.worker_id)
+        self.memory.leave(event.worker_id)
         lost = list(w.paused.values())
         lost.extend(u for u in (w.running, w.next) if u is not None)
         rids: list[str] = [item.request_id for u in lost for item in u.unit.items]
@@ -340,16 +341,23 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, ABC):
 
     # ------------------------------------------------------------------ decision helpers
 
-    def _start_unit(self, w: WorkerRecord, items: list[WorkItem], now: float) -> RunUnit:
+    def _start_unit(
+        self, w: WorkerRecord, items: list[WorkItem], now: float, room: UnitRoom | None = None
+    ) -> RunUnit:
         """Start ``items`` as a new unit on idle worker ``w``."""
-        u = self._new_unit(w, items, now)
+        u = self._new_unit(w, items, now, room)
         w.running = u
         w.state = WorkerState.RUNNING
         return RunUnit(u.unit)
 
-    def _new_unit(self, w: WorkerRecord, items: list[WorkItem], now: float) -> UnitRecord:
+    def _new_unit(
+        self, w: WorkerRecord, items: list[WorkItem], now: float, room: UnitRoom | None = None
+    ) -> UnitRecord:
         """The records of a new unit of ``items`` on ``w``; its requests are RUNNING. A whole
-        prompt starts where ``w``'s prefix cache ends (``prefix_routing.py``)."""
+        prompt starts where ``w``'s prefix cache ends (``prefix_routing.py``). ``room``: what
+        the items took of ``w``'s KV budget, to count a unit started beyond it."""
+        if room is not None and room.over_budget:
+            self.counters["over_budget_units"] += 1
         for i, item in enumerate(items):
             rec = self.requests[item.request_id]
             start = self._prefix_start(w.worker_id, rec, item.start, item.end)
@@ -434,17 +442,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, ABC):
         self.counters["evicted_requests"] += len(requeue)
         return self._discard(u), requeue
 
-    def paused_tokens(self, w: WorkerRecord) -> int:
-        """Prompt tokens held in ``w``'s paused units and in its pausing unit, if any."""
-        held = sum(u.tokens for u in w.paused.values())
-        if w.state is WorkerState.PAUSING and w.running is not None:
-            held += w.running.tokens
-        return held
-
     def _new_token(self) -> int:
         token = self._next_token
         self._next_token += 1
         return token
-
-    def _kv_admits(self, worker_id: str, tokens: int) -> bool:
-        return self.kv_check is None or self.kv_check(worker_id, tokens)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .records import RequestView
+from .records import RequestView, WorkerState
 from .request import RequestStatus
 
 if TYPE_CHECKING:
+    from .kv_memory import KVMemory
     from .predictor import TTFTPredictor
     from .records import RequestRecord, WorkerRecord
     from .waiting_work import WaitingWork
@@ -20,8 +21,9 @@ if TYPE_CHECKING:
 class PolicyViews:
     """Mixed into ``Policy`` (policy.py), whose state it reads."""
 
-    # Provided by Policy (with ``decisions`` and ``paused_tokens()``).
+    # Provided by Policy (with ``decisions``).
     name: str
+    memory: KVMemory
     predictor: TTFTPredictor
     requests: dict[str, RequestRecord]
     workers: dict[str, WorkerRecord]
@@ -46,6 +48,13 @@ class PolicyViews:
             slo_class=rec.slo_class,
             ttft_slo_s=rec.ttft_slo_s,
         )
+
+    def paused_tokens(self, w: WorkerRecord) -> int:
+        """Prompt tokens held in ``w``'s paused units and in its pausing unit, if any."""
+        held = sum(u.tokens for u in w.paused.values())
+        if w.state is WorkerState.PAUSING and w.running is not None:
+            held += w.running.tokens
+        return held
 
     def forget(self, request_id: str) -> None:
         """Drop a terminal request's record (long-running services call this to bound memory).
@@ -73,6 +82,8 @@ class PolicyViews:
             "workers": {wid: w.state.value for wid, w in self.workers.items()},
             "paused_units": sum(len(w.paused) for w in self.workers.values()),
             "paused_tokens": {wid: self.paused_tokens(w) for wid, w in self.workers.items()},
+            # Per budgeted worker: its KV budgets and the bytes the policy counts it holding.
+            "kv_memory": self.memory.stats(self.workers.values(), self.requests),
             "waiting": self.waiting,
             # Waiting requests the queue estimate gave up protecting (admission.py).
             "admission_unprotected": (

@@ -1,8 +1,8 @@
 """The non-preemptive baselines, fcfs and edf: run every unit to completion.
 
 An idle worker takes the queue head; heads are packed into one unit while the total stays
-within ``max_batch_tokens`` (a longer head runs alone, as chunks of ``long_chunk_tokens``
-back to back on its worker). Nothing is ever preempted, so no unit is ever paused. The two
+within ``max_batch_tokens`` and the worker's free KV bytes (a longer head runs alone, as
+chunks of ``long_chunk_tokens`` back to back on its worker). Nothing is ever preempted, so no unit is ever paused. The two
 differ only in the queue's order, so they share one module: ``FCFSPolicy`` (arrival order,
 DistServe-style disaggregated prefill) and ``EDFPolicy`` (earliest deadline first).
 """
@@ -13,7 +13,7 @@ from abc import abstractmethod
 
 from .config import PolicyConfig
 from .events import Decision, WorkItem
-from .policy import KVCheck, Policy
+from .policy import Policy
 from .predictor import TTFTPredictor
 from .queues import KeyedQueue
 from .records import RequestRecord, WorkerState
@@ -27,10 +27,9 @@ class RunToCompletionPolicy(Policy):
         self,
         config: PolicyConfig,
         predictor: TTFTPredictor,
-        kv_check: KVCheck | None = None,
         slo: SLOConfig | None = None,
     ) -> None:
-        super().__init__(config, predictor, kv_check, slo)
+        super().__init__(config, predictor, slo)
         self.queue = KeyedQueue(self._queue_key)
 
     @staticmethod
@@ -51,15 +50,18 @@ class RunToCompletionPolicy(Policy):
             if head is None:
                 break
             items = [WorkItem(head.request_id, 0, head.prompt_tokens)]
+            room = self.memory.room(w, self.requests)
+            room.take(items[0], force=True)  # nothing here to evict: it runs alone if need be
             total = head.prompt_tokens
             while (nxt := self.queue.peek()) is not None:
                 new_total = total + nxt.prompt_tokens
-                if new_total > limit or not self._kv_admits(w.worker_id, new_total):
+                item = WorkItem(nxt.request_id, 0, nxt.prompt_tokens)
+                if new_total > limit or not room.take(item):
                     break
                 self.queue.pop()
-                items.append(WorkItem(nxt.request_id, 0, nxt.prompt_tokens))
+                items.append(item)
                 total = new_total
-            out.append(self._start_unit(w, items, now))
+            out.append(self._start_unit(w, items, now, room))
         return out
 
 

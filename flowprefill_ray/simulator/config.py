@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flowprefill_ray.scheduling.kv_memory import KVBudget
+
 from .cost_model import Granularity
 
 
@@ -37,6 +39,12 @@ class SimulatorConfig(BaseModel):
     )
     prefix_block_tokens: int = Field(
         default=512, gt=0, description="tokens per cached block (Mooncake traces: 512)"
+    )
+    kv_budget: KVBudget | None = Field(
+        default=None,
+        description="what each simulated worker may hold in KV and paused state, bytes "
+        "(KVBudget.of_tokens counts tokens instead); None = unbounded, as no simulated "
+        "result before budgets existed assumed any",
     )
     max_events: int = Field(
         default=50_000_000, gt=0, description="guard against a livelocked policy"

@@ -12,7 +12,7 @@ blocks; nothing is recomputed (an optional ``resume_overhead_s`` models restarti
 Admission decisions: ``Reject`` closes a request unserved; ``Downgrade`` records the looser
 target it was given (results report attainment against both the original and the downgraded
 targets). A ``Discard`` of a paused unit whose requests are still live (an eviction to stay
-within a paused-token budget) drops the unit's progress; those requests stay open and must be
+within a worker's KV budget, ``SimulatorConfig.kv_budget``) drops the unit's progress; those requests stay open and must be
 run again from token 0, and the compute they lost is counted as wasted.
 
 The simulator checks every decision against the contract (idle worker, contiguous chunks on
@@ -150,7 +150,7 @@ class Simulator:
             self._requests[req.request_id] = req
             self._push(req.arrival_s, _ARRIVAL, req.request_id, 0)
         for w in self.worker_ids:
-            self._deliver(WorkerJoined(w))
+            self._deliver(WorkerJoined(w, self.config.kv_budget))
 
         events = 0
         max_events = self.config.max_events

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from flowprefill_ray.scheduling import (
     AdmissionConfig,
+    KVBudget,
     PolicyConfig,
     Request,
     SLOConfig,
@@ -80,11 +81,12 @@ def simulate_admission(
     slo: SLOConfig,
     admission: AdmissionConfig,
     policy: str = "flowprefill",
-    paused_token_budget: int | None = None,
+    kv_budget: KVBudget | None = None,
 ) -> tuple[SimulationResult, int]:
-    """One run on ``NUM_WORKERS`` workers; returns the result and the most requests the
-    policy ever held WAITING."""
-    config = PolicyConfig(name=policy, admission=admission, paused_token_budget=paused_token_budget)
+    """One run on ``NUM_WORKERS`` workers (each with ``kv_budget``, None = unbounded);
+    returns the result and the most requests the policy ever held WAITING."""
+    config = PolicyConfig(name=policy, admission=admission)
     probe = WaitingPeak(make_policy(config, fresh_copy(predictor), slo=slo))
-    result = Simulator(probe, cost, SimulatorConfig(num_workers=NUM_WORKERS)).run(requests)
+    sim_config = SimulatorConfig(num_workers=NUM_WORKERS, kv_budget=kv_budget)
+    result = Simulator(probe, cost, sim_config).run(requests)
     return result, probe.peak
