@@ -31,8 +31,10 @@ CLASSES = [
     {"name": "loose", "ttft_slo_s": 120.0, "tpot_slo_s": 1.0},
 ]
 LONG_TOKENS = 3000
-# Room for one paused long prompt, not two: the second preemption must evict the first.
-PAUSED_TOKEN_BUDGET = 4000
+# Room for one paused long prompt, not two: the second preemption must evict the first. The
+# tiny model keeps ~3.2 KB per paused token (2048 of KV, ~1.2 K of activations): one paused
+# 3000-token prompt takes ~9.6 MB, two ~19 MB, and 0.2 x 64 MiB is ~13.4 MB.
+KV_MEMORY = {"cpu_budget_bytes": 64 * 2**20, "paused_kv_fraction": 0.2}
 SAMPLING = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
 
 
@@ -43,10 +45,8 @@ def admission_engine(ray_local, runtime_cache_dir):
         "flowprefill",
         name_prefix="fp-admission",
         slo={"classes": CLASSES, "default_class": "loose"},
-        policy_knobs={
-            "admission": {"action": "downgrade", "estimate": "alone"},
-            "paused_token_budget": PAUSED_TOKEN_BUDGET,
-        },
+        prefill={"kv_memory": KV_MEMORY},
+        policy_knobs={"admission": {"action": "downgrade", "estimate": "alone"}},
     )
     engine = asyncio.run(FlowPrefillEngine.start(config))
     yield engine
@@ -89,7 +89,7 @@ def test_a_request_that_cannot_meet_its_class_is_served_under_a_looser_one(admis
 
 def test_paused_prefills_stay_within_the_budget_by_evicting_and_recomputing(admission_engine):
     """A (loose) runs and is preempted by B (mid); B is preempted by C (urgent). Keeping both
-    A and B paused would hold 6000 prompt tokens, over the 4000 budget: A is evicted (its
+    A and B paused would hold ~19 MB, over the ~13 MB paused budget: A is evicted (its
     paused state dropped), and recomputed from its first token later. All three complete."""
     engine = admission_engine
 

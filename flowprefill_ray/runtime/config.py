@@ -92,6 +92,22 @@ class PrefixCacheConfig(BaseModel):
     share_unsalted: bool = True
 
 
+class KVMemoryConfig(BaseModel):
+    """How much memory a prefill worker may fill with KV and paused prefills (``kv_budget.py``).
+
+    The worker measures its budget once, after loading the model: on CUDA ``gpu_fraction`` of
+    the device memory then free, on CPU ``cpu_budget_bytes``. The scheduling policy keeps what
+    the worker's units hold within it, in bytes, and keeps paused prefills within
+    ``paused_kv_fraction`` of it, evicting (and later recomputing) the lowest-ranked paused
+    ones beyond that (``flowprefill_ray/scheduling/kv_memory.py``)."""
+
+    model_config = _STRICT
+
+    gpu_fraction: float = Field(0.9, gt=0, le=1)
+    cpu_budget_bytes: int = Field(2 * 1024**3, ge=1)
+    paused_kv_fraction: float = Field(0.5, ge=0, le=1)
+
+
 class PrefillConfig(BaseModel):
     """How a prefill worker runs its units. (The chunk length of long prompts is the policy's
     ``long_chunk_tokens``: the policy and the workers must agree on it.)"""
@@ -118,6 +134,7 @@ class PrefillConfig(BaseModel):
     checkpoint_sync: Literal["auto", "sync", "bounded"] = "auto"
     max_run_ahead: int = Field(2, ge=1, le=64)
     prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
+    kv_memory: KVMemoryConfig = KVMemoryConfig()
 
     @field_validator("profile_tokens")
     @classmethod

@@ -83,6 +83,9 @@ class PrefillExecutor:
         self._ready_kv: dict[str, KVCache] = {}  # finished prompts waiting for a decode worker
         self._units_completed = 0
         self.prefix_reuse = PrefixReuse(prefix_cache, share_unsalted)
+        # The most this worker held at once, running unit included (bytes): sampled each time
+        # a forward stops (a pause or a chunk's end), when a unit holds the most it will.
+        self._held_peak = 0
 
     # ------------------------------------------------------------------ compute thread
 
@@ -167,6 +170,7 @@ class PrefillExecutor:
                     self._forward_failed(unit, error)
                     continue
                 unit.executed_s += time.perf_counter() - started
+                self._note_peak(unit)
                 if not finished:
                     return self._paused(unit)
                 self._absorb_chunk(unit)
@@ -413,12 +417,21 @@ class PrefillExecutor:
                 "held_bytes": held + paused_total,
                 # Kept apart from held_bytes: cached blocks stay by design (None: cache off).
                 "prefix_cache": self.prefix_reuse.stats(),
+                # The most it ever held at once, its running unit included.
+                "held_bytes_peak": self._held_peak,
             }
 
     def held_bytes(self) -> int:
         """Everything this worker holds between units, bytes (``stats()["held_bytes"]``)."""
         with self._lock:
             return sum(self._held(self._paused_units()))
+
+    def _note_peak(self, unit: WorkUnit) -> None:
+        """Sample what this worker holds now, ``unit`` (the one computing) included."""
+        with self._lock:
+            kv, paused = self._held(self._paused_units())
+            now = kv + paused + paused_bytes(unit)
+            self._held_peak = max(self._held_peak, now)
 
     def _paused_units(self) -> list[WorkUnit]:
         # Caller holds the lock.
@@ -428,4 +441,7 @@ class PrefillExecutor:
         """(KV bytes kept for chunked and finished prompts, bytes of the ``paused`` units)."""
         # Caller holds the lock.
         kv = sum(kv.nbytes for kv in (*self._partial_kv.values(), *self._ready_kv.values()))
+        # A prefix cache kept on this worker (prefill.prefix_cache) adds its nbytes here: it
+        # shares the KV budget the policy accounts for (kv_budget.py), so the worker must keep
+        # it within what the policy leaves free (PrefixCache.evict_to) and report it here.
         return kv, sum(paused_bytes(u) for u in paused)

@@ -22,6 +22,7 @@ from flowprefill_ray.model.generate import StopChecker, eos_token_ids
 from flowprefill_ray.model.prefix_cache import PrefixCache
 
 from .config import ModelSource, PrefillConfig
+from .kv_budget import measure_kv_budget
 from .messages import PrefillItemSpec, UnitOutcome
 from .metrics import RuntimeMetrics
 from .model_source import checkpoint_path, torch_device, torch_dtype
@@ -48,6 +49,10 @@ class PrefillWorker:
         path = checkpoint_path(source)
         self.model = load_model(
             path, device=self.device, dtype=torch_dtype(source), kernels=source.kernels
+        )
+        # Measured before anything else allocates: on CUDA it is a share of what is free now.
+        self.kv_budget = measure_kv_budget(
+            self.model, self.device, prefill.kv_memory, prefill.granularity, chunk_tokens
         )
         tokenizer = load_tokenizer(path)
         eos_ids = eos_token_ids(self.model, tokenizer)
@@ -93,9 +98,10 @@ class PrefillWorker:
     def adopt(self, epoch: int) -> dict:
         """A (new or restarted) scheduler takes this worker over: everything the previous one
         left here - running, paused and finished units, KV waiting for hand-off - is dropped,
-        and from now on only calls stamped with ``epoch`` are served. Returns what was dropped."""
+        and from now on only calls stamped with ``epoch`` are served. Returns what was dropped
+        and, under ``kv_budget``, this worker's ``KVBudget`` (the policy's WorkerJoined)."""
         self._epoch = epoch
-        return self._reporting(self.executor.reset)
+        return {**self._reporting(self.executor.reset), "kv_budget": self.kv_budget}
 
     def run(
         self, unit_id: int, items: list[PrefillItemSpec], epoch: int | None = None
@@ -169,7 +175,12 @@ class PrefillWorker:
         return self._reporting(lambda: self.executor.drop_request(request_id))
 
     def stats(self) -> dict:
-        return {"worker_id": self.worker_id, **self.executor.stats()}
+        return {
+            "worker_id": self.worker_id,
+            "kv_budget_bytes": self.kv_budget.budget_bytes,
+            "paused_budget_bytes": self.kv_budget.paused_budget_bytes,
+            **self.executor.stats(),
+        }
 
     def profile(self, token_counts: list[int], repeats: int = 2) -> list[tuple[int, float]]:
         """Time uninterrupted single-request prefills: ``[(tokens, median seconds)]``.

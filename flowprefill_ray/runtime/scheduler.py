@@ -150,16 +150,19 @@ class Scheduler:
             *(h.adopt.remote(self._epoch) for h in self._prefill.values()),
             return_exceptions=True,
         )
+        budgets = {}
         for wid, answer in zip(list(self._prefill), dropped, strict=True):
             if isinstance(answer, BaseException):
                 logger.error("prefill worker %s could not be adopted: %s", wid, answer)
                 self._prefill.pop(wid)
                 self._running_unit.pop(wid, None)
                 self._paused_units.pop(wid, None)
-            elif answer["units"] or answer["kv_requests"]:
+                continue
+            budgets[wid] = answer.pop("kv_budget")
+            if answer["units"] or answer["kv_requests"]:
                 logger.warning("prefill worker %s dropped orphaned state: %s", wid, answer)
-        for wid in self._prefill:
-            self._handle(WorkerJoined(wid))
+        for wid, budget in budgets.items():
+            self._handle(WorkerJoined(wid, budget))
         # Decode workers report their load back when requests finish; without that the
         # last accept reply would be all we knew, and it never goes down.
         me = context.current_actor
@@ -259,11 +262,12 @@ class Scheduler:
 
     async def add_prefill_worker(self, worker_id: str, handle) -> None:
         """A new prefill worker joined (scale-up or a replacement)."""
-        await handle.adopt.remote(self._epoch)  # a fresh process serves nobody's calls yet
+        # A fresh process serves nobody's calls yet; its answer carries its KV budget.
+        answer = await handle.adopt.remote(self._epoch)
         self._prefill[worker_id] = handle
         self._running_unit[worker_id] = None
         self._paused_units[worker_id] = set()
-        self._handle(WorkerJoined(worker_id))
+        self._handle(WorkerJoined(worker_id, answer["kv_budget"]))
 
     async def close(self) -> None:
         """Refuse new requests and fail the pending ones (engine shutdown)."""

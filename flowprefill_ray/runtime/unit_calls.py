@@ -172,9 +172,11 @@ class UnitCalls:
                 "prefill of %s failed on %s: %s", failed.request_id, worker_id, failed.detail
             )
             s._failures.fail_request(failed.request_id)
-        s._handle(UnitCompleted(worker_id, outcome.unit_id, outcome.executed_s))
+        # Hand-offs first: their KV take-outs then reach the worker before the next unit the
+        # policy starts there, which its KV budget counts on having free.
         for first in outcome.first_tokens:
             self._first_token(worker_id, first)
+        s._handle(UnitCompleted(worker_id, outcome.unit_id, outcome.executed_s))
         for rid in cancelled:
             self.drop(worker_id, rid)  # their KV must not stay on the worker
         for rid in rids:

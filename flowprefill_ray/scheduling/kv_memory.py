@@ -7,7 +7,8 @@ A worker without one is unbounded.
 What a unit costs. An item ``[start, end)`` writes the KV of its ``end - start`` new tokens
 (the prefix ``[0, start)`` of a chunked request is already on the worker, counted with the
 worker's partial requests) and, while it runs or waits paused, keeps the activations of the
-chunk in flight: at most ``min(end - start, chunk_tokens)`` tokens of them. A unit costs the
+chunk in flight: at most ``min(end - start, chunk_tokens)`` tokens of them, and as it ends
+its last token's logits (``sequence_bytes``). A unit costs the
 same running, pausing and paused: what it holds only grows until it completes, so reserving
 its end state from the start keeps the worker within its budget at every moment.
 
@@ -44,12 +45,14 @@ class KVBudget:
 
     ``kv_bytes_per_token``: the KV of one prompt token over all layers (keys and values);
     ``activation_bytes_per_token``: what a paused forward keeps per token of its chunk in
-    flight beyond that KV (hidden states, projections, rope tables)."""
+    flight beyond that KV (hidden states, projections, rope tables); ``sequence_bytes``: what
+    a forward holds per sequence beyond both (its last token's logits)."""
 
     budget_bytes: int
     paused_budget_bytes: int
     kv_bytes_per_token: int
     activation_bytes_per_token: int = 0
+    sequence_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.budget_bytes < 1 or self.kv_bytes_per_token < 1:
@@ -62,8 +65,8 @@ class KVBudget:
                 f"paused_budget_bytes must lie in [0, budget_bytes={self.budget_bytes}], "
                 f"got {self.paused_budget_bytes}"
             )
-        if self.activation_bytes_per_token < 0:
-            raise ValueError("activation_bytes_per_token must be >= 0")
+        if self.activation_bytes_per_token < 0 or self.sequence_bytes < 0:
+            raise ValueError("activation_bytes_per_token and sequence_bytes must be >= 0")
 
     @classmethod
     def of_tokens(cls, paused_tokens: int, total_tokens: int | None = None) -> KVBudget:
@@ -74,9 +77,8 @@ class KVBudget:
 
     def item_bytes(self, item: WorkItem, chunk_tokens: int) -> int:
         new = item.end - item.start
-        return new * self.kv_bytes_per_token + min(new, chunk_tokens) * (
-            self.activation_bytes_per_token
-        )
+        activations = min(new, chunk_tokens) * self.activation_bytes_per_token
+        return new * self.kv_bytes_per_token + activations + self.sequence_bytes
 
 
 class UnitRoom:
