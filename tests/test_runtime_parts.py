@@ -269,7 +269,9 @@ def test_worker_refuses_unit_calls_from_a_replaced_scheduler(tiny_dir):
     from flowprefill_ray.runtime.prefill_worker import PrefillWorker, StaleSchedulerError
 
     worker = PrefillWorker("p0", ModelSource(path=str(tiny_dir)), PrefillConfig(), 8192)
-    assert worker.adopt(epoch=7) == {"units": 0, "kv_requests": 0, "bytes": 0}
+    adopted = worker.adopt(epoch=7)
+    assert adopted == {"units": 0, "kv_requests": 0, "bytes": 0, "kv_budget": worker.kv_budget}
+    assert adopted["kv_budget"].budget_bytes == PrefillConfig().kv_memory.cpu_budget_bytes
     assert worker.run(1, [_item("a", _prompt(20))], epoch=7).status == "completed"
     with pytest.raises(StaleSchedulerError, match="epoch 6, now serving epoch 7"):
         worker.run(2, [_item("b", _prompt(20))], epoch=6)
