@@ -76,8 +76,8 @@ def test_a_head_that_does_not_fit_beside_paused_work_evicts_it():
     # 17 000 bytes in all, 12 000 for paused units. big (1000 tokens = 12 000 bytes) runs and
     # is preempted by mid (400 tokens = 4800): both fit. head (800 = 9600) arrives, ranks
     # below mid, and takes the worker when mid is done: beside big it would need 21 600, so
-    # big, which ranks below it, is evicted.
-    p = policy(kv_budget=budget(17_000, 12_000))
+    # big, which ranks below it, is evicted. (after_pause: the pause is answered first.)
+    p = policy(kv_budget=budget(17_000, 12_000), handover="after_pause")
     assert arrive(p, "big", 0.0, 1000, 60.0) == [run(1, "w0", ("big", 0, 1000))]
     assert arrive(p, "mid", 0.1, 400, 1.0) == [Preempt("w0", 1)]
     assert p.on_event(UnitPaused("w0", 1, 0.1), 0.1) == [run(2, "w0", ("mid", 0, 400))]
@@ -99,10 +99,29 @@ def test_a_victim_is_not_paused_when_the_newcomer_could_not_run_beside_it():
     assert arrive(p, "big", 0.0, 1000, 60.0) == [run(1, "w0", ("big", 0, 1000))]
     assert arrive(p, "mid", 0.1, 400, 1.0) == []
     assert p.stats()["preemptions"] == 0
-    # The same with room for both preempts.
+    # The same with room for both preempts; with the one-hop handover mid is queued behind
+    # the pausing big at once, and counted as held from then on.
     p = policy(kv_budget=budget(16_800, 15_000))
     assert arrive(p, "big", 0.0, 1000, 60.0) == [run(1, "w0", ("big", 0, 1000))]
-    assert arrive(p, "mid", 0.1, 400, 1.0) == [Preempt("w0", 1)]
+    assert arrive(p, "mid", 0.1, 400, 1.0) == [Preempt("w0", 1), run(2, "w0", ("mid", 0, 400))]
+    memory = p.stats()["kv_memory"]["w0"]
+    assert (memory["held_bytes"], memory["paused_bytes"]) == (16_800, 12_000)
+
+
+def test_a_one_hop_replacement_batches_only_within_what_the_victim_leaves():
+    # 20 000 bytes: big (12 000) pausing, mid (4800) queued behind it; small (300 tokens =
+    # 3600) would batch with mid but does not fit in the 3200 left.
+    p = policy(kv_budget=budget(20_000, 15_000))
+    assert arrive(p, "big", 0.0, 1000, 60.0) == [run(1, "w0", ("big", 0, 1000))]
+    assert arrive(p, "small", 0.05, 300, 100.0) == []  # due after big: it waits
+    assert arrive(p, "mid", 0.1, 400, 1.0) == [Preempt("w0", 1), run(2, "w0", ("mid", 0, 400))]
+    p2 = policy(kv_budget=budget(21_000, 15_000))
+    assert arrive(p2, "big", 0.0, 1000, 60.0) == [run(1, "w0", ("big", 0, 1000))]
+    assert arrive(p2, "small", 0.05, 300, 100.0) == []
+    assert arrive(p2, "mid", 0.1, 400, 1.0) == [
+        Preempt("w0", 1),
+        run(2, "w0", ("mid", 0, 400), ("small", 0, 300)),
+    ]
 
 
 @pytest.mark.parametrize("name", ["fcfs", "edf", "chunked"])
