@@ -212,3 +212,11 @@ def test_the_measured_budget_bounds_what_a_real_paused_prefill_holds(tiny_model,
     kv = state.result().kv[0]
     assert kv.nbytes == 300 * b.kv_bytes_per_token == 300 * kv_bytes_per_token(tiny_model)
     assert b.activation_bytes_per_token > 0
+
+
+def test_the_prefix_cache_budget_is_set_aside_from_the_kv_budget(tiny_model):
+    config = KVMemoryConfig(cpu_budget_bytes=50 * 2**20, paused_kv_fraction=0.5)
+    b = measure_kv_budget(
+        tiny_model, torch.device("cpu"), config, "block", 8192, reserved_bytes=20 * 2**20
+    )
+    assert (b.budget_bytes, b.paused_budget_bytes) == (30 * 2**20, 15 * 2**20)

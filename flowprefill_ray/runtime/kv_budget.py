@@ -10,6 +10,9 @@ on CPU a configured number of bytes. What a unit costs in it comes from the load
   granularity: the most it held at one checkpoint, less the probe's full KV;
 - per sequence: what a finished forward holds beyond both (the last token's logits).
 
+With the prefix cache on, its ``budget_bytes`` is set aside from the budget first: the cache
+and the units then share the worker's memory without exceeding it together.
+
 The scheduler receives the result with the worker's ``adopt`` answer and gives it to the
 policy in ``WorkerJoined`` (``flowprefill_ray/scheduling/kv_memory.py`` does the accounting).
 """
@@ -66,10 +69,25 @@ def probe_overheads(model, granularity: str, kv_per_token: int) -> tuple[int, in
 
 
 def measure_kv_budget(
-    model, device: torch.device, config: KVMemoryConfig, granularity: str, chunk_tokens: int
+    model,
+    device: torch.device,
+    config: KVMemoryConfig,
+    granularity: str,
+    chunk_tokens: int,
+    reserved_bytes: int = 0,
 ) -> KVBudget:
-    """The worker's ``KVBudget`` (see the module docstring)."""
-    total = budget_bytes(device, config)  # first: the probe's allocations are not ours to count
+    """The worker's ``KVBudget`` (see the module docstring), less ``reserved_bytes`` set
+    aside for other KV on the worker (its prefix cache, which keeps itself under them)."""
+    measured = budget_bytes(device, config)  # first: the probe's allocations are not ours
+    total = measured - reserved_bytes
+    if total < 1:
+        logger.warning(
+            "the prefix cache's %d bytes take all of this worker's KV budget of %d bytes: "
+            "units run beyond it (lower prefill.prefix_cache.budget_bytes)",
+            reserved_bytes,
+            measured,
+        )
+        total = 1
     kv = kv_bytes_per_token(model)
     activation, per_sequence = probe_overheads(model, granularity, kv)
     budget = KVBudget(

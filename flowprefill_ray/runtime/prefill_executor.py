@@ -441,7 +441,6 @@ class PrefillExecutor:
         """(KV bytes kept for chunked and finished prompts, bytes of the ``paused`` units)."""
         # Caller holds the lock.
         kv = sum(kv.nbytes for kv in (*self._partial_kv.values(), *self._ready_kv.values()))
-        # A prefix cache kept on this worker (prefill.prefix_cache) adds its nbytes here: it
-        # shares the KV budget the policy accounts for (kv_budget.py), so the worker must keep
-        # it within what the policy leaves free (PrefixCache.evict_to) and report it here.
+        # The prefix cache is not counted: its budget is set aside from the KV budget the
+        # policy keeps these bytes within (kv_budget.py), and it keeps itself under it.
         return kv, sum(paused_bytes(u) for u in paused)

@@ -51,8 +51,14 @@ class PrefillWorker:
             path, device=self.device, dtype=torch_dtype(source), kernels=source.kernels
         )
         # Measured before anything else allocates: on CUDA it is a share of what is free now.
+        cache = prefill.prefix_cache
         self.kv_budget = measure_kv_budget(
-            self.model, self.device, prefill.kv_memory, prefill.granularity, chunk_tokens
+            self.model,
+            self.device,
+            prefill.kv_memory,
+            prefill.granularity,
+            chunk_tokens,
+            reserved_bytes=cache.budget_bytes if cache.enabled else 0,
         )
         tokenizer = load_tokenizer(path)
         eos_ids = eos_token_ids(self.model, tokenizer)
@@ -65,7 +71,6 @@ class PrefillWorker:
 
         # "auto" becomes bounded run-ahead on CUDA (no stream sync per checkpoint), sync on CPU.
         self.checkpoint_sync = prefill.sync_mode(self.device.type)
-        cache = prefill.prefix_cache
         self.executor = PrefillExecutor(
             self.model,
             prefill.granularity,

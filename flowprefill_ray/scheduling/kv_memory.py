@@ -128,12 +128,17 @@ class KVMemory:
     def leave(self, worker_id: str) -> None:
         self.budgets.pop(worker_id, None)
 
-    def unit_bytes(self, u: UnitRecord) -> int:
-        """What unit ``u`` holds on its worker at most (0 on an unbounded worker)."""
-        budget = self.budgets.get(u.worker_id)
+    def items_bytes(self, worker_id: str, items: Iterable[WorkItem]) -> int:
+        """What a unit of ``items`` would hold on ``worker_id`` at most (0: unbounded)."""
+        budget = self.budgets.get(worker_id)
         if budget is None:
             return 0
-        return sum(budget.item_bytes(item, self.chunk_tokens) for item in u.unit.items)
+        return sum(budget.item_bytes(item, self.chunk_tokens) for item in items)
+
+    @staticmethod
+    def unit_bytes(u: UnitRecord) -> int:
+        """What unit ``u`` holds on its worker at most, priced when it was formed."""
+        return u.kv_bytes
 
     def paused_bytes(self, w: WorkerRecord) -> int:
         """Bytes of ``w``'s paused units and of its pausing unit, if any."""

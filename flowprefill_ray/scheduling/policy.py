@@ -95,8 +95,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, ABC):
     ) -> None:
         self.config = config
         self.predictor = predictor
-        # Each worker's KV budget, from its WorkerJoined (kv_memory.py).
-        self.memory = KVMemory(config.long_chunk_tokens)
+        self.memory = KVMemory(config.long_chunk_tokens)  # KV budgets from WorkerJoined
         self.slo = slo or DEFAULT_SLO_CONFIG
         self.admission = AdmissionControl(config.admission, predictor, self.slo)
         # Only the `queue` estimate needs the index; the count is kept for max_waiting.
@@ -353,11 +352,12 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, ABC):
     def _new_unit(
         self, w: WorkerRecord, items: list[WorkItem], now: float, room: UnitRoom | None = None
     ) -> UnitRecord:
-        """The records of a new unit of ``items`` on ``w``; its requests are RUNNING. A whole
-        prompt starts where ``w``'s prefix cache ends (``prefix_routing.py``). ``room``: what
-        the items took of ``w``'s KV budget, to count a unit started beyond it."""
+        """The records of a new unit of ``items`` (``room``: their share of ``w``'s KV budget).
+        A whole prompt starts where ``w``'s prefix cache ends (``prefix_routing.py``), but is
+        priced from ``item.start`` as decided: a cache hit is a copy the unit holds too."""
         if room is not None and room.over_budget:
             self.counters["over_budget_units"] += 1
+        kv_bytes = self.memory.items_bytes(w.worker_id, items)
         for i, item in enumerate(items):
             rec = self.requests[item.request_id]
             start = self._prefix_start(w.worker_id, rec, item.start, item.end)
@@ -385,6 +385,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, ABC):
             ttft_slo_s=head.ttft_slo_s,
             tiebreak=head.tiebreak,
             started_at_s=now,
+            kv_bytes=kv_bytes,
         )
         self.units[unit.unit_id] = u
         self.counters["units_started"] += 1

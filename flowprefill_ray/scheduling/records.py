@@ -69,6 +69,7 @@ class UnitRecord:
     state: UnitState = UnitState.RUNNING
     executed_s: float = 0.0  # compute before the current run (from UnitPaused)
     started_at_s: float = 0.0  # when the current run started or resumed
+    kv_bytes: int = 0  # the most it holds on its worker, bytes (kv_memory.py; 0: unbounded)
 
     @property
     def unit_id(self) -> int:
