@@ -127,12 +127,13 @@ def steady_trial(
     steady = steady_summary(result.records, rules.warmup_s, loosest)
     kept = [r.ttft_s for r in result.records if r.sent_s is not None and r.sent_s >= rules.warmup_s]
     ttfts = [t for t in kept if t is not None]
-    sent = [r.sent_s for r in result.records if r.sent_s is not None]
+    sent = [r for r in result.records if r.sent_s is not None]
     return {
         "rate_rps": rate_rps,
         "rate_scale": trial.rate_scale,
         "sending_s": sending_s,
         "sent": len(sent),
+        "prompt_tokens_mean": sum(r.prompt_tokens for r in sent) / max(1, len(sent)),
         "max_send_lag_s": max((r.send_lag_s for r in result.records if r.sent_s), default=None),
         "meets_rules": steady["steady_requests"] >= rules.min_requests
         and sending_s - rules.warmup_s >= rules.min_steady_s,

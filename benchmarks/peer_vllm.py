@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/peer_vllm.py --smoke --out /tmp/peer_vllm_smoke.json  # minutes
     bash run.sh bench-peer [ARGS]                                                  # the same
 
-Systems (``--systems``, the first is the reference whose capacity sets the rate grid):
+Systems (``--systems``):
 
 - ``flowprefill``: ``deployments/local.yaml``'s Serve app (SmolLM2 fp32 on CPU, the shipped
   policy and admission control), its SLO classes at ``--slo-scale``;
@@ -15,12 +15,14 @@ Systems (``--systems``, the first is the reference whose capacity sets the rate 
 
 Both run on the cores of ``--cores`` (this process's CPU affinity, inherited by Ray and by
 vLLM). Each system's session: start it, ask one greedy chat question (every system must give
-the same answer), measure its capacity (a burst of the trace's requests), then run the grid of
-steady trials (``peer_steady.py``: >= 180 s and >= 300 requests after a 30 s warm-up, unstable
-when the backlog does not drain within 2x the loosest SLO), the grid being fractions of the
-reference system's capacity; ``--repeats`` sessions per system. Requests are the trace's, at
-the same rate the same requests for every system (``loadgen``, open loop, token-id prompts,
-``ignore_eos``, outputs capped). The JSON has each system's goodput (the highest grid rate that
+the same answer), then run the grid of steady trials (``peer_steady.py``: >= 180 s and >= 300
+requests after a 30 s warm-up, unstable when the backlog does not drain within 2x the loosest
+SLO); ``--repeats`` sessions per system. The grid is ``--fractions`` of the capacity of the
+``--reference`` system (default: vLLM fcfs, a work-conserving server without admission
+control), measured as its throughput on a burst of the trace's requests at the start of each
+of its sessions; its sessions run first. Requests are the trace's: at one rate the same
+requests for every system (``loadgen``, open loop, token-id prompts, ``ignore_eos``, outputs
+capped). The JSON has each system's goodput (the highest grid rate that
 held 90 % TTFT attainment in every repeat), the ratios against vLLM, per-class attainment and
 TTFT percentiles per trial, the servers' flags, thread binding, command, commit and machine.
 
@@ -65,6 +67,8 @@ SMOKE = dict(
     min_requests=0,
     warmup_s=10.0,
     capacity_requests=12,
+    max_num_batched_tokens="512",
+    aiperf_requests=8,
 )
 
 
@@ -80,13 +84,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cores", default=None, help="CPU ids for every server, e.g. 0-1 (default: all)"
     )
     p.add_argument("--repeats", type=int, default=2, help="sessions per system")
-    p.add_argument("--fractions", default="0.4,0.6,0.8,1.0,1.2", help="rates, x capacity")
+    p.add_argument("--fractions", default="0.2,0.4,0.6,0.8,1.0", help="rates, x capacity")
+    p.add_argument(
+        "--reference",
+        default="vllm-fcfs",
+        help="the system (or the first whose name starts so) whose capacity sets the grid; "
+        "its sessions run first. A server that refuses work it cannot serve in time "
+        "(ours, with admission control) would understate the machine's capacity",
+    )
     p.add_argument("--capacity-rps", type=float, default=None, help="skip measuring; use this")
     p.add_argument("--capacity-requests", type=int, default=60, help="burst size (requests)")
     p.add_argument("--min-steady-s", type=float, default=180.0)
     p.add_argument("--min-requests", type=int, default=300)
     p.add_argument("--warmup-s", type=float, default=30.0)
     p.add_argument("--target", type=float, default=0.9, help="TTFT attainment to hold (0..1)")
+    p.add_argument(
+        "--aiperf",
+        action="store_true",
+        help="also drive each system once with NVIDIA aiperf at the lowest grid rate (a "
+        "second client as a cross-check; installs it into its own venv)",
+    )
+    p.add_argument("--aiperf-requests", type=int, default=100)
     p.add_argument("--max-num-batched-tokens", default="256,1024", help="vLLM sweep, comma list")
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--vllm-kvcache-gib", type=int, default=1)
@@ -108,7 +126,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def systems(args: argparse.Namespace) -> list[tuple[str, VllmFlags | None]]:
-    """``(name, vLLM flags or None for ours)`` per system, in the order they run."""
+    """``(name, vLLM flags or None for ours)`` per system, in the order they run: the
+    ``--reference`` system first, the others in ``--systems`` order."""
     budgets = [int(b) for b in args.max_num_batched_tokens.split(",") if b.strip()]
     chosen: list[tuple[str, VllmFlags | None]] = []
     for name in (s.strip() for s in args.systems.split(",") if s.strip()):
@@ -126,7 +145,12 @@ def systems(args: argparse.Namespace) -> list[tuple[str, VllmFlags | None]]:
                 chosen.append((flags.name, flags))
         else:
             raise ValueError(f"unknown system {name!r}: flowprefill, vllm-priority, vllm-fcfs")
-    return chosen
+    reference = next(
+        (i for i, (name, _) in enumerate(chosen) if name.startswith(args.reference)), None
+    )
+    if reference is None:
+        raise ValueError(f"--reference {args.reference!r} is none of {[n for n, _ in chosen]}")
+    return [chosen[reference], *chosen[:reference], *chosen[reference + 1 :]]
 
 
 def our_app_args(slo_scale: float) -> dict[str, Any]:
@@ -150,6 +174,15 @@ def request_priorities(flags: VllmFlags | None, slo: Any) -> dict[str, int] | No
     if flags is None or flags.scheduling_policy != "priority":
         return None
     return priority_by_target(ttft_targets(slo))
+
+
+def stop_cleanly_on_signals() -> None:
+    """A plain ``kill`` must stop the servers as Ctrl-C does: SIGTERM raises an exception that
+    unwinds through every session's context manager. Called again before every session:
+    ``ray.shutdown()`` at the end of our system's session puts the default handlers back (a
+    SIGTERM then killed this process at once and left the next vLLM server running)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextlib.contextmanager
@@ -258,43 +291,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for repeat in range(args.repeats):
         for name, flags in chosen:
             print(f"[peer] {name}, session {repeat + 1}/{args.repeats}: starting", flush=True)
+            stop_cleanly_on_signals()
             with serving(name, flags, args, slo, run_dir / f"r{repeat}") as (endpoint, info):
                 info["greedy_answer"] = greedy_answer(endpoint)
-                print(
-                    f"[peer] {name}: up in {info['startup_s']:.0f} s; greedy: "
-                    f"{info['greedy_answer']!r}",
-                    flush=True,
-                )
+                print(f"[peer] {name}: up in {info['startup_s']:.0f} s; greedy: "
+                      f"{info['greedy_answer']!r}", flush=True)  # fmt: skip
                 results[name]["sessions"].append(info)
-                if args.capacity_rps is None:
+                if args.capacity_rps is None and name == chosen[0][0]:
                     capacity = measure_capacity(endpoint, replay, slo, args.capacity_requests)
                     results[name]["capacity"].append(capacity)
-                    print(
-                        f"[peer] {name}: capacity {capacity['capacity_rps']:.2f} req/s", flush=True
-                    )
-                    if not rates:  # the reference system's first session sets the grid
+                    print(f"[peer] capacity {capacity['capacity_rps']:.2f} req/s", flush=True)
+                    if not rates:  # the reference's first session sets the grid
                         reference_rps = capacity["capacity_rps"]
                         rates = grid_rates(reference_rps, fractions)
                 for rate in rates:
-                    trial = steady_trial(
-                        endpoint,
-                        replay,
-                        slo,
-                        rate,
-                        rules,
-                        offsets,
-                        run_dir / f"r{repeat}" / name / f"{rate:.3f}rps",
-                    )
+                    out = run_dir / f"r{repeat}" / name / f"{rate:.3f}rps"
+                    trial = steady_trial(endpoint, replay, slo, rate, rules, offsets, out)
                     trial["repeat"] = repeat
                     results[name]["trials"].append(trial)
-                    print(
-                        f"[peer] {name} {rate:.3f} req/s: attainment "
-                        f"{trial['attainment']:.3f}, stable {trial['stable']}",
-                        flush=True,
+                    print(f"[peer] {name} {rate:.3f} req/s: attainment "
+                          f"{trial['attainment']:.3f}, stable {trial['stable']}", flush=True)  # fmt: skip
+                if args.aiperf and repeat == 0 and results[name]["trials"]:
+                    results[name]["aiperf"] = aiperf_cross_check(
+                        endpoint, args, results[name]["trials"][0], run_dir / "aiperf" / name
                     )
     for r in results.values():
         r.update(grid_goodput(r["trials"], rules.target))
-    answers = {n: s["greedy_answer"] for n, r in results.items() for s in r["sessions"]}
+    answers = {n: [s["greedy_answer"] for s in r["sessions"]] for n, r in results.items()}
     return {
         "smoke": bool(args.smoke),
         "systems": results,
@@ -302,9 +325,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "greedy": {
             "question": GREEDY_QUESTION,
             "answers": answers,
-            "all_equal": len(set(answers.values())) == 1,
+            "all_equal": len({a for each in answers.values() for a in each}) == 1,
         },
         "cores": sorted(os.sched_getaffinity(0)),
+        "reference": chosen[0][0],
         "reference_capacity_rps": reference_rps,
         "rates_rps": rates,
         "rules": rules.model_dump(),
@@ -312,6 +336,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "slo_targets_s": ttft_targets(slo),
         "vllm_install_s": install_s,
     }
+
+
+def aiperf_cross_check(endpoint: Any, args: argparse.Namespace, trial: dict, out: Path) -> dict:
+    """aiperf at ``trial``'s rate, prompts of its mean length, beside our client's TTFT."""
+    from peer_aiperf import cross_check, run_aiperf
+
+    extra: dict[str, Any] = {"ignore_eos": True}
+    measured = run_aiperf(
+        endpoint.base_url,
+        endpoint.model,
+        trial["rate_rps"],
+        max(1, round(trial["prompt_tokens_mean"])),
+        args.max_output_tokens,
+        args.aiperf_requests,
+        extra,
+        out,
+    )
+    print(f"[peer] aiperf: TTFT ms {measured['ttft_ms']} error {measured['error']}", flush=True)
+    return cross_check(measured, trial)
 
 
 def goodput_ratios(results: dict[str, Any]) -> dict[str, Any]:
@@ -331,9 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     from provenance import write_report
 
     args = parse_args(argv)
-    # A plain `kill` must stop the servers like Ctrl-C does: turn SIGTERM into an exception
-    # that unwinds through every session's context manager.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    stop_cleanly_on_signals()
     started = time.perf_counter()
     document = run(args)
     document["wall_s"] = time.perf_counter() - started

@@ -194,6 +194,7 @@ class VllmServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_terminate_with_parent,
             )
         try:
             self._wait_ready()
@@ -246,6 +247,16 @@ class VllmServer:
                 process.poll()  # reap the leader so its pid leaves the group
                 time.sleep(0.2)
         process.poll()
+
+
+def _terminate_with_parent() -> None:
+    """In the server's process, before exec: SIGTERM it when the benchmark's process dies, even
+    by SIGKILL, when no ``__exit__`` runs (Linux's PR_SET_PDEATHSIG; the server then stops its
+    engine itself)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _group_alive(pgid: int) -> bool:

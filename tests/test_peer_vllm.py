@@ -19,25 +19,35 @@ steady = load_script("benchmarks/peer_steady.py")
 vllm_server = load_script("benchmarks/vllm_server.py")
 
 
-def test_every_vllm_policy_runs_once_per_swept_token_budget_after_ours():
+def test_every_vllm_policy_runs_once_per_swept_token_budget_and_the_reference_first():
     args = peer.parse_args(["--max-num-batched-tokens", "256,1024", "--max-num-seqs", "4"])
     chosen = peer.systems(args)
+    # vLLM fcfs (work-conserving, no admission control) sets the grid: its sessions go first.
     assert [name for name, _ in chosen] == [
+        "vllm-fcfs-mnbt256",
         "flowprefill",
         "vllm-priority-mnbt256",
         "vllm-priority-mnbt1024",
-        "vllm-fcfs-mnbt256",
         "vllm-fcfs-mnbt1024",
     ]
-    assert chosen[0][1] is None
-    assert {flags.max_num_seqs for _, flags in chosen[1:]} == {4}
+    assert chosen[1][1] is None
+    assert {flags.max_num_seqs for name, flags in chosen if flags} == {4}
+    ours_first = peer.systems(peer.parse_args(["--reference", "flowprefill"]))
+    assert ours_first[0][0] == "flowprefill"
     with pytest.raises(ValueError, match="sglang"):
         peer.systems(peer.parse_args(["--systems", "flowprefill,sglang"]))
+    with pytest.raises(ValueError, match="--reference 'vllm-fcfs'"):
+        peer.systems(peer.parse_args(["--systems", "flowprefill,vllm-priority"]))
 
 
 def test_smoke_is_one_short_low_rate_session_and_the_full_run_keeps_the_steady_rules():
     smoke = peer.parse_args(["--smoke", "--repeats", "5"])
     assert (smoke.smoke, smoke.repeats, smoke.fractions, smoke.min_requests) == (True, 1, "0.3", 0)
+    assert [name for name, _ in peer.systems(smoke)] == [
+        "vllm-fcfs-mnbt512",
+        "flowprefill",
+        "vllm-priority-mnbt512",
+    ]
     full = peer.parse_args([])
     assert (full.min_steady_s, full.min_requests, full.repeats) == (180.0, 300, 2)
     assert full.max_output_tokens == 8 and full.max_prompt_tokens == 384
