@@ -7,6 +7,8 @@ docs/BENCHMARKS.md, "vLLM on CPU as a peer".
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from repo_scripts import load_script
 
@@ -158,3 +160,28 @@ def test_ratios_compare_ours_with_the_best_budget_of_each_vllm_policy():
     assert ratios["goodput_ratio_vs_vllm_priority"] == 2.0
     assert ratios["best_vllm_priority"] == "vllm-priority-mnbt1024"
     assert ratios["goodput_ratio_vs_vllm_fcfs"] is None  # vLLM fcfs held no rate of the grid
+
+
+def test_aiperfs_ttft_is_read_from_its_export_and_set_beside_ours(tmp_path):
+    aiperf = load_script("benchmarks/peer_aiperf.py")
+    assert aiperf.aiperf_ttft_ms(tmp_path) is None  # aiperf failed: nothing exported
+    # The layout aiperf 0.13 wrote in the smoke run (profile_export_aiperf.json), trimmed.
+    export = {
+        "schema_version": "1",
+        "request_latency": {"unit": "ms", "avg": 2000.0, "p50": 1900.0, "p99": 2500.0},
+        "time_to_first_token": {
+            "unit": "ms",
+            "avg": 901.5,
+            "p50": 1040.4,
+            "p90": 1184.8,
+            "p99": 1246.6,
+        },
+    }
+    (tmp_path / "profile_export_aiperf.json").write_text(json.dumps(export))
+    ttft = aiperf.aiperf_ttft_ms(tmp_path)
+    assert ttft == {"avg": 901.5, "p50": 1040.4, "p90": 1184.8, "p99": 1246.6}
+    trial = {"ttft_s": {"p50": 0.5, "p90": 1.0, "p99": None}}
+    check = aiperf.cross_check({"ttft_ms": ttft}, trial)
+    assert check["loadgen_ttft_ms"] == {"p50": 500.0, "p90": 1000.0, "p99": None}
+    assert check["p50_ratio_aiperf_over_loadgen"] == pytest.approx(1040.4 / 500.0)
+    assert aiperf.cross_check({"ttft_ms": None}, trial)["p50_ratio_aiperf_over_loadgen"] is None
