@@ -119,6 +119,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-dir", default="results/peer_vllm", help="trials' records, server logs")
     p.add_argument("--out", default="results/peer_vllm_cpu.json")
     args = p.parse_args(argv)
+    if args.smoke and "docs/results" in Path(args.out).resolve().as_posix():
+        p.error("--smoke measures nothing worth keeping: give an --out outside docs/results")
     if args.smoke:
         for name, value in SMOKE.items():
             setattr(args, name, value)

@@ -50,6 +50,8 @@ def test_smoke_is_one_short_low_rate_session_and_the_full_run_keeps_the_steady_r
         "flowprefill",
         "vllm-priority-mnbt512",
     ]
+    with pytest.raises(SystemExit):
+        peer.parse_args(["--smoke", "--out", "docs/results/peer_vllm_cpu.json"])
     full = peer.parse_args([])
     assert (full.min_steady_s, full.min_requests, full.repeats) == (180.0, 300, 2)
     assert full.max_output_tokens == 8 and full.max_prompt_tokens == 384
