@@ -58,14 +58,17 @@ def run_aiperf(
     output_tokens: int,
     requests: int,
     extra_inputs: dict[str, Any],
+    tokenizer: Path,
     out_dir: Path,
     timeout_s: float = 1800.0,
 ) -> dict[str, Any]:
-    """Drive ``url`` with aiperf at ``rate_rps`` (Poisson, ``requests`` requests of
-    ``prompt_tokens`` in and ``output_tokens`` out, ``extra_inputs`` merged into each body);
-    returns what it measured. A failure of aiperf is recorded, not raised."""
+    """Drive ``url`` with aiperf at ``rate_rps`` (``requests`` requests of ``prompt_tokens``
+    in and ``output_tokens`` out, ``extra_inputs`` merged into each body; lengths counted with
+    the tokenizer of the checkpoint directory ``tokenizer``); returns what it measured. A
+    failure of aiperf is recorded, not raised."""
     env = {
         **os.environ,
+        "TOKENIZER": str(tokenizer),
         "TARGET_URL": url,
         "MODEL": model,
         "REQUEST_RATE": f"{rate_rps:g}",

@@ -344,6 +344,8 @@ def aiperf_cross_check(endpoint: Any, args: argparse.Namespace, trial: dict, out
     """aiperf at ``trial``'s rate, prompts of its mean length, beside our client's TTFT."""
     from peer_aiperf import cross_check, run_aiperf
 
+    from flowprefill_ray.model.checkpoints import default_checkpoint
+
     extra: dict[str, Any] = {"ignore_eos": True}
     measured = run_aiperf(
         endpoint.base_url,
@@ -353,6 +355,7 @@ def aiperf_cross_check(endpoint: Any, args: argparse.Namespace, trial: dict, out
         args.max_output_tokens,
         args.aiperf_requests,
         extra,
+        default_checkpoint(),
         out,
     )
     print(f"[peer] aiperf: TTFT ms {measured['ttft_ms']} error {measured['error']}", flush=True)

@@ -40,7 +40,7 @@ if [[ ! -x "$AIPERF_VENV/bin/aiperf" ]]; then
 fi
 
 # The tokenizer aiperf counts tokens with: the served model's own checkpoint directory.
-TOKENIZER=$(HF_HUB_OFFLINE=1 "$PY" -m flowprefill_ray prepare-model | tail -n 1)
+TOKENIZER=${TOKENIZER:-$(HF_HUB_OFFLINE=1 "$PY" -m flowprefill_ray prepare-model | tail -n 1)}
 mkdir -p "$OUT"
 if [[ -n "$TARGET_URL" ]]; then
   URL=$TARGET_URL
