@@ -83,7 +83,7 @@ def measure_capacity(endpoint: Any, replay: Any, slo: Any, requests: int) -> dic
     ok = [r for r in result.records if r.status == "ok"]
     if not ok:
         raise RuntimeError(f"no request of the capacity burst succeeded: {result.records[0]}")
-    span_s = max(r.end_s for r in ok) - min(r.sent_s for r in result.records if r.sent_s)
+    span_s = max(r.end_s for r in ok) - min(r.sent_s for r in result.sent)
     return {
         "requests": requests,
         "served": len(ok),
@@ -125,16 +125,15 @@ def steady_trial(
     if out_dir is not None:
         write_results(result, out_dir, extra={"slo": slo.model_dump()})
     steady = steady_summary(result.records, rules.warmup_s, loosest)
-    kept = [r.ttft_s for r in result.records if r.sent_s is not None and r.sent_s >= rules.warmup_s]
-    ttfts = [t for t in kept if t is not None]
     sent = [r for r in result.records if r.sent_s is not None]
+    ttfts = [r.ttft_s for r in sent if r.sent_s >= rules.warmup_s and r.ttft_s is not None]
     return {
         "rate_rps": rate_rps,
         "rate_scale": trial.rate_scale,
         "sending_s": sending_s,
         "sent": len(sent),
         "prompt_tokens_mean": sum(r.prompt_tokens for r in sent) / max(1, len(sent)),
-        "max_send_lag_s": max((r.send_lag_s for r in result.records if r.sent_s), default=None),
+        "max_send_lag_s": max((r.send_lag_s for r in sent), default=None),
         "meets_rules": steady["steady_requests"] >= rules.min_requests
         and sending_s - rules.warmup_s >= rules.min_steady_s,
         "ttft_s": {f"p{q}": percentile(ttfts, q) for q in (50, 90, 99)},

@@ -8,13 +8,19 @@ docs/BENCHMARKS.md, "vLLM on CPU as a peer".
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
+import uvicorn
+from conftest_ray import free_port
 from repo_scripts import load_script
+from test_loadgen import PREFILL_S_PER_TOKEN, StreamingServer
+from waiting import wait_until
 
 from flowprefill_ray.scheduling.slo import SLOConfig
 from loadgen import EndpointConfig, PlannedRequest, ReplayConfig
 from loadgen.client import request_body
+from loadgen.plan import load_trace_workload, plan_requests, ttft_targets
 
 peer = load_script("benchmarks/peer_vllm.py")
 steady = load_script("benchmarks/peer_steady.py")
@@ -187,3 +193,63 @@ def test_aiperfs_ttft_is_read_from_its_export_and_set_beside_ours(tmp_path):
     assert check["loadgen_ttft_ms"] == {"p50": 500.0, "p90": 1000.0, "p99": None}
     assert check["p50_ratio_aiperf_over_loadgen"] == pytest.approx(1040.4 / 500.0)
     assert aiperf.cross_check({"ttft_ms": None}, trial)["p50_ratio_aiperf_over_loadgen"] is None
+
+
+@pytest.fixture(scope="module")
+def sse_server():
+    """test_loadgen's OpenAI-style SSE endpoint on 127.0.0.1: a first token after
+    ``PREFILL_S_PER_TOKEN`` s per prompt token (model ``serial``: one prefill at a time)."""
+    fake = StreamingServer()
+    port = free_port()
+    uv = uvicorn.Server(
+        uvicorn.Config(fake.app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    wait_until(lambda: uv.started, 20, "the local SSE server to start")
+    fake.url = f"http://127.0.0.1:{port}"
+    yield fake
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_a_steady_trial_sends_its_rate_and_judges_only_requests_after_the_warm_up(
+    sse_server, tmp_path
+):
+    slo = SLOConfig(scale=4)
+    replay = ReplayConfig(
+        trace="azure-conv", prompt_scale=0.1, max_prompt_tokens=64, max_output_tokens=2
+    )
+    endpoint = EndpointConfig(base_url=sse_server.url, model="fake", ignore_eos=True)
+    rules = steady.SteadyRules(min_steady_s=3.0, min_requests=8, warmup_s=1.0)
+    offsets = steady.trace_offsets_s(replay, slo)
+    trial = steady.steady_trial(endpoint, replay, slo, 4.0, rules, offsets, tmp_path)
+    assert trial["sending_s"] == 4.0 and trial["meets_rules"]
+    assert abs(trial["sent"] - 16) <= 1  # 4 req/s for 4 s
+    # Requests sent in the first second (the trace's first one at 0 s at least) are left out.
+    records = json.loads((tmp_path / "results.json").read_text())["requests"]
+    after_warmup = [r for r in records if r["sent_s"] is not None and r["sent_s"] >= 1.0]
+    assert trial["steady_requests"] == len(after_warmup) < trial["sent"]
+    # <= 64 tokens at 2 ms each: every first token within the tightest target (1 s).
+    assert trial["attainment"] == 1.0 and trial["stable"]
+    assert 0 < trial["ttft_s"]["p50"] <= trial["ttft_s"]["p99"] < 1.0
+    assert set(trial["per_class"]) <= {"text", "image", "search", "file"}
+
+
+def test_capacity_is_what_a_serial_server_gets_through_a_burst(sse_server):
+    slo = SLOConfig(scale=4)
+    replay = ReplayConfig(
+        trace="azure-conv", prompt_scale=0.1, max_prompt_tokens=200, max_output_tokens=1
+    )
+    endpoint = EndpointConfig(base_url=sse_server.url, model="serial", ignore_eos=True)
+    measured = steady.measure_capacity(endpoint, replay, slo, requests=10)
+    burst = plan_requests(
+        load_trace_workload("azure-conv"),
+        replay.model_copy(update={"max_requests": 10}),
+        ttft_targets(slo),
+    )
+    serial_s = sum(p.prompt_tokens for p in burst) * PREFILL_S_PER_TOKEN
+    assert measured["served"] == 10 and measured["rejected"] == 0
+    # One prefill at a time: the burst cannot end before the prefills' sum.
+    assert measured["span_s"] >= serial_s
+    assert 0.5 * 10 / (serial_s + 1.0) < measured["capacity_rps"] <= 10 / serial_s
