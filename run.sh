@@ -2,6 +2,8 @@
 # The README's two commands:
 #   bash run.sh demo   - install into .venv if needed, then run the main job on the embedded default
 #   bash run.sh test   - install into .venv if needed, then run the test suite
+#   bash run.sh bench-peer - our deployment against vLLM on CPU (benchmarks/peer_vllm.py; installs
+#                            vLLM into .venv-vllm first; hours, --smoke for minutes)
 # Other subcommands are passed to the `flowprefill` CLI (e.g. `bash run.sh bench`).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -43,6 +45,9 @@ case "$cmd" in
   test)
     install
     exec "$PY" -m pytest "$@" ;;
+  bench-peer)
+    install
+    exec "$PY" benchmarks/peer_vllm.py "$@" ;;
   lint)
     install
     "$VENV/bin/ruff" check flowprefill_ray loadgen tests benchmarks scripts

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from flowprefill_ray.scheduling.slo import SLOConfig
 
-from .config import EndpointConfig, ReplayConfig
+from .config import EndpointConfig, ReplayConfig, parse_priority_spec
 from .replay_args import add_replay_arguments, replay_config
 
 
@@ -42,6 +42,14 @@ def _common_args(parser: argparse.ArgumentParser, omit: tuple[str, ...] = ()) ->
     end.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     end.add_argument("--no-slo", action="store_true", help="do not send slo_class / X-SLO-Class")
     end.add_argument("--ignore-eos", action="store_true", help="send vLLM's ignore_eos extension")
+    end.add_argument(
+        "--priority",
+        default=None,
+        metavar="auto|CLASS=N,...",
+        help="send vLLM's per-request priority field (lower is served first under its "
+        "--scheduling-policy priority): 'auto' ranks the SLO classes by TTFT target "
+        "(tightest 0), or give each class its integer",
+    )
 
     rep = add_replay_arguments(parser, omit=omit)
     rep.add_argument(
@@ -80,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configs_from_args(args: argparse.Namespace) -> tuple[EndpointConfig, ReplayConfig, SLOConfig]:
     """Validate the CLI's values into the three configs (pydantic errors name the field)."""
+    slo = SLOConfig(scale=args.slo_scale)
+    priority = None
+    if args.priority is not None:
+        from .plan import ttft_targets
+
+        priority = parse_priority_spec(args.priority, ttft_targets(slo))
     endpoint = EndpointConfig(
         base_url=args.url,
         model=args.model,
@@ -88,9 +102,10 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EndpointConfig, ReplayC
         request_timeout_s=args.timeout,
         send_slo=not args.no_slo,
         ignore_eos=args.ignore_eos,
+        priority=priority,
     )
     replay = replay_config(args)
-    return endpoint, replay, SLOConfig(scale=args.slo_scale)
+    return endpoint, replay, slo
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -69,6 +69,8 @@ def request_body(
         body["slo_class"] = planned.slo_class
     if endpoint.ignore_eos:
         body["ignore_eos"] = True
+    if endpoint.priority is not None:
+        body["priority"] = endpoint.priority[planned.slo_class]
     return body
 
 

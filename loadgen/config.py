@@ -7,6 +7,7 @@ a run (request count, wall-clock duration). Both are validated once, at the CLI 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -28,6 +29,9 @@ class EndpointConfig(BaseModel):
     (servers that do not know them ignore both).
     ``ignore_eos``: ask the server to generate exactly ``max_tokens`` (vLLM's extension field;
     others ignore it).
+    ``priority``: SLO class -> integer sent as the body's ``priority`` field (vLLM's extension,
+    honoured under ``--scheduling-policy priority``: lower is served first); ``None`` sends no
+    such field. A run whose plan has a class missing here is refused before anything is sent.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -40,6 +44,7 @@ class EndpointConfig(BaseModel):
     send_slo: bool = True
     ignore_eos: bool = False
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    priority: dict[str, int] | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -140,3 +145,32 @@ def _split_tenant(part: str) -> tuple[str, str, str]:
     if len(pieces) < 2:
         return part.strip(), "", ""
     return "=".join(pieces[:-1]).strip(), "=", pieces[-1].strip()
+
+
+def priority_by_target(ttft_slo_s: Mapping[str, float]) -> dict[str, int]:
+    """SLO class -> priority ranked by TTFT target: the tightest class 0, the next 1, ...
+    (classes with equal targets share a rank): what a request's urgency means to a server
+    that only orders by an integer."""
+    ranks = {target: rank for rank, target in enumerate(sorted(set(ttft_slo_s.values())))}
+    return {name: ranks[target] for name, target in sorted(ttft_slo_s.items())}
+
+
+def parse_priority_spec(spec: str, ttft_slo_s: Mapping[str, float]) -> dict[str, int]:
+    """A ``--priority`` value: ``auto`` (``priority_by_target`` of ``ttft_slo_s``) or
+    ``CLASS=N,CLASS=N`` (explicit integers). Raises ``ValueError`` naming the bad part."""
+    if spec.strip() == "auto":
+        return priority_by_target(ttft_slo_s)
+    priorities: dict[str, int] = {}
+    for part in spec.split(","):
+        name, sep, value = (s.strip() for s in part.partition("="))
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if not sep or not name or number is None:
+            raise ValueError(
+                f"priority {part!r} of {spec!r} is not CLASS=INTEGER (e.g. text=0,file=3), "
+                "nor is the whole value 'auto'"
+            )
+        priorities[name] = number
+    return priorities

@@ -59,8 +59,16 @@ async def run_open_loop(
     At most ``replay.max_requests`` requests are sent, none after ``replay.duration_s`` seconds;
     once the last one is sent, requests still streaming get ``replay.drain_s`` more seconds,
     then are cancelled and recorded as ``unfinished``. The run therefore lasts at most
-    ``duration_s + drain_s`` seconds.
+    ``duration_s + drain_s`` seconds. Raises ``ValueError`` before sending anything when
+    ``endpoint.priority`` lacks a class of the plan (its requests could not be sent as asked).
     """
+    if endpoint.priority is not None:
+        missing = sorted({p.slo_class for p in plan} - set(endpoint.priority))
+        if missing:
+            raise ValueError(
+                f"no priority for SLO classes {missing} of the plan; "
+                f"priorities given: {endpoint.priority}"
+            )
     records = [_new_record(p) for p in plan]
     to_send = [
         (p, r) for p, r in zip(plan, records, strict=True) if p.send_at_s < replay.duration_s

@@ -37,8 +37,10 @@ from loadgen import (
     write_results,
 )
 from loadgen.cli import build_parser as loadgen_parser
+from loadgen.cli import configs_from_args
 from loadgen.cli import main as loadgen_main
 from loadgen.client import sse_payloads
+from loadgen.config import parse_priority_spec
 from loadgen.plan import load_trace_workload, plan_requests, ttft_targets
 from loadgen.replay_args import add_replay_arguments, replay_config
 from loadgen.summary import percentile
@@ -53,6 +55,8 @@ class StreamingServer:
 
     def __init__(self) -> None:
         self.arrivals: list[tuple[float, int, str | None, str | None]] = []
+        # The body's ``priority`` field per request, in arrival order (None: not sent).
+        self.priorities: list[int | None] = []
         self.lock = threading.Lock()
         self.prefill_lock: asyncio.Lock | None = None  # created on the server's event loop
 
@@ -71,6 +75,7 @@ class StreamingServer:
                         request.headers.get("x-slo-class"),
                     )
                 )
+                self.priorities.append(body.get("priority"))
             if body["model"] == "busy":
                 return JSONResponse(
                     {
@@ -237,6 +242,51 @@ def test_slo_class_travels_as_body_field_and_header(server):
     plan = _plan((0.0, 10, 1, "search", 4.0))
     asyncio.run(run_open_loop(_endpoint(server), ReplayConfig(), plan, progress=False))
     assert [(a[1], a[2], a[3]) for a in server.arrivals] == [(10, "search", "search")]
+
+
+def test_each_class_sends_its_priority_and_a_class_without_one_sends_nothing(server):
+    server.arrivals.clear()
+    server.priorities.clear()
+    plan = _plan((0.0, 10, 1, "file", 24.0), (0.01, 10, 1, "text", 1.0))
+    priority = parse_priority_spec("auto", ttft_targets(SLOConfig(scale=4)))
+    assert priority == {"text": 0, "image": 1, "search": 2, "file": 3}
+    endpoint = _endpoint(server, priority=priority, send_slo=False)
+    asyncio.run(run_open_loop(endpoint, ReplayConfig(), plan, progress=False))
+    assert sorted(zip([a[2] for a in server.arrivals], server.priorities, strict=True)) == [
+        (None, 0),
+        (None, 3),
+    ]
+    # A class the mapping lacks: refused before any request leaves.
+    server.priorities.clear()
+    with pytest.raises(ValueError, match="'search'"):
+        asyncio.run(
+            run_open_loop(
+                _endpoint(server, priority={"text": 0}),
+                ReplayConfig(),
+                _plan((0.0, 10, 1, "search", 4.0)),
+                progress=False,
+            )
+        )
+    assert server.priorities == []
+    # Without a mapping no priority field is sent at all.
+    asyncio.run(run_open_loop(_endpoint(server), ReplayConfig(), plan[:1], progress=False))
+    assert server.priorities == [None]
+
+
+@pytest.mark.parametrize("spec", ["text", "text=high", "=1", "auto,text=0"])
+def test_malformed_priority_specs_are_named(spec):
+    with pytest.raises(ValueError, match="CLASS=INTEGER"):
+        parse_priority_spec(spec, {"text": 1.0})
+
+
+def test_cli_priority_reaches_the_endpoint_and_a_bad_one_is_a_clear_error(capsys):
+    base = ["run", "--url", "http://127.0.0.1:1", "--model", "m", "--slo-scale", "2"]
+    args = loadgen_parser().parse_args([*base, "--priority", "file=0,text=5"])
+    endpoint, _, _ = configs_from_args(args)
+    assert endpoint.priority == {"file": 0, "text": 5}
+    assert configs_from_args(loadgen_parser().parse_args(base))[0].priority is None
+    assert loadgen_main([*base, "--priority", "text:0", "--out", "/tmp/unused"]) == 2
+    assert "CLASS=INTEGER" in capsys.readouterr().err
 
 
 def test_max_requests_and_duration_bound_what_is_sent(server):
