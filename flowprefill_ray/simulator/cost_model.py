@@ -2,10 +2,14 @@
 
 A prefill forward runs ``overhead`` (launch, embedding, scheduling), then per layer an
 attention block and an MLP block, then a ``tail`` (final norm and logits of each sequence's
-last token). Checkpoints (where a preempted unit can stop) sit after blocks:
+last token). Checkpoints (where a preempted unit can stop) sit after blocks or operators:
 
 - ``block``: after every attention block and every MLP block (the paper's default),
 - ``layer``: after every MLP block,
+- ``operator``: after the embedding and after every operator of every layer (norm, QKV
+  projection, RoPE, attention, output projection; norm, gate/up, activation, down), as
+  ``model/prefill.py`` does; a cost model that does not price operators separately (no
+  ``attention_ops``/``mlp_ops``) has a block's end as its only operator boundary there,
 - ``unit``: nowhere inside the unit (run to completion; what FCFS/DistServe do).
 
 Every layer of a decoder has the same shape, so one attention and one MLP cost per unit
@@ -19,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-Granularity = Literal["block", "layer", "unit"]
+Granularity = Literal["block", "layer", "operator", "unit"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,10 @@ class UnitCost:
     mlp_s: float  # one layer's MLP block
     num_layers: int
     tail_s: float
+    # Each operator's share of its block's time, in order (fractions summing to 1), so that a
+    # wrapper scaling the block times (``NoisyCostModel``) scales the operators with them.
+    attention_ops: tuple[float, ...] = (1.0,)
+    mlp_ops: tuple[float, ...] = (1.0,)
 
     @property
     def total_s(self) -> float:
@@ -50,6 +58,8 @@ class UnitCost:
         the unit's end is not a checkpoint (stopping there is completing)."""
         if granularity == "unit":
             return []
+        if granularity == "operator":
+            return self._operator_checkpoints()
         times = []
         t = self.overhead_s
         for _ in range(self.num_layers):
@@ -61,6 +71,18 @@ class UnitCost:
         total = self.total_s
         # The last MLP block's checkpoint coincides with the end when tail_s is 0.
         return [c for c in times if c < total]
+
+    def _operator_checkpoints(self) -> list[float]:
+        ops = [self.attention_s * f for f in self.attention_ops]
+        ops.extend(self.mlp_s * f for f in self.mlp_ops)
+        times = [self.overhead_s]  # after the embedding
+        t = self.overhead_s
+        for _ in range(self.num_layers):
+            for op_s in ops:
+                t += op_s
+                times.append(t)
+        total = self.total_s
+        return [c for c in times if 0.0 < c < total]
 
     def next_checkpoint(self, elapsed_s: float, granularity: Granularity) -> float | None:
         """The first checkpoint at or after ``elapsed_s`` seconds of compute, or None when the

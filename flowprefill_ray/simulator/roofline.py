@@ -143,11 +143,11 @@ class RooflineCostModel:
         s = self.shape
         b = s.dtype_bytes
         t = sum(it.new_tokens for it in items)
-        attention = (
-            self._elementwise_s(t, s.hidden, 3)  # input norm: read x and residual, write
-            + self._gemm_s(t, s.hidden, s.hidden + 2 * s.kv_dim)  # fused QKV projection
-            + self._elementwise_s(t, s.hidden + s.kv_dim, 2)  # RoPE on q and k
-            + sum(  # attention core per sequence: new queries over earlier + new keys
+        attention_ops = (
+            self._elementwise_s(t, s.hidden, 3),  # input norm: read x and residual, write
+            self._gemm_s(t, s.hidden, s.hidden + 2 * s.kv_dim),  # fused QKV projection
+            self._elementwise_s(t, s.hidden + s.kv_dim, 2),  # RoPE on q and k
+            sum(  # attention core per sequence: new queries over earlier + new keys
                 self._op_s(
                     self._attention_flops(it),
                     b
@@ -158,17 +158,27 @@ class RooflineCostModel:
                     it.new_tokens,
                 )
                 for it in items
-            )
-            + self._gemm_s(t, s.hidden, s.hidden)  # output projection (+ residual add)
+            ),
+            self._gemm_s(t, s.hidden, s.hidden),  # output projection (+ residual add)
         )
-        mlp = (
-            self._elementwise_s(t, s.hidden, 3)  # post-attention norm
-            + self._gemm_s(t, s.hidden, 2 * s.intermediate)  # fused gate/up
-            + self._elementwise_s(t, 3 * s.intermediate, 1)  # SiLU * up
-            + self._gemm_s(t, s.intermediate, s.hidden)  # down projection (+ residual add)
+        mlp_ops = (
+            self._elementwise_s(t, s.hidden, 3),  # post-attention norm
+            self._gemm_s(t, s.hidden, 2 * s.intermediate),  # fused gate/up
+            self._elementwise_s(t, 3 * s.intermediate, 1),  # SiLU * up
+            self._gemm_s(t, s.intermediate, s.hidden),  # down projection (+ residual add)
         )
+        attention = sum(attention_ops)
+        mlp = sum(mlp_ops)
         overhead = self.config.unit_overhead_s + self._elementwise_s(
             t, s.hidden, 1
         )  # embedding gather
         tail = self._gemm_s(len(items), s.hidden, s.vocab)  # logits of each sequence's last token
-        return UnitCost(overhead, attention, mlp, s.num_layers, tail)
+        return UnitCost(
+            overhead,
+            attention,
+            mlp,
+            s.num_layers,
+            tail,
+            tuple(op / attention for op in attention_ops),
+            tuple(op / mlp for op in mlp_ops),
+        )
