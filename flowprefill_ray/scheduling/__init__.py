@@ -9,18 +9,30 @@ cannot hold it, as every policy module imports ``PolicyConfig`` from there.
 from .admission import AdmissionConfig, AdmissionControl
 from .chunked import ChunkedPolicy
 from .config import PolicyConfig
+from .edf_giveup import EDFGiveUpPolicy
 from .flowprefill import FlowPrefillPolicy
 from .kv_memory import KVBudget, KVMemory
 from .policy import DecisionCounts, DuplicateArrivalError, Policy
 from .predictor import PredictorConfig, TTFTPredictor
 from .priority import priority, rank_key, slack_s
+from .priority_chunked import PriorityChunkedPolicy
 from .records import RequestView
 from .request import Request, RequestStatus
 from .run_to_completion import EDFPolicy, FCFSPolicy
 from .slo import DEFAULT_SLO_CONFIG, SLOClass, SLOConfig, UnknownSLOClassError
+from .srpf import SRPFPolicy
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (FlowPrefillPolicy, FCFSPolicy, ChunkedPolicy, EDFPolicy)
+    cls.name: cls
+    for cls in (
+        FlowPrefillPolicy,
+        FCFSPolicy,
+        ChunkedPolicy,
+        EDFPolicy,
+        SRPFPolicy,
+        PriorityChunkedPolicy,
+        EDFGiveUpPolicy,
+    )
 }
 
 
@@ -50,6 +62,7 @@ __all__ = [
     "POLICIES",
     "DecisionCounts",
     "DuplicateArrivalError",
+    "EDFGiveUpPolicy",
     "EDFPolicy",
     "FCFSPolicy",
     "FlowPrefillPolicy",
@@ -58,11 +71,13 @@ __all__ = [
     "Policy",
     "PolicyConfig",
     "PredictorConfig",
+    "PriorityChunkedPolicy",
     "Request",
     "RequestStatus",
     "RequestView",
     "SLOClass",
     "SLOConfig",
+    "SRPFPolicy",
     "TTFTPredictor",
     "UnknownSLOClassError",
     "make_policy",

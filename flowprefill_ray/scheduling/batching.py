@@ -10,6 +10,9 @@ the first request whose addition would leave the head less than ``alpha x SLO`` 
 1 without online correction or with ``batch_error_margin`` off). At most
 ``batch_scan_limit`` requests are examined, so the work per event stays bounded; requests
 over ``token_bound`` tokens are not examined at all (the queue keeps them apart).
+
+Two ablations (``PolicyConfig.batching``): ``token_bound`` packs the same way with neither
+alpha check (a plain token-bound batch in priority order), ``off`` runs every head alone.
 """
 
 from __future__ import annotations
@@ -49,7 +52,10 @@ def form_slo_batch(
     inflate = (
         predictor.overrun_ratio if config.batch_error_margin and config.online_correction else 1.0
     )
-    if head.prefilled_tokens != 0 or total > bound or time_left < margin:
+    slo_aware = config.batching == "slo"
+    if config.batching == "off" or head.prefilled_tokens != 0 or total > bound:
+        return items
+    if slo_aware and time_left < margin:
         return items
     examined: list[RequestRecord] = []
     for _ in range(config.batch_scan_limit):
@@ -64,7 +70,7 @@ def form_slo_batch(
         item = WorkItem(rec.request_id, rec.prefilled_tokens, rec.prompt_tokens)
         if new_total > bound or not room.fits(item):
             continue
-        if time_left - predictor.predict(new_total) * inflate < margin:
+        if slo_aware and time_left - predictor.predict(new_total) * inflate < margin:
             break
         room.take(item)
         items.append(item)

@@ -16,7 +16,9 @@ from pydantic import (
 from .admission import AdmissionConfig
 from .prefix_routing import PrefixRoutingConfig
 
-PolicyName = Literal["flowprefill", "fcfs", "chunked", "edf"]
+PolicyName = Literal[
+    "flowprefill", "fcfs", "chunked", "edf", "srpf", "priority_chunked", "edf_giveup"
+]
 
 # Keys that moved into ``admission`` (kept here only to name the new place in the error).
 _MOVED_TO_ADMISSION = {
@@ -77,10 +79,23 @@ class PolicyConfig(BaseModel):
         "the preemption (the worker switches at its checkpoint, no further call); after_pause "
         "decides it when the pause is reported (one more scheduler-worker round trip)",
     )
+    preemption: bool = Field(
+        True,
+        description="flowprefill: whether waiting work may preempt a running unit (off: an "
+        "ablation; units then run to completion, ranked and batched as usual)",
+    )
+    batching: Literal["slo", "token_bound", "off"] = Field(
+        "slo",
+        description="flowprefill: how a new head's unit is filled (batching.py): 'slo' "
+        "SLO-aware batching; 'token_bound' packs waiting requests in priority order up to "
+        "token_bound with no check of the head's time left; 'off' runs every request alone "
+        "(the last two are ablations)",
+    )
     rescore_threshold: NonNegativeFloat = Field(
         0.05,
-        description="flowprefill: re-check late (infeasible) requests when the predictor's "
-        "online correction has fallen by more than this fraction since the last check",
+        description="flowprefill/edf_giveup: re-check late (infeasible) requests when the "
+        "predictor's online correction has fallen by more than this fraction since the last "
+        "check",
     )
 
     # fcfs / edf: run to completion
@@ -90,10 +105,14 @@ class PolicyConfig(BaseModel):
         "within this many tokens (a longer head runs alone)",
     )
 
-    # chunked (vLLM / Sarathi-style)
-    chunk_size: PositiveInt = Field(512, description="chunked: token budget of one unit")
+    # chunked (vLLM / Sarathi-style) and the chunked baselines srpf, priority_chunked, edf_giveup
+    chunk_size: PositiveInt = Field(
+        512, description="chunked/srpf/priority_chunked/edf_giveup: token budget of one unit"
+    )
     chunk_order: Literal["fcfs", "edf"] = Field(
-        "fcfs", description="chunked: order in which requests get the next chunk"
+        "fcfs",
+        description="chunked: order in which requests get the next chunk (the other chunked "
+        "policies have their own order)",
     )
 
     # every policy

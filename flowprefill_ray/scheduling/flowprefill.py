@@ -88,7 +88,8 @@ class FlowPrefillPolicy(Policy):
         idle = [w for w in self.workers.values() if w.state is _IDLE]
         if idle:
             self._fill_idle(idle, now, out)
-        if not idle:  # every worker busy: see whether waiting work should preempt
+        # Every worker busy: see whether waiting work should preempt (unless ablated).
+        if not idle and self.config.preemption:
             self._preempt_for_waiting(now, out)
         return out
 

@@ -83,7 +83,8 @@ class WorkEstimates:
         feasible), paused units due no later and still feasible, and waiting feasible
         requests due no later (the ``queue`` admission estimate, O(units + log n))."""
         total = 0.0
-        anyway = not self.preemptive  # a running unit keeps its worker whatever its rank
+        # A running unit keeps its worker whatever its rank (flowprefill's preemption ablated).
+        anyway = not (self.preemptive and self.config.preemption)
         for due, running, feasible, remaining in self._unit_loads(now):
             if (running and anyway) or (feasible and due <= deadline_s):
                 total += remaining
