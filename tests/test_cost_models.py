@@ -85,6 +85,40 @@ def test_unit_checkpoints_at_block_layer_and_unit_granularity():
     assert cost.next_checkpoint(11.2, "block") is None  # in the tail: it just completes
 
 
+def test_operator_checkpoints_follow_each_operators_share_of_its_block():
+    cost = UnitCost(
+        overhead_s=1.0,
+        attention_s=2.0,
+        mlp_s=4.0,
+        num_layers=2,
+        tail_s=0.5,
+        attention_ops=(0.25, 0.75),
+        mlp_ops=(0.5, 0.5),
+    )
+    # After the embedding, then after every operator; the last one ends at the tail.
+    assert cost.checkpoints("operator") == [1.0, 1.5, 3.0, 5.0, 7.0, 7.5, 9.0, 11.0, 13.0]
+    assert set(cost.checkpoints("block")) <= set(cost.checkpoints("operator"))
+    # Without an operator split a block is one operator: block checkpoints plus the embedding.
+    plain = UnitCost(overhead_s=1.0, attention_s=2.0, mlp_s=3.0, num_layers=2, tail_s=0.5)
+    assert plain.checkpoints("operator") == [1.0, *plain.checkpoints("block")]
+
+
+def test_roofline_prices_nine_operators_a_layer_summing_to_its_blocks():
+    h100 = RooflineCostModel()
+    cost = h100.unit_cost([ItemShape(2048)])
+    assert len(cost.attention_ops) == 5 and len(cost.mlp_ops) == 4
+    assert sum(cost.attention_ops) == pytest.approx(1.0)
+    assert sum(cost.mlp_ops) == pytest.approx(1.0)
+    points = cost.checkpoints("operator")
+    assert len(points) == 1 + 9 * LLAMA_3_1_8B.num_layers
+    # Every block checkpoint is an operator checkpoint too (up to float summation order).
+    for block_end in cost.checkpoints("block"):
+        assert min(abs(block_end - p) for p in points) < 1e-12
+    # The GEMMs dominate a 2048-token block: QKV and the gate/up projection are the largest.
+    assert max(cost.attention_ops) == cost.attention_ops[1]
+    assert max(cost.mlp_ops) == cost.mlp_ops[1]
+
+
 # ----------------------------------------------------------------------------- measured profile
 
 

@@ -581,7 +581,9 @@ class _Executor:
             self.send(UnitCompleted(w, unit.unit_id, unit.tokens * SPT))
 
 
-@pytest.mark.parametrize("name", ["flowprefill", "fcfs", "edf", "chunked"])
+@pytest.mark.parametrize(
+    "name", ["flowprefill", "fcfs", "edf", "chunked", "srpf", "priority_chunked", "edf_giveup"]
+)
 def test_random_event_streams_keep_every_decision_legal_and_finish_all_work(name):
     rng = random.Random(11)
     p = make_policy(PolicyConfig(name=name), linear_predictor())

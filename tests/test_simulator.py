@@ -7,6 +7,7 @@ takes 4e-4 * n s and its checkpoints fall every 1e-4 * n s.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 
@@ -85,6 +86,35 @@ def test_urgent_request_preempts_a_long_prefill_at_the_next_checkpoint(
     assert result.workers[0].busy_s == pytest.approx(0.42, abs=1e-9)
 
 
+class _TwoOperatorBlocks:
+    """``round_cost`` with each block split into two operators of equal time."""
+
+    def __init__(self, base):
+        self.base, self.name, self.num_layers = base, "round-ops", base.num_layers
+
+    def unit_cost(self, items):
+        cost = self.base.unit_cost(items)
+        return dataclasses.replace(cost, attention_ops=(0.5, 0.5), mlp_ops=(0.5, 0.5))
+
+
+@pytest.mark.parametrize(
+    "granularity,blocking_s", [("operator", 0.05 - 0.03), ("block", 0.1 - 0.03)]
+)
+def test_operator_granularity_stops_at_the_next_operator(round_cost, granularity, blocking_s):
+    long = Request(request_id="long", arrival_s=0.0, prompt_tokens=1000, slo_class="file")
+    urgent = Request(request_id="urgent", arrival_s=0.03, prompt_tokens=50, slo_class="text")
+    result = run_policy(
+        PolicyConfig(name="flowprefill"),
+        _TwoOperatorBlocks(round_cost),
+        [long, urgent],
+        granularity=granularity,
+    )
+    by_id = {o.request_id: o for o in result.outcomes}
+    assert result.workers[0].blocking_s == [pytest.approx(blocking_s, abs=1e-9)]
+    assert by_id["urgent"].ttft_s == pytest.approx(blocking_s + 0.02, abs=1e-9)
+    assert by_id["long"].ttft_s == pytest.approx(0.42, abs=1e-9)
+
+
 def test_without_checkpoints_the_urgent_request_waits_and_misses(round_cost):
     long = Request(request_id="long", arrival_s=0.0, prompt_tokens=1000, slo_class="file")
     urgent = Request(request_id="urgent", arrival_s=0.05, prompt_tokens=50, slo_class="text")
@@ -132,6 +162,12 @@ def test_prompts_longer_than_one_forward_run_as_back_to_back_pieces(round_cost):
         (PolicyConfig(name="edf"), 1),
         (PolicyConfig(name="chunked", chunk_size=256, chunk_order="fcfs"), 1),
         (PolicyConfig(name="chunked", chunk_size=512, chunk_order="edf"), 2),
+        (PolicyConfig(name="srpf", chunk_size=512), 2),
+        (PolicyConfig(name="priority_chunked", chunk_size=1024), 1),
+        (PolicyConfig(name="edf_giveup", chunk_size=512), 2),
+        (PolicyConfig(name="flowprefill", preemption=False), 2),
+        (PolicyConfig(name="flowprefill", batching="token_bound"), 1),
+        (PolicyConfig(name="flowprefill", batching="off"), 2),
     ],
     ids=[
         "flowprefill-1w",
@@ -140,6 +176,12 @@ def test_prompts_longer_than_one_forward_run_as_back_to_back_pieces(round_cost):
         "edf-1w",
         "chunked256fcfs-1w",
         "chunked512edf-2w",
+        "srpf512-2w",
+        "priority1024-1w",
+        "edfgiveup512-2w",
+        "flowprefill-nopreempt-2w",
+        "flowprefill-tokenbound-1w",
+        "flowprefill-nobatch-2w",
     ],
 )
 def test_every_request_finishes_once_and_busy_time_equals_work(conv_sample, policy_config, workers):
@@ -164,8 +206,10 @@ def test_every_request_finishes_once_and_busy_time_equals_work(conv_sample, poli
     # chunks never makes a prompt cheaper than prefilling it alone: a TTFT lower bound.
     for o in result.outcomes:
         assert o.ttft_s >= prefill_s(cost, o.prompt_tokens) * (1 - 1e-9)
-    if policy_config.name == "flowprefill":
+    if policy_config.name == "flowprefill" and policy_config.preemption:
         assert result.preemptions > 0  # the load is high enough to exercise pause/resume
+    else:
+        assert result.preemptions == 0
     w_pauses = sum(w.pauses for w in result.workers)
     assert w_pauses == sum(w.resumes for w in result.workers)  # no paused work left behind
     assert result.decisions.get("Preempt", 0) >= w_pauses
