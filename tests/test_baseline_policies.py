@@ -113,7 +113,10 @@ def test_without_preemption_flowprefill_lets_the_running_unit_finish():
     assert arrive(p, "short", 0.5, 128, 0.25) == []
     q = policy("flowprefill")  # the same arrivals with preemption on
     arrive(q, "long", 0.0, 4096, 6.0)
-    assert arrive(q, "short", 0.5, 128, 0.25) == [Preempt("w0", 1)]
+    assert arrive(q, "short", 0.5, 128, 0.25) == [
+        Preempt("w0", 1),
+        run(2, "w0", ("short", 0, 128)),  # one-hop handover: the replacement goes with it
+    ]
     assert p.on_event(UnitCompleted("w0", 1, 4.0), 4.0) == [run(2, "w0", ("short", 0, 128))]
     assert p.request_view("long").status is RequestStatus.FINISHED
     assert p.stats()["preemptions"] == 0
