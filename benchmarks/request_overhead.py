@@ -59,6 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--model", default=None, help="model path (default: local.yaml's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--runtime-json",
+        default="{}",
+        help="runtime fields merged over local.yaml's, one level deep (an A/B), e.g. "
+        '\'{"placement": {"worker_niceness": 15}}\'',
+    )
     args = p.parse_args(argv)
     try:
         args.sizes = [int(s) for s in args.sizes.split(",")]
@@ -70,6 +76,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [s for s in args.shapes if s not in SHAPES]
     if unknown:
         p.error(f"unknown --shapes {unknown}; known: {list(SHAPES)}")
+    try:
+        args.runtime_json = json.loads(args.runtime_json)
+    except json.JSONDecodeError as error:
+        p.error(f"--runtime-json is not JSON: {error}")
+    if not isinstance(args.runtime_json, dict):
+        p.error("--runtime-json must be a JSON object")
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     return args
@@ -87,6 +99,8 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
     runtime = deploy["runtime"]
     if args.model is not None:
         runtime["model"]["path"] = args.model
+    for key, value in args.runtime_json.items():
+        runtime[key] = {**runtime.get(key, {}), **value} if isinstance(value, dict) else value
     runtime["prefill"]["profile_tokens"] = list(
         PrefillConfig().profile_lengths(max(max(args.sizes), 64))
     )
@@ -183,6 +197,8 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
     ttft = [s["ttft_s"] for s in samples]
     prefill = [s["prefill_s"] for s in samples]
     overhead = [s["ttft_s"] - s["prefill_s"] for s in samples]
+    # The worker's unit (start to end of its compute) beyond the same prompt's prefill here.
+    excess = [s["hops"]["worker_end"] - s["hops"]["worker_start"] - s["prefill_s"] for s in samples]
     segments: dict[str, list[float]] = {}
     for s in samples:
         for name, gap in hop_segments(s["hops"]).items():
@@ -195,6 +211,8 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "overhead_p50_s": percentile(overhead, 0.5),
         "overhead_p90_s": percentile(overhead, 0.9),
         "server_ttft_p50_s": statistics.median(s["server_ttft_s"] for s in samples),
+        "worker_excess_p50_s": percentile(excess, 0.5),
+        "worker_excess_p90_s": percentile(excess, 0.9),
         "hops_p50_s": {name: statistics.median(gaps) for name, gaps in segments.items()},
     }
 
@@ -247,13 +265,17 @@ def print_row(row: dict[str, Any]) -> None:
 
 def print_tables(rows: list[dict[str, Any]]) -> None:
     ms = 1000.0
-    print("\n| shape | tokens | TTFT p50 | TTFT p90 | prefill p50 | overhead p50 | overhead p90 |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| shape | tokens | TTFT p50 | TTFT p90 | prefill p50 | overhead p50 | overhead p90 "
+        "| worker - prefill p50 | p90 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['shape']} | {r['tokens']} | {r['ttft_p50_s'] * ms:.1f} | "
             f"{r['ttft_p90_s'] * ms:.1f} | {r['prefill_p50_s'] * ms:.1f} | "
-            f"{r['overhead_p50_s'] * ms:.1f} | {r['overhead_p90_s'] * ms:.1f} |"
+            f"{r['overhead_p50_s'] * ms:.1f} | {r['overhead_p90_s'] * ms:.1f} | "
+            f"{r['worker_excess_p50_s'] * ms:.1f} | {r['worker_excess_p90_s'] * ms:.1f} |"
         )
     names = list(dict.fromkeys(n for r in rows for n in r["hops_p50_s"]))
     print("\nHops, p50 ms:\n")
@@ -283,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats,
         warmup=args.warmup,
         slo_class=SLO_CLASS,
+        runtime_overrides=args.runtime_json,
         **result,
     )
     return 0

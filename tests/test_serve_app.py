@@ -666,6 +666,15 @@ def test_a_streamed_request_carries_its_first_token_path_stamped_in_order(live_a
     )
 
 
+def test_the_workers_run_at_the_configured_niceness_not_rays_15(live_app):
+    """placement.worker_niceness (default 0): a prefill worker at Ray's 15 waits for the CPU
+    behind everything else on a busy host (docs/RUNTIME.md, "Per-request overhead")."""
+    import ray
+
+    infos = ray.get([actor("prefill-0").info.remote(), actor("decode-0").info.remote()])
+    assert [info["niceness"] for info in infos] == [0, 0]
+
+
 def test_the_timeline_tells_what_happened_to_each_request_without_its_text(live_app):
     """GET /v1/flowprefill/timeline: the last N requests with their units, workers and
     first-token times, the why-late verdicts of misses, and no prompt text anywhere."""

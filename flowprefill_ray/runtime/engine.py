@@ -38,7 +38,7 @@ from .errors import (
 )
 from .metrics import RuntimeMetrics
 from .model_source import checkpoint_path
-from .placement import Workers, create_workers, destroy_workers
+from .placement import Workers, create_workers, destroy_workers, niceness_env
 from .reconcile import disagreements
 from .request_stream import RequestStream, TokenOutput, stream_tokens
 from .scheduler import RemoteScheduler
@@ -93,6 +93,7 @@ class FlowPrefillEngine:
                 name=config.scheduler_name,
                 namespace=config.namespace,
                 num_cpus=config.placement.scheduler_num_cpus,
+                runtime_env={"env_vars": niceness_env(config)},
                 max_concurrency=100_000,
                 max_restarts=config.faults.scheduler_max_restarts,
                 # A call in flight on a dead scheduler fails instead of being retried: the

@@ -96,6 +96,7 @@ class PrefillWorker:
             "worker_id": self.worker_id,
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
+            "niceness": os.nice(0),  # placement.worker_niceness, applied by Ray
             "device": str(self.device),
             "checkpoint_sync": self.checkpoint_sync,
             "max_position_embeddings": self.model.config.max_position_embeddings,
