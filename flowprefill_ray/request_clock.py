@@ -52,10 +52,3 @@ class RequestClock:
     def elapsed_s(self) -> float:
         """Seconds since the TTFT started, on the monotonic clock."""
         return time.monotonic() - self.started_s
-
-
-def hop_gaps(hops: dict[str, float]) -> dict[str, float]:
-    """Seconds between consecutive stamped hops, keyed ``"a->b"`` in path order (hops a request
-    did not pass are skipped)."""
-    present = [h for h in HOPS if h in hops]
-    return {f"{a}->{b}": hops[b] - hops[a] for a, b in zip(present, present[1:], strict=False)}
