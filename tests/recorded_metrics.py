@@ -333,10 +333,10 @@ def _one_interval(t: float, engine, scheduler, decode) -> None:
     for cls, (met, missed, reasons, rejected) in traffic(t).items():
         requests += met + missed
         for _ in range(met):
-            scheduler.inc("flowprefill_slo_met_total", slo_class=cls)
+            engine.inc("flowprefill_slo_met_total", slo_class=cls)
             engine.observe("flowprefill_time_to_first_token_seconds", 0.09, slo_class=cls)
         for _ in range(missed):
-            scheduler.inc("flowprefill_slo_missed_total", slo_class=cls)
+            engine.inc("flowprefill_slo_missed_total", slo_class=cls)
             engine.observe("flowprefill_time_to_first_token_seconds", 0.35, slo_class=cls)
         for _ in range(met + missed):
             scheduler.observe("flowprefill_request_queue_time_seconds", 0.01, slo_class=cls)

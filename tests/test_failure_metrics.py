@@ -5,6 +5,7 @@ model. What the dashboard and alerts make of these counters: test_dashboard.py."
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -171,3 +172,38 @@ def test_a_request_ending_with_its_first_token_is_counted_even_if_the_consumer_s
     first = asyncio.run(take_first_and_stop())
     assert first.finish_reason == "length"
     assert moved(fake_ray, FINISHED) == {("text", "length"): 1.0}
+
+
+def test_one_ttft_clock_judges_the_slo_counters_and_the_api_alike(fake_ray):
+    """The scheduler saw the first token 10 ms after the request reached it (within 0.25 s);
+    the request had reached the server 0.3 s before that. The TTFT is the server's, measured
+    once from the request's clock: the counters, ``TokenOutput`` and the API all say missed."""
+    from flowprefill_ray.request_clock import RequestClock
+    from flowprefill_ray.serve.frontend import _extension
+
+    done = PrefillDone("r", 9, "length", None, 0.0, 0.01, 0, 0.25, "text", hops={"x": 1.0})
+    scheduler = FakeScheduler(done)
+    noted = []
+    scheduler.note_client_ttft = SimpleNamespace(remote=lambda rid, s: noted.append((rid, s)))
+    engine = make_engine(scheduler)
+    clock = RequestClock("http_received", started_s=time.monotonic() - 0.3)
+    (out,) = asyncio.run(
+        _drain(engine.submit(PROMPT, SamplingParams(max_tokens=1), slo="text", clock=clock))
+    )
+    assert out.ttft_s >= 0.3 and out.slo_met is False
+    assert moved(fake_ray, "flowprefill_slo_missed_total") == {("text",): 1.0}
+    assert moved(fake_ray, "flowprefill_slo_met_total") == {}
+    assert noted == [("r", out.ttft_s)]  # the timeline hears the same number
+    api = _extension(SimpleNamespace(request_id="cmpl-r"), out)["flowprefill"]
+    assert api["ttft_s"] == out.ttft_s and api["slo_met"] is False
+    # The scheduler's stamps came back with the first token, beside the engine's own.
+    assert {"http_received", "engine_submit", "x", "engine_first_token"} <= set(api["hops"])
+
+
+def test_a_request_within_its_slo_on_the_one_clock_counts_as_met(fake_ray):
+    done = PrefillDone("r", 9, "length", None, 0.0, 0.01, 0, 0.25, "text")
+    engine = make_engine(FakeScheduler(done))
+    (out,) = asyncio.run(_drain(engine.submit(PROMPT, SamplingParams(max_tokens=1), slo="text")))
+    assert out.ttft_s < 0.25 and out.slo_met is True
+    assert moved(fake_ray, "flowprefill_slo_met_total") == {("text",): 1.0}
+    assert moved(fake_ray, "flowprefill_slo_missed_total") == {}

@@ -646,6 +646,35 @@ def test_engine_failures_answer_a_generic_5xx_with_the_cause_only_in_the_log(cap
     assert "pid=4242" in caplog.text and "cmpl-abc" in caplog.text
 
 
+def test_a_streamed_request_carries_its_first_token_path_stamped_in_order(live_app):
+    """Every hop of the first-token path (request_clock.HOPS) is stamped, in path order, and
+    the API's TTFT is the one clock's: from the HTTP arrival to the first token at the engine."""
+    from flowprefill_ray.request_clock import HOPS
+
+    request = {"model": MODEL, "prompt": long_prompt(24), "max_tokens": 2, "ignore_eos": True}
+    with live_app.client() as http:
+        streamed = http.post("/v1/completions", json={**request, "stream": True})
+    assert streamed.status_code == 200, streamed.text
+    server = next(p for p in sse_payloads(streamed.text)[:-1] if "flowprefill" in p)
+    server = server["flowprefill"]
+    hops = server["hops"]
+    assert list(hops) and set(hops) == set(HOPS)  # a decoded request passes every hop
+    stamps = [hops[h] for h in HOPS]
+    assert stamps == sorted(stamps), dict(zip(HOPS, stamps, strict=True))
+    assert hops["engine_first_token"] - hops["http_received"] == pytest.approx(
+        server["ttft_s"], abs=0.01
+    )
+
+
+def test_the_workers_run_at_the_configured_niceness_not_rays_15(live_app):
+    """placement.worker_niceness (default 0): a prefill worker at Ray's 15 waits for the CPU
+    behind everything else on a busy host (docs/RUNTIME.md, "Per-request overhead")."""
+    import ray
+
+    infos = ray.get([actor("prefill-0").info.remote(), actor("decode-0").info.remote()])
+    assert [info["niceness"] for info in infos] == [0, 0]
+
+
 def test_the_timeline_tells_what_happened_to_each_request_without_its_text(live_app):
     """GET /v1/flowprefill/timeline: the last N requests with their units, workers and
     first-token times, the why-late verdicts of misses, and no prompt text anywhere."""

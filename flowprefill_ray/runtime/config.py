@@ -65,6 +65,12 @@ class PlacementConfig(BaseModel):
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
     # The scheduler does no compute; a fraction of a CPU keeps it from taking a whole core.
     scheduler_num_cpus: float = Field(0.1, ge=0)
+    # Nice value of the runtime's actors (scheduler, prefill and decode workers). Ray starts
+    # every worker process at 15 so that its daemons stay responsive; a prefill worker at 15
+    # waits for the CPU behind anything at 0 on its host (a 16-token prefill: 1.8x its
+    # in-process time on a busy 2-core host, docs/RUNTIME.md "Per-request overhead"). 15 keeps
+    # Ray's default. Below the raylet's own value needs privileges (Ray then logs and goes on).
+    worker_niceness: int = Field(0, ge=0, le=19)
 
     @model_validator(mode="after")
     def _one_gpu_per_prefill_worker(self) -> PlacementConfig:

@@ -148,6 +148,7 @@ class DecodeWorker:
             "worker_id": self.worker_id,
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
+            "niceness": os.nice(0),  # placement.worker_niceness, applied by Ray
             "kv_blocks": self.cache.num_blocks,
             "block_size": self.cache.block_size,
         }

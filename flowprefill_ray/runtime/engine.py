@@ -23,6 +23,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from flowprefill_ray.model import ModelConfig, load_tokenizer
 from flowprefill_ray.model.generate import eos_token_ids
+from flowprefill_ray.request_clock import RequestClock
 from flowprefill_ray.sampling_params import MAX_CACHE_SALT_CHARS, SamplingParams
 from flowprefill_ray.scheduling import TTFTPredictor
 from flowprefill_ray.scheduling.predictor import PredictorConfig
@@ -37,7 +38,7 @@ from .errors import (
 )
 from .metrics import RuntimeMetrics
 from .model_source import checkpoint_path
-from .placement import Workers, create_workers, destroy_workers
+from .placement import Workers, create_workers, destroy_workers, niceness_env
 from .reconcile import disagreements
 from .request_stream import RequestStream, TokenOutput, stream_tokens
 from .scheduler import RemoteScheduler
@@ -92,6 +93,7 @@ class FlowPrefillEngine:
                 name=config.scheduler_name,
                 namespace=config.namespace,
                 num_cpus=config.placement.scheduler_num_cpus,
+                runtime_env={"env_vars": niceness_env(config)},
                 max_concurrency=100_000,
                 max_restarts=config.faults.scheduler_max_restarts,
                 # A call in flight on a dead scheduler fails instead of being retried: the
@@ -183,6 +185,7 @@ class FlowPrefillEngine:
         request_id: str | None = None,
         timeout_s: float | None = None,
         cache_salt: str | None = None,
+        clock: RequestClock | None = None,
     ) -> RequestStream:
         """Start a request; iterate the result to receive its tokens as they are produced.
 
@@ -193,8 +196,11 @@ class FlowPrefillEngine:
         what it held is released. Validation errors are raised by this call itself, before anything
         reaches the cluster. Abandoning the stream (``aclose``, or the consumer's task being
         cancelled) cancels the request. ``cache_salt``: the request shares prefix-cached KV only
-        with requests of the same salt (None: with other unsalted ones).
+        with requests of the same salt (None: with other unsalted ones). ``clock``: where the
+        request's TTFT starts and its hop stamps go (the Serve ingress starts it when the HTTP
+        request arrives); None starts one now (request_clock.py).
         """
+        clock = clock or RequestClock()
         if self._closed:
             raise EngineUnavailableError("the engine is shut down")
         sampling = sampling or SamplingParams()
@@ -217,7 +223,7 @@ class FlowPrefillEngine:
         return RequestStream(
             request_id,
             stream_tokens(
-                self, request_id, ids, sampling, slo_class, ttft_slo_s, timeout_s, cache_salt
+                self, request_id, ids, sampling, slo_class, ttft_slo_s, timeout_s, clock, cache_salt
             ),
         )
 

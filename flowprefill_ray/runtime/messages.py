@@ -71,7 +71,8 @@ class UnitOutcome:
     the block the preempt had to wait for (previous checkpoint to the stop), seconds;
     ``started_wall_s``: ``time.time()`` when this run began computing on the worker;
     ``cached_tokens``: ``(request_id, tokens)`` for each item of a completed unit whose first
-    tokens came from the worker's prefix cache instead of being computed.
+    tokens came from the worker's prefix cache instead of being computed;
+    ``ended_wall_s``: when it ended there (stamped by the worker actor as the call returns).
     """
 
     unit_id: int
@@ -83,6 +84,7 @@ class UnitOutcome:
     failed: tuple[FailedItem, ...] = ()
     started_wall_s: float = 0.0
     cached_tokens: tuple[tuple[str, int], ...] = ()
+    ended_wall_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +130,9 @@ class TokenEvent:
 class PrefillDone:
     """The scheduler's answer to ``submit``: the first token is ready. ``decode_worker_id``
     names the decode worker that continues the request (None when the request finished with
-    its first token). Timings in seconds on the scheduler's clock.
+    its first token). Timings in seconds on the scheduler's clock; ``ttft_s`` is the
+    scheduler's share of the TTFT (arrival there to first token), not the one judged against
+    the SLO (the engine measures that: request_clock.py).
 
     An id, not the actor handle: a handle serialised into every answer leaked ~0.6 KiB of
     native memory per request in the scheduler actor (Ray's handle reference counting; 30,000
@@ -144,3 +148,5 @@ class PrefillDone:
     ttft_slo_s: float
     slo_class: str  # the class it was served under (admission control may have downgraded it)
     requested_slo_class: str | None = None  # set when that differs from the class asked for
+    # Wall-clock stamps (time.time(), s) of the hops passed so far (request_clock.HOPS).
+    hops: dict[str, float] | None = None

@@ -155,7 +155,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "flowprefill_time_to_first_token_seconds",
         "histogram",
-        "Time from submit at the engine (client side) to the first token there, seconds.",
+        "Time from the request's arrival (at the ingress, else at submit) to its first token "
+        "there, seconds (the one TTFT clock the SLO counters judge).",
         ("slo_class",),
         TTFT_BUCKETS_S,
     ),
@@ -191,13 +192,15 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "flowprefill_slo_met_total",
         "counter",
-        "Requests whose first token came within their TTFT SLO (scheduler clock).",
+        "Requests whose first token came within their TTFT SLO (the server TTFT: arrival at the "
+        "ingress to the first token there; the API's slo_met).",
         ("slo_class",),
     ),
     MetricSpec(
         "flowprefill_slo_missed_total",
         "counter",
-        "Requests whose first token came after their TTFT SLO (scheduler clock).",
+        "Requests whose first token came after their TTFT SLO (the server TTFT: arrival at the "
+        "ingress to the first token there; the API's slo_met).",
         ("slo_class",),
     ),
     MetricSpec(

@@ -21,6 +21,12 @@ from .prefill_worker import PREFILL_WORKER_CONCURRENCY, RemotePrefillWorker, Rem
 WORKER_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
+def niceness_env(config: RuntimeConfig) -> dict[str, str]:
+    """The env var that sets an actor's process niceness (``placement.worker_niceness``),
+    read by Ray's core worker when the process starts."""
+    return {"RAY_worker_niceness": str(config.placement.worker_niceness)}
+
+
 @dataclass
 class Workers:
     """Handles of the created workers, by worker id, and the placement group if any."""
@@ -73,7 +79,7 @@ def create_workers(config: RuntimeConfig, ready_timeout_s: float = 300.0) -> Wor
             num_gpus=num_gpus,
             name=name,
             namespace=config.namespace,
-            runtime_env={"env_vars": WORKER_ENV},
+            runtime_env={"env_vars": {**WORKER_ENV, **niceness_env(config)}},
             # A dead worker process is restarted (it reloads the model); its in-flight calls
             # fail rather than re-run, because the scheduler re-queues prefill work itself.
             max_restarts=config.faults.worker_max_restarts,

@@ -8,6 +8,7 @@ block their call thread until the unit completes or pauses, so the scheduler sim
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import statistics
@@ -95,6 +96,7 @@ class PrefillWorker:
             "worker_id": self.worker_id,
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
+            "niceness": os.nice(0),  # placement.worker_niceness, applied by Ray
             "device": str(self.device),
             "checkpoint_sync": self.checkpoint_sync,
             "max_position_embeddings": self.model.config.max_position_embeddings,
@@ -112,14 +114,18 @@ class PrefillWorker:
         self, unit_id: int, items: list[PrefillItemSpec], epoch: int | None = None
     ) -> UnitOutcome:
         """Run a new unit; returns when it completed or paused."""
-        return self._reporting(
-            self._compute.submit(self._checked(epoch, self.executor.run), unit_id, items).result
+        return _ended(
+            self._reporting(
+                self._compute.submit(self._checked(epoch, self.executor.run), unit_id, items).result
+            )
         )
 
     def resume(self, unit_id: int, epoch: int | None = None) -> UnitOutcome:
         """Continue a paused unit; returns when it completed or paused again."""
-        return self._reporting(
-            self._compute.submit(self._checked(epoch, self.executor.resume), unit_id).result
+        return _ended(
+            self._reporting(
+                self._compute.submit(self._checked(epoch, self.executor.resume), unit_id).result
+            )
         )
 
     def _reporting(self, call):
@@ -218,6 +224,12 @@ class PrefillWorker:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
+
+
+def _ended(outcome: UnitOutcome) -> UnitOutcome:
+    """``outcome`` stamped with the wall-clock time it leaves the worker (a hop of the first
+    token's path, request_clock.py)."""
+    return dataclasses.replace(outcome, ended_wall_s=time.time())
 
 
 RemotePrefillWorker = ray.remote(PrefillWorker)

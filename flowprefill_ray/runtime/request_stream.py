@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from ray.exceptions import RayActorError
 
 from flowprefill_ray.model.generate import StopChecker
+from flowprefill_ray.request_clock import RequestClock
 
 from .deadline import RequestDeadline
 from .detokenizer import Detokenizer
@@ -40,11 +41,15 @@ class TokenOutput:
     """One streamed output token (or the final event) of a request.
 
     ``token_id`` is None on a final event that carries no token (EOS, a stop string, abort).
-    ``text`` is the text delta. Times in seconds, measured by this client: ``ttft_s`` from
-    ``submit`` to the first token, ``tpot_s`` the mean time per output token after the first
+    ``text`` is the text delta. Times in seconds, measured by this client: ``ttft_s`` from the
+    request's ``RequestClock`` start (the ``submit`` call, or the HTTP request's arrival at the
+    ingress) to the first token, ``tpot_s`` the mean time per output token after the first
     so far. ``queue_s`` (arrival to first run) and ``preemptions`` come from the scheduler.
     ``slo_class``/``ttft_slo_s`` are what the request is served under; ``downgraded_from`` names
     the class it asked for when admission control moved it to a looser one (else None).
+    ``slo_met``: ``ttft_s <= ttft_slo_s``, judged once when the first token arrived (the same
+    judgement the SLO counters record; None before a first token). ``hops``: the wall-clock
+    stamps of its first-token path (``request_clock.HOPS``).
     """
 
     request_id: str
@@ -59,6 +64,8 @@ class TokenOutput:
     slo_class: str
     ttft_slo_s: float
     downgraded_from: str | None = None
+    slo_met: bool | None = None
+    hops: dict[str, float] | None = None
 
 
 class RequestStream:
@@ -96,19 +103,22 @@ async def stream_tokens(
     slo_class,
     ttft_slo_s,
     timeout_s,
+    clock: RequestClock,
     cache_salt=None,
 ) -> AsyncIterator[TokenOutput]:
     """The outputs of one request, from ``engine.submit`` to its last token (see there).
 
     Submits to the scheduler, yields the first token from its answer and the rest from the
     decode worker, bounds every wait by the request's deadline, counts how the request ended,
-    and frees what it held when it ends early (an error, or the consumer went away)."""
-    started = time.monotonic()
+    and frees what it held when it ends early (an error, or the consumer went away). The TTFT
+    is measured once, on ``clock``, and judged against the SLO here (request_clock.py)."""
+    started = clock.started_s
     finished = False
     done = None
     bound = RequestDeadline(request_id, timeout_s, started)
     engine._in_flight.add(request_id)
     try:
+        clock.mark("engine_submit")
         done = await bound.wait(
             engine._call(
                 engine._scheduler.submit.remote(
@@ -123,10 +133,9 @@ async def stream_tokens(
             return
         first_at = time.monotonic()
         ttft_s = first_at - started
-        if ttft_s > done.ttft_slo_s:
-            # A miss as the client sees it: the timeline needs this clock too, to tell the
-            # serving path's share from the scheduler's (not awaited; misses only).
-            engine._scheduler.note_client_ttft.remote(request_id, ttft_s)
+        clock.mark("engine_first_token")
+        clock.hops.update(done.hops or {})
+        judged = (_judge_slo(engine, done, ttft_s), clock.hops)
         detok = Detokenizer(engine.tokenizer, sampling.stop)
         if done.finish_reason is None:
             # From here on a cancel goes to the decode worker (even before its hand-off
@@ -135,7 +144,16 @@ async def stream_tokens(
             engine._in_decode[request_id] = decode_worker
             text = detok.add(done.first_token)
             yield _output(
-                done, request_id, done.first_token, text, 0, None, started, ttft_s, slo_class
+                done,
+                request_id,
+                done.first_token,
+                text,
+                0,
+                None,
+                started,
+                ttft_s,
+                slo_class,
+                judged=judged,
             )
         else:
             # The request ended with its first token; the same rules as the workers' tell
@@ -158,6 +176,7 @@ async def stream_tokens(
                 started,
                 ttft_s,
                 slo_class,
+                judged=judged,
             )
             return
         tpot_s = None
@@ -178,6 +197,7 @@ async def stream_tokens(
                 ttft_s,
                 slo_class,
                 tpot_s,
+                judged,
             )
             if event.finish_reason is not None:
                 finished = True
@@ -230,7 +250,10 @@ def _output(
     ttft_s,
     slo_class,
     tpot_s=None,
+    judged: tuple[bool, dict[str, float]] | None = None,
 ) -> TokenOutput:
+    """``judged``: (slo met, hop stamps), fixed when the first token arrived."""
+    met, hops = judged if judged is not None else (None, None)
     return TokenOutput(
         request_id,
         token_id,
@@ -244,7 +267,24 @@ def _output(
         done.slo_class if done else slo_class,
         done.ttft_slo_s if done else 0.0,
         done.requested_slo_class if done else None,
+        met,
+        hops,
     )
+
+
+def _judge_slo(engine: FlowPrefillEngine, done: PrefillDone, ttft_s: float) -> bool:
+    """Whether the request met its TTFT SLO, on the one TTFT clock (request_clock.py): counted
+    in the SLO counters here, and returned for ``TokenOutput.slo_met`` (what the API reports)."""
+    met = ttft_s <= done.ttft_slo_s
+    engine._metrics.inc(
+        "flowprefill_slo_met_total" if met else "flowprefill_slo_missed_total",
+        slo_class=done.slo_class,
+    )
+    if not met:
+        # The timeline needs this clock too, to tell the serving path's share of a miss from
+        # the scheduler's (not awaited; misses only).
+        engine._scheduler.note_client_ttft.remote(done.request_id, ttft_s)
+    return met
 
 
 def _record(

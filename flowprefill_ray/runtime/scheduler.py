@@ -71,6 +71,9 @@ class TrackedRequest:
     first_run_s: float | None = None
     first_unit_id: int | None = None
     arrival_wall_s: float = 0.0  # time.time() on arrival: start delays are timed from it
+    # Wall-clock stamps of its first-token path here and on the worker (request_clock.HOPS);
+    # they travel back to the engine in PrefillDone.hops.
+    hops: dict[str, float] = field(default_factory=dict)
     preemptions: int = 0
     requested_slo_class: str | None = None  # set when admission control downgraded it
     workers: set[str] = field(default_factory=set)
@@ -193,6 +196,7 @@ class Scheduler:
         Raises ``RequestRejectedError`` if the policy refuses it, ``DuplicateRequestError`` if
         the id is in flight, ``EngineUnavailableError`` once closed or out of prefill workers.
         """
+        arrived = time.time()
         if self._closed or not (self._prefill or self._rejoining):
             raise EngineUnavailableError(
                 "the scheduler is not accepting requests (no prefill workers or shut down)"
@@ -214,7 +218,8 @@ class Scheduler:
             tuple(token_ids),
             sampling,
             asyncio.get_running_loop().create_future(),
-            arrival_wall_s=time.time(),
+            arrival_wall_s=arrived,
+            hops={"scheduler_arrival": arrived},
             cache_salt=cache_salt,
         )
         self._requests[request_id] = tracked

@@ -10,6 +10,7 @@ it is handed to a decode worker (decode_handoff.py) and ``Scheduler.submit`` ret
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from flowprefill_ray.scheduling.events import UnitCompleted, UnitPaused, WorkUnit
@@ -38,11 +39,13 @@ class UnitCalls:
         s = self._scheduler
         items = []
         now = s.now()
+        dispatched = time.time()
         for item in unit.items:
             tracked = s._requests[item.request_id]
             if tracked.first_run_s is None:
                 tracked.first_run_s = now
                 tracked.first_unit_id = unit.unit_id
+                tracked.hops["unit_dispatch"] = dispatched
                 queue_s = now - tracked.request.arrival_s
                 s._metrics.observe(
                     "flowprefill_request_queue_time_seconds",
@@ -114,6 +117,7 @@ class UnitCalls:
         s = self._scheduler
         try:
             outcome: UnitOutcome = await call
+            answered = time.time()  # a first token's "scheduler_first_token" hop
         except WORKER_GONE:
             s._failures.worker_failed(worker_id)
             return
@@ -130,7 +134,7 @@ class UnitCalls:
         if outcome.status == "paused":
             self._paused(worker_id, outcome)
         else:
-            self._completed(worker_id, outcome)
+            self._completed(worker_id, outcome, answered)
 
     def _paused(self, worker_id: str, outcome: UnitOutcome) -> None:
         s = self._scheduler
@@ -147,7 +151,7 @@ class UnitCalls:
                 s._requests[rid].preemptions += 1
         s._handle(UnitPaused(worker_id, outcome.unit_id, outcome.executed_s, outcome.blocking_s))
 
-    def _completed(self, worker_id: str, outcome: UnitOutcome) -> None:
+    def _completed(self, worker_id: str, outcome: UnitOutcome, answered: float) -> None:
         s = self._scheduler
         unit = s._units.pop(outcome.unit_id, None)
         # Tokens the worker's prefix cache served: not computed, so not in the compute time
@@ -175,14 +179,18 @@ class UnitCalls:
         # Hand-offs first: their KV take-outs then reach the worker before the next unit the
         # policy starts there, which its KV budget counts on having free.
         for first in outcome.first_tokens:
-            self._first_token(worker_id, first)
+            self._first_token(worker_id, first, (outcome.ended_wall_s, answered))
         s._handle(UnitCompleted(worker_id, outcome.unit_id, outcome.executed_s))
         for rid in cancelled:
             self.drop(worker_id, rid)  # their KV must not stay on the worker
         for rid in rids:
             s._forget(rid)
 
-    def _first_token(self, worker_id: str, first: FirstToken) -> None:
+    def _first_token(self, worker_id: str, first: FirstToken, stamps: tuple[float, float]) -> None:
+        """``stamps``: (the unit's end on the worker, its outcome's arrival here), wall clock.
+
+        The SLO is not judged here: the engine judges it on the client's TTFT clock, the one
+        the API reports (request_clock.py)."""
         s = self._scheduler
         tracked = s._requests.pop(first.request_id, None)
         if tracked is None:  # cancelled meanwhile; _completed drops its KV
@@ -190,12 +198,8 @@ class UnitCalls:
         request = tracked.request
         now = s.now()
         ttft_s = now - request.arrival_s
-        met = ttft_s <= request.ttft_target_s
-        s._counts["slo_met" if met else "slo_missed"] += 1
-        s._metrics.inc(
-            "flowprefill_slo_met_total" if met else "flowprefill_slo_missed_total",
-            slo_class=request.slo_class,
-        )
+        hops = tracked.hops
+        hops["worker_end"], hops["scheduler_first_token"] = stamps
         decode_id = None
         if first.finish_reason is None:
             decode_id = s._decode.pick()
@@ -207,6 +211,7 @@ class UnitCalls:
                     RequestFailedError(f"KV hand-off of {request.request_id} failed: {error}")
                 )
                 return
+            hops["decode_handoff"] = time.time()
         queue_s = (
             tracked.first_run_s if tracked.first_run_s is not None else now
         ) - request.arrival_s
@@ -222,6 +227,7 @@ class UnitCalls:
                 request.ttft_target_s,
                 request.slo_class,
                 tracked.requested_slo_class,
+                hops,
             )
         )
 
@@ -236,6 +242,7 @@ class UnitCalls:
             tracked = s._requests.get(rid)
             if tracked is not None and tracked.first_unit_id == unit_id and started_wall_s:
                 s._samples.start_delay(rid, started_wall_s - tracked.arrival_wall_s, handover)
+                tracked.hops["worker_start"] = started_wall_s
 
     async def _preempt(self, worker_id: str, call) -> None:
         s = self._scheduler

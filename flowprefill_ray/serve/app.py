@@ -22,6 +22,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flowprefill_ray.request_clock import RequestClock
+
 from .auth import APIKeyCheck
 from .config import ServeAppArgs
 from .errors import APIError, error_response, server_error
@@ -189,16 +191,18 @@ class OpenAIIngress:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
+        clock = RequestClock("http_received")  # the request's TTFT starts here
         body = await self._json_body(request)
         return _respond(
-            await self._frontend.completion(body, request.headers, _request_id(request))
+            await self._frontend.completion(body, request.headers, _request_id(request), clock)
         )
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        clock = RequestClock("http_received")  # the request's TTFT starts here
         body = await self._json_body(request)
         return _respond(
-            await self._frontend.chat_completion(body, request.headers, _request_id(request))
+            await self._frontend.chat_completion(body, request.headers, _request_id(request), clock)
         )
 
     @api.get("/v1/flowprefill/timeline")
