@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 from conftest_ray import free_port
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from local_http import serving
 from pydantic import ValidationError
 from repo_scripts import load_script
-from waiting import wait_until
 
 from flowprefill_ray.demos.serving import build_parser as demo_parser
 from flowprefill_ray.scheduling.slo import SLOConfig
@@ -154,18 +153,9 @@ class StreamingServer:
 @pytest.fixture(scope="module")
 def server():
     fake = StreamingServer()
-    port = free_port()
-    config = uvicorn.Config(
-        fake.app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
-    )
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    wait_until(lambda: uv.started, 20, "the local SSE server to start")
-    fake.url = f"http://127.0.0.1:{port}"
-    yield fake
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with serving(fake.app(), "the local SSE server") as url:
+        fake.url = url
+        yield fake
 
 
 def _plan(*specs: tuple[float, int, int, str, float]) -> list[PlannedRequest]:

@@ -8,14 +8,11 @@ docs/BENCHMARKS.md, "vLLM on CPU as a peer".
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
-import uvicorn
-from conftest_ray import free_port
+from local_http import serving
 from repo_scripts import load_script
 from test_loadgen import PREFILL_S_PER_TOKEN, StreamingServer
-from waiting import wait_until
 
 from flowprefill_ray.scheduling.slo import SLOConfig
 from loadgen import EndpointConfig, PlannedRequest, ReplayConfig
@@ -200,17 +197,9 @@ def sse_server():
     """test_loadgen's OpenAI-style SSE endpoint on 127.0.0.1: a first token after
     ``PREFILL_S_PER_TOKEN`` s per prompt token (model ``serial``: one prefill at a time)."""
     fake = StreamingServer()
-    port = free_port()
-    uv = uvicorn.Server(
-        uvicorn.Config(fake.app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    wait_until(lambda: uv.started, 20, "the local SSE server to start")
-    fake.url = f"http://127.0.0.1:{port}"
-    yield fake
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with serving(fake.app(), "the local SSE server") as url:
+        fake.url = url
+        yield fake
 
 
 def test_a_steady_trial_sends_its_rate_and_judges_only_requests_after_the_warm_up(

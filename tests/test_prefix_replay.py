@@ -8,11 +8,9 @@ import json
 import threading
 
 import pytest
-import uvicorn
-from conftest_ray import free_port
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-from waiting import wait_until
+from local_http import serving
 
 from loadgen.cli import main as loadgen_main
 
@@ -50,18 +48,9 @@ class PromptRecorder:
 @pytest.fixture(scope="module")
 def recorder():
     rec = PromptRecorder()
-    port = free_port()
-    config = uvicorn.Config(
-        rec.app(), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 20, "the recording endpoint to start")
-    rec.url = f"http://127.0.0.1:{port}"
-    yield rec
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(rec.app(), "the recording endpoint") as url:
+        rec.url = url
+        yield rec
 
 
 def test_a_multiturn_replay_sends_each_turn_as_the_previous_prompt_plus_answer(recorder, tmp_path):
