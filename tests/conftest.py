@@ -19,5 +19,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# Ray session fixtures of the runtime tests (ray_local, runtime_engines): tests/conftest_ray.py
-pytest_plugins = ["conftest_ray"]
+# Shared fixtures: Ray sessions (ray_local, runtime_engines) in tests/conftest_ray.py, a unit
+# held at its first checkpoint (hold_at_first_checkpoint) in tests/pauses.py
+pytest_plugins = ["conftest_ray", "pauses"]

@@ -15,7 +15,6 @@ from flowprefill_ray.model import load_model
 from flowprefill_ray.model.checkpoints import tiny_checkpoint
 from flowprefill_ray.model.kv import KVCache
 from flowprefill_ray.model.prefix_cache import PrefixCache, block_hashes
-from flowprefill_ray.runtime import prefill_units
 from flowprefill_ray.runtime.config import RuntimeConfig
 from flowprefill_ray.runtime.messages import PrefillItemSpec
 from flowprefill_ray.runtime.model_source import TINY_MODEL_SHAPE
@@ -327,24 +326,6 @@ def test_salted_requests_share_only_with_their_salt_and_unsalted_can_be_kept_out
     assert dict(again.cached_tokens) == {"a2": 4 * BLOCK}
     firsts = {f.request_id: f.token_id for f in again.first_tokens}
     assert firsts["a2"] == firsts["b1"]  # the same answer, reached without sharing
-
-
-@pytest.fixture
-def hold_at_first_checkpoint(monkeypatch):
-    """``hold(unit_id)`` -> an event set when that unit reaches its first checkpoint, where it
-    then waits for a pause request (as in test_runtime_parts.py)."""
-    reached: dict[int, threading.Event] = {}
-    should_pause = prefill_units.WorkUnit.should_pause
-
-    def gated(unit) -> bool:
-        event = reached.get(unit.unit_id)
-        if event is not None and not event.is_set():
-            event.set()
-            assert unit.pause.wait(60), "no pause request reached the held unit"
-        return should_pause(unit)
-
-    monkeypatch.setattr(prefill_units.WorkUnit, "should_pause", gated)
-    return lambda unit_id: reached.setdefault(unit_id, threading.Event())
 
 
 def test_a_unit_paused_on_a_hit_resumes_to_the_cold_result_even_if_the_blocks_go(

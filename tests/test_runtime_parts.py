@@ -13,7 +13,6 @@ from waiting import wait_until
 
 from flowprefill_ray.model import load_model, load_tokenizer
 from flowprefill_ray.model.checkpoints import tiny_checkpoint
-from flowprefill_ray.runtime import prefill_units
 from flowprefill_ray.runtime.config import RuntimeConfig
 from flowprefill_ray.runtime.detokenizer import Detokenizer
 from flowprefill_ray.runtime.messages import PrefillItemSpec
@@ -129,25 +128,6 @@ def test_detokenizer_deltas_join_to_the_full_text_and_hold_back_stop_prefixes(ti
 
 
 # --------------------------------------------------------------------- prefill executor
-
-
-@pytest.fixture
-def hold_at_first_checkpoint(monkeypatch):
-    """``hold(unit_id)`` -> an event set when that unit reaches its first checkpoint; the unit
-    then waits there until a pause is requested, so a control thread always finds it
-    mid-prefill (never not yet started, never already finished), however busy the machine."""
-    reached: dict[int, threading.Event] = {}
-    should_pause = prefill_units.WorkUnit.should_pause
-
-    def gated(unit) -> bool:
-        event = reached.get(unit.unit_id)
-        if event is not None and not event.is_set():
-            event.set()
-            assert unit.pause.wait(60), "no pause request reached the held unit"
-        return should_pause(unit)
-
-    monkeypatch.setattr(prefill_units.WorkUnit, "should_pause", gated)
-    return lambda unit_id: reached.setdefault(unit_id, threading.Event())
 
 
 def test_paused_prefill_resumes_to_the_same_kv_and_first_token(model, hold_at_first_checkpoint):
