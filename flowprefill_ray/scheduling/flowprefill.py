@@ -148,19 +148,25 @@ class FlowPrefillPolicy(Policy):
                 continue
             evicted: list[RequestRecord] = []
             room = self._room_for_head(worker, head, now, out, evicted)
-            items = form_slo_batch(
-                head,
-                self.queue,
-                self.predictor,
-                self.config,
-                room,
-                now,
-                self._uncached_on(worker.worker_id),
-            )
+            items = self._batch(head, worker, room, now)
             out.append(self._start_unit(worker, items, now, room))
             idle.remove(worker)
             for rec in evicted:  # queued after the batch, which must not take them back
                 self._queue(rec, now)
+
+    def _batch(
+        self, head: RequestRecord, worker: WorkerRecord, room: UnitRoom, now: float
+    ) -> list[WorkItem]:
+        """The unit ``head`` leads on ``worker`` (SLO-aware batching within ``room``)."""
+        return form_slo_batch(
+            head,
+            self.queue,
+            self.predictor,
+            self.config,
+            room,
+            now,
+            self._uncached_on(worker.worker_id),
+        )
 
     def _room_for_head(
         self,
@@ -279,20 +285,10 @@ class FlowPrefillPolicy(Policy):
             victims.pop(i)
             if one_hop:  # what replaces the victim goes with the preemption (handover.py)
                 taken.pop()
-                wid = victim.worker_id
-                room = self.memory.room(
-                    victim, self.requests
-                )  # _make_room left the newcomer room beside it
+                # _make_room left the newcomer room beside the paused victim.
+                room = self.memory.room(victim, self.requests)
                 room.take(item, force=True)
-                items = form_slo_batch(
-                    rec,
-                    self.queue,
-                    self.predictor,
-                    self.config,
-                    room,
-                    now,
-                    self._uncached_on(wid),
-                )
+                items = self._batch(rec, victim, room, now)
                 out.append(self._queue_next(victim, items, now, room))
         for rec in taken:
             self.queue.unpop(rec)
