@@ -176,6 +176,9 @@ def test_a_cached_long_prompt_is_priced_as_the_short_job_it_is():
     assert p.requests["again"].remaining_tokens == 16
     # It preempts the hog, and its unit, sent along, starts at the cached prefix.
     assert out == [Preempt("w0", 2), run(3, "w0", ("again", 40 * BLOCK, 40 * BLOCK + 16))]
+    # Until the hog stops, the worker is busy for the hog's rest plus the unit queued behind
+    # it (cache-aware routing weighs this wait): 8 s - 0.5 s run, and 16 tokens.
+    assert p.busy_remaining_s(3.5) == {"w0": pytest.approx(7.5 + 16 / 1024)}
 
 
 # ------------------------------------------------------------------ the simulator

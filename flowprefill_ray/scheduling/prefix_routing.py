@@ -178,10 +178,12 @@ class PrefixRouting:
         return None
 
     def busy_remaining_s(self, now: float) -> dict[str, float]:
-        """Predicted compute left on each worker's running unit (busy workers only)."""
+        """Predicted compute left before each busy worker is free: its running unit plus the
+        unit queued behind it by a one-hop preemption (``WorkerRecord.next``), which runs
+        first once the running one stops."""
         out = {}
         for w in self.workers.values():
-            u: UnitRecord | None = w.running
-            if u is not None:
-                out[w.worker_id] = self.unit_remaining_s(u, now)  # type: ignore[attr-defined]
+            units: list[UnitRecord] = [u for u in (w.running, w.next) if u is not None]
+            if units:
+                out[w.worker_id] = sum(self.unit_remaining_s(u, now) for u in units)  # type: ignore[attr-defined]
         return out
