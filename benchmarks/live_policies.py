@@ -39,6 +39,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# The default comparison: the paper's baselines. Any policy of the package can be named.
 POLICIES = ("flowprefill", "fcfs", "chunked", "edf")
 
 
@@ -190,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     from loadgen.replay_args import replay_config
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = sorted(set(policies) - set(POLICIES))
+    from flowprefill_ray.scheduling import POLICIES as AVAILABLE
+
+    unknown = sorted(set(policies) - set(AVAILABLE))
     if unknown:
-        print(f"error: unknown policies {unknown}; known: {list(POLICIES)}", file=sys.stderr)
+        print(f"error: unknown policies {unknown}; known: {sorted(AVAILABLE)}", file=sys.stderr)
         return 2
     model = tiny_model_path() if args.tiny else "default"
     slo = SLOConfig(scale=args.slo_scale)

@@ -41,6 +41,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flowprefill_ray.scheduling import POLICIES
     from loadgen.replay_args import CPU_SLICE_DEFAULTS, add_replay_arguments
 
     parser = argparse.ArgumentParser(
@@ -50,9 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tiny", action="store_true", help="the generated tiny model (tests, quick looks)"
     )
-    parser.add_argument(
-        "--policy", default="flowprefill", choices=["flowprefill", "fcfs", "chunked", "edf"]
-    )
+    parser.add_argument("--policy", default="flowprefill", choices=sorted(POLICIES))
     parser.add_argument("--out", default="out/demo", help="output directory")
     parser.add_argument(
         "--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default: a free one)"
