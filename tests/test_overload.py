@@ -93,11 +93,16 @@ def test_three_times_capacity_is_shed_while_admitted_urgent_requests_keep_their_
     assert counts["failed"] == 0, report.to_json()["errors"]
     # Overload really happened and was shed...
     assert counts["rejected"] >= counts["sent"] * 0.2, counts
-    # ...quickly: a refusal is decided on arrival, not after waiting in a queue...
+    # ...at arrival, not after waiting in a queue: admission refuses only on a request's own
+    # arrival event (policy.py), so no refused request ever joined a unit or was requeued.
+    # (How fast the 429 comes back is a speed figure, measured by benchmarks/soak.py and
+    # admission_overload.py, not asserted in a test.)
     refusals = sorted(o.reject_s for o in report.outcomes if o.status == "rejected")
-    reject_p99_s = refusals[min(len(refusals) - 1, int(0.99 * len(refusals)))]
-    print("reject p99", reject_p99_s)
-    assert reject_p99_s < 0.1, refusals[-10:]
+    print("reject p99 (s)", refusals[min(len(refusals) - 1, int(0.99 * len(refusals)))])
+    refused = [r for r in timeline["requests"] if r["status"] == "rejected"]
+    assert refused, "the scheduler refused nothing: overload was shed elsewhere"
+    queued_first = [r for r in refused if r["units"] or r["requeues"]]
+    assert not queued_first, queued_first[:3]
     # ...and what was admitted was served in time, in both classes.
     for cls in ("urgent", "relaxed"):
         attainment = report.attainment(cls)
