@@ -44,6 +44,11 @@ Two checks, in this order:
    are refused (two Azure tenants on SmolLM2: 57 of 867 urgent requests, 38 of them to
    protect admitted relaxed ones; docs/results/why_late.json). The reservation moves those
    refusals to the loose tenant: a policy choice, measured in docs/results/why_late_sim.json.
+   With ``reserve_cost: measured`` each class's rate is scaled by what its work has recently
+   cost: completed units' compute, shared among their members by predicted prefill, over those
+   members' predicted prefill (``ArrivalRates.observe_cost``). Prompts batched into one
+   forward share its fixed cost, so a sum of single-prompt predictions over-states what a
+   busy tight class takes from the worker.
 
    On a predicted miss ``reject`` refuses the request; ``downgrade`` moves it to the tightest
    looser SLO class (larger TTFT target) of the policy's ``SLOConfig`` under which the same
@@ -62,11 +67,12 @@ arrivals first, not only earlier deadlines.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
-from .events import Downgrade, Reject
+from .events import Downgrade, Reject, WorkItem
 from .predictor import TTFTPredictor
 from .priority import slack_s
 from .records import RequestRecord
@@ -111,6 +117,13 @@ class AdmissionConfig(BaseModel):
         "tighter SLO classes before its deadline still fits (each class's recent arrival "
         "rate of predicted prefill); keeps a loose tenant's burst from filling the time a "
         "tight tenant needs",
+    )
+    reserve_cost: Literal["predicted", "measured"] = Field(
+        "predicted",
+        description="reserve_for_tighter: price a tighter class's expected work at its "
+        "predicted prefill ('predicted'), or at that times what its requests' units have "
+        "recently cost per predicted second ('measured': batched prompts share each "
+        "forward's fixed cost, so a busy tight class costs less than its predictions sum to)",
     )
     reserve_window_s: PositiveFloat = Field(
         30.0,
@@ -224,7 +237,8 @@ class AdmissionControl:
         wait_s = queue.work_ahead_s(deadline_s, now) if queue is not None else 0.0
         reserved_s = 0.0
         if queue is not None and self.config.reserve_for_tighter:
-            reserved_s = self.arrivals.expected_tighter_s(deadline_s - now, now)
+            measured = self.config.reserve_cost == "measured"
+            reserved_s = self.arrivals.expected_tighter_s(deadline_s - now, now, measured)
             reserved_s /= max(1, queue.worker_count)
         if slack_s(deadline_s, now + wait_s + reserved_s, own_s) < 0.0:
             after = f" after {wait_s:.3f}s of earlier work" if queue is not None else ""
@@ -242,6 +256,26 @@ class AdmissionControl:
                     f"deadline (room for {max(spare_s, 0.0):.3f}s before it)"
                 )
         return None
+
+    def unit_completed(
+        self,
+        items: Sequence[WorkItem],
+        requests: Mapping[str, RequestRecord],
+        executed_s: float,
+        now: float,
+    ) -> None:
+        """A unit of ``items`` took ``executed_s`` of compute: each member's share (by
+        predicted prefill) feeds ``reserve_cost: measured`` under its target on arrival."""
+        cfg = self.config
+        if not (cfg.reserve_for_tighter and cfg.reserve_cost == "measured"):
+            return
+        predicted = [self.predictor.predict(item.tokens) for item in items]
+        total = sum(predicted)
+        if total <= 0.0:
+            return
+        for item, own in zip(items, predicted, strict=True):
+            target = requests[item.request_id].request.ttft_target_s
+            self.arrivals.observe_cost(target, executed_s * own / total, own, now)
 
     def _looser_classes(self, rec: RequestRecord) -> list[SLOClass] | None:
         """Classes with a larger target than ``rec``'s, tightest first; ``None`` when the
@@ -270,6 +304,9 @@ class ArrivalRates:
         self.window_s = window_s
         # grid step -> [rate, last update time, the largest target seen in the step]
         self._rates: dict[int, list[float]] = {}
+        # grid step -> [compute, predicted, last update time]: decaying sums of what
+        # completed work of that target cost, and what it was predicted to cost.
+        self._costs: dict[int, list[float]] = {}
 
     def add(self, target_s: float, work_s: float, now: float) -> None:
         step = math.floor(math.log(target_s) / self._GRID)
@@ -277,6 +314,20 @@ class ArrivalRates:
         entry[0] = self._decayed(entry, now) + work_s / self.window_s
         entry[1] = now
         entry[2] = max(entry[2], target_s)  # exact for class targets; never too tight
+
+    def observe_cost(self, target_s: float, actual_s: float, predicted_s: float, now: float):
+        """Work of this target predicted at ``predicted_s`` took ``actual_s`` of compute."""
+        step = math.floor(math.log(target_s) / self._GRID)
+        cost = self._costs.setdefault(step, [0.0, 0.0, now])
+        keep = math.exp(-(now - cost[2]) / self.window_s) if now > cost[2] else 1.0
+        cost[0] = cost[0] * keep + actual_s
+        cost[1] = cost[1] * keep + predicted_s
+        cost[2] = now
+
+    def cost_ratio(self, target_s: float) -> float:
+        """Recent compute per predicted second of this target's work; 1 before any."""
+        cost = self._costs.get(math.floor(math.log(target_s) / self._GRID))
+        return cost[0] / cost[1] if cost is not None and cost[1] > 0.0 else 1.0
 
     def _decayed(self, entry: list[float], now: float) -> float:
         rate, then, _ = entry
@@ -287,10 +338,12 @@ class ArrivalRates:
         entry = self._rates.get(math.floor(math.log(target_s) / self._GRID))
         return 0.0 if entry is None else self._decayed(entry, now)
 
-    def expected_tighter_s(self, horizon_s: float, now: float) -> float:
+    def expected_tighter_s(self, horizon_s: float, now: float, measured: bool = False) -> float:
+        """(``measured``: each target's work priced at its ``cost_ratio``.)"""
         total = 0.0
         for entry in self._rates.values():
             target = entry[2]
             if target < horizon_s:
-                total += self._decayed(entry, now) * (horizon_s - target)
+                ratio = self.cost_ratio(target) if measured else 1.0
+                total += self._decayed(entry, now) * (horizon_s - target) * ratio
         return total

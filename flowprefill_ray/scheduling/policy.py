@@ -223,6 +223,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, ABC):
             # (``u.executed_s``: the compute of its earlier runs, from UnitPaused).
             run_compute_s = event.executed_s - u.executed_s
             self.predictor.observe_unit_overhead(now - u.started_at_s - run_compute_s)
+        self.admission.unit_completed(items, self.requests, event.executed_s, now)
         if self.config.online_correction and all(item.start == 0 for item in items):
             # Chunks that attend an earlier prefix cost more than their token count says.
             self.predictor.observe(u.tokens, event.executed_s)
