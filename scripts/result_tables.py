@@ -202,3 +202,37 @@ def prefix_routing_sim(report: dict[str, Any]) -> str:
     header = ["workload", "variant", "cache per worker (tokens)", "goodput req/s (repeats)"]
     header += ["vs no cache", "prompt tokens from cache"]
     return rows(header, body)
+
+
+# ------------------------------------------------------------- admission_headroom_sim.json
+
+
+def admission_label(name: str, settings: dict[str, Any]) -> str:
+    """``reject/queue-unprotected`` -> ``reject, queue, unprotected``; the headroom named."""
+    action, _, estimate = name.partition("/")
+    estimate, _, variant = estimate.partition("-")
+    estimate = estimate.split("+")[0]
+    parts = [action] if action == "admit" else [action, estimate]
+    if variant:
+        parts.append(variant)
+    if settings.get("headroom"):
+        parts.append(f"headroom {settings['headroom']:g}")
+    return ", ".join(parts)
+
+
+@table("admission_overload_sim", "admission_headroom_sim.json")
+def admission_overload_sim(report: dict[str, Any]) -> str:
+    body = [
+        [
+            r["policy"],
+            admission_label(r["admission"], report["settings"][r["admission"]]),
+            f"{r['requests']:,}",
+            *(f"{r[k]:.3f}" for k in ("attainment", "attainment_in_force", "admitted_attainment")),
+            r["rejected"],
+            r["downgraded"],
+            r["peak_waiting"],
+        ]
+        for r in report["rows"]
+    ]
+    header = ["policy", "admission", "requests", "attain", "in force", "admitted", "rejected"]
+    return rows([*header, "downgraded", "peak"], body)
