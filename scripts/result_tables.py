@@ -236,3 +236,29 @@ def admission_overload_sim(report: dict[str, Any]) -> str:
     ]
     header = ["policy", "admission", "requests", "attain", "in force", "admitted", "rejected"]
     return rows([*header, "downgraded", "peak"], body)
+
+
+# -------------------------------------------------------- scheduler_overhead_timeline.json
+
+
+@table("scheduler_overhead_timeline", "scheduler_overhead_timeline.json")
+def scheduler_overhead_timeline(report: dict[str, Any]) -> str:
+    """CPU time per event at the deepest queue, without and with the timeline recording."""
+    depth = max(r["queued"] for r in report["rows"])
+    cells: dict[tuple[str, str], dict[bool, dict[str, Any]]] = {}
+    for r in report["rows"]:
+        if r["queued"] == depth:
+            cells.setdefault((r["policy"], r["event"]), {})[r["timeline"]] = r
+    body = []
+    for (policy, event), by_timeline in cells.items():
+        off, on = by_timeline[False], by_timeline[True]
+        body.append(
+            [
+                policy,
+                event,
+                f"{off['cpu_p50_us']:.1f} -> {on['cpu_p50_us']:.1f}",
+                f"{off['cpu_p99_us']:.1f} -> {on['cpu_p99_us']:.1f}",
+            ]
+        )
+    header = ["policy", f"event ({depth:,} queued)", "CPU p50 us, without -> with timeline"]
+    return rows([*header, "CPU p99 us, without -> with"], body)
