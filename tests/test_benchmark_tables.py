@@ -45,9 +45,15 @@ def test_every_generated_table_in_the_docs_equals_its_json(capsys):
 def test_check_names_the_table_whose_cell_was_edited_by_hand(repo_copy, capsys):
     doc = repo_copy / "docs/BENCHMARKS.md"
     original = doc.read_text()
+    # The table's first data row (after the marker, the header and the rule), one cell changed.
     begin = original.index("<!-- generated: prefix_ttft ")
-    cell = original.index("| 300 ms |", begin)
-    doc.write_text(original[:cell] + "| 290 ms |" + original[cell + len("| 300 ms |") :])
+    row_start = begin
+    for _ in range(3):
+        row_start = original.index("\n", row_start) + 1
+    row_end = original.index("\n", row_start)
+    cells = original[row_start:row_end].split(" | ")
+    cells[1] = "1 ms" if cells[1] != "1 ms" else "2 ms"  # the cold TTFT, typed in by hand
+    doc.write_text(original[:row_start] + " | ".join(cells) + original[row_end:])
 
     assert tables.main(["--check", "--root", str(repo_copy)]) == 1
     out = capsys.readouterr().out
