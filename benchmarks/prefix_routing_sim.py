@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from provenance import write_report
@@ -89,73 +90,76 @@ def variants(cache_tokens: list[int]) -> dict[str, tuple[dict | None, int]]:
     return out
 
 
+@dataclass(slots=True)
+class CachedRun:
+    """One simulation of the goodput search: its attainment (what the search compares) and the
+    cache's share of the prompt tokens at that rate."""
+
+    attainment: float
+    hit_token_fraction: float | None
+    recomputed_token_fraction: float | None
+
+
 def run_variant(
     workload, block_tokens: int, prefix: dict | None, cache_tokens: int, slo_scale, args
 ):
-    from flowprefill_ray.scheduling import PolicyConfig, SLOConfig
+    """Goodput of one variant, and its attainment and cache hits at that rate: all from the
+    search's own simulations (the passing one at the goodput), none run again."""
+    from flowprefill_ray.scheduling import PolicyConfig, SLOConfig, make_policy
     from flowprefill_ray.simulator import (
         H100_SXM,
         GoodputSearchConfig,
         RooflineConfig,
         RooflineCostModel,
+        Simulator,
         SimulatorConfig,
+        find_goodput,
     )
-    from flowprefill_ray.simulator.experiment import goodput, simulate
+    from flowprefill_ray.simulator.experiment import fit_predictor, fresh_copy
 
     cost = RooflineCostModel(RooflineConfig(gpu=H100_SXM))
     blocks = cache_tokens // block_tokens
     if prefix is None:
         policy = PolicyConfig()
-        sim = SimulatorConfig(num_workers=args.workers)
+        sim_config = SimulatorConfig(num_workers=args.workers)
     else:
         prefix = {**prefix, "block_tokens": block_tokens, "worker_capacity_blocks": blocks}
         policy = PolicyConfig(prefix=prefix)
-        sim = SimulatorConfig(
+        sim_config = SimulatorConfig(
             num_workers=args.workers, prefix_cache_blocks=blocks, prefix_block_tokens=block_tokens
         )
+    # The workload's own SLO scale prices every run, the cache statistics' included.
     slo = SLOConfig(scale=slo_scale)
-    found = goodput(workload, policy, cost, slo, sim, GoodputSearchConfig(rel_tol=0.02))
-    at_goodput = simulate(workload.scale_rate(found.rate_scale), policy, cost, slo, sim)
-    return {
+    predictor = fit_predictor(cost, sim_config.max_forward_tokens)
+    total_tokens = sum(r.prompt_tokens for r in workload)
+
+    def run_at(scale: float) -> CachedRun:
+        requests = workload.scale_rate(scale).to_requests(slo)
+        sim = Simulator(make_policy(policy, fresh_copy(predictor), slo=slo), cost, sim_config)
+        result = sim.run(requests)
+        if prefix is None:
+            return CachedRun(result.attainment, None, None)
+        caches = sim.prefix_caches
+        return CachedRun(
+            result.attainment,
+            caches.hit_tokens / total_tokens,
+            caches.recomputed_tokens / total_tokens,
+        )
+
+    found = find_goodput(run_at, GoodputSearchConfig(rel_tol=0.02))
+    at_goodput = found.passing_result
+    entry = {
         "goodput_rate_scale": found.rate_scale,
         "goodput_rps": found.rate_scale * workload.mean_rate_per_s,
-        "attainment_at_goodput": at_goodput.attainment,
+        "attainment_at_goodput": at_goodput.attainment if at_goodput else None,
         "curve": [(p.rate_scale, p.attainment) for p in found.points],
     }
-
-
-def hit_fraction(workload, block_tokens: int, args, prefix: dict, cache_tokens: int, rate_scale):
-    """Share of prompt tokens served from cache at ``rate_scale`` (one more simulation)."""
-    from flowprefill_ray.scheduling import PolicyConfig, SLOConfig, make_policy
-    from flowprefill_ray.simulator import (
-        H100_SXM,
-        RooflineConfig,
-        RooflineCostModel,
-        Simulator,
-        SimulatorConfig,
-    )
-    from flowprefill_ray.simulator.experiment import fit_predictor
-
-    cost = RooflineCostModel(RooflineConfig(gpu=H100_SXM))
-    blocks = cache_tokens // block_tokens
-    config = PolicyConfig(
-        prefix={**prefix, "block_tokens": block_tokens, "worker_capacity_blocks": blocks}
-    )
-    sim = Simulator(
-        make_policy(config, fit_predictor(cost)),
-        cost,
-        SimulatorConfig(
-            num_workers=args.workers, prefix_cache_blocks=blocks, prefix_block_tokens=block_tokens
-        ),
-    )
-    requests = workload.scale_rate(rate_scale).to_requests(SLOConfig())
-    sim.run(requests)
-    total = sum(r.prompt_tokens for r in requests)
-    caches = sim.prefix_caches
-    return {
-        "hit_token_fraction": caches.hit_tokens / total,
-        "recomputed_token_fraction": caches.recomputed_tokens / total,
-    }
+    if prefix is not None:
+        entry["hit_token_fraction"] = at_goodput.hit_token_fraction if at_goodput else None
+        entry["recomputed_token_fraction"] = (
+            at_goodput.recomputed_token_fraction if at_goodput else None
+        )
+    return entry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,11 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             per_repeat = {}
             for label, workload, slo_scale in repeats:
                 block = workload.block_tokens
-                entry = run_variant(workload, block, prefix, tokens, slo_scale, args)
-                if prefix is not None:
-                    scale = entry["goodput_rate_scale"]
-                    entry.update(hit_fraction(workload, block, args, prefix, tokens, scale))
-                per_repeat[label] = entry
+                per_repeat[label] = run_variant(workload, block, prefix, tokens, slo_scale, args)
             goodputs = [e["goodput_rps"] for e in per_repeat.values()]
             rows[variant] = {
                 "cache_tokens_per_worker": tokens,

@@ -1,0 +1,105 @@
+"""The README's headline, rendered from committed JSON (issue 14, section 6).
+
+Only figures some file in ``docs/results`` holds, each linked to it, with the spread of its
+repeats where it has any; registered in ``result_tables.TABLES`` as ``readme_headline`` so that
+``scripts/benchmark_tables.py --check`` fails when the README says something else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from result_tables import pct, table, trace_name
+
+LINK = "[{0}](docs/results/{0})"
+
+
+def simulator_line(report: dict[str, Any]) -> str:
+    parts = []
+    for s in report["summaries"]:
+        windows = ", ".join(f"{w['ratio']:.2f}x" for w in s["per_window_over_own_best"])
+        parts.append(
+            f"**{s['flowprefill_over_best']:.2f}x** on {trace_name(s['trace'])} with "
+            f"{s['workers']} worker{'s' if s['workers'] > 1 else ''} (windows: {windows}; "
+            f"best baseline {s['best_baseline']})"
+        )
+    windows = report["args"]["repeats"]
+    requests = report["args"]["requests"]
+    return (
+        "- **Simulated H100, against the strongest baselines** (Llama-3.1-8B roofline, Azure "
+        f"2023 conversation and code traces, {windows} windows of {requests:,} requests each; "
+        f"{LINK.format('baselines_sim.json')}): FlowPrefill's goodput (highest rate with >= "
+        f"{pct(report['target_attainment'])} of TTFT SLOs met) over the best of chunked EDF at "
+        "256-8192-token chunks, shortest-remaining-first, static class priority, EDF that gives "
+        "up on hopeless requests, edf and fcfs: " + "; ".join(parts) + ". The 2.5x target of "
+        "issue 14 is not met."
+    )
+
+
+def two_tenant_line(report: dict[str, Any]) -> str:
+    run = report["runs"]["after"]
+    urgent, relaxed = run["per_class"]["urgent"], run["per_class"]["relaxed"]
+    offered = run["offered"]
+    return (
+        "- **Two tenants on the live Serve app** (the shipped `deployments/local.yaml`, SmolLM2 "
+        "on 2 CPU cores; Azure conversation trace as `urgent`, 6 s TTFT, and code trace as "
+        f"`relaxed`, 23.2 s; {offered['requests']:,} requests at {offered['rate_rps']:.2f} req/s "
+        f"over {run['last_send_s']:.0f} s, warm-up excluded; run `after` in "
+        f"{LINK.format('why_late.json')}): **{pct(run['attainment'], 1)}** of requests within "
+        f"their TTFT SLO (urgent {pct(urgent['attainment'], 1)}, relaxed "
+        f"{pct(relaxed['attainment'], 1)}); {urgent['rejected']} urgent and {relaxed['rejected']} "
+        "relaxed requests refused with 429. One run: no spread measured."
+    )
+
+
+def prefix_line(report: dict[str, Any]) -> str:
+    median, runs, ratios = report["median_ttft_s"], report["ttft_s"], report["ratios"]
+    repeat = report["args"]["repeats"]
+
+    def ms(key: str) -> str:
+        low, high = min(runs[key]) * 1000, max(runs[key]) * 1000
+        return f"{median[key] * 1000:,.0f} ms ({low:,.0f}-{high:,.0f})"
+
+    return (
+        "- **Prefix cache, live** (SmolLM2, one CPU thread, median of "
+        f"{repeat} with min-max; {LINK.format('prefix_ttft.json')}): a repeated "
+        f"{report['args']['prompt_tokens']:,}-token prompt's TTFT {ms('repeat')} warm against "
+        f"{ms('cold')} cold (**{pct(ratios['repeat'])}**); the same prompt plus "
+        f"{report['args']['extension_tokens']} tokens {ms('ext_warm')} against {ms('ext_cold')} "
+        f"(**{pct(ratios['extension'])}**)."
+    )
+
+
+def preemption_line(report: dict[str, Any]) -> str:
+    hop = report["modes"]["one_hop"]
+    e2e, block = hop["end_to_end_ms"], hop["block_ms"]
+    return (
+        "- **Preemption latency, live** (SmolLM2 on CPU, "
+        f"{hop['preempted']} preemptions of a {report['args']['long_tokens']:,}-token prefill; "
+        f"{LINK.format('preemption_latency.json')}): an urgent request's arrival to its unit "
+        f"computing p50 **{e2e['p50']:.1f} ms**, p99 **{e2e['p99']:.1f} ms**, of which the "
+        f"worker's own wait for its block checkpoint p99 {block['p99']:.1f} ms."
+    )
+
+
+@table(
+    "readme_headline",
+    "baselines_sim.json",
+    "why_late.json",
+    "prefix_ttft.json",
+    "preemption_latency.json",
+)
+def readme_headline(
+    baselines: dict[str, Any],
+    why_late: dict[str, Any],
+    prefix: dict[str, Any],
+    preemption: dict[str, Any],
+) -> str:
+    return "\n".join(
+        [
+            simulator_line(baselines),
+            two_tenant_line(why_late),
+            prefix_line(prefix),
+            preemption_line(preemption),
+        ]
+    )
