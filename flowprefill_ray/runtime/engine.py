@@ -7,7 +7,8 @@
 
 Tokenization happens here, on the client side: it is cheap, it keeps the scheduler's event
 loop free for decisions, and a bad prompt is refused before it costs the cluster anything.
-This file starts the actors, checks each request before anything is sent, and answers cancel, stats and shutdown. One request's stream, from submit to its last
+This file starts the actors, validates each request once before anything is sent
+(``RequestLimits.build``, engine_request.py), and answers cancel, stats and shutdown. One request's stream, from submit to its last
 token, and the ``RequestStream``/``TokenOutput`` it yields, are in request_stream.py.
 """
 
