@@ -74,7 +74,8 @@ class UnitCalls:
             )
         # A unit the policy queued behind a pausing one was sent with that one's preempt
         # (one-hop handover): the worker starts it at the checkpoint, with no further call.
-        handover = s.policy.workers[unit.worker_id].next is not None
+        queued = s.policy.workers[unit.worker_id].next
+        handover = queued is not None and queued.unit_id == unit.unit_id
         s._counts["units"] += 1
         s._metrics.observe("flowprefill_prefill_batch_size", len(unit.items))
         s._metrics.observe("flowprefill_prefill_batch_tokens", unit.tokens)
