@@ -120,7 +120,7 @@ def profile_predictor(config, path: Path):
 
 async def replay(engine, workload, rate_scale: float, seed: int, slo_targets: dict) -> list[dict]:
     """Submit every request at its (scaled) arrival time; collect per-request outcomes."""
-    from flowprefill_ray.runtime.errors import RequestRejectedError
+    from flowprefill_ray.errors import RequestRejectedError
     from flowprefill_ray.sampling_params import SamplingParams
 
     rng = random.Random(seed)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
-from flowprefill_ray.runtime.errors import RequestRejectedError, RuntimeEngineError
+from flowprefill_ray.errors import RequestRejectedError, RuntimeEngineError
 from flowprefill_ray.sampling_params import SamplingParams
 
 # Ray titles actor processes "ray::ClassName..."; these are the runtime's.

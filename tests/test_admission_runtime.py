@@ -17,9 +17,9 @@ import pytest
 from conftest_ray import runtime_test_config
 from waiting import async_wait_until
 
+from flowprefill_ray.errors import RequestRejectedError
 from flowprefill_ray.runtime.config import RuntimeConfig
 from flowprefill_ray.runtime.engine import FlowPrefillEngine
-from flowprefill_ray.runtime.errors import RequestRejectedError
 from flowprefill_ray.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.ray

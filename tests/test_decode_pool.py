@@ -11,12 +11,12 @@ import torch
 from conftest_ray import runtime_test_config
 from pydantic import ValidationError
 
+from flowprefill_ray.errors import InvalidRequestError
 from flowprefill_ray.model import ModelConfig
 from flowprefill_ray.model.checkpoints import tiny_checkpoint
 from flowprefill_ray.runtime.config import DecodeConfig, ModelSource, RuntimeConfig
 from flowprefill_ray.runtime.decode_worker import CPU_AUTO_KV_BLOCKS, DecodeWorker, kv_pool_blocks
 from flowprefill_ray.runtime.engine import FlowPrefillEngine, decode_pool_tokens
-from flowprefill_ray.runtime.errors import InvalidRequestError
 from flowprefill_ray.runtime.model_source import TINY_MODEL_SHAPE
 from flowprefill_ray.runtime.placement import Workers
 from flowprefill_ray.sampling_params import SamplingParams

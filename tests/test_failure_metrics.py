@@ -12,13 +12,13 @@ import pytest
 import ray.util.metrics
 from recorded_metrics import FakeRay, fake_engine
 
-from flowprefill_ray.runtime.config import RuntimeConfig
-from flowprefill_ray.runtime.errors import (
+from flowprefill_ray.errors import (
     EngineUnavailableError,
     RequestFailedError,
     RequestRejectedError,
     RequestTimeoutError,
 )
+from flowprefill_ray.runtime.config import RuntimeConfig
 from flowprefill_ray.runtime.messages import PrefillDone
 from flowprefill_ray.runtime.metrics import FINISH_REASONS, METRICS_BY_NAME
 from flowprefill_ray.sampling_params import SamplingParams

@@ -19,8 +19,8 @@ import ray
 from conftest_ray import runtime_test_config
 from waiting import async_wait_until, wait_until
 
+from flowprefill_ray.errors import EngineUnavailableError, RuntimeEngineError
 from flowprefill_ray.runtime.engine import FlowPrefillEngine
-from flowprefill_ray.runtime.errors import EngineUnavailableError, RuntimeEngineError
 from flowprefill_ray.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.ray

@@ -108,7 +108,7 @@ def test_a_poisoned_request_fails_alone_in_the_live_runtime(runtime_engines):
 
     from waiting import async_wait_until
 
-    from flowprefill_ray.runtime.errors import RequestFailedError
+    from flowprefill_ray.errors import RequestFailedError
 
     engine = runtime_engines("flowprefill")
     overflow = SamplingParams.model_construct(**{**GREEDY.model_dump(), "seed": 2**64})

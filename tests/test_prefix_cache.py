@@ -422,7 +422,7 @@ def test_live_runtime_counts_hits_and_keeps_salts_apart(cached_engine):
     assert cache["blocks"] == 30 and cache["bytes"] > 0  # three key spaces of 10 blocks
     tokens = {tuple(t) for t, _ in runs}
     assert len(tokens) == 1 and len(next(iter(tokens))) == GREEDY.max_tokens
-    from flowprefill_ray.runtime.errors import InvalidRequestError
+    from flowprefill_ray.errors import InvalidRequestError
 
     for bad in ("", "s" * 257, 5):
         with pytest.raises(InvalidRequestError, match="cache_salt"):

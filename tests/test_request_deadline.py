@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from flowprefill_ray.runtime.errors import InvalidRequestError, RequestTimeoutError
+from flowprefill_ray.errors import InvalidRequestError, RequestTimeoutError
 from flowprefill_ray.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.ray

@@ -17,10 +17,10 @@ import pytest
 from conftest_ray import runtime_test_config
 from waiting import async_wait_until
 
+from flowprefill_ray.errors import InvalidRequestError, PromptTooLongError
 from flowprefill_ray.model import load_model
 from flowprefill_ray.model.generate import generate
 from flowprefill_ray.runtime.engine import FlowPrefillEngine
-from flowprefill_ray.runtime.errors import InvalidRequestError, PromptTooLongError
 from flowprefill_ray.runtime.model_source import checkpoint_path
 from flowprefill_ray.sampling_params import SamplingParams
 

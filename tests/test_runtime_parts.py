@@ -18,6 +18,7 @@ from flowprefill_ray.runtime.detokenizer import Detokenizer
 from flowprefill_ray.runtime.messages import PrefillItemSpec
 from flowprefill_ray.runtime.metrics import METRICS, RuntimeMetrics
 from flowprefill_ray.runtime.model_source import TINY_MODEL_SHAPE
+from flowprefill_ray.runtime.output_rules import FirstOutput, OutputRules
 from flowprefill_ray.runtime.prefill_executor import PrefillExecutor, UnknownUnitError
 from flowprefill_ray.sampling_params import SamplingParams
 
@@ -125,6 +126,32 @@ def test_detokenizer_deltas_join_to_the_full_text_and_hold_back_stop_prefixes(ti
     shown = "".join(deltas)
     assert full.startswith(shown) and len(full) - len(shown) <= len("France is") - 1
     assert shown + detok.finish(full) == full
+
+
+def test_first_output_is_decided_once_with_the_decode_workers_rules(model, tiny_dir):
+    """What the prefill worker decides for a first token (output_rules.py) matches what a
+    decode worker's checker, replaying that token, would say; the engine shows it as is."""
+    tokenizer = load_tokenizer(tiny_dir)
+    rules = OutputRules.for_model(model, tokenizer)
+    eos = next(iter(rules.eos_ids))
+    word = tokenizer.encode("Paris", add_special_tokens=False)[0]
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+    # EOS ends it and is not shown; max_tokens=1 ends it and is shown with its text.
+    assert rules.first_output(greedy, 5, eos) == FirstOutput("stop", False, "")
+    one = greedy.model_copy(update={"max_tokens": 1})
+    text = tokenizer.decode([word], skip_special_tokens=True)
+    assert rules.first_output(one, 5, word) == FirstOutput("length", True, text)
+    # A stop string completed by the first token: the token and the string are dropped.
+    stop = greedy.model_copy(update={"stop": [text]})
+    assert rules.first_output(stop, 5, word) == FirstOutput("stop", False, "")
+    # The last position of the context ends it too.
+    assert rules.first_output(greedy, rules.context_tokens - 1, word).finish_reason == "length"
+    # Not final: the decode worker carries on from the same checker and detokenizer state.
+    going = rules.first_output(greedy, 5, word)
+    assert going == FirstOutput(None, True, text)
+    checker, detok = rules.continue_after(greedy, 5, word)
+    assert checker.token_ids == [word] and not checker.finished
+    assert detok.emitted == going.text
 
 
 # --------------------------------------------------------------------- prefill executor

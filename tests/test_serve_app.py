@@ -626,7 +626,7 @@ def test_a_body_that_never_finishes_arriving_is_cut_off(live_app):
 
 
 def test_engine_failures_answer_a_generic_5xx_with_the_cause_only_in_the_log(caplog):
-    from flowprefill_ray.runtime.errors import (
+    from flowprefill_ray.errors import (
         EngineUnavailableError,
         RequestFailedError,
         RequestTimeoutError,

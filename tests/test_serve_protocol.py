@@ -10,14 +10,43 @@ import math
 import pytest
 from pydantic import ValidationError
 
+from flowprefill_ray.engine_request import RequestLimits
+from flowprefill_ray.errors import InvalidRequestError
+from flowprefill_ray.sampling_params import SamplingParams
+from flowprefill_ray.scheduling.slo import SLOConfig
 from flowprefill_ray.serve.auth import APIKeyCheck
 from flowprefill_ray.serve.errors import APIError, from_validation_error
+from flowprefill_ray.serve.frontend import engine_error
 from flowprefill_ray.serve.protocol import ChatCompletionRequest, CompletionRequest
 from flowprefill_ray.serve.request_body import read_json_object
 from flowprefill_ray.serve.slo_selection import RequestSLO, resolve_slo
 from flowprefill_ray.serve.sse import DONE, sse_event
 
-CLASSES = ("text", "image", "search", "file")
+# The default SLO classes: text, image, search, file (text is the default class).
+LIMITS = RequestLimits(
+    vocab_size=100,
+    context_tokens=64,
+    max_prompt_tokens=63,
+    max_output_tokens=32,
+    decode_capacity_tokens=64,
+    slo=SLOConfig(),
+)
+
+
+def slo_of(body_class, body_ms, headers):
+    """(class, TTFT target in force) as the front end resolves them: the headers read by
+    ``resolve_slo``, then the engine's one validator, its errors mapped to HTTP."""
+    asked = resolve_slo(body_class, body_ms, headers)
+    try:
+        request = LIMITS.build(
+            [1, 2],
+            SamplingParams(max_tokens=1),
+            slo_class=asked.slo_class,
+            ttft_slo_s=asked.ttft_slo_s,
+        )
+    except InvalidRequestError as exc:
+        raise engine_error(exc) from None
+    return request.slo_class, request.ttft_slo_s
 
 
 def status_of(body: dict, model=CompletionRequest) -> int:
@@ -131,12 +160,17 @@ def test_sse_events_are_single_data_lines():
 
 
 def test_slo_from_body_then_header_then_default():
-    assert resolve_slo(None, None, {}, CLASSES, "text") == RequestSLO("text")
-    assert resolve_slo(None, None, {"x-slo-class": "file"}, CLASSES, "text") == RequestSLO("file")
-    assert resolve_slo("image", None, {"x-slo-class": "file"}, CLASSES, "text").slo_class == "image"
-    explicit = resolve_slo(None, None, {"x-ttft-slo-ms": "150"}, CLASSES, "text")
-    assert explicit == RequestSLO("text", 0.15)
-    assert resolve_slo("search", 80.0, {}, CLASSES, "text") == RequestSLO("search", 0.08)
+    assert resolve_slo(None, None, {}) == RequestSLO()
+    assert resolve_slo(None, None, {"x-slo-class": "file"}) == RequestSLO("file")
+    assert resolve_slo("image", None, {"x-slo-class": "file"}).slo_class == "image"
+    assert resolve_slo(None, None, {"x-ttft-slo-ms": "150"}) == RequestSLO(None, 0.15)
+    assert resolve_slo("search", 80.0, {}) == RequestSLO("search", 0.08)
+    # Resolved once, by the validator: the default class, each class's own target, or the
+    # explicit one under the class's label.
+    assert slo_of(None, None, {}) == ("text", 0.25)
+    assert slo_of(None, None, {"x-slo-class": "file"}) == ("file", 6.0)
+    assert slo_of(None, None, {"x-ttft-slo-ms": "150"}) == ("text", 0.15)
+    assert slo_of("search", 80.0, {}) == ("search", 0.08)
 
 
 @pytest.mark.parametrize(
@@ -151,7 +185,7 @@ def test_slo_from_body_then_header_then_default():
 )
 def test_bad_slo_is_a_400_that_says_what_is_allowed(body_class, headers):
     with pytest.raises(APIError) as info:
-        resolve_slo(body_class, None, headers, CLASSES, "text")
+        slo_of(body_class, None, headers)
     assert info.value.status_code == 400
     if body_class or "x-slo-class" in headers:
         assert "known classes: file, image, search, text" in info.value.message

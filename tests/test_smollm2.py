@@ -66,17 +66,29 @@ def test_conversion_runs_once_and_later_calls_reuse_the_cache(tmp_path, monkeypa
 
 @needs_wheel
 def test_concurrent_callers_convert_only_once(tmp_path, monkeypatch):
+    import fcntl
     import threading
-    import time
+
+    from waiting import wait_until
 
     calls: list = []
     write = _fake_writer(calls)
+    # Every caller that asks for the conversion lock is counted: the converter holds the lock
+    # until all three have asked, so the other two provably wait on it mid-conversion.
+    real_flock = fcntl.flock
+    asked: list[int] = []
 
-    def slow_write(gguf_path, out_dir):
-        time.sleep(0.2)  # long enough that the other callers arrive mid-conversion
+    def counting_flock(fd, operation):
+        if operation == fcntl.LOCK_EX:
+            asked.append(threading.get_ident())
+        return real_flock(fd, operation)
+
+    def write_once_all_wait(gguf_path, out_dir):
+        wait_until(lambda: len(asked) == 3, 30, "all three callers to ask for the lock")
         write(gguf_path, out_dir)
 
-    monkeypatch.setattr(gguf, "_write_hf_checkpoint", slow_write)
+    monkeypatch.setattr(fcntl, "flock", counting_flock)
+    monkeypatch.setattr(gguf, "_write_hf_checkpoint", write_once_all_wait)
     results: list = []
     threads = [
         threading.Thread(target=lambda: results.append(default_checkpoint(cache_dir=tmp_path)))

@@ -105,6 +105,9 @@ class PrefillState:
         max_run_ahead: int = 2,
     ) -> None:
         config = model.config
+        # Internal invariants for direct users of the model (tests, generate, benchmarks), not
+        # a request validation path: the engine refuses requests that break them where they
+        # enter (RequestLimits.build, engine_request.py), so served requests never get here.
         if not sequences or any(len(s) == 0 for s in sequences):
             raise ValueError("start_prefill needs at least one sequence, each with >= 1 token")
         if prefixes is None:

@@ -5,6 +5,16 @@ it; the errors in errors.py carry the HTTP status a front end should answer with
 lists every metric the system exports. See docs/RUNTIME.md.
 """
 
+from flowprefill_ray.errors import (
+    DuplicateRequestError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    PromptTooLongError,
+    RequestFailedError,
+    RequestRejectedError,
+    RuntimeEngineError,
+)
+
 from .config import (
     DecodeConfig,
     KVTransferConfig,
@@ -15,15 +25,6 @@ from .config import (
     RuntimeConfig,
 )
 from .engine import FlowPrefillEngine
-from .errors import (
-    DuplicateRequestError,
-    EngineUnavailableError,
-    InvalidRequestError,
-    PromptTooLongError,
-    RequestFailedError,
-    RequestRejectedError,
-    RuntimeEngineError,
-)
 from .metrics import METRICS, METRICS_BY_NAME, MetricSpec, RuntimeMetrics
 from .request_stream import RequestStream, TokenOutput
 

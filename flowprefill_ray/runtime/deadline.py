@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
-from .errors import RequestTimeoutError
+from flowprefill_ray.errors import RequestTimeoutError
 
 T = TypeVar("T")
 

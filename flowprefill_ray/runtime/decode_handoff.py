@@ -84,7 +84,7 @@ class DecodeHandoff:
             tracked.request.request_id,
             first.token_id,
             tracked.request.prompt_tokens,
-            tracked.sampling,
+            tracked.asked.sampling,
             tracked.request.slo_class,
             first.generator_state,
             time.time(),

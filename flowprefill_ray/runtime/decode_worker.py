@@ -25,7 +25,7 @@ import torch
 
 from flowprefill_ray.model import load_model, load_tokenizer
 from flowprefill_ray.model.decode import make_cache
-from flowprefill_ray.model.generate import StopChecker, eos_token_ids
+from flowprefill_ray.model.generate import StopChecker
 from flowprefill_ray.model.kv import KVCache
 from flowprefill_ray.model.paged_kv import PagedKVCache
 from flowprefill_ray.model.sampling import sample_with_params
@@ -35,6 +35,7 @@ from .detokenizer import Detokenizer
 from .messages import AcceptAck, Handoff, TokenEvent
 from .metrics import RuntimeMetrics
 from .model_source import checkpoint_path, torch_device, torch_dtype
+from .output_rules import OutputRules
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +110,7 @@ class DecodeWorker:
             path, device=self.device, dtype=torch_dtype(source), kernels=source.kernels
         )
         self.tokenizer = load_tokenizer(path)
-        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
-        self.context_length = self.model.config.context_limit
+        self.output_rules = OutputRules.for_model(self.model, self.tokenizer)
         blocks = kv_pool_blocks(
             self.model.config, self.model.dtype, decode, free_device_bytes(self.device)
         )
@@ -154,7 +154,9 @@ class DecodeWorker:
         }
 
     def blocks_needed(self, prompt_tokens: int, max_tokens: int) -> int:
-        return self.cache.blocks_for(min(prompt_tokens + max_tokens, self.context_length))
+        return self.cache.blocks_for(
+            min(prompt_tokens + max_tokens, self.output_rules.context_tokens)
+        )
 
     async def accept(self, handoff: Handoff, kv_refs: list) -> AcceptAck:
         """Take over a prefilled request. ``kv_refs[0]`` is the ObjectRef of its ``(k, v)``
@@ -201,12 +203,10 @@ class DecodeWorker:
 
     def _new_sequence(self, handoff: Handoff, kv: KVCache, need: int) -> _Sequence:
         params = handoff.sampling
-        checker = StopChecker(
-            params, self.eos_ids, handoff.prompt_tokens, self.context_length, self.tokenizer
+        # The prefill worker decided the first token is not final; its text went out with it.
+        checker, detok = self.output_rules.continue_after(
+            params, handoff.prompt_tokens, handoff.first_token
         )
-        checker.add(handoff.first_token)  # the prefill worker already checked it is not final
-        detok = Detokenizer(self.tokenizer, params.stop)
-        detok.add(handoff.first_token)  # its text went out with the first token
         generator = params.make_generator(self.device)
         if generator is not None and handoff.generator_state is not None:
             generator.set_state(

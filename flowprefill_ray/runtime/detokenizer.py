@@ -6,8 +6,8 @@ character split across tokens) and the last ``len(longest stop string) - 1`` cha
 could turn out to be the start of a stop string (stop strings are never shown). When the output
 ends, ``finish`` hands out the rest of the final text decided by the model package's
 ``StopChecker`` (which owns the stopping rules, so the runtime stops exactly like ``generate``).
-The engine (first token) and the decode worker (the rest) run this on the same token ids, so
-their deltas join up.
+The prefill worker (first token) and the decode worker (the rest) run this on the same token
+ids, so their deltas join up; both get theirs from ``OutputRules`` (output_rules.py).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
 
 Tokenization happens here, on the client side: it is cheap, it keeps the scheduler's event
 loop free for decisions, and a bad prompt is refused before it costs the cluster anything.
-This file starts the actors, checks each request before anything is sent, and answers cancel, stats and shutdown. One request's stream, from submit to its last
+This file starts the actors, validates each request once before anything is sent
+(``RequestLimits.build``, engine_request.py), and answers cancel, stats and shutdown. One request's stream, from submit to its last
 token, and the ``RequestStream``/``TokenOutput`` it yields, are in request_stream.py.
 """
 
@@ -15,27 +16,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
-from types import SimpleNamespace
+from functools import cached_property
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from flowprefill_ray.engine_request import EngineRequest, RequestLimits
+from flowprefill_ray.engine_request import max_prompt_tokens as prompt_bound
+from flowprefill_ray.errors import (
+    EngineUnavailableError,
+    InvalidRequestError,
+    RequestRejectedError,
+    RuntimeEngineError,
+)
 from flowprefill_ray.model import ModelConfig, load_tokenizer
-from flowprefill_ray.model.generate import eos_token_ids
 from flowprefill_ray.request_clock import RequestClock
-from flowprefill_ray.sampling_params import MAX_CACHE_SALT_CHARS, SamplingParams
+from flowprefill_ray.sampling_params import SamplingParams
 from flowprefill_ray.scheduling import TTFTPredictor
 from flowprefill_ray.scheduling.predictor import PredictorConfig
 
 from .config import RuntimeConfig
-from .errors import (
-    EngineUnavailableError,
-    InvalidRequestError,
-    PromptTooLongError,
-    RequestRejectedError,
-    RuntimeEngineError,
-)
 from .metrics import RuntimeMetrics
 from .model_source import checkpoint_path
 from .placement import Workers, create_workers, destroy_workers, niceness_env
@@ -56,8 +56,6 @@ class FlowPrefillEngine:
         self.tokenizer = tokenizer
         self.model_config = model_config
         self._context = model_config.context_limit
-        # eos_token_ids reads model.config; the engine holds only the config.
-        self._eos_ids = eos_token_ids(SimpleNamespace(config=model_config), tokenizer)
         self.max_prompt_tokens = max_prompt_tokens(config, self._context)
         # What one decode worker can ever hold (prompt + output), tokens: the smallest pool,
         # since a request may land on any worker.
@@ -130,52 +128,19 @@ class FlowPrefillEngine:
 
     # --------------------------------------------------------------------- requests
 
+    @cached_property
+    def limits(self) -> RequestLimits:
+        """The bounds every request is checked against, once, by ``RequestLimits.build``
+        (engine_request.py); the Serve front end validates through the same object."""
+        return RequestLimits.of(self.model_config, self.config, self.decode_capacity_tokens)
+
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """Prompt token ids: a string is encoded with the model's tokenizer (special tokens as
-        the tokenizer adds them); a list of ids is checked against the vocabulary."""
+        the tokenizer adds them); a list of ids is taken as it is (``RequestLimits.build``
+        checks them against the vocabulary)."""
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
-            vocab = self.model_config.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError(
-                    f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})"
-                )
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        return ids
-
-    def _check(
-        self, ids: list[int], sampling: SamplingParams, slo: str | float | None
-    ) -> tuple[str, float | None]:
-        if len(ids) > self.max_prompt_tokens:
-            raise PromptTooLongError(len(ids), self.max_prompt_tokens)
-        bounds = self.config.requests
-        if sampling.max_tokens > bounds.max_output_tokens:
-            raise InvalidRequestError(
-                f"max_tokens={sampling.max_tokens} is above this server's limit of {bounds.max_output_tokens}"
-            )
-        if min(len(ids) + sampling.max_tokens, self._context) > self.decode_capacity_tokens:
-            raise InvalidRequestError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) exceed a decode "
-                f"worker's KV capacity of {self.decode_capacity_tokens} tokens"
-            )
-        slo_config = self.config.slo
-        if slo is None:
-            return slo_config.default_class, None
-        if isinstance(slo, str):
-            if slo not in slo_config.class_names:
-                raise InvalidRequestError(
-                    f"unknown SLO class {slo!r}; known classes: {slo_config.class_names}"
-                )
-            return slo, None
-        if isinstance(slo, bool) or not isinstance(slo, (int, float)) or not slo > 0:
-            raise InvalidRequestError(
-                f"slo must be a class name or a positive TTFT in seconds, got {slo!r}"
-            )
-        return slo_config.default_class, float(slo)
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
 
     def submit(
         self,
@@ -199,33 +164,38 @@ class FlowPrefillEngine:
         with requests of the same salt (None: with other unsalted ones). ``clock``: where the
         request's TTFT starts and its hop stamps go (the Serve ingress starts it when the HTTP
         request arrives); None starts one now (request_clock.py).
-        """
+
+        The request is validated by ``self.limits.build`` and sent as ``submit_request``
+        sends an ``EngineRequest`` built elsewhere (the HTTP front end)."""
+        if isinstance(slo, str) or slo is None:
+            slo_class, ttft_slo_s = slo, None
+        elif isinstance(slo, bool) or not isinstance(slo, (int, float)):
+            raise InvalidRequestError(
+                f"slo must be a class name or a positive TTFT in seconds, got {slo!r}"
+            )
+        else:
+            slo_class, ttft_slo_s = None, slo
+        request = self.limits.build(
+            self.tokenize(prompt),
+            sampling or SamplingParams(),
+            slo_class=slo_class,
+            ttft_slo_s=ttft_slo_s,
+            request_id=request_id,
+            timeout_s=timeout_s,
+            cache_salt=cache_salt,
+        )
+        return self.submit_request(request, clock)
+
+    def submit_request(self, request: EngineRequest, clock: RequestClock | None = None):
+        """Start a request already validated by ``self.limits.build``; see ``submit``."""
         clock = clock or RequestClock()
         if self._closed:
             raise EngineUnavailableError("the engine is shut down")
-        sampling = sampling or SamplingParams()
-        ids = self.tokenize(prompt)
-        slo_class, ttft_slo_s = self._check(ids, sampling, slo)
         if len(self._in_flight) >= self.config.requests.max_in_flight:
             # A 429 like the scheduler's admission rejections, so counted with them.
-            self._metrics.inc("flowprefill_requests_rejected_total", slo_class=slo_class)
-            raise RequestRejectedError(request_id or "-", "too many requests in flight", 1.0)
-        if cache_salt is not None and not (
-            isinstance(cache_salt, str) and 0 < len(cache_salt) <= MAX_CACHE_SALT_CHARS
-        ):
-            raise InvalidRequestError(
-                f"cache_salt must be a string of 1 to {MAX_CACHE_SALT_CHARS} characters"
-            )
-        if timeout_s is not None and not timeout_s > 0:
-            raise InvalidRequestError(f"timeout_s must be positive seconds, got {timeout_s!r}")
-        timeout_s = timeout_s if timeout_s is not None else self.config.requests.request_timeout_s
-        request_id = request_id or uuid.uuid4().hex
-        return RequestStream(
-            request_id,
-            stream_tokens(
-                self, request_id, ids, sampling, slo_class, ttft_slo_s, timeout_s, clock, cache_salt
-            ),
-        )
+            self._metrics.inc("flowprefill_requests_rejected_total", slo_class=request.slo_class)
+            raise RequestRejectedError(request.request_id, "too many requests in flight", 1.0)
+        return RequestStream(request.request_id, stream_tokens(self, request, clock))
 
     def _decode_handle(self, decode_id: str):
         """The decode worker ``decode_id`` (the scheduler names it; see ``PrefillDone``), one
@@ -318,9 +288,8 @@ def decode_pool_tokens(config: RuntimeConfig, workers: Workers) -> int:
 
 
 def max_prompt_tokens(config: RuntimeConfig, context_tokens: int) -> int:
-    """The longest prompt the engine accepts: the configured bound, within the context (one
-    position is left for the first generated token)."""
-    return min(config.requests.max_prompt_tokens or context_tokens - 1, context_tokens - 1)
+    """The longest prompt the engine accepts (engine_request.max_prompt_tokens)."""
+    return prompt_bound(config.requests.max_prompt_tokens, context_tokens)
 
 
 async def _predictor(config: RuntimeConfig, workers: Workers, max_prompt: int) -> TTFTPredictor:

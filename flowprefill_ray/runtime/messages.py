@@ -49,8 +49,12 @@ class FirstToken:
     kv_tokens: int
     kv_bytes: int
     generator_state: bytes | None = None
-    # Set when the request ends with this token (EOS, max_tokens=1, a stop string): no decode.
+    # Decided once, here on the prefill worker (output_rules.py): set when the request ends
+    # with this token (EOS, max_tokens=1, a stop string; then no decode); whether the token is
+    # part of the output (not an EOS, not the end of a stop string); the text it shows.
     finish_reason: FinishReason | None = None
+    shown: bool = True
+    text: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,3 +154,7 @@ class PrefillDone:
     requested_slo_class: str | None = None  # set when that differs from the class asked for
     # Wall-clock stamps (time.time(), s) of the hops passed so far (request_clock.HOPS).
     hops: dict[str, float] | None = None
+    # As the prefill worker decided (FirstToken): whether the first token is part of the
+    # output, and the text it shows.
+    first_shown: bool = True
+    first_text: str = ""

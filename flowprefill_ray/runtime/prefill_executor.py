@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import torch
 
-from flowprefill_ray.model.generate import StopChecker, eos_token_ids
 from flowprefill_ray.model.kv import KVCache
 from flowprefill_ray.model.prefix_cache import PrefixCache
 from flowprefill_ray.model.sampling import sample_with_params
 
 from .messages import FailedItem, FirstToken, PrefillItemSpec, UnitOutcome
+from .output_rules import OutputRules
 from .prefill_units import ItemProgress, WorkUnit, paused_bytes
 from .prefix_reuse import PrefixReuse
 
@@ -57,20 +56,17 @@ class PrefillExecutor:
         model,
         granularity: str = "block",
         chunk_tokens: int = 8192,
-        stop_checker: Callable[[PrefillItemSpec], StopChecker] | None = None,
+        output_rules: OutputRules | None = None,
         checkpoint_sync: str = "sync",
         max_run_ahead: int = 2,
         prefix_cache: PrefixCache | None = None,
         share_unsalted: bool = True,
     ):
         self.model = model
-        # Decides whether the first token already ends the request (EOS, max_tokens=1, a stop
-        # string); the default knows EOS and lengths but no stop strings (no tokenizer).
-        self.stop_checker = stop_checker or (
-            lambda spec: StopChecker(
-                spec.sampling, eos_token_ids(model), spec.prompt_tokens, model.config.context_limit
-            )
-        )
+        # Decides, here and only here, whether the first token already ends the request (EOS,
+        # max_tokens=1, a stop string) and makes its text; the default knows EOS and lengths
+        # but no stop strings (no tokenizer).
+        self.output_rules = output_rules or OutputRules.for_model(model)
         self.granularity = granularity
         self.chunk_tokens = chunk_tokens
         self.checkpoint_sync = checkpoint_sync
@@ -255,9 +251,8 @@ class PrefillExecutor:
                     cached.append((spec.request_id, item.cached_tokens))
                 if spec.is_last:
                     token, gen_state = item.first_token
-                    checker = self.stop_checker(spec)
-                    finish = checker.finish_reason.value if checker.add(token) else None
-                    if finish is None:  # KV waits here until a decode worker takes it
+                    first = self.output_rules.first_output(spec.sampling, spec.prompt_tokens, token)
+                    if first.finish_reason is None:  # KV waits here until a decode worker takes it
                         self._ready_kv[spec.request_id] = item.kv
                     firsts.append(
                         FirstToken(
@@ -266,7 +261,9 @@ class PrefillExecutor:
                             item.kv.num_tokens,
                             item.kv.nbytes,
                             gen_state,
-                            finish,
+                            first.finish_reason,
+                            first.shown,
+                            first.text,
                         )
                     )
                 else:

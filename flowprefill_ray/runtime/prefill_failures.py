@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from flowprefill_ray.errors import EngineUnavailableError, RequestFailedError
 from flowprefill_ray.scheduling.events import Cancelled, UnitCompleted, WorkerLeft
 
-from .errors import EngineUnavailableError, RequestFailedError
 from .rejoin import wait_until_restarted
 
 if TYPE_CHECKING:
@@ -42,12 +42,8 @@ class FailureHandling:
             return
         logger.error("prefill worker %s is gone; its work is re-queued", worker_id)
         handle = s._prefill.pop(worker_id)
-        s._running_unit.pop(worker_id, None)
-        s._paused_units.pop(worker_id, None)
-        for unit_id in [u for u, unit in s._units.items() if unit.worker_id == worker_id]:
-            del s._units[unit_id]  # the policy re-queues their requests on WorkerLeft
         s._counts["workers_lost"] += 1
-        s._handle(WorkerLeft(worker_id))
+        s._handle(WorkerLeft(worker_id))  # the policy drops its units, re-queues their requests
         if s.config.faults.worker_max_restarts != 0 and not s._closed:
             s._rejoining.add(worker_id)
             s._spawn(self._rejoin(worker_id, handle))
@@ -84,9 +80,7 @@ class FailureHandling:
         # The worker isolates per-request failures itself (``UnitOutcome.failed``); reaching
         # here means the unit as a whole broke, and the worker has already released it.
         s = self._scheduler
-        unit = s._units.pop(unit_id, None)
-        if s._running_unit.get(worker_id) == unit_id:
-            s._running_unit[worker_id] = None
+        unit = s.unit(unit_id)  # the policy forgets it on the UnitCompleted below
         for rid in unit.request_ids if unit else ():
             self.fail_request(rid)
         # The worker is idle again; the policy frees it on the unit's completion.

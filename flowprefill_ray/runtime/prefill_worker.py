@@ -19,7 +19,6 @@ import ray
 import torch
 
 from flowprefill_ray.model import load_model, load_tokenizer
-from flowprefill_ray.model.generate import StopChecker, eos_token_ids
 from flowprefill_ray.model.prefix_cache import PrefixCache
 
 from .config import ModelSource, PrefillConfig
@@ -27,6 +26,7 @@ from .kv_budget import measure_kv_budget
 from .messages import PrefillItemSpec, UnitOutcome
 from .metrics import RuntimeMetrics
 from .model_source import checkpoint_path, torch_device, torch_dtype
+from .output_rules import OutputRules
 from .prefill_executor import PrefillExecutor
 
 
@@ -61,14 +61,9 @@ class PrefillWorker:
             chunk_tokens,
             reserved_bytes=cache.budget_bytes if cache.enabled else 0,
         )
-        tokenizer = load_tokenizer(path)
-        eos_ids = eos_token_ids(self.model, tokenizer)
-        limit = self.model.config.context_limit
-
-        def stop_checker(spec: PrefillItemSpec) -> StopChecker:
-            # The same rules as the decode worker's, so a request that ends with its first
-            # token (EOS, max_tokens=1, a stop string) never reaches decode.
-            return StopChecker(spec.sampling, eos_ids, spec.prompt_tokens, limit, tokenizer)
+        # The same rules as the decode worker's (output_rules.py), so a request that ends
+        # with its first token (EOS, max_tokens=1, a stop string) never reaches decode.
+        rules = OutputRules.for_model(self.model, load_tokenizer(path))
 
         # "auto" becomes bounded run-ahead on CUDA (no stream sync per checkpoint), sync on CPU.
         self.checkpoint_sync = prefill.sync_mode(self.device.type)
@@ -76,7 +71,7 @@ class PrefillWorker:
             self.model,
             prefill.granularity,
             chunk_tokens,
-            stop_checker,
+            rules,
             checkpoint_sync=self.checkpoint_sync,
             max_run_ahead=prefill.max_run_ahead,
             prefix_cache=(

@@ -18,17 +18,16 @@ from typing import TYPE_CHECKING
 
 from ray.exceptions import RayActorError
 
-from flowprefill_ray.model.generate import StopChecker
-from flowprefill_ray.request_clock import RequestClock
-
-from .deadline import RequestDeadline
-from .detokenizer import Detokenizer
-from .errors import (
+from flowprefill_ray.engine_request import EngineRequest
+from flowprefill_ray.errors import (
     InvalidRequestError,
     RequestFailedError,
     RequestRejectedError,
     RequestTimeoutError,
 )
+from flowprefill_ray.request_clock import RequestClock
+
+from .deadline import RequestDeadline
 from .messages import PrefillDone, TokenEvent
 from .metrics import RuntimeMetrics
 
@@ -96,36 +95,25 @@ class RequestStream:
 
 
 async def stream_tokens(
-    engine: FlowPrefillEngine,
-    request_id,
-    ids,
-    sampling,
-    slo_class,
-    ttft_slo_s,
-    timeout_s,
-    clock: RequestClock,
-    cache_salt=None,
+    engine: FlowPrefillEngine, request: EngineRequest, clock: RequestClock
 ) -> AsyncIterator[TokenOutput]:
-    """The outputs of one request, from ``engine.submit`` to its last token (see there).
+    """The outputs of one validated request, from ``engine.submit`` to its last token.
 
     Submits to the scheduler, yields the first token from its answer and the rest from the
     decode worker, bounds every wait by the request's deadline, counts how the request ended,
     and frees what it held when it ends early (an error, or the consumer went away). The TTFT
-    is measured once, on ``clock``, and judged against the SLO here (request_clock.py)."""
+    is measured once, on ``clock``, and judged against the SLO here (request_clock.py). The
+    first token's text and whether it ends the request come decided from the prefill worker
+    (output_rules.py)."""
+    request_id, slo_class = request.request_id, request.slo_class
     started = clock.started_s
     finished = False
     done = None
-    bound = RequestDeadline(request_id, timeout_s, started)
+    bound = RequestDeadline(request_id, request.timeout_s, started)
     engine._in_flight.add(request_id)
     try:
         clock.mark("engine_submit")
-        done = await bound.wait(
-            engine._call(
-                engine._scheduler.submit.remote(
-                    request_id, ids, sampling, slo_class, ttft_slo_s, cache_salt
-                )
-            )
-        )
+        done = await bound.wait(engine._call(engine._scheduler.submit.remote(request)))
         if done is None:  # cancelled before its first token
             finished = True
             _count_finished(engine._metrics, slo_class, "abort")
@@ -136,48 +124,30 @@ async def stream_tokens(
         clock.mark("engine_first_token")
         clock.hops.update(done.hops or {})
         judged = (_judge_slo(engine, done, ttft_s), clock.hops)
-        detok = Detokenizer(engine.tokenizer, sampling.stop)
+        token = done.first_token if done.first_shown else None
         if done.finish_reason is None:
             # From here on a cancel goes to the decode worker (even before its hand-off
             # lands there: the worker then drops the late hand-off).
             decode_worker = engine._decode_handle(done.decode_worker_id)
             engine._in_decode[request_id] = decode_worker
-            text = detok.add(done.first_token)
-            yield _output(
-                done,
-                request_id,
-                done.first_token,
-                text,
-                0,
-                None,
-                started,
-                ttft_s,
-                slo_class,
-                judged=judged,
-            )
         else:
-            # The request ended with its first token; the same rules as the workers' tell
-            # whether that token is shown (not EOS, not the end of a stop string).
-            checker = StopChecker(
-                sampling, engine._eos_ids, len(ids), engine._context, engine.tokenizer
-            )
-            checker.add(done.first_token)
-            token = done.first_token if checker.token_ids else None
+            # The request ended with its first token: recorded before the yield (a consumer
+            # may stop at the final output).
             finished = True
-            # Recorded before the yield: a consumer may stop at the final output.
             _record(engine._metrics, done, ttft_s, None, started, done.finish_reason)
-            yield _output(
-                done,
-                request_id,
-                token,
-                detok.finish(checker.text),
-                0,
-                done.finish_reason,
-                started,
-                ttft_s,
-                slo_class,
-                judged=judged,
-            )
+        yield _output(
+            done,
+            request_id,
+            token,
+            done.first_text,
+            0,
+            done.finish_reason,
+            started,
+            ttft_s,
+            slo_class,
+            judged=judged,
+        )
+        if finished:
             return
         tpot_s = None
         index = 0

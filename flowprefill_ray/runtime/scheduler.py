@@ -29,7 +29,12 @@ from dataclasses import dataclass, field
 
 import ray
 
-from flowprefill_ray.sampling_params import SamplingParams
+from flowprefill_ray.engine_request import EngineRequest
+from flowprefill_ray.errors import (
+    DuplicateRequestError,
+    EngineUnavailableError,
+    RequestRejectedError,
+)
 from flowprefill_ray.scheduling import Request, TTFTPredictor, make_policy
 from flowprefill_ray.scheduling.events import (
     Arrival,
@@ -50,7 +55,6 @@ from flowprefill_ray.scheduling.timeline import Timeline
 
 from .config import RuntimeConfig
 from .decode_handoff import DecodeHandoff
-from .errors import DuplicateRequestError, EngineUnavailableError, RequestRejectedError
 from .messages import PrefillDone
 from .metrics import RuntimeMetrics
 from .prefill_failures import FailureHandling
@@ -62,11 +66,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrackedRequest:
-    """A request from arrival until its first token (then the decode worker owns it)."""
+    """A request from arrival until its first token (then the decode worker owns it).
 
+    ``asked``: the request as the engine validated and sent it (unchanged; the work items and
+    the hand-off are derived from it); ``request``: the policy's view of it (its class and
+    target change if admission control downgrades it)."""
+
+    asked: EngineRequest
     request: Request
-    token_ids: tuple[int, ...]
-    sampling: SamplingParams
     done: asyncio.Future
     first_run_s: float | None = None
     first_unit_id: int | None = None
@@ -77,7 +84,6 @@ class TrackedRequest:
     preemptions: int = 0
     requested_slo_class: str | None = None  # set when admission control downgraded it
     workers: set[str] = field(default_factory=set)
-    cache_salt: str | None = None  # shares prefix-cached KV only with requests of this salt
 
 
 class Scheduler:
@@ -105,9 +111,8 @@ class Scheduler:
         self._origin = time.monotonic()
         self._prefill = dict(prefill_workers)
         self._requests: dict[str, TrackedRequest] = {}
-        self._units: dict[int, WorkUnit] = {}
-        self._running_unit: dict[str, int | None] = {wid: None for wid in self._prefill}
-        self._paused_units: dict[str, set[int]] = {wid: set() for wid in self._prefill}
+        # Units and what runs or waits paused on each worker: the policy's state (``unit``,
+        # ``running_unit``, ``paused_units``), read there rather than mirrored here.
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self._started = False
@@ -158,8 +163,6 @@ class Scheduler:
             if isinstance(answer, BaseException):
                 logger.error("prefill worker %s could not be adopted: %s", wid, answer)
                 self._prefill.pop(wid)
-                self._running_unit.pop(wid, None)
-                self._paused_units.pop(wid, None)
                 continue
             budgets[wid] = answer.pop("kv_budget")
             if answer["units"] or answer["kv_requests"]:
@@ -182,16 +185,9 @@ class Scheduler:
         """Seconds on the scheduler's monotonic clock (the policy's time base)."""
         return time.monotonic() - self._origin
 
-    async def submit(
-        self,
-        request_id: str,
-        token_ids: list[int],
-        sampling: SamplingParams,
-        slo_class: str,
-        ttft_slo_s: float | None = None,
-        cache_salt: str | None = None,
-    ) -> PrefillDone | None:
-        """Admit a request and return when its first token exists (None if cancelled).
+    async def submit(self, asked: EngineRequest) -> PrefillDone | None:
+        """Admit a request (validated by the engine: engine_request.py) and return when its
+        first token exists (None if cancelled).
 
         Raises ``RequestRejectedError`` if the policy refuses it, ``DuplicateRequestError`` if
         the id is in flight, ``EngineUnavailableError`` once closed or out of prefill workers.
@@ -201,26 +197,26 @@ class Scheduler:
             raise EngineUnavailableError(
                 "the scheduler is not accepting requests (no prefill workers or shut down)"
             )
+        request_id = asked.request_id
         if request_id in self._requests:
             raise DuplicateRequestError(request_id)
         await self.start()
         request = Request(
             request_id=request_id,
             arrival_s=self.now(),
-            prompt_tokens=len(token_ids),
-            max_output_tokens=sampling.max_tokens,
-            slo_class=slo_class,
-            ttft_slo_s=ttft_slo_s,
-            prefix_hashes=self._prefix_hashes(token_ids, cache_salt),
-        ).with_slo(self.config.slo)
+            prompt_tokens=asked.prompt_tokens,
+            max_output_tokens=asked.sampling.max_tokens,
+            slo_class=asked.slo_class,
+            # Resolved once, by the engine (the class's target unless an explicit one).
+            ttft_slo_s=asked.ttft_slo_s,
+            prefix_hashes=self._prefix_hashes(asked.prompt_ids, asked.cache_salt),
+        )
         tracked = TrackedRequest(
+            asked,
             request,
-            tuple(token_ids),
-            sampling,
             asyncio.get_running_loop().create_future(),
             arrival_wall_s=arrived,
             hops={"scheduler_arrival": arrived},
-            cache_salt=cache_salt,
         )
         self._requests[request_id] = tracked
         self._counts["submitted"] += 1
@@ -232,7 +228,7 @@ class Scheduler:
             self._cancel(request_id)
             raise
 
-    def _prefix_hashes(self, token_ids: list[int], cache_salt: str | None) -> tuple[int, ...]:
+    def _prefix_hashes(self, token_ids: tuple[int, ...], cache_salt: str | None) -> tuple[int, ...]:
         """The prompt's block hashes for the policy's prefix routing; none where the workers
         would not cache it (routing off, or an unsalted request with ``share_unsalted`` off)."""
         cache = self.config.prefill.prefix_cache
@@ -270,8 +266,6 @@ class Scheduler:
         # A fresh process serves nobody's calls yet; its answer carries its KV budget.
         answer = await handle.adopt.remote(self._epoch)
         self._prefill[worker_id] = handle
-        self._running_unit[worker_id] = None
-        self._paused_units[worker_id] = set()
         self._handle(WorkerJoined(worker_id, answer["kv_budget"]))
 
     async def close(self) -> None:
@@ -290,8 +284,8 @@ class Scheduler:
             "counts": dict(self._counts),
             "in_prefill": len(self._requests),
             "prefill_workers": sorted(self._prefill),
-            "running_units": {w: u for w, u in self._running_unit.items()},
-            "paused_units": {w: sorted(u) for w, u in self._paused_units.items()},
+            "running_units": {w: self.running_unit(w) for w in self._prefill},
+            "paused_units": {w: self.paused_units(w) for w in self._prefill},
             **self._samples.export(),
             "kv_transfers": list(self._decode.transfers),
             "decode_load": self._decode.export(),
@@ -315,14 +309,7 @@ class Scheduler:
         name = type(event).__name__
         self._samples.event(name, started, decided, finished)
         self._metrics.observe("flowprefill_scheduler_event_seconds", finished - started, event=name)
-        self._gauges.refresh(
-            finished,
-            self._prefill,
-            self._units,
-            self._running_unit,
-            self._paused_units,
-            self._requests,
-        )
+        self._gauges.refresh(finished, self.policy.workers, self._requests)
 
     def _dispatch(self, decision: Decision) -> None:
         if isinstance(decision, RunUnit):
@@ -332,7 +319,7 @@ class Scheduler:
         elif isinstance(decision, Resume):
             self._unit_calls.resume(decision.worker_id, decision.unit_id)
         elif isinstance(decision, Discard):
-            self._unit_calls.discard(decision.worker_id, decision.unit_id)
+            self._unit_calls.discard(decision.worker_id, decision.unit_id, decision.request_ids)
         elif isinstance(decision, Reject):
             self._reject(decision)
         elif isinstance(decision, Downgrade):
@@ -385,6 +372,27 @@ class Scheduler:
             self._unit_calls.drop(worker_id, request_id)
         self._forget(request_id)
         return True
+
+    # ------------------------------------------------------- the policy's unit state
+
+    def unit(self, unit_id: int) -> WorkUnit | None:
+        """A unit the policy still tracks (running, pausing or paused), else None."""
+        record = self.policy.units.get(unit_id)
+        return record.unit if record is not None else None
+
+    def running_unit(self, worker_id: str) -> int | None:
+        """The unit the worker runs, as sent to it: one queued behind a pausing unit (one-hop
+        handover) already counts, since the worker starts it at the checkpoint on its own."""
+        worker = self.policy.workers.get(worker_id)
+        if worker is None:
+            return None
+        unit = worker.next or worker.running
+        return unit.unit_id if unit is not None else None
+
+    def paused_units(self, worker_id: str) -> list[int]:
+        """Ids of the units paused on the worker, ascending."""
+        worker = self.policy.workers.get(worker_id)
+        return sorted(worker.paused) if worker is not None else []
 
     # ------------------------------------------------------------------- helpers
 

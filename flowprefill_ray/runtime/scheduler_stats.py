@@ -2,14 +2,14 @@
 
 The samples (seconds) are what the benchmarks compute the scheduler's overhead and the
 preemption blocking from; the gauges (requests running, paused and waiting in prefill, per
-prefill worker) are counted from the scheduler's own view of units and requests.
+prefill worker) are counted from the policy's view of the workers and the scheduler's requests.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict, deque
 
-from flowprefill_ray.scheduling.events import WorkUnit
+from flowprefill_ray.scheduling.records import WorkerRecord
 
 from .metrics import RuntimeMetrics
 
@@ -72,36 +72,33 @@ class QueueGauges:
         self._at = 0.0
 
     def refresh(
-        self,
-        now: float,
-        prefill: dict[str, object],
-        units: dict[int, WorkUnit],
-        running_unit: dict[str, int | None],
-        paused_units: dict[str, set[int]],
-        requests: dict[str, object],
+        self, now: float, workers: dict[str, WorkerRecord], requests: dict[str, object]
     ) -> None:
         """Report the gauges if ``GAUGE_PERIOD_S`` has passed since the last time (``now``:
-        a ``time.perf_counter`` reading); the arguments are the scheduler's view."""
+        a ``time.perf_counter`` reading); ``workers`` is the policy's view of the prefill
+        workers, ``requests`` the scheduler's requests in prefill."""
         if now - self._at >= GAUGE_PERIOD_S:
             self._at = now
-            self._report(prefill, units, running_unit, paused_units, requests)
+            self._report(workers, requests)
 
-    def _report(self, prefill, units, running_unit, paused_units, requests) -> None:
+    def _report(self, workers: dict[str, WorkerRecord], requests: dict[str, object]) -> None:
         in_units = set()
-        for wid in prefill:
-            running = units.get(running_unit.get(wid) or -1)
-            paused = [units[u] for u in paused_units.get(wid, ()) if u in units]
-            in_units.update(running.request_ids if running else ())
-            for unit in paused:
-                in_units.update(unit.request_ids)
+        for wid, worker in workers.items():
+            # A unit queued behind a pausing one (one-hop handover) is the one it runs next;
+            # the pausing one's requests are not waiting either.
+            running = worker.next or worker.running
+            held = [u for u in (worker.running, worker.next) if u is not None]
+            held.extend(worker.paused.values())
+            for unit in held:
+                in_units.update(unit.unit.request_ids)
             self._metrics.set(
                 "flowprefill_prefill_requests_running",
-                len(running.items) if running else 0,
+                len(running.unit.items) if running else 0,
                 worker_id=wid,
             )
             self._metrics.set(
                 "flowprefill_prefill_requests_paused",
-                sum(len(u.items) for u in paused),
+                sum(len(u.unit.items) for u in worker.paused.values()),
                 worker_id=wid,
             )
         waiting = sum(1 for rid in requests if rid not in in_units)

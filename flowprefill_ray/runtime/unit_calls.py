@@ -13,9 +13,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from flowprefill_ray.errors import RequestFailedError
 from flowprefill_ray.scheduling.events import UnitCompleted, UnitPaused, WorkUnit
 
-from .errors import RequestFailedError
 from .messages import FirstToken, PrefillDone, PrefillItemSpec, UnitOutcome
 from .prefill_failures import WORKER_GONE
 
@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 
 class UnitCalls:
     """Part of the ``Scheduler`` it is given: issues its unit calls and acts on the answers,
-    reading and changing that scheduler's requests, units and prefill workers directly (one
-    actor, one event loop, so no locks)."""
+    reading and changing that scheduler's requests and prefill workers directly (one actor,
+    one event loop, so no locks). Which units exist, run or are paused on which worker is the
+    policy's state (``Scheduler.unit``, ``policy.workers``): read there, never copied here."""
 
     def __init__(self, scheduler: Scheduler):
         self._scheduler = scheduler
@@ -53,27 +54,28 @@ class UnitCalls:
                     slo_class=tracked.request.slo_class,
                 )
             tracked.workers.add(unit.worker_id)
+            asked = tracked.asked
+            ids = asked.prompt_ids
             items.append(
                 PrefillItemSpec(
                     item.request_id,
                     item.start,
                     item.end,
-                    tracked.token_ids[item.start : item.end],
-                    tracked.request.prompt_tokens,
-                    tracked.sampling,
-                    tracked.cache_salt,
+                    ids[item.start : item.end],
+                    asked.prompt_tokens,
+                    asked.sampling,
+                    asked.cache_salt,
                     # A whole prompt the policy started at a cached prefix (policy.prefix): the
                     # worker needs the prefix's tokens to find it, or to compute it if gone.
-                    tracked.token_ids[: item.start]
-                    if s._prefix_routing and 0 < item.start and item.end == len(tracked.token_ids)
+                    ids[: item.start]
+                    if s._prefix_routing and 0 < item.start and item.end == len(ids)
                     else (),
                 )
             )
-        s._units[unit.unit_id] = unit
-        # A unit sent to a worker still running another one was sent with that one's preempt
+        # A unit the policy queued behind a pausing one was sent with that one's preempt
         # (one-hop handover): the worker starts it at the checkpoint, with no further call.
-        handover = s._running_unit.get(unit.worker_id) is not None
-        s._running_unit[unit.worker_id] = unit.unit_id
+        queued = s.policy.workers[unit.worker_id].next
+        handover = queued is not None and queued.unit_id == unit.unit_id
         s._counts["units"] += 1
         s._metrics.observe("flowprefill_prefill_batch_size", len(unit.items))
         s._metrics.observe("flowprefill_prefill_batch_tokens", unit.tokens)
@@ -92,17 +94,14 @@ class UnitCalls:
 
     def resume(self, worker_id: str, unit_id: int) -> None:
         s = self._scheduler
-        s._paused_units[worker_id].discard(unit_id)
-        s._running_unit[worker_id] = unit_id
         handle = s._prefill[worker_id]
         s._spawn(self._await_unit(worker_id, unit_id, handle.resume.remote(unit_id, s._epoch)))
 
-    def discard(self, worker_id: str, unit_id: int) -> None:
+    def discard(self, worker_id: str, unit_id: int, request_ids: tuple[str, ...]) -> None:
+        """``request_ids``: the unit's members (the policy has forgotten the unit already)."""
         s = self._scheduler
-        s._paused_units.get(worker_id, set()).discard(unit_id)
-        unit = s._units.pop(unit_id, None)
-        s._spawn(self._discard(worker_id, unit_id, unit))
-        for rid in unit.request_ids if unit else ():
+        s._spawn(self._discard(worker_id, unit_id, request_ids))
+        for rid in request_ids:
             s._forget(rid, unit_gone=True)
 
     def drop(self, worker_id: str, request_id: str) -> None:
@@ -129,8 +128,6 @@ class UnitCalls:
             return  # the worker was declared failed meanwhile; the policy re-queued its work
         if handover is not None:
             self._start_delays(unit_id, outcome.started_wall_s, handover)
-        if s._running_unit.get(worker_id) == unit_id:
-            s._running_unit[worker_id] = None
         if outcome.status == "paused":
             self._paused(worker_id, outcome)
         else:
@@ -138,14 +135,13 @@ class UnitCalls:
 
     def _paused(self, worker_id: str, outcome: UnitOutcome) -> None:
         s = self._scheduler
-        s._paused_units[worker_id].add(outcome.unit_id)
         s._samples.preemption(outcome.blocking_s, outcome.block_s)
         s._counts["preemptions"] += 1
         s._metrics.inc("flowprefill_preemptions_total", worker_id=worker_id)
         s._metrics.observe(
             "flowprefill_preemption_blocking_seconds", outcome.blocking_s, worker_id=worker_id
         )
-        unit = s._units.get(outcome.unit_id)
+        unit = s.unit(outcome.unit_id)
         for rid in unit.request_ids if unit else ():
             if rid in s._requests:
                 s._requests[rid].preemptions += 1
@@ -153,7 +149,7 @@ class UnitCalls:
 
     def _completed(self, worker_id: str, outcome: UnitOutcome, answered: float) -> None:
         s = self._scheduler
-        unit = s._units.pop(outcome.unit_id, None)
+        unit = s.unit(outcome.unit_id)  # the policy forgets it on the UnitCompleted below
         # Tokens the worker's prefix cache served: not computed, so not in the compute time
         # the prediction is judged against (the policy does not price them yet).
         cached = sum(tokens for _, tokens in outcome.cached_tokens)
@@ -228,6 +224,8 @@ class UnitCalls:
                 request.slo_class,
                 tracked.requested_slo_class,
                 hops,
+                first.shown,
+                first.text,
             )
         )
 
@@ -237,7 +235,7 @@ class UnitCalls:
         """From each request's arrival at this scheduler to its first unit starting to compute
         on the worker (both ``time.time()``; one host in the tests and benchmarks)."""
         s = self._scheduler
-        unit = s._units.get(unit_id)
+        unit = s.unit(unit_id)
         for rid in unit.request_ids if unit else ():
             tracked = s._requests.get(rid)
             if tracked is not None and tracked.first_unit_id == unit_id and started_wall_s:
@@ -253,14 +251,14 @@ class UnitCalls:
         # The run/resume call of the unit returns with status "paused" (or "completed"); that
         # return, not this one, is the event the policy hears.
 
-    async def _discard(self, worker_id: str, unit_id: int, unit: WorkUnit | None) -> None:
+    async def _discard(self, worker_id: str, unit_id: int, request_ids: tuple[str, ...]) -> None:
         s = self._scheduler
         handle = s._prefill.get(worker_id)
         if handle is None:
             return
         try:
             await handle.discard.remote(unit_id, s._epoch)
-            for rid in unit.request_ids if unit else ():
+            for rid in request_ids:
                 if rid not in s._requests:
                     await handle.drop_request.remote(rid)
         except WORKER_GONE:

@@ -28,7 +28,7 @@ simulator, the scheduler actor's monotonic clock in the runtime).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
@@ -158,10 +158,13 @@ class Resume:
 @dataclass(frozen=True, slots=True)
 class Discard:
     """Drop a paused unit's state: its requests were cancelled, or memory is needed (then
-    its live requests are re-queued by the policy and run again later from token 0)."""
+    its live requests are re-queued by the policy and run again later from token 0).
+    ``request_ids``: the unit's members, for a driver that frees what they hold (the policy
+    forgets the unit as it decides this; not part of the decision's identity)."""
 
     worker_id: str
     unit_id: int
+    request_ids: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)

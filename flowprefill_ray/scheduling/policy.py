@@ -424,7 +424,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, ABC):
         if w is not None:
             w.paused.pop(u.unit_id, None)
         self.counters["discards"] += 1
-        return Discard(u.worker_id, u.unit_id)
+        return Discard(u.worker_id, u.unit_id, u.unit.request_ids)
 
     def _evict(self, u: UnitRecord) -> tuple[Discard, list[RequestRecord]]:
         """Drop paused unit ``u`` to free memory. Its live requests lose their progress

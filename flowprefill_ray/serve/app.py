@@ -239,7 +239,7 @@ class OpenAIIngress:
         "restarting" while Ray restarts it, "down" otherwise."""
         from ray.exceptions import ActorUnavailableError
 
-        from flowprefill_ray.runtime.errors import EngineUnavailableError
+        from flowprefill_ray.errors import EngineUnavailableError
 
         try:
             await asyncio.wait_for(self._engine.stats(), timeout=5.0)

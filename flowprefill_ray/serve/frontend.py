@@ -2,9 +2,10 @@
 
 ``OpenAIFrontend`` takes parsed JSON bodies and headers and returns a response body (dict) or
 an async iterator of SSE lines; the Serve deployment in ``app.py`` only moves bytes. Order of
-checks for a request: API key (401), JSON shape (422) and values (400), model name (404), SLO
-class (400), prompt length against the context (413), ``max_tokens`` against what is left of
-the context (400); then the engine, whose typed errors map to 400/413/429/503.
+checks for a request: API key (401), JSON shape (422) and values (400), model name (404), the
+SLO headers (400); then the engine's one validator (``RequestLimits.build``, engine_request.py:
+token ids, SLO class, ``max_tokens`` against what is left of the context: 400, prompt length:
+413), whose typed errors map to HTTP like the engine's others (400/413/429/503).
 
 Streaming waits for the engine's first event before the response starts, so a request the
 engine refuses still gets a real status code (429 with Retry-After, 503) rather than an error
@@ -24,22 +25,22 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from flowprefill_ray.request_clock import RequestClock
-from flowprefill_ray.runtime.errors import (
+from flowprefill_ray.engine_request import EngineRequest
+from flowprefill_ray.errors import (
     EngineUnavailableError,
     InvalidRequestError,
-    PromptTooLongError,
     RequestRejectedError,
     RequestTimeoutError,
     RuntimeEngineError,
 )
+from flowprefill_ray.request_clock import RequestClock
 from flowprefill_ray.sampling_params import SamplingParams
 
 from .config import ServeAppArgs
 from .errors import APIError, from_validation_error, server_error
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import ResponseIdentity, chunk_body, full_body, usage_body, usage_chunk
-from .slo_selection import RequestSLO, resolve_slo
+from .slo_selection import resolve_slo
 from .sse import DONE, sse_event
 
 logger = logging.getLogger(__name__)
@@ -47,16 +48,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    """A validated request, ready for the engine."""
+    """A request ready for the engine (``request``, validated by the engine's own
+    ``RequestLimits``) and how to answer it over HTTP."""
 
-    request_id: str
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    slo: RequestSLO
+    request: EngineRequest
     stream: bool
     include_usage: bool
     ident: ResponseIdentity
-    cache_salt: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
 
 
 class OpenAIFrontend:
@@ -70,11 +72,10 @@ class OpenAIFrontend:
         self.args = args
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.context_tokens = engine.model_config.context_limit
-        self.vocab_size = engine.model_config.vocab_size
+        # Every bound a request is checked against, the engine's own (engine_request.py).
+        self.limits = engine.limits
+        self.context_tokens = self.limits.context_tokens
         self.model_name = args.served_model_name()
-        self.slo_classes = args.runtime.slo.class_names
-        self.default_slo_class = args.runtime.slo.default_class
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ endpoints
@@ -112,15 +113,7 @@ class OpenAIFrontend:
             # Tokenizing a large body takes a while: keep the event loop serving others.
             prompt_ids = await asyncio.to_thread(lambda: list(self.tokenizer(prompt)["input_ids"]))
         else:
-            prompt_ids = list(prompt)
-            bad = [t for t in prompt_ids if t >= self.vocab_size]
-            if bad:
-                raise APIError(
-                    400,
-                    f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
-                    param="prompt",
-                    code="invalid_token_id",
-                )
+            prompt_ids = list(prompt)  # checked against the vocabulary with the other bounds
         return await self._serve(
             request, prompt_ids, headers, "completion", "cmpl", request_id, clock
         )
@@ -169,22 +162,8 @@ class OpenAIFrontend:
         """``clock``: the request's ``RequestClock``, started when it arrived (its TTFT and
         hop stamps; request_clock.py)."""
         prepared = self._prepare(request, prompt_ids, headers, kind, id_prefix, request_id)
-        # The engine takes a class name or an explicit TTFT target in seconds (which it
-        # labels with the default class).
-        slo = (
-            prepared.slo.ttft_slo_s
-            if prepared.slo.ttft_slo_s is not None
-            else (prepared.slo.slo_class)
-        )
         try:
-            events = await self.engine.submit(
-                prepared.prompt_ids,
-                prepared.sampling,
-                slo,
-                request_id=prepared.request_id,
-                cache_salt=prepared.cache_salt,
-                clock=clock,
-            )
+            events = await self.engine.submit_request(prepared.request, clock)
         except RuntimeEngineError as exc:
             raise engine_error(exc, prepared.request_id) from None
         first = await self._first_event(prepared, events)
@@ -195,58 +174,35 @@ class OpenAIFrontend:
     def _prepare(
         self, request, prompt_ids, headers, kind, id_prefix, request_id=None
     ) -> PreparedRequest:
-        slo = resolve_slo(
-            request.slo_class,
-            request.ttft_slo_ms,
-            headers,
-            self.slo_classes,
-            self.default_slo_class,
-        )
-        prompt_tokens = len(prompt_ids)
-        if prompt_tokens == 0:
-            raise APIError(400, "prompt is empty after tokenization", param="prompt")
-        if prompt_tokens >= self.context_tokens:
-            raise APIError(
-                413,
-                f"prompt has {prompt_tokens} tokens; this model's context is "
-                f"{self.context_tokens} tokens, and at least one must be left for output",
-                param="prompt",
-                code="context_length_exceeded",
-            )
-        room = self.context_tokens - prompt_tokens
-        output_cap = self.args.runtime.requests.max_output_tokens
+        """Build the engine request through the engine's one validator; its typed errors
+        become the HTTP errors (``engine_error``: 400 naming the field, 413 for the prompt)."""
+        slo = resolve_slo(request.slo_class, request.ttft_slo_ms, headers)
         max_tokens = request.requested_max_tokens
         if max_tokens is None:
-            max_tokens = min(self.args.api.default_max_tokens, room, output_cap)
-        elif max_tokens > room or max_tokens > output_cap:
-            raise APIError(
-                400,
-                f"max_tokens={max_tokens} is too large: the prompt has {prompt_tokens} "
-                f"tokens of a {self.context_tokens}-token context (room for {room}) and this "
-                f"server allows at most {output_cap} output tokens",
-                param="max_tokens",
-                code="max_tokens_too_large",
+            max_tokens = self.limits.default_max_tokens(
+                len(prompt_ids), self.args.api.default_max_tokens
             )
-        sampling = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            stop=request.stop_sequences,
-            seed=request.seed,
-            ignore_eos=request.ignore_eos,
-        )
         request_id = f"{id_prefix}-{request_id or uuid.uuid4().hex}"
+        try:
+            engine_request = self.limits.build(
+                prompt_ids,
+                SamplingParams(
+                    max_tokens=max_tokens,
+                    temperature=request.temperature,
+                    top_p=request.top_p,
+                    stop=request.stop_sequences,
+                    seed=request.seed,
+                    ignore_eos=request.ignore_eos,
+                ),
+                slo_class=slo.slo_class,
+                ttft_slo_s=slo.ttft_slo_s,
+                request_id=request_id,
+                cache_salt=request.cache_salt,
+            )
+        except InvalidRequestError as exc:
+            raise engine_error(exc, request_id) from None
         ident = ResponseIdentity(request_id, int(time.time()), self.model_name, kind)
-        return PreparedRequest(
-            request_id,
-            list(prompt_ids),
-            sampling,
-            slo,
-            request.stream,
-            request.include_usage,
-            ident,
-            request.cache_salt,
-        )
+        return PreparedRequest(engine_request, request.stream, request.include_usage, ident)
 
     async def _first_event(self, prepared: PreparedRequest, events: AsyncIterator):
         try:
@@ -277,7 +233,7 @@ class OpenAIFrontend:
             if isinstance(exc, RuntimeEngineError):
                 raise engine_error(exc, prepared.request_id) from None
             raise
-        usage = usage_body(len(prepared.prompt_ids), tokens)
+        usage = usage_body(prepared.request.prompt_tokens, tokens)
         clock.mark("first_chunk")  # the whole body is the first (and only) chunk
         return full_body(
             prepared.ident, "".join(texts), finish, usage, extra=_extension(prepared, last)
@@ -308,7 +264,9 @@ class OpenAIFrontend:
                     break
             finished = True
             if prepared.include_usage:
-                yield sse_event(usage_chunk(ident, usage_body(len(prepared.prompt_ids), tokens)))
+                yield sse_event(
+                    usage_chunk(ident, usage_body(prepared.request.prompt_tokens, tokens))
+                )
         except RuntimeEngineError as exc:
             # Headers are sent: report in the stream, as OpenAI-compatible servers do.
             finished = True
@@ -338,12 +296,13 @@ def engine_error(exc: RuntimeEngineError, request_id: str | None = None) -> APIE
     429 with Retry-After, an unavailable engine 503, other invalid requests 400. A 5xx keeps
     its cause out of the answer (it can carry Ray's actor ids and tracebacks): the cause is
     logged here under ``request_id``."""
-    if isinstance(exc, PromptTooLongError):
-        return APIError(413, str(exc), param="prompt", code="context_length_exceeded")
     if isinstance(exc, RequestRejectedError):
         return APIError(429, str(exc), code="request_rejected", retry_after_s=exc.retry_after_s)
     if isinstance(exc, InvalidRequestError):
-        return APIError(400, str(exc), code="invalid_request")
+        # 400, or 413 for a prompt over the limit; the field and code come with the error.
+        return APIError(
+            exc.http_status, str(exc), param=exc.param, code=exc.code or "invalid_request"
+        )
     status = getattr(exc, "http_status", 500)
     logger.warning("request %s failed with %d: %s", request_id, status, exc)
     if isinstance(exc, EngineUnavailableError):

@@ -1,7 +1,9 @@
-"""Errors the runtime raises to its callers, typed so the HTTP layer can map each to a status.
+"""Errors the engine raises to its callers, typed so the HTTP layer can map each to a status.
 
 Every error carries ``http_status`` so a front end needs no table of its own; the messages
-name the problem (which bound, which request) because they are shown to API users.
+name the problem (which bound, which request) because they are shown to API users. Plain
+Python (no torch, no Ray) and outside the ``runtime`` package, whose ``__init__`` imports both:
+the request validator (engine_request.py) and the Serve front end raise and map them too.
 """
 
 from __future__ import annotations
@@ -14,21 +16,37 @@ class RuntimeEngineError(Exception):
 
 
 class InvalidRequestError(RuntimeEngineError, ValueError):
-    """The request itself is malformed (empty prompt, bad SLO class, bad sampling)."""
+    """The request itself is malformed (empty prompt, bad SLO class, bad sampling).
+
+    ``param``/``code``: the offending request field and an OpenAI-style error code, which the
+    HTTP front end puts in its error body (None: ``code`` "invalid_request", no field)."""
 
     http_status = 400
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+    def __reduce__(self):
+        # Ray pickles errors across actors; rebuild from the constructor's own arguments.
+        return (type(self), (str(self), self.param, self.code))
 
 
 class PromptTooLongError(InvalidRequestError):
     """The prompt has more tokens than the engine accepts (``max_prompt_tokens``, which stays
     within the model's context, so a prompt never reaches the model's own
-    ``SequenceTooLongError``)."""
+    ``SequenceTooLongError``). HTTP 413 (``context_length_exceeded``)."""
 
-    http_status = 400
+    http_status = 413
 
     def __init__(self, prompt_tokens: int, max_prompt_tokens: int):
         super().__init__(
-            f"prompt has {prompt_tokens} tokens, more than the limit of {max_prompt_tokens} tokens"
+            f"prompt has {prompt_tokens} tokens, more than the limit of {max_prompt_tokens} "
+            "tokens (the model's context, less at least one token for output, or the "
+            "server's requests.max_prompt_tokens)",
+            param="prompt",
+            code="context_length_exceeded",
         )
         self.prompt_tokens = prompt_tokens
         self.max_prompt_tokens = max_prompt_tokens
