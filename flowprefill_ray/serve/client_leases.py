@@ -126,6 +126,7 @@ class LeaseKeeper:
         # With requests still in flight the lease is left to expire, so that they are released.
         if self.client_id is not None and not self._engine.in_flight:
             try:
-                await self._service.end_lease.remote(self.client_id)
+                # Bounded: the service may be going away at the same time (app deletion).
+                await asyncio.wait_for(self._service.end_lease.remote(self.client_id), 2.0)
             except Exception:  # noqa: BLE001 - the service is gone too; nothing to end
                 logger.debug("ending lease %s failed", self.client_id, exc_info=True)
