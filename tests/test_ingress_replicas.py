@@ -60,11 +60,11 @@ def two_replicas(ray_local, runtime_cache_dir):
     from ray import serve
 
     from flowprefill_ray.runtime.engine import FlowPrefillEngine
-    from flowprefill_ray.serve.app import build_app
+    from flowprefill_ray.serve.app import compose_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app(app_args(runtime_cache_dir), ingress_options={"num_replicas": 2})
+    app = compose_app(app_args(runtime_cache_dir), ingress_options={"num_replicas": 2})
     serve.run(app, name=APP_NAME, route_prefix="/")  # returns once both replicas are up
     service = serve.get_deployment_handle("EngineService", APP_NAME)
     client = asyncio.run(FlowPrefillEngine.attach(service.attachment.remote().result()))

@@ -123,8 +123,8 @@ def timeline_report(export: dict) -> dict:
 
 @serve.deployment(
     name="OpenAIIngress",
-    # One replica unless the Serve config says otherwise (the shipped configs autoscale it).
-    num_replicas=1,
+    # No num_replicas here: one replica by default, and a Serve config may then give either a
+    # count or an autoscaling_config (the shipped configs autoscale it; Serve refuses both).
     # Requests mostly wait on the engine; the replica must not cap concurrency below it.
     max_ongoing_requests=1024,
     ray_actor_options={"num_cpus": 0.1},
@@ -249,13 +249,18 @@ class OpenAIIngress:
             await engine.shutdown()  # an attached client: the actors stay with the service
 
 
-def build_app(
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The Serve application for ``args`` (see ``ServeAppArgs``); invalid args raise a
+    pydantic ``ValidationError`` naming each bad field, at deploy time. (Serve calls an app
+    builder with the args alone.)"""
+    return compose_app(args)
+
+
+def compose_app(
     args: dict[str, Any], ingress_options: dict[str, Any] | None = None
 ) -> serve.Application:
-    """The Serve application for ``args`` (see ``ServeAppArgs``); invalid args raise a
-    pydantic ``ValidationError`` naming each bad field, at deploy time. ``ingress_options``
-    (Python only; a Serve config has its ``deployments`` section): Serve options of the
-    ingress deployment, e.g. ``{"num_replicas": 2}``."""
+    """``build_app`` from Python with Serve options of the ingress deployment, e.g.
+    ``{"num_replicas": 2}`` (a Serve config has its ``deployments`` section for that)."""
     parsed = ServeAppArgs.model_validate(args or {}).model_dump(mode="json")
     ingress = OpenAIIngress.options(**ingress_options) if ingress_options else OpenAIIngress
     return ingress.bind(parsed, EngineService.bind(parsed))
