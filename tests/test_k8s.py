@@ -511,3 +511,20 @@ def test_serve_http_port_is_open_to_clients(rayservice):
     # proxy_location EveryNode: a Serve proxy listens on every node.
     for group in all_groups(rayservice):
         assert admitted(STRANGER, group, port)
+
+
+def test_every_serve_config_autoscales_the_ingress_over_one_engine_service(rayservice):
+    """The ingress scales out (at least two replicas where a machine may die: the GPU configs);
+    the engine service, which owns the scheduler and the workers, is never replicated."""
+    configs = {
+        path.name: yaml.safe_load(path.read_text())["applications"][0] for path in SERVE_CONFIGS
+    }
+    configs["rayservice"] = serve_config_of(rayservice)["applications"][0]
+    for name, app in configs.items():
+        deployments = {d["name"]: d for d in app["deployments"]}
+        assert set(deployments) == {"OpenAIIngress", "EngineService"}, name
+        scaling = deployments["OpenAIIngress"]["autoscaling_config"]
+        assert "num_replicas" not in deployments["OpenAIIngress"], name  # Serve takes one
+        assert 1 <= scaling["min_replicas"] < scaling["max_replicas"], name
+        assert scaling["min_replicas"] >= (1 if name == "local.yaml" else 2), name
+        assert deployments["EngineService"].get("num_replicas", 1) == 1, name

@@ -35,6 +35,7 @@ from flowprefill_ray.sampling_params import SamplingParams
 from flowprefill_ray.scheduling import TTFTPredictor
 from flowprefill_ray.scheduling.predictor import PredictorConfig
 
+from .attachment import EngineAttachment
 from .config import RuntimeConfig
 from .metrics import RuntimeMetrics
 from .model_source import checkpoint_path
@@ -49,8 +50,18 @@ logger = logging.getLogger(__name__)
 class FlowPrefillEngine:
     """Client of a running FlowPrefill deployment (scheduler, prefill and decode workers)."""
 
-    def __init__(self, config: RuntimeConfig, scheduler, workers: Workers, tokenizer, model_config):
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        scheduler,
+        workers: Workers,
+        tokenizer,
+        model_config,
+        owns_actors: bool = True,
+    ):
         self.config = config
+        # False for a client made by ``attach``: its shutdown leaves the actors to their owner.
+        self.owns_actors = owns_actors
         self._scheduler = scheduler
         self._workers = workers
         self.tokenizer = tokenizer
@@ -106,11 +117,48 @@ class FlowPrefillEngine:
             raise
         return cls(config, scheduler, workers, load_tokenizer(path), model_config)
 
+    @classmethod
+    async def attach(cls, attachment: EngineAttachment) -> FlowPrefillEngine:
+        """A client of an engine that another process started (``start``) and owns, e.g. one
+        per Serve ingress replica. It submits to the owner's scheduler and streams from its
+        decode workers like the owner's engine does, with its own in-flight set, decode
+        handles and metrics; its ``shutdown`` leaves the actors running (attachment.py)."""
+        # Resolved on this node as every worker resolves it ("tiny"/"default" made once here).
+        path = checkpoint_path(attachment.config.model)
+        model_config = ModelConfig.from_pretrained(path)
+        tokenizer = await asyncio.to_thread(load_tokenizer, path)
+        return cls(
+            attachment.config,
+            attachment.scheduler,
+            attachment.workers(),
+            tokenizer,
+            model_config,
+            owns_actors=False,
+        )
+
+    def attachment(self) -> EngineAttachment:
+        """What ``attach`` needs to make another client of this engine's actors."""
+        return EngineAttachment(
+            self.config,
+            self._scheduler,
+            dict(self._workers.prefill),
+            dict(self._workers.decode),
+            dict(self._workers.decode_kv_blocks),
+        )
+
+    @property
+    def in_flight(self) -> frozenset[str]:
+        """Ids of this client's requests that have not ended yet."""
+        return frozenset(self._in_flight)
+
     async def shutdown(self) -> None:
-        """Stop accepting requests and remove the actors this engine created."""
+        """Stop accepting requests and remove the actors this engine created (an attached
+        client only stops accepting requests: the actors are its owner's)."""
         if self._closed:
             return
         self._closed = True
+        if not self.owns_actors:
+            return
         try:
             await self._scheduler.close.remote()
         except RayActorError:

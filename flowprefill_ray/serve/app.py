@@ -1,19 +1,20 @@
-"""The Ray Serve application: a thin FastAPI ingress over one FlowPrefill engine.
+"""The Ray Serve application: FastAPI ingress replicas over one shared engine service.
 
 Use it from a Serve config (``import_path: flowprefill_ray.serve.app:build_app`` with ``args``,
 see ``deployments/``) or from Python (``serve.run(build_app({...}))``). ``build_app``
-validates the args at deploy time; the ingress replica starts the engine once, in its
-constructor, and translates HTTP to ``OpenAIFrontend`` calls.
+validates the args at deploy time and binds two deployments:
 
-One ingress replica per application: the engine (scheduler and worker actors) belongs to the
-replica, and two replicas would start two engines competing for the same workers' resources.
+- ``EngineService`` (engine_service.py), one replica: starts and owns the scheduler and the
+  workers, and is what Serve health-checks and restarts for them;
+- ``OpenAIIngress`` (here), any number of replicas (the shipped configs autoscale it): each
+  attaches a thin engine client to the service, submits to the one scheduler, streams tokens
+  straight from the decode workers, and translates HTTP to ``OpenAIFrontend`` calls.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` class in
 # the route signatures of the Serve ingress class, not strings.
 import asyncio
 import logging
-import time
 import uuid
 from typing import Any
 
@@ -26,6 +27,8 @@ from flowprefill_ray.request_clock import RequestClock
 
 from .auth import APIKeyCheck
 from .config import ServeAppArgs
+from .engine_probe import RestartGrace, scheduler_state
+from .engine_service import EngineService
 from .errors import APIError, error_response, server_error
 from .request_body import read_json_object
 
@@ -81,16 +84,21 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     )
 
 
+# Which ingress replica answered: Serve's id of the replica, unique within the deployment
+# (its actor is named ``SERVE_REPLICA::<app>#OpenAIIngress#<id>`` in the "serve" namespace).
+REPLICA_HEADER = "X-FlowPrefill-Replica"
+
+
 # Defined before the ingress class: serve.ingress pickles the routes (and what they
 # reference) when the class is decorated.
-def _respond(result):
+def _respond(result, replica: str):
     """A body dict as JSON, an SSE line iterator as a stream."""
     if isinstance(result, dict):
-        return JSONResponse(result)
+        return JSONResponse(result, headers={REPLICA_HEADER: replica})
     return StreamingResponse(
         result,
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", REPLICA_HEADER: replica},
     )
 
 
@@ -113,14 +121,10 @@ def timeline_report(export: dict) -> dict:
     return {**export, "why_late": verdicts, "why_late_summary": summarize(export, verdicts)}
 
 
-# How long Serve's health check tolerates a scheduler that Ray is restarting (seconds): a
-# restart takes a few seconds; one that takes longer than this is treated as a dead engine.
-SCHEDULER_RESTART_GRACE_S = 60.0
-
-
 @serve.deployment(
     name="OpenAIIngress",
-    num_replicas=1,
+    # No num_replicas here: one replica by default, and a Serve config may then give either a
+    # count or an autoscaling_config (the shipped configs autoscale it; Serve refuses both).
     # Requests mostly wait on the engine; the replica must not cap concurrency below it.
     max_ongoing_requests=1024,
     ray_actor_options={"num_cpus": 0.1},
@@ -128,23 +132,32 @@ SCHEDULER_RESTART_GRACE_S = 60.0
 )
 @serve.ingress(api)
 class OpenAIIngress:
-    """Starts the engine in its (async) constructor and serves the OpenAI routes."""
+    """Attaches an engine client to the engine service in its (async) constructor and serves
+    the OpenAI routes."""
 
-    async def __init__(self, args: dict[str, Any]) -> None:
+    async def __init__(self, args: dict[str, Any], engine_service) -> None:
         # Imported here: the driver that calls build_app needs neither torch nor the engine.
         from flowprefill_ray.runtime.engine import FlowPrefillEngine
 
+        from .client_leases import LeaseKeeper
         from .frontend import OpenAIFrontend
 
         parsed = ServeAppArgs.model_validate(args)
         self._auth = APIKeyCheck.from_env(parsed.api.api_key_env)
         self._max_body_bytes = parsed.api.max_body_bytes
         self._body_timeout_s = parsed.api.body_read_timeout_s
-        self._restarting_since: float | None = None  # when the scheduler was seen restarting
-        self._engine = await FlowPrefillEngine.start(parsed.runtime)
+        self._grace = RestartGrace()
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        # Waits until the service's constructor has started the engine.
+        self._engine = await FlowPrefillEngine.attach(await engine_service.attachment.remote())
+        self._lease = LeaseKeeper(
+            engine_service, self._engine, self._replica, parsed.ingress.renew_interval_s
+        )
+        await self._lease.start()
         self._frontend = OpenAIFrontend(parsed, self._engine)
         logger.info(
-            "FlowPrefill ingress ready: model %s, context %d tokens, API key %s",
+            "FlowPrefill ingress replica %s ready: model %s, context %d tokens, API key %s",
+            self._replica,
             self._frontend.model_name,
             self._frontend.context_tokens,
             "required" if self._auth.enabled else "not required",
@@ -194,7 +207,8 @@ class OpenAIIngress:
         clock = RequestClock("http_received")  # the request's TTFT starts here
         body = await self._json_body(request)
         return _respond(
-            await self._frontend.completion(body, request.headers, _request_id(request), clock)
+            await self._frontend.completion(body, request.headers, _request_id(request), clock),
+            self._replica,
         )
 
     @api.post("/v1/chat/completions")
@@ -202,7 +216,10 @@ class OpenAIIngress:
         clock = RequestClock("http_received")  # the request's TTFT starts here
         body = await self._json_body(request)
         return _respond(
-            await self._frontend.chat_completion(body, request.headers, _request_id(request), clock)
+            await self._frontend.chat_completion(
+                body, request.headers, _request_id(request), clock
+            ),
+            self._replica,
         )
 
     @api.get("/v1/flowprefill/timeline")
@@ -215,53 +232,35 @@ class OpenAIIngress:
         return JSONResponse(timeline_report(await self._engine.timeline(last)))
 
     async def check_health(self) -> None:
-        """Serve's replica health check: an engine that lost its scheduler is unhealthy.
-
-        A scheduler that Ray is restarting is not (for ``SCHEDULER_RESTART_GRACE_S``): failing
-        the check would make Serve replace this replica, and with it the whole engine - the
-        decode workers and every stream they are serving."""
-        state = await self._engine_state()
-        if state == "restarting":
-            now = time.monotonic()
-            self._restarting_since = self._restarting_since or now
-            if now - self._restarting_since < SCHEDULER_RESTART_GRACE_S:
-                return
-        elif state == "ok":
-            self._restarting_since = None
-            return
-        raise RuntimeError(f"FlowPrefill engine is unavailable ({state})")
+        """Serve's replica health check: a replica whose scheduler is gone is unhealthy (Serve
+        replaces it, and the new one attaches to the engine service as it is then). A
+        scheduler that Ray is restarting is not, for ``SCHEDULER_RESTART_GRACE_S``."""
+        self._grace.check(await scheduler_state(self._engine))
 
     async def _engine_healthy(self) -> bool:
-        return await self._engine_state() == "ok"
-
-    async def _engine_state(self) -> str:
-        """The engine's state: "ok" when the scheduler answers stats() within a few seconds,
-        "restarting" while Ray restarts it, "down" otherwise."""
-        from ray.exceptions import ActorUnavailableError
-
-        from flowprefill_ray.errors import EngineUnavailableError
-
-        try:
-            await asyncio.wait_for(self._engine.stats(), timeout=5.0)
-        except EngineUnavailableError as error:
-            if isinstance(error.__cause__, ActorUnavailableError):
-                logger.warning("engine scheduler is restarting: %s", error)
-                return "restarting"
-            logger.warning("engine health check failed", exc_info=True)
-            return "down"
-        except Exception:  # noqa: BLE001 - any other failure to answer means unhealthy
-            logger.warning("engine health check failed", exc_info=True)
-            return "down"
-        return "ok"
+        return await scheduler_state(self._engine) == "ok"
 
     async def __del__(self) -> None:
+        lease = getattr(self, "_lease", None)
+        if lease is not None:
+            await lease.stop()
         engine = getattr(self, "_engine", None)
         if engine is not None:
-            await engine.shutdown()
+            await engine.shutdown()  # an attached client: the actors stay with the service
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The Serve application for ``args`` (see ``ServeAppArgs``); invalid args raise a
-    pydantic ``ValidationError`` naming each bad field, at deploy time."""
-    parsed = ServeAppArgs.model_validate(args or {})
-    return OpenAIIngress.bind(parsed.model_dump(mode="json"))
+    pydantic ``ValidationError`` naming each bad field, at deploy time. (Serve calls an app
+    builder with the args alone.)"""
+    return compose_app(args)
+
+
+def compose_app(
+    args: dict[str, Any], ingress_options: dict[str, Any] | None = None
+) -> serve.Application:
+    """``build_app`` from Python with Serve options of the ingress deployment, e.g.
+    ``{"num_replicas": 2}`` (a Serve config has its ``deployments`` section for that)."""
+    parsed = ServeAppArgs.model_validate(args or {}).model_dump(mode="json")
+    ingress = OpenAIIngress.options(**ingress_options) if ingress_options else OpenAIIngress
+    return ingress.bind(parsed, EngineService.bind(parsed))

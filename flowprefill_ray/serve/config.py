@@ -1,11 +1,12 @@
 """Arguments of the Serve app builder, validated once at deploy time.
 
-A Serve config passes ``args`` to ``flowprefill_ray.serve.app:build_app``; they are two
+A Serve config passes ``args`` to ``flowprefill_ray.serve.app:build_app``; they are three
 concerns, each its own model:
 
 - ``runtime``: the engine (``flowprefill_ray.runtime.config.RuntimeConfig``: model source,
   worker counts and resources, SLO classes and the default class, policy, request bounds);
-- ``api``: the HTTP front end (served model name, API key variable, body size limit).
+- ``api``: the HTTP front end (served model name, API key variable, body size limit);
+- ``ingress``: the ingress replicas' leases on the engine service (client_leases.py).
 
 Example (YAML)::
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flowprefill_ray.runtime.config import RuntimeConfig
 
@@ -59,6 +60,28 @@ class APIConfig(BaseModel):
         return value
 
 
+class IngressConfig(BaseModel):
+    """How the engine service tells a dead ingress replica from a live one (client_leases.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # A replica that has not renewed its lease for this long is taken for dead: the engine
+    # cancels the requests it had in flight (seconds).
+    lease_s: float = Field(10.0, gt=0, le=600, allow_inf_nan=False)
+    # How often each replica renews its lease with its in-flight request ids (seconds).
+    renew_interval_s: float = Field(0.5, gt=0, le=60, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _renewals_fit_in_a_lease(self) -> IngressConfig:
+        if self.renew_interval_s * 3 > self.lease_s:
+            raise ValueError(
+                f"ingress.renew_interval_s ({self.renew_interval_s:g}) must be at most a third "
+                f"of ingress.lease_s ({self.lease_s:g}): one late renewal must not expire a "
+                "live replica's lease"
+            )
+        return self
+
+
 class ServeAppArgs(BaseModel):
     """Everything ``build_app`` takes."""
 
@@ -66,6 +89,7 @@ class ServeAppArgs(BaseModel):
 
     runtime: RuntimeConfig = RuntimeConfig()
     api: APIConfig = APIConfig()
+    ingress: IngressConfig = IngressConfig()
 
     def served_model_name(self) -> str:
         """The model id of /v1/models and the only accepted ``model`` value."""

@@ -1,0 +1,132 @@
+"""Leases of the ingress replicas on the engine: how the engine learns that a replica died.
+
+Ray does not cancel an actor call when its caller dies (checked on Ray 2.60: an async actor
+call and a streaming generator from a killed caller both ran to their end). A killed ingress
+replica would so leave its requests running for nobody: the scheduler prefills them, the decode
+workers generate every token, and the request deadline, kept by the client, is gone with it.
+
+So each ingress replica holds a lease on the ``EngineService``: every ``renew_interval_s`` it
+renews it with the ids of its requests in flight (``LeaseKeeper``). A lease not renewed for
+``lease_s`` has expired: the service cancels each request it last listed, on the scheduler
+(still in prefill) and on every decode worker (decoding, or a hand-off still on its way, which
+the worker then drops when it lands). ``ClientLeases`` is the service's record of them.
+
+What it cannot see: a request the replica submitted after its last renewal. That one runs to
+its own end (``max_tokens``, at most ``requests.max_output_tokens``) and then frees what it held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Lease:
+    renewed_s: float
+    in_flight: frozenset[str] = frozenset()
+
+
+class ClientLeases:
+    """The engine owner's record of its clients' leases (plain Python; one event loop)."""
+
+    def __init__(self, lease_s: float, clock: Callable[[], float] = time.monotonic):
+        self.lease_s = lease_s
+        self._clock = clock
+        self._leases: dict[str, _Lease] = {}
+        self.expired_clients = 0
+        self.released_requests = 0
+
+    def register(self, name: str) -> str:
+        """A new client's id (``name`` makes it readable in logs: the replica's id)."""
+        client_id = f"{name}-{uuid.uuid4().hex[:8]}"
+        self._leases[client_id] = _Lease(self._clock())
+        return client_id
+
+    def renew(self, client_id: str, in_flight: list[str]) -> bool:
+        """Renew ``client_id``'s lease with its requests in flight now. False when the lease
+        had already expired (its listed requests were cancelled): the client registers again."""
+        lease = self._leases.get(client_id)
+        if lease is None:
+            return False
+        lease.renewed_s = self._clock()
+        lease.in_flight = frozenset(in_flight)
+        return True
+
+    def end(self, client_id: str) -> None:
+        """A client that shuts down cleanly ends its own requests; nothing to release."""
+        self._leases.pop(client_id, None)
+
+    def expire(self) -> dict[str, frozenset[str]]:
+        """Remove the leases not renewed for ``lease_s``; returns each one's last in-flight
+        ids, which the caller must release."""
+        deadline = self._clock() - self.lease_s
+        gone = [cid for cid, lease in self._leases.items() if lease.renewed_s < deadline]
+        expired = {cid: self._leases.pop(cid).in_flight for cid in gone}
+        self.expired_clients += len(expired)
+        self.released_requests += sum(len(ids) for ids in expired.values())
+        return expired
+
+    def export(self) -> dict:
+        now = self._clock()
+        return {
+            "clients": {
+                cid: {"in_flight": len(lease.in_flight), "renewed_s_ago": now - lease.renewed_s}
+                for cid, lease in self._leases.items()
+            },
+            "expired_clients": self.expired_clients,
+            "released_requests": self.released_requests,
+        }
+
+
+class LeaseKeeper:
+    """An ingress replica's side: registers with the service and renews the lease with the
+    engine client's in-flight ids until stopped. ``service`` is the ``EngineService``
+    deployment handle; ``engine`` an attached ``FlowPrefillEngine``."""
+
+    def __init__(self, service, engine, name: str, renew_interval_s: float):
+        self._service = service
+        self._engine = engine
+        self._name = name
+        self._interval_s = renew_interval_s
+        self.client_id: str | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.client_id = await self._service.register_client.remote(self._name)
+        self._task = asyncio.get_running_loop().create_task(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                renewed = await self._service.renew_lease.remote(
+                    self.client_id, sorted(self._engine.in_flight)
+                )
+                if not renewed:
+                    # Expired while this replica was alive (stalled, or the service restarted):
+                    # whatever it had listed was cancelled; later requests need a new lease.
+                    logger.warning("lease %s had expired; registering again", self.client_id)
+                    self.client_id = await self._service.register_client.remote(self._name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the service may be restarting; try again later
+                logger.warning("lease renewal failed", exc_info=True)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        # With requests still in flight the lease is left to expire, so that they are released.
+        if self.client_id is not None and not self._engine.in_flight:
+            try:
+                # Bounded: the service may be going away at the same time (app deletion).
+                await asyncio.wait_for(self._service.end_lease.remote(self.client_id), 2.0)
+            except Exception:  # noqa: BLE001 - the service is gone too; nothing to end
+                logger.debug("ending lease %s failed", self.client_id, exc_info=True)

@@ -1,0 +1,63 @@
+"""The engine service's record of its ingress replicas' leases (serve/client_leases.py), on a
+hand-driven clock, and the config that sizes them. The live behaviour - a killed replica's
+requests released through it - is in tests/test_ingress_replicas.py."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from flowprefill_ray.serve.client_leases import ClientLeases
+from flowprefill_ray.serve.config import IngressConfig, ServeAppArgs
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_lease_not_renewed_in_time_expires_with_its_last_in_flight_ids():
+    clock = Clock()
+    leases = ClientLeases(lease_s=5.0, clock=clock)
+    alive, dying = leases.register("replica-a"), leases.register("replica-b")
+    assert alive != dying and alive.startswith("replica-a-")
+    assert leases.renew(alive, ["r1"]) and leases.renew(dying, ["r2", "r3"])
+    clock.now += 4.0
+    assert leases.renew(alive, ["r1", "r4"])
+    assert leases.expire() == {}  # both renewed within the lease
+    clock.now += 2.0  # dying last renewed 6 s ago, alive 2 s ago
+    assert leases.expire() == {dying: frozenset({"r2", "r3"})}
+    assert leases.expire() == {}  # released once
+    assert not leases.renew(dying, [])  # it must register again
+    stats = leases.export()
+    assert set(stats["clients"]) == {alive} and stats["clients"][alive]["in_flight"] == 2
+    assert (stats["expired_clients"], stats["released_requests"]) == (1, 2)
+
+
+def test_an_ended_lease_releases_nothing():
+    clock = Clock()
+    leases = ClientLeases(lease_s=1.0, clock=clock)
+    client = leases.register("replica")
+    leases.renew(client, ["r1"])
+    leases.end(client)
+    clock.now += 10.0
+    assert leases.expire() == {} and leases.export()["released_requests"] == 0
+
+
+@pytest.mark.parametrize(
+    "ingress, field",
+    [
+        ({"lease_s": 0}, "lease_s"),
+        ({"lease_s": 1.0, "renew_interval_s": 0.5}, "renew_interval_s"),
+        ({"renew_interval_s": -1}, "renew_interval_s"),
+        ({"leas_s": 5}, "leas_s"),
+    ],
+)
+def test_bad_lease_settings_are_refused_naming_the_field(ingress, field):
+    with pytest.raises(ValidationError) as info:
+        ServeAppArgs.model_validate({"ingress": ingress})
+    assert field in str(info.value)
+    assert IngressConfig(lease_s=3.0, renew_interval_s=1.0).lease_s == 3.0
