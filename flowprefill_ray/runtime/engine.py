@@ -66,8 +66,6 @@ class FlowPrefillEngine:
         self._workers = workers
         self.tokenizer = tokenizer
         self.model_config = model_config
-        self._context = model_config.context_limit
-        self.max_prompt_tokens = max_prompt_tokens(config, self._context)
         # What one decode worker can ever hold (prompt + output), tokens: the smallest pool,
         # since a request may land on any worker.
         self.decode_capacity_tokens = decode_pool_tokens(config, workers)
@@ -181,6 +179,11 @@ class FlowPrefillEngine:
         """The bounds every request is checked against, once, by ``RequestLimits.build``
         (engine_request.py); the Serve front end validates through the same object."""
         return RequestLimits.of(self.model_config, self.config, self.decode_capacity_tokens)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt accepted, tokens (``limits``)."""
+        return self.limits.max_prompt_tokens
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """Prompt token ids: a string is encoded with the model's tokenizer (special tokens as
