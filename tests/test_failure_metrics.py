@@ -160,7 +160,7 @@ def test_a_request_cancelled_before_its_first_token_counts_as_abort(fake_ray):
 
 
 def test_a_request_ending_with_its_first_token_is_counted_even_if_the_consumer_stops(fake_ray):
-    done = PrefillDone("r", 9, "length", None, 0.0, 0.01, 0, 0.25, "text")
+    done = PrefillDone("r", 9, "length", None, 0.0, 0, 0.25, "text")
     engine = make_engine(FakeScheduler(done))
 
     async def take_first_and_stop():
@@ -181,7 +181,7 @@ def test_one_ttft_clock_judges_the_slo_counters_and_the_api_alike(fake_ray):
     from flowprefill_ray.request_clock import RequestClock
     from flowprefill_ray.serve.frontend import _extension
 
-    done = PrefillDone("r", 9, "length", None, 0.0, 0.01, 0, 0.25, "text", hops={"x": 1.0})
+    done = PrefillDone("r", 9, "length", None, 0.0, 0, 0.25, "text", hops={"x": 1.0})
     scheduler = FakeScheduler(done)
     noted = []
     scheduler.note_client_ttft = SimpleNamespace(remote=lambda rid, s: noted.append((rid, s)))
@@ -201,7 +201,7 @@ def test_one_ttft_clock_judges_the_slo_counters_and_the_api_alike(fake_ray):
 
 
 def test_a_request_within_its_slo_on_the_one_clock_counts_as_met(fake_ray):
-    done = PrefillDone("r", 9, "length", None, 0.0, 0.01, 0, 0.25, "text")
+    done = PrefillDone("r", 9, "length", None, 0.0, 0, 0.25, "text")
     engine = make_engine(FakeScheduler(done))
     (out,) = asyncio.run(_drain(engine.submit(PROMPT, SamplingParams(max_tokens=1), slo="text")))
     assert out.ttft_s < 0.25 and out.slo_met is True

@@ -134,9 +134,8 @@ class TokenEvent:
 class PrefillDone:
     """The scheduler's answer to ``submit``: the first token is ready. ``decode_worker_id``
     names the decode worker that continues the request (None when the request finished with
-    its first token). Timings in seconds on the scheduler's clock; ``ttft_s`` is the
-    scheduler's share of the TTFT (arrival there to first token), not the one judged against
-    the SLO (the engine measures that: request_clock.py).
+    its first token). ``queue_s``: seconds from arrival at the scheduler to the first run. The
+    TTFT judged against the SLO is measured by the engine alone (request_clock.py).
 
     An id, not the actor handle: a handle serialised into every answer leaked ~0.6 KiB of
     native memory per request in the scheduler actor (Ray's handle reference counting; 30,000
@@ -147,7 +146,6 @@ class PrefillDone:
     finish_reason: FinishReason | None
     decode_worker_id: str | None
     queue_s: float
-    ttft_s: float
     preemptions: int
     ttft_slo_s: float
     slo_class: str  # the class it was served under (admission control may have downgraded it)

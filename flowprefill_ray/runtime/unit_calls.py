@@ -193,7 +193,6 @@ class UnitCalls:
             return
         request = tracked.request
         now = s.now()
-        ttft_s = now - request.arrival_s
         hops = tracked.hops
         hops["worker_end"], hops["scheduler_first_token"] = stamps
         decode_id = None
@@ -218,7 +217,6 @@ class UnitCalls:
                 first.finish_reason,
                 decode_id,
                 queue_s,
-                ttft_s,
                 tracked.preemptions,
                 request.ttft_target_s,
                 request.slo_class,
