@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 class EngineRequest:
     """A validated request. ``slo_class`` is the class it asked for (or the default class);
     ``ttft_slo_s`` the TTFT target in force, seconds: the explicit one when given, else the
-    class's. ``timeout_s`` bounds the whole request (None: no bound)."""
+    class's. ``timeout_s`` bounds the whole request (None: no bound). ``client_id``: the lease
+    of the ingress client that submitted it (serve/client_leases.py), stamped by that client's
+    engine; None for an engine that owns its actors (nothing else can die under it)."""
 
     request_id: str
     prompt_ids: tuple[int, ...]
@@ -41,6 +43,7 @@ class EngineRequest:
     ttft_slo_s: float
     timeout_s: float | None
     cache_salt: str | None = None
+    client_id: str | None = None
 
     @property
     def prompt_tokens(self) -> int:

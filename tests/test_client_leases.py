@@ -19,19 +19,20 @@ class Clock:
         return self.now
 
 
-def test_a_lease_not_renewed_in_time_expires_with_its_last_in_flight_ids():
+def test_a_lease_not_renewed_in_time_expires_once():
     clock = Clock()
     leases = ClientLeases(lease_s=5.0, clock=clock)
     alive, dying = leases.register("replica-a"), leases.register("replica-b")
     assert alive != dying and alive.startswith("replica-a-")
-    assert leases.renew(alive, ["r1"]) and leases.renew(dying, ["r2", "r3"])
+    assert leases.renew(alive, 1) and leases.renew(dying, 2)
     clock.now += 4.0
-    assert leases.renew(alive, ["r1", "r4"])
-    assert leases.expire() == {}  # both renewed within the lease
+    assert leases.renew(alive, 2)
+    assert leases.expire() == []  # both renewed within the lease
     clock.now += 2.0  # dying last renewed 6 s ago, alive 2 s ago
-    assert leases.expire() == {dying: frozenset({"r2", "r3"})}
-    assert leases.expire() == {}  # released once
-    assert not leases.renew(dying, [])  # it must register again
+    assert leases.expire() == [dying]
+    assert leases.expire() == []  # released once
+    assert not leases.renew(dying, 0)  # it must register again
+    leases.count_released(2)  # what cancelling its requests found (the service's call)
     stats = leases.export()
     assert set(stats["clients"]) == {alive} and stats["clients"][alive]["in_flight"] == 2
     assert (stats["expired_clients"], stats["released_requests"]) == (1, 2)
@@ -41,10 +42,10 @@ def test_an_ended_lease_releases_nothing():
     clock = Clock()
     leases = ClientLeases(lease_s=1.0, clock=clock)
     client = leases.register("replica")
-    leases.renew(client, ["r1"])
+    leases.renew(client, 1)
     leases.end(client)
     clock.now += 10.0
-    assert leases.expire() == {} and leases.export()["released_requests"] == 0
+    assert leases.expire() == [] and leases.export()["expired_clients"] == 0
 
 
 @pytest.mark.parametrize(

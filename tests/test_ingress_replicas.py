@@ -177,30 +177,23 @@ def test_a_killed_replica_loses_only_its_own_streams_and_the_engine_frees_them(t
     tokens_before = before["decode_workers"]["decode-0"]["tokens_generated"]
     leases_before = two_replicas.lease_stats()
 
-    async def scenario() -> tuple[str, list[_Stream], dict]:
+    async def scenario() -> tuple[str, list[_Stream]]:
         async with httpx.AsyncClient(base_url=two_replicas.url, timeout=120.0) as http:
             streams = [_Stream(http, i) for i in range(6)]
             await asyncio.gather(*(s.first_token.wait() for s in streams))
             per_replica = Counter(s.replica for s in streams)
             assert len(per_replica) == 2, f"the streams all went to one replica: {per_replica}"
             victim = min(per_replica, key=lambda r: (per_replica[r], r))
-            # Its lease lists all of its streams before it dies, so their release is the
-            # lease's doing (a stream its last renewal missed would run to its own end).
-            leases = await asyncio.to_thread(
-                wait_until,
-                lambda: _lease_listing(two_replicas.lease_stats(), victim, per_replica[victim]),
-                10.0,
-                "the victim's lease to list its streams",
-            )
+            # At once: its streams carry its lease's id, so none needs a renewal to be released.
             ray.kill(
                 ray.get_actor(
                     f"SERVE_REPLICA::{APP_NAME}#OpenAIIngress#{victim}", namespace="serve"
                 )
             )
             await asyncio.gather(*(s.task for s in streams))
-            return victim, streams, leases
+            return victim, streams
 
-    victim, streams, _ = asyncio.run(scenario())
+    victim, streams = asyncio.run(scenario())
     lost = [s for s in streams if s.replica == victim]
     kept = [s for s in streams if s.replica != victim]
     assert all(s.completed for s in kept), [s.payloads[-2:] for s in kept]
@@ -237,6 +230,52 @@ def test_a_killed_replica_loses_only_its_own_streams_and_the_engine_frees_them(t
         )
 
 
-def _lease_listing(stats: dict, replica: str, count: int) -> dict | None:
-    mine = [c for cid, c in stats["clients"].items() if cid.startswith(f"{replica}-")]
-    return stats if mine and mine[0]["in_flight"] == count else None
+def test_cancelling_a_client_ends_every_request_it_stamped_and_refuses_its_next(two_replicas):
+    """What an expired lease triggers, driven by hand: the request carries its client's id, so
+    it is found without any list of ids (none was ever sent); the client's next request is
+    refused; another client's request is untouched."""
+    from flowprefill_ray.errors import EngineUnavailableError
+    from flowprefill_ray.sampling_params import SamplingParams
+
+    client = two_replicas.client
+    attachment = two_replicas.service.attachment.remote().result()
+    used_before = engine_stats(two_replicas)["decode_workers"]["decode-0"]["used_blocks"]
+    long = SamplingParams(max_tokens=STREAM_TOKENS, ignore_eos=True)
+
+    async def scenario() -> tuple[list, list, list[int]]:
+        client.client_id = "gone-client"
+        doomed = client.submit("a request of a client that died", long)
+        first = [await doomed.__anext__()]  # in decode now
+        client.client_id = None
+        bystander = [
+            out
+            async for out in client.submit(
+                "another client's", SamplingParams(max_tokens=8, ignore_eos=True)
+            )
+        ]
+        found = await asyncio.gather(
+            attachment.scheduler.cancel_client.remote("gone-client"),
+            *(h.cancel_client.remote("gone-client") for h in attachment.decode.values()),
+        )
+        rest = [out async for out in doomed]
+        return first + rest, bystander, found
+
+    try:
+        doomed, bystander, found = asyncio.run(scenario())
+    finally:
+        client.client_id = None
+    assert doomed[-1].finish_reason == "abort" and len(doomed) < STREAM_TOKENS
+    assert sum(found) == 1  # on the decode worker, not on the scheduler
+    assert bystander[-1].finish_reason == "length" and len(bystander) == 8
+
+    client.client_id = "gone-client"
+    try:
+        with pytest.raises(EngineUnavailableError, match="lease expired"):
+            asyncio.run(client.generate("too late", SamplingParams(max_tokens=4)))
+    finally:
+        client.client_id = None
+    wait_until(
+        lambda: _settled(engine_stats(two_replicas), used_before),
+        30.0,
+        "the scheduler and the workers to hold nothing",
+    )

@@ -88,6 +88,7 @@ class DecodeHandoff:
             tracked.request.slo_class,
             first.generator_state,
             time.time(),
+            tracked.asked.client_id,
         )
         take = prefill_worker.take_kv
         load = self.loads[decode_id]

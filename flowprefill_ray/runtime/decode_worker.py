@@ -120,6 +120,9 @@ class DecodeWorker:
         self._reserved = 0  # blocks promised to running sequences (see module docstring)
         self._queues: dict[str, asyncio.Queue] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
+        # Ingress clients whose lease expired (cancel_client): a hand-off of theirs that lands
+        # later is dropped like a cancelled request's.
+        self._gone_clients: OrderedDict[str, None] = OrderedDict()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{worker_id}")
@@ -186,7 +189,7 @@ class DecodeWorker:
         self._metrics.inc("flowprefill_kv_transfer_bytes_total", kv.nbytes)
         self._metrics.observe("flowprefill_kv_transfer_seconds", transfer_s)
         rid = handoff.request_id
-        if rid in self._cancelled:
+        if rid in self._cancelled or handoff.client_id in self._gone_clients:
             self._finish_queue(rid, "abort")
         else:
             need = self.blocks_needed(handoff.prompt_tokens, handoff.sampling.max_tokens)
@@ -237,14 +240,22 @@ class DecodeWorker:
                 return True
         seq = self._running.get(request_id)
         if seq is None:
-            self._cancelled[request_id] = None
-            while len(self._cancelled) > _CANCELLED_MEMORY:
-                self._cancelled.popitem(last=False)
+            _remember(self._cancelled, request_id)
             return False
         seq.cancelled = True
         self._wake.set()
         await seq.freed.wait()
         return True
+
+    async def cancel_client(self, client_id: str) -> int:
+        """Stop every request the ingress client ``client_id`` submitted (its lease expired:
+        nobody reads their tokens) and drop its hand-offs still on their way; returns once
+        their KV blocks are free, with how many were here."""
+        _remember(self._gone_clients, client_id)
+        seqs = [*self._waiting, *self._running.values()]
+        ids = [seq.request_id for seq in seqs if seq.handoff.client_id == client_id]
+        await asyncio.gather(*(self.cancel(request_id) for request_id in ids))
+        return len(ids)
 
     def stats(self) -> dict:
         """Load and counters; ``used_blocks`` lets tests check that nothing leaks."""
@@ -382,6 +393,13 @@ class DecodeWorker:
         self._metrics.set(
             "flowprefill_decode_kv_usage_ratio", self.cache.usage, worker_id=self.worker_id
         )
+
+
+def _remember(memory: OrderedDict[str, None], key: str) -> None:
+    """Add ``key`` to a bounded memory of ids, forgetting the oldest beyond its bound."""
+    memory[key] = None
+    while len(memory) > _CANCELLED_MEMORY:
+        memory.popitem(last=False)
 
 
 RemoteDecodeWorker = ray.remote(DecodeWorker)

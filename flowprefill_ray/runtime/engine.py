@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from functools import cached_property
 
 import ray
@@ -77,6 +78,10 @@ class FlowPrefillEngine:
         # were never rejected or never failed; the preemption counter per prefill worker too.
         self._metrics.zero_init(slo_class=config.slo.class_names, worker_id=list(workers.prefill))
         self._closed = False
+        # The lease this client holds on the engine's owner, stamped on every request it
+        # submits so that the owner can cancel them all if the lease expires (LeaseKeeper sets
+        # it; None for an engine that owns its actors).
+        self.client_id: str | None = None
 
     # ------------------------------------------------------------------- lifecycle
 
@@ -246,6 +251,8 @@ class FlowPrefillEngine:
             # A 429 like the scheduler's admission rejections, so counted with them.
             self._metrics.inc("flowprefill_requests_rejected_total", slo_class=request.slo_class)
             raise RequestRejectedError(request.request_id, "too many requests in flight", 1.0)
+        if request.client_id != self.client_id:
+            request = replace(request, client_id=self.client_id)
         return RequestStream(request.request_id, stream_tokens(self, request, clock))
 
     def _decode_handle(self, decode_id: str):

@@ -104,6 +104,9 @@ class Handoff:
     # Wall-clock time (time.time(), seconds) the scheduler issued the hand-off: with Ray Direct
     # Transport the tensors arrive already resolved, so the transfer is timed from here.
     sent_at_wall_s: float = 0.0
+    # The ingress client that submitted it (EngineRequest.client_id): its lease expiring
+    # cancels the request here too.
+    client_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
 import ray
@@ -62,6 +62,10 @@ from .scheduler_stats import QueueGauges, SchedulerSamples
 from .unit_calls import UnitCalls
 
 logger = logging.getLogger(__name__)
+
+# Ingress clients whose lease expired, remembered so that a stalled one's late requests are
+# refused (a client takes a new lease, so one id never returns).
+_GONE_CLIENTS_MEMORY = 1024
 
 
 @dataclass
@@ -111,6 +115,8 @@ class Scheduler:
         self._origin = time.monotonic()
         self._prefill = dict(prefill_workers)
         self._requests: dict[str, TrackedRequest] = {}
+        # Ingress clients whose lease expired (cancel_client); bounded like any id memory.
+        self._gone_clients: OrderedDict[str, None] = OrderedDict()
         # Units and what runs or waits paused on each worker: the policy's state (``unit``,
         # ``running_unit``, ``paused_units``), read there rather than mirrored here.
         self._tasks: set[asyncio.Task] = set()
@@ -200,6 +206,9 @@ class Scheduler:
         request_id = asked.request_id
         if request_id in self._requests:
             raise DuplicateRequestError(request_id)
+        if asked.client_id is not None and asked.client_id in self._gone_clients:
+            # Its replica stalled past its lease; it takes a new one on its next renewal.
+            raise EngineUnavailableError("this ingress replica's lease expired; retry")
         await self.start()
         request = Request(
             request_id=request_id,
@@ -239,6 +248,17 @@ class Scheduler:
     async def cancel(self, request_id: str) -> bool:
         """Cancel a request still in prefill. Returns False if it is not (or no longer) here."""
         return self._cancel(request_id)
+
+    async def cancel_client(self, client_id: str) -> int:
+        """Cancel every request in prefill that the ingress client ``client_id`` submitted
+        (its lease expired) and refuse any it still sends; returns how many were cancelled."""
+        self._gone_clients[client_id] = None
+        while len(self._gone_clients) > _GONE_CLIENTS_MEMORY:
+            self._gone_clients.popitem(last=False)
+        ids = [
+            rid for rid, tracked in self._requests.items() if tracked.asked.client_id == client_id
+        ]
+        return sum(self._cancel(request_id) for request_id in ids)
 
     def timeline_export(self, last: int | None = 200) -> dict:
         """The timeline of the ``last`` most recent requests (all kept when None): JSON-able,

@@ -5,14 +5,14 @@ call and a streaming generator from a killed caller both ran to their end). A ki
 replica would so leave its requests running for nobody: the scheduler prefills them, the decode
 workers generate every token, and the request deadline, kept by the client, is gone with it.
 
-So each ingress replica holds a lease on the ``EngineService``: every ``renew_interval_s`` it
-renews it with the ids of its requests in flight (``LeaseKeeper``). A lease not renewed for
-``lease_s`` has expired: the service cancels each request it last listed, on the scheduler
-(still in prefill) and on every decode worker (decoding, or a hand-off still on its way, which
-the worker then drops when it lands). ``ClientLeases`` is the service's record of them.
-
-What it cannot see: a request the replica submitted after its last renewal. That one runs to
-its own end (``max_tokens``, at most ``requests.max_output_tokens``) and then frees what it held.
+So each ingress replica holds a lease on the ``EngineService``: it registers, stamps the
+lease's id on every request it submits (``EngineRequest.client_id``), and renews the lease
+every ``renew_interval_s`` (``LeaseKeeper``). A lease not renewed for ``lease_s`` has expired:
+the service cancels every request of that client wherever it is, on the scheduler (still in
+prefill) and on every decode worker (decoding, or a hand-off still on its way, which the
+worker drops when it lands). The requests carry the id, so none escapes: not even one
+submitted just before the replica died, after its last renewal. ``ClientLeases`` is the
+service's record of the leases.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Lease:
     renewed_s: float
-    in_flight: frozenset[str] = frozenset()
+    in_flight: int = 0  # as last reported, for stats
 
 
 class ClientLeases:
@@ -49,35 +49,40 @@ class ClientLeases:
         self._leases[client_id] = _Lease(self._clock())
         return client_id
 
-    def renew(self, client_id: str, in_flight: list[str]) -> bool:
-        """Renew ``client_id``'s lease with its requests in flight now. False when the lease
-        had already expired (its listed requests were cancelled): the client registers again."""
+    def renew(self, client_id: str, in_flight: int) -> bool:
+        """Renew ``client_id``'s lease (``in_flight``: its requests now, for stats). False
+        when the lease had already expired (its requests were cancelled): the client
+        registers again."""
         lease = self._leases.get(client_id)
         if lease is None:
             return False
         lease.renewed_s = self._clock()
-        lease.in_flight = frozenset(in_flight)
+        lease.in_flight = in_flight
         return True
 
     def end(self, client_id: str) -> None:
         """A client that shuts down cleanly ends its own requests; nothing to release."""
         self._leases.pop(client_id, None)
 
-    def expire(self) -> dict[str, frozenset[str]]:
-        """Remove the leases not renewed for ``lease_s``; returns each one's last in-flight
-        ids, which the caller must release."""
+    def expire(self) -> list[str]:
+        """Remove the leases not renewed for ``lease_s``; returns their client ids, whose
+        requests the caller must cancel."""
         deadline = self._clock() - self.lease_s
         gone = [cid for cid, lease in self._leases.items() if lease.renewed_s < deadline]
-        expired = {cid: self._leases.pop(cid).in_flight for cid in gone}
-        self.expired_clients += len(expired)
-        self.released_requests += sum(len(ids) for ids in expired.values())
-        return expired
+        for client_id in gone:
+            del self._leases[client_id]
+        self.expired_clients += len(gone)
+        return gone
+
+    def count_released(self, requests: int) -> None:
+        """How many requests cancelling an expired client's found (stats)."""
+        self.released_requests += requests
 
     def export(self) -> dict:
         now = self._clock()
         return {
             "clients": {
-                cid: {"in_flight": len(lease.in_flight), "renewed_s_ago": now - lease.renewed_s}
+                cid: {"in_flight": lease.in_flight, "renewed_s_ago": now - lease.renewed_s}
                 for cid, lease in self._leases.items()
             },
             "expired_clients": self.expired_clients,
@@ -86,9 +91,10 @@ class ClientLeases:
 
 
 class LeaseKeeper:
-    """An ingress replica's side: registers with the service and renews the lease with the
-    engine client's in-flight ids until stopped. ``service`` is the ``EngineService``
-    deployment handle; ``engine`` an attached ``FlowPrefillEngine``."""
+    """An ingress replica's side: registers with the service, hands the lease's id to the
+    engine client (which stamps it on each request) and renews the lease until stopped.
+    ``service`` is the ``EngineService`` deployment handle; ``engine`` an attached
+    ``FlowPrefillEngine``."""
 
     def __init__(self, service, engine, name: str, renew_interval_s: float):
         self._service = service
@@ -99,7 +105,7 @@ class LeaseKeeper:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.client_id = await self._service.register_client.remote(self._name)
+        await self._register()
         self._task = asyncio.get_running_loop().create_task(self._renew_forever())
 
     async def _renew_forever(self) -> None:
@@ -107,17 +113,21 @@ class LeaseKeeper:
             await asyncio.sleep(self._interval_s)
             try:
                 renewed = await self._service.renew_lease.remote(
-                    self.client_id, sorted(self._engine.in_flight)
+                    self.client_id, len(self._engine.in_flight)
                 )
                 if not renewed:
                     # Expired while this replica was alive (stalled, or the service restarted):
-                    # whatever it had listed was cancelled; later requests need a new lease.
+                    # its requests were cancelled; later ones need a new lease.
                     logger.warning("lease %s had expired; registering again", self.client_id)
-                    self.client_id = await self._service.register_client.remote(self._name)
+                    await self._register()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the service may be restarting; try again later
                 logger.warning("lease renewal failed", exc_info=True)
+
+    async def _register(self) -> None:
+        self.client_id = await self._service.register_client.remote(self._name)
+        self._engine.client_id = self.client_id
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -59,7 +59,7 @@ class EngineService:
     def register_client(self, name: str) -> str:
         return self._leases.register(name)
 
-    def renew_lease(self, client_id: str, in_flight: list[str]) -> bool:
+    def renew_lease(self, client_id: str, in_flight: int) -> bool:
         return self._leases.renew(client_id, in_flight)
 
     def end_lease(self, client_id: str) -> None:
@@ -72,23 +72,26 @@ class EngineService:
     async def _release_expired_forever(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self._leases.lease_s / 4))
-            for client_id, request_ids in self._leases.expire().items():
+            for client_id in self._leases.expire():
+                released = await self._release(client_id)
+                self._leases.count_released(released)
                 logger.warning(
-                    "ingress client %s stopped renewing its lease: releasing its %d request(s)",
+                    "ingress client %s stopped renewing its lease: released its %d request(s)",
                     client_id,
-                    len(request_ids),
+                    released,
                 )
-                await self._release(request_ids)
 
-    async def _release(self, request_ids: frozenset[str]) -> None:
-        """Cancel each request wherever it is: in prefill (the scheduler), decoding, or on
-        its way to a decode worker (which remembers the cancel and drops the late hand-off)."""
+    async def _release(self, client_id: str) -> int:
+        """Cancel every request of ``client_id`` wherever it is: in prefill (the scheduler),
+        decoding, or on its way to a decode worker (which drops the late hand-off)."""
         handles = [self._attachment.scheduler, *self._attachment.decode.values()]
-        calls = [h.cancel.remote(rid) for rid in request_ids for h in handles]
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        results = await asyncio.gather(
+            *(h.cancel_client.remote(client_id) for h in handles), return_exceptions=True
+        )
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             logger.warning("%d cancel call(s) failed: %s", len(failed), failed[0])
+        return sum(r for r in results if not isinstance(r, BaseException))
 
     async def check_health(self) -> None:
         """Serve's health check: the scheduler answers (or is being restarted, for a grace
