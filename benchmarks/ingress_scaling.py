@@ -9,7 +9,10 @@ each, closed-loop: ``--concurrency`` clients (each step of the list in turn) eac
 streamed completion (``--max-tokens`` 8, a short new prompt), read it to ``[DONE]`` and send
 the next, for ``--seconds``. Reported per step: completed requests per second, end-to-end and
 first-chunk latency p50/p99, errors, and how many requests each replica served (the
-``X-FlowPrefill-Replica`` header).
+``X-FlowPrefill-Replica`` header). ``--repeats N`` runs the whole list N times, the replica
+counts interleaved (1, 2, 1, 2, ...), so that each count is measured beside the other under
+the same machine state; the summary gives each step's mean and range and the per-repeat
+ratio of every count to the first.
 
 The clients are one asyncio process on the same machine: on a small machine they, the
 ingress replicas and the workers share the cores, which bounds what a second replica can add.
@@ -57,11 +60,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--cache-dir", default=None, help="where the tiny model is generated")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="rounds over --replicas, interleaved")
     args = p.parse_args(argv)
     args.replicas = _ints(p, "replicas", args.replicas)
     args.concurrency = _ints(p, "concurrency", args.concurrency)
     if args.seconds <= 0 or args.warmup_s < 0 or args.max_tokens < 1 or args.prompt_tokens < 1:
         p.error("--seconds, --max-tokens and --prompt-tokens must be positive")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     return args
 
 
@@ -154,19 +160,49 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for replicas in args.replicas:
-            app = compose_app(app_args(args), ingress_options={"num_replicas": replicas})
-            serve.run(app, name=APP_NAME, route_prefix="/")  # returns once every replica is up
-            for concurrency in args.concurrency:
-                row = {"replicas": replicas}
-                row.update(asyncio.run(_step(f"http://127.0.0.1:{port}", concurrency, args, rng)))
-                rows.append(row)
-                print_row(row)
-            serve.delete(APP_NAME)
+        for repeat in range(args.repeats):
+            for replicas in args.replicas:
+                app = compose_app(app_args(args), ingress_options={"num_replicas": replicas})
+                serve.run(app, name=APP_NAME, route_prefix="/")  # returns once all are up
+                for concurrency in args.concurrency:
+                    row = {"repeat": repeat, "replicas": replicas}
+                    url = f"http://127.0.0.1:{port}"
+                    row.update(asyncio.run(_step(url, concurrency, args, rng)))
+                    rows.append(row)
+                    print_row(row)
+                serve.delete(APP_NAME)
     finally:
         serve.shutdown()
         ray.shutdown()
     return rows
+
+
+def summarize(rows: list[dict[str, Any]], replicas: list[int]) -> list[dict[str, Any]]:
+    """Per (replicas, clients): mean and range of req/s over the repeats, and the ratio to
+    the first replica count's rate in the same repeat (mean and range)."""
+    rate = {(r["repeat"], r["replicas"], r["concurrency"]): r["requests_per_s"] for r in rows}
+    out = []
+    for (repeat, n, clients), _ in sorted(rate.items()):
+        if repeat != 0:
+            continue
+        rates = [v for (_, m, c), v in rate.items() if (m, c) == (n, clients)]
+        ratios = [
+            v / rate[(rep, replicas[0], c)]
+            for (rep, m, c), v in rate.items()
+            if (m, c) == (n, clients) and rate.get((rep, replicas[0], c))
+        ]
+        out.append(
+            {
+                "replicas": n,
+                "concurrency": clients,
+                "repeats": len(rates),
+                "requests_per_s_mean": statistics.fmean(rates),
+                "requests_per_s_range": [min(rates), max(rates)],
+                "ratio_to_first_mean": statistics.fmean(ratios) if ratios else None,
+                "ratio_to_first_range": [min(ratios), max(ratios)] if ratios else None,
+            }
+        )
+    return out
 
 
 def print_row(r: dict[str, Any]) -> None:
@@ -191,6 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     rows = run(args)
+    summary = summarize(rows, args.replicas)
+    print(
+        "\n| replicas | clients | req/s mean (range) | x first count (range) |\n|---|---|---|---|"
+    )
+    for r in summary:
+        lo, hi = r["requests_per_s_range"]
+        rlo, rhi = r["ratio_to_first_range"]
+        print(
+            f"| {r['replicas']} | {r['concurrency']} | {r['requests_per_s_mean']:.1f} "
+            f"({lo:.1f}-{hi:.1f}) | {r['ratio_to_first_mean']:.2f} ({rlo:.2f}-{rhi:.2f}) |"
+        )
     write_report(
         args.out,
         __file__,
@@ -201,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         seconds=args.seconds,
         warmup_s=args.warmup_s,
         app_args=app_args(args),
+        repeats=args.repeats,
         rows=rows,
+        summary=summary,
     )
     return 0
 

@@ -27,8 +27,28 @@ def test_defaults_compare_one_replica_with_two_on_short_streamed_outputs(bench):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--replicas", "1,x"], ["--replicas", "0"], ["--concurrency", ""], ["--seconds", "0"]],
+    [
+        ["--replicas", "1,x"],
+        ["--replicas", "0"],
+        ["--concurrency", ""],
+        ["--seconds", "0"],
+        ["--repeats", "0"],
+    ],
 )
 def test_bad_arguments_are_refused(bench, argv):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
+
+
+def test_the_summary_compares_each_count_with_the_first_within_each_repeat(bench):
+    rows = [
+        {"repeat": rep, "replicas": n, "concurrency": 8, "requests_per_s": rate}
+        for rep, n, rate in [(0, 1, 50.0), (0, 2, 45.0), (1, 1, 40.0), (1, 2, 44.0)]
+    ]
+    one, two = bench.summarize(rows, [1, 2])
+    assert (one["replicas"], one["ratio_to_first_mean"], one["repeats"]) == (1, 1.0, 2)
+    assert two["requests_per_s_mean"] == pytest.approx(44.5)
+    assert two["requests_per_s_range"] == [44.0, 45.0]
+    # 45/50 = 0.9 and 44/40 = 1.1: each repeat's own ratio, not a ratio of means
+    assert two["ratio_to_first_range"] == pytest.approx([0.9, 1.1])
+    assert two["ratio_to_first_mean"] == pytest.approx(1.0)
