@@ -24,7 +24,7 @@ def app_args(cache_dir: str) -> dict:
         "runtime": {
             "model": {"path": "tiny", "cache_dir": cache_dir},
             "placement": {"prefill_num_cpus": 0.5, "decode_num_cpus": 0.5},
-            "prefill": {"profile_tokens": [16, 64, 128], "profile_repeats": 1},
+            "prefill": {"profile_tokens": [16, 64, 128, 256], "profile_repeats": 1},
             "decode": {"kv_blocks": 256, "block_size": 16, "max_batch_size": 8},
             "slo": {"scale": 50.0},
             "name_prefix": "fp-replace-test",
