@@ -32,6 +32,7 @@ from flowprefill_ray.model.sampling import sample_with_params
 
 from .config import DecodeConfig, ModelSource
 from .detokenizer import Detokenizer
+from .id_memory import remember
 from .messages import AcceptAck, Handoff, TokenEvent
 from .metrics import RuntimeMetrics
 from .model_source import checkpoint_path, torch_device, torch_dtype
@@ -240,7 +241,7 @@ class DecodeWorker:
                 return True
         seq = self._running.get(request_id)
         if seq is None:
-            _remember(self._cancelled, request_id)
+            remember(self._cancelled, request_id, _CANCELLED_MEMORY)
             return False
         seq.cancelled = True
         self._wake.set()
@@ -251,7 +252,7 @@ class DecodeWorker:
         """Stop every request the ingress client ``client_id`` submitted (its lease expired:
         nobody reads their tokens) and drop its hand-offs still on their way; returns once
         their KV blocks are free, with how many were here."""
-        _remember(self._gone_clients, client_id)
+        remember(self._gone_clients, client_id, _CANCELLED_MEMORY)
         seqs = [*self._waiting, *self._running.values()]
         ids = [seq.request_id for seq in seqs if seq.handoff.client_id == client_id]
         await asyncio.gather(*(self.cancel(request_id) for request_id in ids))
@@ -393,13 +394,6 @@ class DecodeWorker:
         self._metrics.set(
             "flowprefill_decode_kv_usage_ratio", self.cache.usage, worker_id=self.worker_id
         )
-
-
-def _remember(memory: OrderedDict[str, None], key: str) -> None:
-    """Add ``key`` to a bounded memory of ids, forgetting the oldest beyond its bound."""
-    memory[key] = None
-    while len(memory) > _CANCELLED_MEMORY:
-        memory.popitem(last=False)
 
 
 RemoteDecodeWorker = ray.remote(DecodeWorker)

@@ -55,6 +55,7 @@ from flowprefill_ray.scheduling.timeline import Timeline
 
 from .config import RuntimeConfig
 from .decode_handoff import DecodeHandoff
+from .id_memory import remember
 from .messages import PrefillDone
 from .metrics import RuntimeMetrics
 from .prefill_failures import FailureHandling
@@ -252,9 +253,7 @@ class Scheduler:
     async def cancel_client(self, client_id: str) -> int:
         """Cancel every request in prefill that the ingress client ``client_id`` submitted
         (its lease expired) and refuse any it still sends; returns how many were cancelled."""
-        self._gone_clients[client_id] = None
-        while len(self._gone_clients) > _GONE_CLIENTS_MEMORY:
-            self._gone_clients.popitem(last=False)
+        remember(self._gone_clients, client_id, _GONE_CLIENTS_MEMORY)
         ids = [
             rid for rid, tracked in self._requests.items() if tracked.asked.client_id == client_id
         ]
