@@ -101,7 +101,6 @@ class LeaseKeeper:
         self._engine = engine
         self._name = name
         self._interval_s = renew_interval_s
-        self.client_id: str | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -125,9 +124,13 @@ class LeaseKeeper:
             except Exception:  # noqa: BLE001 - the service may be restarting; try again later
                 logger.warning("lease renewal failed", exc_info=True)
 
+    @property
+    def client_id(self) -> str | None:
+        """The lease held now: kept on the engine client, which stamps it on each request."""
+        return self._engine.client_id
+
     async def _register(self) -> None:
-        self.client_id = await self._service.register_client.remote(self._name)
-        self._engine.client_id = self.client_id
+        self._engine.client_id = await self._service.register_client.remote(self._name)
 
     async def stop(self) -> None:
         if self._task is not None:
