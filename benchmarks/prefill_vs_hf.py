@@ -11,8 +11,15 @@ times each (median reported, after one warm-up):
 - ``hf``: ``transformers``' ``LlamaForCausalLM`` forward (SDPA attention) on the very same
   safetensors directory, under ``torch.inference_mode``, logits of the last position only.
 
-Both on ``--threads`` torch threads (the shipped prefill worker uses 1). Prints a table and
-writes JSON with the command, commit and machine (provenance.py).
+Both on ``--threads`` torch threads (the shipped prefill worker uses 1).
+
+With ``--servers`` it then also times one request at a time (``max_tokens`` 1, a fresh prompt
+each time so no prefix cache answers it, median of ``--repeats``) through HTTP, first to our
+shipped deployment (``LocalServe``, as ``peer_vllm.py`` starts it), then to vLLM on CPU
+(``VllmServer``, its default flags there: one OpenMP thread bound to a core, the other core
+reserved): the lone-request TTFT each server reaches on the cores of ``--cores``, which bounds
+the request rate each can sustain. Prints a table and writes JSON with the command, commit
+and machine (provenance.py).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", default="16,128,384", help="prompt lengths, comma-separated")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--servers", action="store_true", help="also time lone requests over HTTP")
+    p.add_argument("--cores", default=None, help="CPU ids for everything, e.g. 0-1 (default: all)")
     args = p.parse_args(argv)
     try:
         args.tokens = [int(t) for t in args.tokens.split(",")]
@@ -70,7 +80,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     vocab = ours.config.vocab_size
     rows = []
     for tokens in args.tokens:
-        ids = [(i * 7919) % (vocab - 10) + 5 for i in range(tokens)]
+        ids = prompt_ids(tokens, vocab)
         batch = torch.tensor([ids])
 
         def hf_prefill(batch=batch):
@@ -88,14 +98,86 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def prompt_ids(tokens: int, vocab: int, salt: int = 0) -> list[int]:
+    """A deterministic prompt of ``tokens`` ids; a different ``salt`` changes its first id, so
+    no prefix cache can serve one prompt from another."""
+    return [(i * 7919 + salt * 104729) % (vocab - 10) + 5 for i in range(tokens)]
+
+
+def lone_request_s(url: str, body: dict[str, Any], tokens: int, repeats: int, vocab: int) -> float:
+    """Median seconds of one ``max_tokens`` 1 completion of a ``tokens``-long prompt, sent only
+    when the previous one has answered (one warm-up first, every prompt fresh)."""
+    import httpx
+
+    salt = iter(range(1, repeats + 2))
+    with httpx.Client(timeout=600.0) as client:
+
+        def once() -> None:
+            prompt = prompt_ids(tokens, vocab, next(salt))
+            reply = client.post(f"{url}/v1/completions", json={**body, "prompt": prompt})
+            reply.raise_for_status()
+
+        return _median_s(once, repeats)
+
+
+def run_servers(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Adds ``ours_server_s`` and ``vllm_server_s`` to each row; returns what to record about
+    the two servers."""
+    from peer_vllm import our_app_args
+    from vllm_server import VllmFlags, VllmServer, install_vllm
+
+    from flowprefill_ray.demos.local_serve import LocalServe, free_port, served_model_name
+    from flowprefill_ray.model.config import ModelConfig
+    from flowprefill_ray.model.gguf import default_checkpoint
+
+    vocab = ModelConfig.from_pretrained(default_checkpoint()).vocab_size
+    deploy = our_app_args(4.0)
+    model = served_model_name(deploy)
+    body = {"model": model, "max_tokens": 1, "temperature": 0.0, "ignore_eos": True}
+    with LocalServe(deploy) as live:
+        # A TTFT target no prompt here can miss, so admission never refuses one.
+        ours = {**body, "ttft_slo_ms": 3_600_000}
+        for row in rows:
+            row["ours_server_s"] = lone_request_s(
+                live.url, ours, row["tokens"], args.repeats, vocab
+            )
+    install_vllm()
+    flags = VllmFlags()
+    log = Path("results") / "prefill_vs_hf_vllm.log"
+    with VllmServer(default_checkpoint(), model, free_port(), flags, log) as server:
+        for row in rows:
+            row["vllm_server_s"] = lone_request_s(
+                server.url, body, row["tokens"], args.repeats, vocab
+            )
+        binding = server.thread_binding()
+    for row in rows:
+        row["ours_over_vllm_server"] = row["ours_server_s"] / row["vllm_server_s"]
+        print(
+            f"| {row['tokens']} | ours server {row['ours_server_s'] * 1000:.1f} ms | vLLM server "
+            f"{row['vllm_server_s'] * 1000:.1f} ms | {row['ours_over_vllm_server']:.2f} |",
+            flush=True,
+        )
+    return {
+        "our_torch_threads": deploy["runtime"]["prefill"]["torch_threads"],
+        "vllm_flags": flags.model_dump(),
+        "vllm_thread_binding": binding,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     # Here, not at the top: provenance records the load average when it is imported.
     from provenance import write_report
 
     args = parse_args(argv)
+    if args.cores:
+        from peer_vllm import parse_cpu_list
+
+        # Inherited by everything started from here on: Ray's processes and vLLM's.
+        os.sched_setaffinity(0, parse_cpu_list(args.cores))
     print("| prompt tokens | ours ms | transformers ms | ours / transformers |")
     print("|---|---|---|---|")
     rows = run(args)
+    servers = run_servers(args, rows) if args.servers else None
     write_report(
         args.out,
         __file__,
@@ -105,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats,
         model="SmolLM2-135M-Instruct fp32 (the embedded default)",
         rows=rows,
+        servers=servers,
+        cores=sorted(os.sched_getaffinity(0)),
     )
     return 0
 

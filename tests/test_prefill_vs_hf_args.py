@@ -22,3 +22,15 @@ def test_defaults_time_the_shipped_prefill_shape(bench):
 def test_bad_arguments_are_refused(bench, argv):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
+
+
+def test_server_mode_is_opt_in(bench):
+    assert not bench.parse_args([]).servers and bench.parse_args(["--servers"]).servers
+
+
+def test_each_lone_request_gets_a_prompt_no_prefix_cache_can_serve(bench):
+    # A repeat must not be answered from the previous one's cached KV: the first ids differ.
+    first, second = bench.prompt_ids(64, 49152, salt=1), bench.prompt_ids(64, 49152, salt=2)
+    assert len(first) == len(second) == 64 and first[0] != second[0]
+    assert all(5 <= t < 49152 - 5 for t in first + second)
+    assert bench.prompt_ids(64, 49152) == bench.prompt_ids(64, 49152, salt=0)
