@@ -25,10 +25,12 @@ and machine (provenance.py).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,21 +101,24 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def prompt_ids(tokens: int, vocab: int, salt: int = 0) -> list[int]:
-    """A deterministic prompt of ``tokens`` ids; a different ``salt`` changes its first id, so
-    no prefix cache can serve one prompt from another."""
+    """A deterministic prompt of ``tokens`` ids. Every id depends on ``salt``: prompts of two
+    salts share no prefix, while two lengths of one salt do (one is the other's prefix)."""
     return [(i * 7919 + salt * 104729) % (vocab - 10) + 5 for i in range(tokens)]
 
 
-def lone_request_s(url: str, body: dict[str, Any], tokens: int, repeats: int, vocab: int) -> float:
+def lone_request_s(
+    url: str, body: dict[str, Any], tokens: int, repeats: int, vocab: int, salts: Iterator[int]
+) -> float:
     """Median seconds of one ``max_tokens`` 1 completion of a ``tokens``-long prompt, sent only
-    when the previous one has answered (one warm-up first, every prompt fresh)."""
+    when the previous one has answered (one warm-up first). ``salts`` must never repeat over a
+    server's life: a prompt of a used salt would find its prefix cached (vLLM caches by
+    default), and the shorter prompts of that salt are prefixes of the longer ones."""
     import httpx
 
-    salt = iter(range(1, repeats + 2))
     with httpx.Client(timeout=600.0) as client:
 
         def once() -> None:
-            prompt = prompt_ids(tokens, vocab, next(salt))
+            prompt = prompt_ids(tokens, vocab, next(salts))
             reply = client.post(f"{url}/v1/completions", json={**body, "prompt": prompt})
             reply.raise_for_status()
 
@@ -134,12 +139,13 @@ def run_servers(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[st
     deploy = our_app_args(4.0)
     model = served_model_name(deploy)
     body = {"model": model, "max_tokens": 1, "temperature": 0.0, "ignore_eos": True}
+    salts = itertools.count(1)
     with LocalServe(deploy) as live:
         # A TTFT target no prompt here can miss, so admission never refuses one.
         ours = {**body, "ttft_slo_ms": 3_600_000}
         for row in rows:
             row["ours_server_s"] = lone_request_s(
-                live.url, ours, row["tokens"], args.repeats, vocab
+                live.url, ours, row["tokens"], args.repeats, vocab, salts
             )
     install_vllm()
     flags = VllmFlags()
@@ -147,7 +153,7 @@ def run_servers(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[st
     with VllmServer(default_checkpoint(), model, free_port(), flags, log) as server:
         for row in rows:
             row["vllm_server_s"] = lone_request_s(
-                server.url, body, row["tokens"], args.repeats, vocab
+                server.url, body, row["tokens"], args.repeats, vocab, salts
             )
         binding = server.thread_binding()
     for row in rows:
