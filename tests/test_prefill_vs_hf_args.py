@@ -33,6 +33,6 @@ def test_prompts_of_two_salts_share_no_prefix_while_one_salt_nests(bench):
     # its longer one, which a prefix cache (vLLM's is on by default) would answer from KV.
     first, second = bench.prompt_ids(64, 49152, salt=1), bench.prompt_ids(64, 49152, salt=2)
     assert len(first) == len(second) == 64
-    assert all(a != b for a, b in zip(first, second))
+    assert all(a != b for a, b in zip(first, second, strict=True))
     assert all(5 <= t < 49152 - 5 for t in first + second)
     assert bench.prompt_ids(16, 49152, salt=1) == first[:16]
