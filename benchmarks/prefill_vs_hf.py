@@ -7,7 +7,9 @@ times, in one process, one after the other for each prompt length (``--tokens``)
 times each (median reported, after one warm-up):
 
 - ``ours``: ``LlamaModel.prefill`` (the operator program the prefill worker runs, with its
-  checkpoints, torch kernels) on the deployment's model (SmolLM2-135M-Instruct, fp32);
+  checkpoints, torch kernels) on the deployment's model (SmolLM2-135M-Instruct, fp32), its
+  matmuls through oneDNN on packed weights (the default, cpu_matmul.py);
+- ``ours, torch matmul``: the same with ``cpu_matmul="torch"`` (``F.linear``, MKL's sgemm);
 - ``hf``: ``transformers``' ``LlamaForCausalLM`` forward (SDPA attention) on the very same
   safetensors directory, under ``torch.inference_mode``, logits of the last position only.
 
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     path = default_checkpoint()
     ours = load_model(path, kernels="torch")
+    ours_dense = load_model(path, kernels="torch", cpu_matmul="torch")
     hf = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="sdpa"
     ).eval()
@@ -90,11 +93,20 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 hf(batch, use_cache=True, logits_to_keep=1)
 
         ours_s = _median_s(lambda ids=ids: ours.prefill(ids), args.repeats)
+        dense_s = _median_s(lambda ids=ids: ours_dense.prefill(ids), args.repeats)
         hf_s = _median_s(hf_prefill, args.repeats)
-        row = {"tokens": tokens, "ours_s": ours_s, "hf_s": hf_s, "ours_over_hf": ours_s / hf_s}
+        row = {
+            "tokens": tokens,
+            "ours_s": ours_s,
+            "ours_torch_matmul_s": dense_s,
+            "hf_s": hf_s,
+            "ours_over_hf": ours_s / hf_s,
+            "torch_matmul_over_hf": dense_s / hf_s,
+        }
         rows.append(row)
         print(
-            f"| {tokens} | {ours_s * 1000:.1f} | {hf_s * 1000:.1f} | {ours_s / hf_s:.2f} |",
+            f"| {tokens} | {ours_s * 1000:.1f} | {dense_s * 1000:.1f} | {hf_s * 1000:.1f} "
+            f"| {ours_s / hf_s:.2f} | {dense_s / hf_s:.2f} |",
             flush=True,
         )
     return rows
@@ -180,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # Inherited by everything started from here on: Ray's processes and vLLM's.
         os.sched_setaffinity(0, parse_cpu_list(args.cores))
-    print("| prompt tokens | ours ms | transformers ms | ours / transformers |")
-    print("|---|---|---|---|")
+    print("| prompt tokens | ours ms | ours, torch matmul ms | transformers ms "
+          "| ours / transformers | torch matmul / transformers |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     rows = run(args)
     servers = run_servers(args, rows) if args.servers else None
     write_report(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from flowprefill_ray.kernels import KernelBackend, kernel_ops
 
 from .config import ModelConfig
+from .cpu_matmul import linear, pack_linear_weights, use_onednn
 from .kv import KVCache
 from .prefill import Granularity, PrefillResult, PrefillState, SyncMode
 from .rope import cos_sin, inverse_frequencies
@@ -36,11 +37,14 @@ class LlamaModel:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         kernels: KernelBackend | str = KernelBackend.AUTO,
+        cpu_matmul: str = "onednn",
     ) -> None:
         self.config = config
-        self.weights = weights
         self.device = torch.device(device)
         self.dtype = dtype
+        # What the matmuls run on: "onednn" (weights packed once, cpu_matmul.py) or "torch".
+        self.matmul = "onednn" if use_onednn(cpu_matmul, self.device, dtype) else "torch"
+        self.weights = pack_linear_weights(weights) if self.matmul == "onednn" else weights
         self.ops = kernel_ops(kernels, self.device)
         self.inv_freq = inverse_frequencies(config.rope, config.head_dim).to(self.device)
         self.attention_scale = 1.0 / math.sqrt(config.head_dim)
@@ -63,7 +67,7 @@ class LlamaModel:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`[T, E]` -> q `[T, Hq, D]`, k and v `[T, Hk, D]` with one fused matmul."""
         w = self.weights.layers[layer]
-        qkv = F.linear(x, w.qkv, w.qkv_bias)
+        qkv = linear(x, w.qkv, w.qkv_bias)
         c = self.config
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         t = x.shape[0]
@@ -99,7 +103,7 @@ class LlamaModel:
         return out.reshape(q.shape[0], -1)
 
     def o_proj(self, layer: int, attn: torch.Tensor) -> torch.Tensor:
-        return F.linear(attn, self.weights.layers[layer].o_proj)
+        return linear(attn, self.weights.layers[layer].o_proj)
 
     def post_norm(
         self, layer: int, hidden: torch.Tensor, residual: torch.Tensor
@@ -109,13 +113,13 @@ class LlamaModel:
         return self.ops.rms_norm(hidden, weight, self.config.rms_norm_eps, residual)
 
     def gate_up_proj(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weights.layers[layer].gate_up)
+        return linear(x, self.weights.layers[layer].gate_up)
 
     def act(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self.ops.silu_and_mul(gate_up)
 
     def down_proj(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weights.layers[layer].down)
+        return linear(x, self.weights.layers[layer].down)
 
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         out, _ = self.ops.rms_norm(
@@ -194,8 +198,13 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     kernels: KernelBackend | str = KernelBackend.AUTO,
+    cpu_matmul: str = "onednn",
 ) -> LlamaModel:
-    """Load a Hugging Face Llama / Mistral / Qwen2 safetensors checkpoint directory."""
+    """Load a Hugging Face Llama / Mistral / Qwen2 safetensors checkpoint directory.
+    ``cpu_matmul``: ``onednn`` packs an fp32 CPU model's matmul weights for oneDNN
+    (cpu_matmul.py), ``torch`` keeps ``F.linear``; it changes nothing on a GPU."""
     config = ModelConfig.from_pretrained(path)
     weights = load_weights(path, config, device, dtype)
-    return LlamaModel(config, weights, device=device, dtype=dtype, kernels=kernels)
+    return LlamaModel(
+        config, weights, device=device, dtype=dtype, kernels=kernels, cpu_matmul=cpu_matmul
+    )

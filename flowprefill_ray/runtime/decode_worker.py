@@ -108,7 +108,11 @@ class DecodeWorker:
         path = checkpoint_path(source)
         self.device = torch_device(source)
         self.model = load_model(
-            path, device=self.device, dtype=torch_dtype(source), kernels=source.kernels
+            path,
+            device=self.device,
+            dtype=torch_dtype(source),
+            kernels=source.kernels,
+            cpu_matmul=source.cpu_matmul,
         )
         self.tokenizer = load_tokenizer(path)
         self.output_rules = OutputRules.for_model(self.model, self.tokenizer)

@@ -49,7 +49,11 @@ class PrefillWorker:
         self.device = torch_device(source)
         path = checkpoint_path(source)
         self.model = load_model(
-            path, device=self.device, dtype=torch_dtype(source), kernels=source.kernels
+            path,
+            device=self.device,
+            dtype=torch_dtype(source),
+            kernels=source.kernels,
+            cpu_matmul=source.cpu_matmul,
         )
         # Measured before anything else allocates: on CUDA it is a share of what is free now.
         cache = prefill.prefix_cache
