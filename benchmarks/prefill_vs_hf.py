@@ -8,8 +8,9 @@ times each (median reported, after one warm-up):
 
 - ``ours``: ``LlamaModel.prefill`` (the operator program the prefill worker runs, with its
   checkpoints, torch kernels) on the deployment's model (SmolLM2-135M-Instruct, fp32), its
-  matmuls through oneDNN on packed weights (the default, cpu_matmul.py);
-- ``ours, torch matmul``: the same with ``cpu_matmul="torch"`` (``F.linear``, MKL's sgemm);
+  matmuls through oneDNN on packed weights (``cpu_matmul="onednn"``, cpu_matmul.py);
+- ``ours, torch matmul``: the same with ``cpu_matmul="torch"`` (``F.linear``, MKL's sgemm;
+  the default);
 - ``hf``: ``transformers``' ``LlamaForCausalLM`` forward (SDPA attention) on the very same
   safetensors directory, under ``torch.inference_mode``, logits of the last position only.
 
@@ -47,6 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--servers", action="store_true", help="also time lone requests over HTTP")
+    p.add_argument(
+        "--our-cpu-matmul",
+        choices=("torch", "onednn"),
+        default=None,
+        help="our deployment's model.cpu_matmul under --servers (default: the shipped one)",
+    )
     p.add_argument("--cores", default=None, help="CPU ids for everything, e.g. 0-1 (default: all)")
     args = p.parse_args(argv)
     try:
@@ -77,7 +84,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     torch.set_num_threads(args.threads)
     path = default_checkpoint()
-    ours = load_model(path, kernels="torch")
+    ours = load_model(path, kernels="torch", cpu_matmul="onednn")
     ours_dense = load_model(path, kernels="torch", cpu_matmul="torch")
     hf = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="sdpa"
@@ -149,6 +156,8 @@ def run_servers(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[st
 
     vocab = ModelConfig.from_pretrained(default_checkpoint()).vocab_size
     deploy = our_app_args(4.0)
+    if args.our_cpu_matmul:
+        deploy["runtime"]["model"]["cpu_matmul"] = args.our_cpu_matmul
     model = served_model_name(deploy)
     body = {"model": model, "max_tokens": 1, "temperature": 0.0, "ignore_eos": True}
     salts = itertools.count(1)
@@ -177,6 +186,7 @@ def run_servers(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[st
         )
     return {
         "our_torch_threads": deploy["runtime"]["prefill"]["torch_threads"],
+        "our_cpu_matmul": deploy["runtime"]["model"]["cpu_matmul"],
         "vllm_flags": flags.model_dump(),
         "vllm_thread_binding": binding,
     }

@@ -1,5 +1,5 @@
-"""The fp32 CPU matmuls through oneDNN on packed weights (model/cpu_matmul.py): chosen by
-default, computing what F.linear computes, on every tiny architecture (Qwen2's qkv bias too);
+"""The fp32 CPU matmuls through oneDNN on packed weights (model/cpu_matmul.py): opt-in,
+computing what F.linear computes, on every tiny architecture (Qwen2's qkv bias too);
 ``torch`` keeps the dense weights; a wrong choice is refused."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_this_torch_runs_the_packed_path():
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_packed_and_dense_models_prefill_and_decode_alike(tmp_path_factory, name):
     path = tiny_model_dir(tmp_path_factory, name)
-    packed, dense = load_model(path), load_model(path, cpu_matmul="torch")
+    packed, dense = load_model(path, cpu_matmul="onednn"), load_model(path)
     assert (packed.matmul, dense.matmul) == ("onednn", "torch")
     assert packed.weights.layers[0].gate_up.is_mkldnn
     assert not dense.weights.layers[0].gate_up.is_mkldnn
@@ -65,6 +65,7 @@ def test_gpu_and_non_fp32_models_keep_dense_weights():
 
 
 def test_the_config_refuses_an_unknown_matmul_choice():
-    assert ModelSource().cpu_matmul == "onednn"
+    # Opt-in: its memory grows with every new token count (cpu_matmul.py).
+    assert ModelSource().cpu_matmul == "torch"
     with pytest.raises(pydantic.ValidationError, match="cpu_matmul"):
         ModelSource(cpu_matmul="mkl")

@@ -26,6 +26,10 @@ def test_bad_arguments_are_refused(bench, argv):
 
 def test_server_mode_is_opt_in(bench):
     assert not bench.parse_args([]).servers and bench.parse_args(["--servers"]).servers
+    assert bench.parse_args([]).our_cpu_matmul is None
+    assert bench.parse_args(["--our-cpu-matmul", "onednn"]).our_cpu_matmul == "onednn"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--our-cpu-matmul", "mkl"])
 
 
 def test_prompts_of_two_salts_share_no_prefix_while_one_salt_nests(bench):

@@ -6,8 +6,14 @@ hands oneDNN a weight packed ahead of time; on the 2-core AMD EPYC of our benchm
 lone-request TTFT was 1.83x lower than ours at 16 tokens and 1.19x at 384 while our forward
 matched transformers' (docs/results/prefill_vs_hf.json). torch ships the same oneDNN path
 (the ops its compiler uses for frozen CPU models): ``_reorder_linear_weight`` packs once,
-``_linear_pointwise`` multiplies. The packed weight replaces the dense one, so memory does not
-grow; the embedding (and an lm_head tied to it) stays dense, because a lookup needs it.
+``_linear_pointwise`` multiplies. The packed weight replaces the dense one; the embedding (and
+an lm_head tied to it) stays dense, because a lookup needs it.
+
+Opt-in (``cpu_matmul: onednn``), not the default, because the process's memory grows with every
+row count it has not met before: prefills of the tiny model at each of 1..399 tokens grew RSS by
+676 MiB (F.linear: 10 MiB), and ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=64`` still left 443 MiB. A
+serving worker meets a new token count with nearly every batch; bounding that (row buckets, a
+primitive cache that frees) comes before this can be the default.
 
 Only fp32 on CPU: the dtype a CPU deployment ships with (bf16 SmolLM2 answers wrongly here).
 Where torch lacks these ops, or they disagree with ``F.linear`` on a probe, nothing is packed

@@ -37,7 +37,7 @@ class LlamaModel:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         kernels: KernelBackend | str = KernelBackend.AUTO,
-        cpu_matmul: str = "onednn",
+        cpu_matmul: str = "torch",
     ) -> None:
         self.config = config
         self.device = torch.device(device)
@@ -198,11 +198,11 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     kernels: KernelBackend | str = KernelBackend.AUTO,
-    cpu_matmul: str = "onednn",
+    cpu_matmul: str = "torch",
 ) -> LlamaModel:
     """Load a Hugging Face Llama / Mistral / Qwen2 safetensors checkpoint directory.
-    ``cpu_matmul``: ``onednn`` packs an fp32 CPU model's matmul weights for oneDNN
-    (cpu_matmul.py), ``torch`` keeps ``F.linear``; it changes nothing on a GPU."""
+    ``cpu_matmul``: ``torch`` keeps ``F.linear``; ``onednn`` packs an fp32 CPU model's matmul
+    weights for oneDNN (cpu_matmul.py, opt-in: see its memory caveat); nothing on a GPU."""
     config = ModelConfig.from_pretrained(path)
     weights = load_weights(path, config, device, dtype)
     return LlamaModel(
