@@ -19,21 +19,29 @@ import pytest
 RAY_TEST_CPUS = 8
 
 
-def runtime_test_config(cache_dir: str, policy: str, **overrides):
-    """A small RuntimeConfig for tests: tiny model, one prefill and one decode worker."""
-    from flowprefill_ray.runtime.config import RuntimeConfig
-
-    base = {
+def tiny_runtime_args(cache_dir: str, name_prefix: str, **overrides) -> dict:
+    """The ``runtime`` section of a small test deployment: tiny model, one prefill and one
+    decode worker on half a CPU each. An override section is merged into the default one of
+    that name (a dict) or replaces it (anything else)."""
+    args = {
         "model": {"path": "tiny", "cache_dir": cache_dir},
         "placement": {"prefill_num_cpus": 0.5, "decode_num_cpus": 0.5},
-        "policy": {"name": policy},
         "prefill": {"profile_tokens": [16, 64, 128, 256, 512], "profile_repeats": 1},
         "decode": {"kv_blocks": 256, "block_size": 16, "max_batch_size": 16},
-        "name_prefix": f"fp-test-{policy}",
+        "name_prefix": name_prefix,
     }
     for key, value in overrides.items():
-        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
-    return RuntimeConfig.model_validate(base)
+        args[key] = {**args.get(key, {}), **value} if isinstance(value, dict) else value
+    return args
+
+
+def runtime_test_config(cache_dir: str, policy: str, **overrides):
+    """A small RuntimeConfig for tests (``tiny_runtime_args``) running ``policy``."""
+    from flowprefill_ray.runtime.config import RuntimeConfig
+
+    overrides["policy"] = {"name": policy, **overrides.get("policy", {})}
+    name_prefix = overrides.pop("name_prefix", f"fp-test-{policy}")
+    return RuntimeConfig.model_validate(tiny_runtime_args(cache_dir, name_prefix, **overrides))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import threading
 
 import httpx
 import pytest
-from conftest_ray import free_port
+from conftest_ray import free_port, tiny_runtime_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,22 +39,18 @@ def fuzz_url(ray_local, runtime_cache_dir):
 
     from flowprefill_ray.serve.app import build_app
 
-    args = {
-        "runtime": {
-            "model": {"path": "tiny", "cache_dir": runtime_cache_dir},
-            "placement": {"prefill_num_cpus": 0.5, "decode_num_cpus": 0.5},
-            "slo": {"scale": 50.0},
-            "prefill": {"profile_tokens": [16, 64, 128, 256], "profile_repeats": 1},
-            "decode": {"kv_blocks": 256, "block_size": 16, "max_batch_size": 32},
-            "requests": {
-                "max_output_tokens": MAX_OUTPUT_TOKENS,
-                "max_prompt_tokens": 512,
-                "max_in_flight": MAX_IN_FLIGHT,
-            },
-            "name_prefix": NAME_PREFIX,
+    runtime = tiny_runtime_args(
+        runtime_cache_dir,
+        NAME_PREFIX,
+        slo={"scale": 50.0},
+        decode={"max_batch_size": 32},
+        requests={
+            "max_output_tokens": MAX_OUTPUT_TOKENS,
+            "max_prompt_tokens": 512,
+            "max_in_flight": MAX_IN_FLIGHT,
         },
-        "api": {"default_max_tokens": 4},
-    }
+    )
+    args = {"runtime": runtime, "api": {"default_max_tokens": 4}}
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")

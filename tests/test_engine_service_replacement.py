@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest_ray import free_port
+from conftest_ray import free_port, tiny_runtime_args
 from waiting import wait_until
 
 from flowprefill_ray.serve.app import REPLICA_HEADER
@@ -20,17 +20,8 @@ MODEL = "flowprefill-tiny"
 
 
 def app_args(cache_dir: str) -> dict:
-    return {
-        "runtime": {
-            "model": {"path": "tiny", "cache_dir": cache_dir},
-            "placement": {"prefill_num_cpus": 0.5, "decode_num_cpus": 0.5},
-            "prefill": {"profile_tokens": [16, 64, 128, 256], "profile_repeats": 1},
-            "decode": {"kv_blocks": 256, "block_size": 16, "max_batch_size": 8},
-            "slo": {"scale": 50.0},
-            "name_prefix": "fp-replace-test",
-        },
-        "api": {"default_max_tokens": 4},
-    }
+    runtime = tiny_runtime_args(cache_dir, "fp-replace-test", slo={"scale": 50.0})
+    return {"runtime": runtime, "api": {"default_max_tokens": 4}}
 
 
 def _service_replica_name() -> str:

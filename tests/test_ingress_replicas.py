@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from conftest_ray import free_port
+from conftest_ray import free_port, tiny_runtime_args
 from waiting import wait_until
 
 from flowprefill_ray.serve.app import REPLICA_HEADER
@@ -40,16 +40,12 @@ class TwoReplicaApp:
 
 
 def app_args(cache_dir: str) -> dict:
+    # Loose targets: a busy 2-core machine must not turn requests away here.
+    runtime = tiny_runtime_args(
+        cache_dir, NAME_PREFIX, decode={"kv_blocks": 512}, slo={"scale": 50.0}
+    )
     return {
-        "runtime": {
-            "model": {"path": "tiny", "cache_dir": cache_dir},
-            "placement": {"prefill_num_cpus": 0.5, "decode_num_cpus": 0.5},
-            "prefill": {"profile_tokens": [16, 64, 128, 256], "profile_repeats": 1},
-            "decode": {"kv_blocks": 512, "block_size": 16, "max_batch_size": 16},
-            # Loose targets: a busy 2-core machine must not turn requests away here.
-            "slo": {"scale": 50.0},
-            "name_prefix": NAME_PREFIX,
-        },
+        "runtime": runtime,
         "api": {"default_max_tokens": 4},
         "ingress": {"lease_s": LEASE_S, "renew_interval_s": 0.25},
     }

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
-from conftest_ray import free_port
+from conftest_ray import free_port, tiny_runtime_args
 from waiting import wait_until
 
 from flowprefill_ray.model import load_tokenizer
@@ -56,29 +56,22 @@ class LiveApp:
 
 
 def app_args(cache_dir: str) -> dict:
-    return {
-        "runtime": {
-            "model": {"path": "tiny", "cache_dir": cache_dir},
-            "placement": {"prefill_num_cpus": 0.5, "decode_num_cpus": 0.5},
-            # Admission control on, so an impossible TTFT target is refused with 429.
-            "policy": {
-                "name": "flowprefill",
-                # A request that cannot make its class is served under a looser one; one
-                # with an explicit target has none to go to and is refused.
-                "admission": {"action": "downgrade", "estimate": "alone", "retry_after_s": 2.0},
-            },
-            "slo": {"scale": SLO_SCALE, "classes": SLO_CLASSES},
-            "prefill": {
-                "profile_tokens": [16, 64, 128, 256, 512],
-                "profile_repeats": 1,
-                # Only salted requests are cached, so no other test here sees a cache hit.
-                "prefix_cache": {"enabled": True, "block_tokens": 16, "share_unsalted": False},
-            },
-            "decode": {"kv_blocks": 512, "block_size": 16, "max_batch_size": 16},
-            "name_prefix": NAME_PREFIX,
+    runtime = tiny_runtime_args(
+        cache_dir,
+        NAME_PREFIX,
+        # Admission control on, so an impossible TTFT target is refused with 429.
+        policy={
+            "name": "flowprefill",
+            # A request that cannot make its class is served under a looser one; one
+            # with an explicit target has none to go to and is refused.
+            "admission": {"action": "downgrade", "estimate": "alone", "retry_after_s": 2.0},
         },
-        "api": {"default_max_tokens": 8, "body_read_timeout_s": 2.0},
-    }
+        slo={"scale": SLO_SCALE, "classes": SLO_CLASSES},
+        # Only salted requests are cached, so no other test here sees a cache hit.
+        prefill={"prefix_cache": {"enabled": True, "block_tokens": 16, "share_unsalted": False}},
+        decode={"kv_blocks": 512},
+    )
+    return {"runtime": runtime, "api": {"default_max_tokens": 8, "body_read_timeout_s": 2.0}}
 
 
 def _deploy(cache_dir: str) -> None:
