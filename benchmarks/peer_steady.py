@@ -106,6 +106,7 @@ def steady_trial(
     (attainment, per class, stable) with the TTFT percentiles of its steady requests."""
     from loadgen.output import write_results
     from loadgen.runner import run_open_loop
+    from loadgen.server_timeline import save_timeline
     from loadgen.summary import percentile
 
     loosest = max(slo.resolve(name).ttft_slo_s for name in slo.class_names)
@@ -124,6 +125,9 @@ def steady_trial(
     result = asyncio.run(run_open_loop(endpoint, trial, plan, progress=False))
     if out_dir is not None:
         write_results(result, out_dir, extra={"slo": slo.model_dump()})
+        # Our server's scheduler timeline of every request of the trial (what each waited
+        # for; vLLM has none): how a trial that stalled or missed is explained afterwards.
+        save_timeline(endpoint, out_dir, len(plan) + 100)
     steady = steady_summary(result.records, rules.warmup_s, loosest)
     sent = [r for r in result.records if r.sent_s is not None]
     ttfts = [r.ttft_s for r in sent if r.sent_s >= rules.warmup_s and r.ttft_s is not None]

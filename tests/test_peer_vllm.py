@@ -223,6 +223,8 @@ def test_a_steady_trial_sends_its_rate_and_judges_only_requests_after_the_warm_u
     assert trial["attainment"] == 1.0 and trial["stable"]
     assert 0 < trial["ttft_s"]["p50"] <= trial["ttft_s"]["p99"] < 1.0
     assert set(trial["per_class"]) <= {"text", "image", "search", "file"}
+    # A server without a scheduler timeline (vLLM, this one) leaves no timeline.json behind.
+    assert not (tmp_path / "timeline.json").exists()
 
 
 def test_capacity_is_what_a_serial_server_gets_through_a_burst(sse_server):
