@@ -262,6 +262,13 @@ def parse_cpu_list(text: str) -> set[int]:
     return cpus
 
 
+def pin_to_cores(cores: str | None) -> None:
+    """Run this process on the CPUs of ``cores`` (``parse_cpu_list``'s format; None: leave
+    it), inherited by everything started from here on: Ray's processes and vLLM's."""
+    if cores:
+        os.sched_setaffinity(0, parse_cpu_list(cores))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from vllm_server import install_vllm
 
@@ -269,9 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from loadgen.plan import ttft_targets
     from loadgen.replay_args import replay_config
 
-    if args.cores:
-        # Inherited by everything started from here on: Ray's processes and vLLM's.
-        os.sched_setaffinity(0, parse_cpu_list(args.cores))
+    pin_to_cores(args.cores)
     chosen = systems(args)
     rules = SteadyRules(
         min_steady_s=args.min_steady_s,

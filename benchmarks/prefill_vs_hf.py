@@ -75,7 +75,9 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+    """One row per prompt length; also the model's vocabulary size (prompts are drawn from
+    it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             f"| {ours_s / hf_s:.2f} | {dense_s / hf_s:.2f} |",
             flush=True,
         )
-    return rows
+    return rows, vocab
 
 
 def prompt_ids(tokens: int, vocab: int, salt: int = 0) -> list[int]:
@@ -144,17 +146,15 @@ def lone_request_s(
         return _median_s(once, repeats)
 
 
-def run_servers(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Adds ``ours_server_s`` and ``vllm_server_s`` to each row; returns what to record about
-    the two servers."""
+def run_servers(args: argparse.Namespace, rows: list[dict[str, Any]], vocab: int) -> dict[str, Any]:
+    """Adds ``ours_server_s`` and ``vllm_server_s`` to each row (prompts of ``vocab`` ids);
+    returns what to record about the two servers."""
     from peer_vllm import our_app_args
     from vllm_server import VllmFlags, VllmServer, install_vllm
 
     from flowprefill_ray.demos.local_serve import LocalServe, free_port, served_model_name
-    from flowprefill_ray.model.config import ModelConfig
     from flowprefill_ray.model.gguf import default_checkpoint
 
-    vocab = ModelConfig.from_pretrained(default_checkpoint()).vocab_size
     deploy = our_app_args(4.0)
     if args.our_cpu_matmul:
         deploy["runtime"]["model"]["cpu_matmul"] = args.our_cpu_matmul
@@ -197,16 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     from provenance import write_report
 
     args = parse_args(argv)
-    if args.cores:
-        from peer_vllm import parse_cpu_list
+    from peer_vllm import pin_to_cores
 
-        # Inherited by everything started from here on: Ray's processes and vLLM's.
-        os.sched_setaffinity(0, parse_cpu_list(args.cores))
+    pin_to_cores(args.cores)
     print("| prompt tokens | ours ms | ours, torch matmul ms | transformers ms "
           "| ours / transformers | torch matmul / transformers |")  # fmt: skip
     print("|---|---|---|---|---|---|")
-    rows = run(args)
-    servers = run_servers(args, rows) if args.servers else None
+    rows, vocab = run(args)
+    servers = run_servers(args, rows, vocab) if args.servers else None
     write_report(
         args.out,
         __file__,
