@@ -140,6 +140,32 @@ def test_urgent_short_request_preempts_long_relaxed_prefill_then_long_resumes():
     assert (p.decisions.events, p.decisions.decisions) == (3, 4)
 
 
+@pytest.mark.parametrize("victim_paused", [True, False])
+def test_queued_units_report_overtaking_its_victims_leaves_the_worker_free(victim_paused):
+    # Seen live (2.6 req/s on 2 busy cores, issue 14): the short replacement's "completed"
+    # reached the scheduler before the victim's "paused"; the worker was then booked as running
+    # the finished unit forever, and nothing ran again. Either victim report must free it.
+    p = policy("flowprefill")
+    arrive(p, "long", 0.0, 4096, 6.0)
+    assert arrive(p, "short", 0.5, 128, 0.25) == [Preempt("w0", 1), run(2, "w0", ("short", 0, 128))]
+    assert p.on_event(UnitCompleted("w0", 2, executed_s=0.125), 0.627) == []
+    assert p.request_view("short").status is RequestStatus.FINISHED
+    w = p.workers["w0"]
+    assert (w.running, w.next) == (p.units[1], None)  # still stopping "long", nothing queued
+    if victim_paused:
+        assert p.on_event(UnitPaused("w0", 1, executed_s=0.5, blocking_s=0.1), 0.63) == [
+            Resume("w0", 1)
+        ]
+        assert w.running is p.units[1]
+        assert p.on_event(UnitCompleted("w0", 1, executed_s=4.0), 4.2) == []
+    else:  # the preempt came too late: "long" completed before "short" started
+        assert p.on_event(UnitCompleted("w0", 1, executed_s=4.0), 4.0) == []
+    assert (w.running, w.next, w.paused) == (None, None, {})
+    assert p.request_view("long").status is RequestStatus.FINISHED
+    # The worker takes new work at once.
+    assert arrive(p, "later", 5.0, 64, 1.0) == [run(3, "w0", ("later", 0, 64))]
+
+
 def test_after_pause_handover_decides_the_next_unit_when_the_pause_is_reported():
     p = policy("flowprefill", handover="after_pause")
     arrive(p, "long", 0.0, 4096, 6.0)

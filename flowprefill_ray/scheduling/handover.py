@@ -41,8 +41,17 @@ class Handover:
 
     def _running_ended(self, w: WorkerRecord, u: UnitRecord, now: float) -> None:
         """``u`` stopped running on ``w`` (paused or completed): ``w`` takes up its queued
-        unit, or goes idle."""
+        unit, or goes idle.
+
+        The queued unit's own report may come first: the worker answers each call on its own
+        thread, so a short queued unit's "completed" can overtake the "paused" of the unit it
+        replaced (seen live on 2 busy cores). The worker runs one unit at a time, so that unit
+        has stopped too: ``w`` keeps waiting for its report, with nothing queued. Promoting the
+        finished unit to running then instead would leave ``w`` "running" it forever.
+        """
         if w.running is not u:
+            if w.next is u:
+                w.next = None
             return
         nxt = w.next
         if nxt is None:
