@@ -152,6 +152,7 @@ def test_queued_units_report_overtaking_its_victims_leaves_the_worker_free(victi
     assert p.request_view("short").status is RequestStatus.FINISHED
     w = p.workers["w0"]
     assert (w.running, w.next) == (p.units[1], None)  # still stopping "long", nothing queued
+    assert p.stats()["queued_reported_first"] == 1
     if victim_paused:
         assert p.on_event(UnitPaused("w0", 1, executed_s=0.5, blocking_s=0.1), 0.63) == [
             Resume("w0", 1)

@@ -52,6 +52,7 @@ class Handover:
         if w.running is not u:
             if w.next is u:
                 w.next = None
+                self.counters["queued_reported_first"] += 1  # type: ignore[attr-defined]
             return
         nxt = w.next
         if nxt is None:

@@ -122,6 +122,9 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, UnitDecisions,
                 "requeued",  # requests re-queued because their worker left
                 "over_budget_units",  # units started beyond their worker's KV budget
                 "stale_events",
+                # a queued unit's report came before its victim's (handover.py): how often
+                # the runtime's answers cross
+                "queued_reported_first",
             ),
             0,
         )
