@@ -4,13 +4,24 @@ computing what F.linear computes, on every tiny architecture (Qwen2's qkv bias t
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pydantic
 import pytest
 import torch
 from model_checkpoints import TINY_MODELS, tiny_model_dir
 
 from flowprefill_ray.model import load_model
-from flowprefill_ray.model.cpu_matmul import linear, onednn_linear_available, use_onednn
+from flowprefill_ray.model.cpu_matmul import (
+    _CACHE_VARIABLES,
+    ONEDNN_CACHE_ENTRIES,
+    linear,
+    onednn_linear_available,
+    use_onednn,
+)
 from flowprefill_ray.model.generate import generate
 from flowprefill_ray.model.sampling import SamplingParams
 from flowprefill_ray.runtime.config import ModelSource
@@ -69,3 +80,39 @@ def test_the_config_refuses_an_unknown_matmul_choice():
     assert ModelSource().cpu_matmul == "torch"
     with pytest.raises(pydantic.ValidationError, match="cpu_matmul"):
         ModelSource(cpu_matmul="mkl")
+
+
+# A fresh process: the caches read their capacity once, at the process's first oneDNN call.
+_GROWTH_PROBE = """
+import json, os, sys
+import torch
+torch.set_num_threads(1)
+from flowprefill_ray.model import load_model
+model = load_model(sys.argv[1], cpu_matmul="onednn")
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+model.prefill(list(range(5, 21)))
+before = rss_mib()
+for tokens in range(1, 201):  # a serving worker meets a new token count with most batches
+    model.prefill(list(range(5, 5 + tokens)))
+print(json.dumps({"growth_mib": rss_mib() - before, "caps": [os.environ.get(name) for name in
+      ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")]}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_packed_matmuls_memory_stays_bounded_over_many_token_counts(tmp_path_factory):
+    # Uncapped, this grew by ~340 MiB (1.7 MiB per new token count); capped, ~10 MiB.
+    path = tiny_model_dir(tmp_path_factory, "llama")
+    env = {k: v for k, v in os.environ.items() if k not in _CACHE_VARIABLES}
+    done = subprocess.run(
+        [sys.executable, "-c", _GROWTH_PROBE, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["caps"] == [str(ONEDNN_CACHE_ENTRIES)] * 2
+    assert probe["growth_mib"] < 100, probe

@@ -9,11 +9,12 @@ matched transformers' (docs/results/prefill_vs_hf.json). torch ships the same on
 ``_linear_pointwise`` multiplies. The packed weight replaces the dense one; the embedding (and
 an lm_head tied to it) stays dense, because a lookup needs it.
 
-Opt-in (``cpu_matmul: onednn``), not the default, because the process's memory grows with every
-row count it has not met before: prefills of the tiny model at each of 1..399 tokens grew RSS by
-676 MiB (F.linear: 10 MiB), and ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=64`` still left 443 MiB. A
-serving worker meets a new token count with nearly every batch; bounding that (row buckets, a
-primitive cache that frees) comes before this can be the default.
+Memory: oneDNN, and ideep (torch's wrapper around it), keep each multiply's primitive and its
+buffers in caches keyed by shape, 1,024 entries each by default, so a process meeting a new
+token count with nearly every batch kept growing: prefills of the tiny model at each of 1..399
+tokens added 676 MiB (F.linear: 10 MiB). Before the first oneDNN call this module caps both
+caches at ``ONEDNN_CACHE_ENTRIES`` (``LRU_CACHE_CAPACITY``, ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``;
+a value already in the environment wins). Capping only one of them still left 404-443 MiB.
 
 Only fp32 on CPU: the dtype a CPU deployment ships with (bf16 SmolLM2 answers wrongly here).
 Where torch lacks these ops, or they disagree with ``F.linear`` on a probe, nothing is packed
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +36,25 @@ from .weights import LayerWeights, ModelWeights
 # picks 32; prefill batches and decode batches both sit near it.
 _PACK_ROWS_HINT = 32
 
+# Entries of each shape-keyed cache (module docstring). A forward at one token count uses 4
+# primitives (qkv, o_proj, gate_up, down; all layers share them), so the last few token counts
+# stay cached: a batch repeated at its size hits, a new size builds its 4 again.
+ONEDNN_CACHE_ENTRIES = 16
+_CACHE_VARIABLES = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+
+
+def cap_onednn_caches() -> None:
+    """Bound oneDNN's and ideep's primitive caches. Both read their variable when they are
+    first used, so this must run before the process's first oneDNN call (it does, from
+    ``onednn_linear_available``)."""
+    for name in _CACHE_VARIABLES:
+        os.environ.setdefault(name, str(ONEDNN_CACHE_ENTRIES))
+
 
 @functools.cache
 def onednn_linear_available() -> bool:
     """Whether this torch has oneDNN's packed linear and it agrees with ``F.linear``."""
+    cap_onednn_caches()
     mkldnn = torch.ops.mkldnn
     if not (
         torch.backends.mkldnn.is_available()
