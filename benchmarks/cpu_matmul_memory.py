@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         secs = " / ".join(f"{r['seconds']:.1f}" for run in runs for r in run["rounds"])
         same16 = statistics.median(run["same_tokens_ms"]["16"] for run in runs)
         same128 = statistics.median(run["same_tokens_ms"]["128"] for run in runs)
-        print(f"{case:<16}{growth:>28}{secs:>22}{same16:>12.1f}{same128:>12.1f}")
+        print(f"{case:<14} {growth:<30} {secs:<30} {same16:.1f} / {same128:.1f}")
     fields = {
         "model": args.model,
         "max_tokens": args.max_tokens,

@@ -1,4 +1,4 @@
-"""The fp32 CPU matmuls through oneDNN on packed weights (model/cpu_matmul.py): opt-in,
+"""The fp32 CPU matmuls through oneDNN on packed weights (model/cpu_matmul.py): the default,
 computing what F.linear computes, on every tiny architecture (Qwen2's qkv bias too);
 ``torch`` keeps the dense weights; a wrong choice is refused."""
 
@@ -76,8 +76,9 @@ def test_gpu_and_non_fp32_models_keep_dense_weights():
 
 
 def test_the_config_refuses_an_unknown_matmul_choice():
-    # Opt-in: its memory grows with every new token count (cpu_matmul.py).
-    assert ModelSource().cpu_matmul == "torch"
+    # The default since its caches are capped (cpu_matmul.py); torch stays selectable.
+    assert ModelSource().cpu_matmul == "onednn"
+    assert ModelSource(cpu_matmul="torch").cpu_matmul == "torch"
     with pytest.raises(pydantic.ValidationError, match="cpu_matmul"):
         ModelSource(cpu_matmul="mkl")
 
@@ -102,7 +103,7 @@ print(json.dumps({"growth_mib": rss_mib() - before, "caps": [os.environ.get(name
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_packed_matmuls_memory_stays_bounded_over_many_token_counts(tmp_path_factory):
-    # Uncapped, this grew by ~340 MiB (1.7 MiB per new token count); capped, ~10 MiB.
+    # Uncapped, this grew by 413 MiB (about 2 MiB per new token count); capped, under 20.
     path = tiny_model_dir(tmp_path_factory, "llama")
     env = {k: v for k, v in os.environ.items() if k not in _CACHE_VARIABLES}
     done = subprocess.run(

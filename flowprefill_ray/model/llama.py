@@ -202,7 +202,7 @@ def load_model(
 ) -> LlamaModel:
     """Load a Hugging Face Llama / Mistral / Qwen2 safetensors checkpoint directory.
     ``cpu_matmul``: ``torch`` keeps ``F.linear``; ``onednn`` packs an fp32 CPU model's matmul
-    weights for oneDNN (cpu_matmul.py, opt-in: see its memory caveat); nothing on a GPU."""
+    weights for oneDNN (cpu_matmul.py; a deployment's ``ModelSource`` defaults to it); nothing on a GPU."""
     config = ModelConfig.from_pretrained(path)
     weights = load_weights(path, config, device, dtype)
     return LlamaModel(

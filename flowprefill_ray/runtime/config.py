@@ -30,10 +30,10 @@ class ModelSource(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     kernels: Literal["auto", "triton", "torch"] = "auto"
-    # fp32 matmuls on CPU: torch's F.linear, or oneDNN on weights packed at load (1.1-1.6x
-    # faster prefill here, docs/results/prefill_vs_hf.json, but its memory grows with every
-    # new token count it meets: docs/MODEL.md, "Matmuls on CPU"). No effect on a GPU.
-    cpu_matmul: Literal["onednn", "torch"] = "torch"
+    # fp32 matmuls on CPU: oneDNN on weights packed at load (1.1-1.6x faster prefill here,
+    # docs/results/prefill_vs_hf.json; memory as F.linear's since its caches are capped,
+    # docs/results/cpu_matmul_memory.json), or torch's F.linear. No effect on a GPU.
+    cpu_matmul: Literal["onednn", "torch"] = "onednn"
     # Where a generated tiny checkpoint lives; None = $FLOWPREFILL_CACHE or ~/.cache/flowprefill_ray.
     cache_dir: str | None = None
 
