@@ -107,7 +107,8 @@ def steady_trial(
     from loadgen.output import write_results
     from loadgen.runner import run_open_loop
     from loadgen.server_timeline import save_timeline
-    from loadgen.summary import percentile
+    from loadgen.stats import percentile
+    from loadgen.ttft_path import ttft_path
 
     loosest = max(slo.resolve(name).ttft_slo_s for name in slo.class_names)
     sending_s = rules.sending_s(rate_rps)
@@ -130,7 +131,10 @@ def steady_trial(
         save_timeline(endpoint, out_dir, len(plan) + 100)
     steady = steady_summary(result.records, rules.warmup_s, loosest)
     sent = [r for r in result.records if r.sent_s is not None]
-    ttfts = [r.ttft_s for r in sent if r.sent_s >= rules.warmup_s and r.ttft_s is not None]
+    steady_sent = [r for r in sent if r.sent_s >= rules.warmup_s]
+    ttfts = [r.ttft_s for r in steady_sent if r.ttft_s is not None]
+    # Our server only: where the steady requests' TTFT went, hop by hop (None for vLLM).
+    path = ttft_path(steady_sent)
     return {
         "rate_rps": rate_rps,
         "rate_scale": trial.rate_scale,
@@ -142,6 +146,7 @@ def steady_trial(
         and sending_s - rules.warmup_s >= rules.min_steady_s,
         "ttft_s": {f"p{q}": percentile(ttfts, q) for q in (50, 90, 99)},
         **steady,
+        **({"ttft_path": path} if path is not None else {}),
     }
 
 

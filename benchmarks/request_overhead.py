@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flowprefill_ray.request_clock import CLIENT_RECEIVED, CLIENT_SENT, hop_segments
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -175,16 +177,8 @@ def send(http, model: str, tokens: list[int], max_tokens: int, stream: bool) -> 
                     received_wall = time.time()
                 if line != "data: [DONE]":
                     server = json.loads(line[6:]).get("flowprefill") or server
-    hops = {"client_sent": sent_wall, **server["hops"], "client_received": received_wall}
+    hops = {CLIENT_SENT: sent_wall, **server["hops"], CLIENT_RECEIVED: received_wall}
     return {"ttft_s": ttft, "server_ttft_s": server["ttft_s"], "hops": hops}
-
-
-def hop_segments(hops: dict[str, float]) -> dict[str, float]:
-    """Seconds between consecutive stamps, client's included, named ``a->b``."""
-    from flowprefill_ray.request_clock import HOPS
-
-    path = [h for h in ("client_sent", *HOPS, "client_received") if h in hops]
-    return {f"{a}->{b}": hops[b] - hops[a] for a, b in zip(path, path[1:], strict=False)}
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -33,6 +33,17 @@ HOPS = (
     "engine_first_token",  # the first token reached the engine (the scheduler's answer)
     "first_chunk",  # the ingress built the first response chunk (SSE) or the whole body
 )
+# A client's own stamps around the server's (same host, same wall clock): sending, and the
+# first token arriving. Benchmarks and the load generator add them to a request's hops.
+CLIENT_SENT = "client_sent"
+CLIENT_RECEIVED = "client_received"
+
+
+def hop_segments(hops: dict[str, float]) -> dict[str, float]:
+    """Seconds between consecutive stamps of ``hops`` in path order (a client's stamps
+    included), named ``"a->b"``; hops a request did not pass are skipped."""
+    path = [h for h in (CLIENT_SENT, *HOPS, CLIENT_RECEIVED) if h in hops]
+    return {f"{a}->{b}": hops[b] - hops[a] for a, b in zip(path, path[1:], strict=False)}
 
 
 class RequestClock:

@@ -145,6 +145,7 @@ async def send_streaming(
     headers = request_headers(endpoint, planned)
     record.status = "unfinished"
     record.sent_s = clock()
+    record.sent_wall_s = time.time()
     try:
         # httpx's timeouts bound each read; this bounds the whole request.
         await asyncio.wait_for(

@@ -57,6 +57,7 @@ def load_records(json_path: str | Path) -> list[RequestResult]:
             first_token_s=r["first_token_s"],
             end_s=r["end_s"],
             token_times_s=list(r["token_times_s"]),
+            sent_wall_s=r.get("sent_wall_s"),
             output_tokens=r["output_tokens"],
             status=r["status"],
             http_status=r["http_status"],

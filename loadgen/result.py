@@ -36,6 +36,9 @@ class RequestResult:
     first_token_s: float | None = None
     end_s: float | None = None
     token_times_s: list[float] = field(default_factory=list)
+    # ``time.time()`` at sending: the only stamp on the host's wall clock, so the client's
+    # times line up with the server's per-hop stamps (``server["hops"]``, our server only).
+    sent_wall_s: float | None = None
     output_tokens: int = 0
     status: Status = "not_sent"
     http_status: int | None = None
@@ -117,6 +120,7 @@ class RequestResult:
         data = self.to_row()
         data["first_token_s"] = self.first_token_s
         data["end_s"] = self.end_s
+        data["sent_wall_s"] = self.sent_wall_s
         data["token_times_s"] = list(self.token_times_s)
         data["server"] = dict(self.server)
         return data

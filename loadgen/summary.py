@@ -9,30 +9,13 @@ SLO (SLO-meeting requests per second, never above the request rate); the DistSer
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .result import RequestResult
 from .runner import RunResult
-
-PERCENTILES = (50, 90, 99)
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0..100) with linear interpolation; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def _distribution(values: Sequence[float]) -> dict[str, float | None]:
-    out: dict[str, float | None] = {f"p{q}": percentile(values, q) for q in PERCENTILES}
-    out["mean"] = sum(values) / len(values) if values else None
-    return out
+from .stats import distribution
+from .ttft_path import ttft_path
 
 
 def _group_stats(
@@ -53,10 +36,10 @@ def _group_stats(
         "attainment": met / len(records) if records else None,
         "goodput_rps": rate_rps * met / sent if rate_rps is not None and sent else None,
         "status": statuses,
-        "ttft_s": _distribution(ttfts),
-        "tpot_s": _distribution(tpots),
-        "itl_s": _distribution(itls),
-        "e2e_s": _distribution(e2es),
+        "ttft_s": distribution(ttfts),
+        "tpot_s": distribution(tpots),
+        "itl_s": distribution(itls),
+        "e2e_s": distribution(e2es),
         "output_tokens": sum(r.output_tokens for r in records),
         "preemptions": sum(preemptions) if preemptions else None,
         "preempted_requests": sum(1 for p in preemptions if p > 0) if preemptions else None,
@@ -93,6 +76,8 @@ def summarize(result: RunResult) -> dict[str, Any]:
             c: _group_stats([r for r in sent if r.slo_class == c], rate, n) for c in classes
         },
         "ttft_slo_s": {c: next(r.ttft_slo_s for r in sent if r.slo_class == c) for c in classes},
+        # Our server only (it returns per-hop stamps): where the client's TTFT went.
+        "ttft_path": ttft_path(sent),
     }
 
 

@@ -31,6 +31,7 @@ from loadgen import (
     EndpointConfig,
     PlannedRequest,
     ReplayConfig,
+    RequestResult,
     run_open_loop,
     summarize,
     write_results,
@@ -42,7 +43,7 @@ from loadgen.client import sse_payloads
 from loadgen.config import parse_priority_spec
 from loadgen.plan import load_trace_workload, plan_requests, ttft_targets
 from loadgen.replay_args import add_replay_arguments, replay_config
-from loadgen.summary import percentile
+from loadgen.stats import percentile
 
 PREFILL_S_PER_TOKEN = 0.002
 ITL_S = 0.02
@@ -413,6 +414,50 @@ def test_percentile_interpolates_linearly():
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
     assert percentile([5.0], 99) == 5.0
     assert percentile([], 50) is None
+
+
+def _with_hops(slo_class: str, sent_wall: float, ttft: float, hops: dict | None) -> RequestResult:
+    record = RequestResult("r", slo_class, 1.0, 16, 2, scheduled_s=0.0, sent_s=0.0)
+    record.sent_wall_s, record.first_token_s, record.status = sent_wall, ttft, "ok"
+    record.server = {} if hops is None else {"hops": hops}
+    return record
+
+
+def test_the_ttft_path_splits_the_clients_ttft_at_the_servers_stamps():
+    """The three stages add up to the client's TTFT exactly; the segments follow the server's
+    path order; a server that returns no hops (vLLM) gets no breakdown."""
+    from loadgen.ttft_path import request_hops, ttft_path
+
+    stamps = {
+        "http_received": 100.004,
+        "engine_submit": 100.006,
+        "scheduler_arrival": 100.010,
+        "unit_dispatch": 100.110,  # 0.1 s queued
+        "worker_start": 100.112,
+        "worker_end": 100.212,
+        "scheduler_first_token": 100.215,
+        "engine_first_token": 100.220,
+        "first_chunk": 100.221,
+    }
+    fast = _with_hops("text", 100.0, 0.230, stamps)
+    late = _with_hops("file", 200.0, 1.0, {k: v + 100.0 for k, v in stamps.items()})
+    assert request_hops(fast)["client_received"] == pytest.approx(100.230)
+    path = ttft_path([fast, late, _with_hops("text", 0.0, 0.2, None)])
+    text = path["per_class"]["text"]
+    assert text["requests"] == 1  # the record without hops is left out
+    stages = {name: d["mean"] for name, d in text["stages_s"].items()}
+    assert stages == pytest.approx(
+        {"to_scheduler": 0.010, "in_scheduler": 0.205, "from_scheduler": 0.015}
+    )
+    assert sum(stages.values()) == pytest.approx(text["ttft_s"]["mean"]) == pytest.approx(0.230)
+    segments = list(text["segments_s"])
+    assert segments[0] == "client_sent->http_received"
+    assert segments[-1] == "first_chunk->client_received"
+    assert text["segments_s"]["scheduler_arrival->unit_dispatch"]["p50"] == pytest.approx(0.1)
+    late_stages = path["per_class"]["file"]["stages_s"]
+    assert late_stages["from_scheduler"]["mean"] == pytest.approx(1.0 - 0.215)
+    assert path["overall"]["requests"] == 2
+    assert ttft_path([_with_hops("text", 0.0, 0.2, None)]) is None
 
 
 def test_cli_replays_a_csv_trace_and_writes_json_and_csv(server, tmp_path, capsys):

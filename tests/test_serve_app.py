@@ -659,6 +659,31 @@ def test_a_streamed_request_carries_its_first_token_path_stamped_in_order(live_a
     )
 
 
+def test_the_load_generator_splits_each_ttft_at_the_servers_hops(live_app):
+    """The load generator's client stamps line up with the server's hops on this host's wall
+    clock: every request's path is in order from sending to the first token, and the three
+    stages add up to the TTFT the client measured."""
+    import asyncio
+
+    from loadgen import EndpointConfig, PlannedRequest, ReplayConfig, run_open_loop, summarize
+    from loadgen.ttft_path import request_hops
+
+    plan = [PlannedRequest(f"r{i}", 0.05 * i, 24, 2, "file", 30.0) for i in range(4)]
+    endpoint = EndpointConfig(base_url=live_app.url + "/v1", model=MODEL, api="completions")
+    result = asyncio.run(run_open_loop(endpoint, ReplayConfig(), plan, progress=False))
+    assert [r.status for r in result.records] == ["ok"] * 4, [r.error for r in result.records]
+    for record in result.records:
+        hops = request_hops(record)
+        stamps = list(hops.values())
+        assert list(hops)[0] == "client_sent" and list(hops)[-1] == "client_received"
+        assert stamps == sorted(stamps), hops
+    path = summarize(result)["ttft_path"]["overall"]
+    assert path["requests"] == 4
+    stage_means = [stage["mean"] for stage in path["stages_s"].values()]
+    assert sum(stage_means) == pytest.approx(path["ttft_s"]["mean"], abs=1e-6)
+    assert all(mean > 0 for mean in stage_means)
+
+
 def test_the_workers_run_at_the_configured_niceness_not_rays_15(live_app):
     """placement.worker_niceness (default 0): a prefill worker at Ray's 15 waits for the CPU
     behind everything else on a busy host (docs/RUNTIME.md, "Per-request overhead")."""
