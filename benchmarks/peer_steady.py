@@ -104,6 +104,8 @@ def steady_trial(
 ) -> dict[str, Any]:
     """One open-loop trial at ``rate_rps`` under ``rules``; returns its steady summary
     (attainment, per class, stable) with the TTFT percentiles of its steady requests."""
+    from process_cpu import CpuWindow
+
     from loadgen.output import write_results
     from loadgen.runner import run_open_loop
     from loadgen.server_timeline import save_timeline
@@ -123,7 +125,9 @@ def steady_trial(
         }
     )
     plan = [p for p in _plan(trial, slo) if p.send_at_s < sending_s]
-    result = asyncio.run(run_open_loop(endpoint, trial, plan, progress=False))
+    # Where the host's CPU went during the trial, per kind of process (server, proxy, client).
+    with CpuWindow() as cpu:
+        result = asyncio.run(run_open_loop(endpoint, trial, plan, progress=False))
     if out_dir is not None:
         write_results(result, out_dir, extra={"slo": slo.model_dump()})
         # Our server's scheduler timeline of every request of the trial (what each waited
@@ -147,6 +151,7 @@ def steady_trial(
         "ttft_s": {f"p{q}": percentile(ttfts, q) for q in (50, 90, 99)},
         **steady,
         **({"ttft_path": path} if path is not None else {}),
+        "cpu": cpu.result(),
     }
 
 

@@ -223,8 +223,11 @@ def test_a_steady_trial_sends_its_rate_and_judges_only_requests_after_the_warm_u
     assert trial["attainment"] == 1.0 and trial["stable"]
     assert 0 < trial["ttft_s"]["p50"] <= trial["ttft_s"]["p99"] < 1.0
     assert set(trial["per_class"]) <= {"text", "image", "search", "file"}
-    # A server without a scheduler timeline (vLLM, this one) leaves no timeline.json behind.
-    assert not (tmp_path / "timeline.json").exists()
+    # A server without a scheduler timeline (vLLM, this one) leaves no timeline.json behind,
+    # nor per-hop stamps to split its TTFT with.
+    assert not (tmp_path / "timeline.json").exists() and "ttft_path" not in trial
+    # The CPU of the trial: this process (client and the fake server) spent some.
+    assert trial["cpu"]["wall_s"] >= 3.0 and trial["cpu"]["cpu_s_total"] > 0
 
 
 def test_capacity_is_what_a_serial_server_gets_through_a_burst(sse_server):
