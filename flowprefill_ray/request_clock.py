@@ -37,12 +37,14 @@ HOPS = (
 # first token arriving. Benchmarks and the load generator add them to a request's hops.
 CLIENT_SENT = "client_sent"
 CLIENT_RECEIVED = "client_received"
+# The whole path as a client sees it, in order.
+CLIENT_PATH = (CLIENT_SENT, *HOPS, CLIENT_RECEIVED)
 
 
 def hop_segments(hops: dict[str, float]) -> dict[str, float]:
     """Seconds between consecutive stamps of ``hops`` in path order (a client's stamps
     included), named ``"a->b"``; hops a request did not pass are skipped."""
-    path = [h for h in (CLIENT_SENT, *HOPS, CLIENT_RECEIVED) if h in hops]
+    path = [h for h in CLIENT_PATH if h in hops]
     return {f"{a}->{b}": hops[b] - hops[a] for a, b in zip(path, path[1:], strict=False)}
 
 

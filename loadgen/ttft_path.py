@@ -22,7 +22,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from flowprefill_ray.request_clock import CLIENT_RECEIVED, CLIENT_SENT, HOPS, hop_segments
+from flowprefill_ray.request_clock import (
+    CLIENT_PATH,
+    CLIENT_RECEIVED,
+    CLIENT_SENT,
+    hop_segments,
+)
 
 from .result import RequestResult
 from .stats import distribution
@@ -42,7 +47,7 @@ def request_hops(record: RequestResult) -> dict[str, float] | None:
     if not isinstance(hops, dict) or not hops or record.sent_wall_s is None or ttft is None:
         return None
     stamps = {CLIENT_SENT: record.sent_wall_s, **hops, CLIENT_RECEIVED: record.sent_wall_s + ttft}
-    return {hop: stamps[hop] for hop in (CLIENT_SENT, *HOPS, CLIENT_RECEIVED) if hop in stamps}
+    return {hop: stamps[hop] for hop in CLIENT_PATH if hop in stamps}
 
 
 def _group(paths: Sequence[dict[str, float]]) -> dict[str, Any]:
