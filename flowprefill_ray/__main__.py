@@ -16,16 +16,15 @@ Commands:
 from __future__ import annotations
 
 import importlib
-import os
 import runpy
 import sys
 from pathlib import Path
 
+from flowprefill_ray.process_env import apply_defaults
+
 # Ray must listen on loopback only, and nothing may be fetched from a model hub. Set before any
 # command imports ray or transformers.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+apply_defaults()
 
 _MODULE_COMMANDS = {
     "demo": "flowprefill_ray.demos.serving",

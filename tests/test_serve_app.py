@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -684,13 +685,31 @@ def test_the_load_generator_splits_each_ttft_at_the_servers_hops(live_app):
     assert all(mean > 0 for mean in stage_means)
 
 
-def test_the_workers_run_at_the_configured_niceness_not_rays_15(live_app):
-    """placement.worker_niceness (default 0): a prefill worker at Ray's 15 waits for the CPU
-    behind everything else on a busy host (docs/RUNTIME.md, "Per-request overhead")."""
+def test_the_workers_and_the_front_end_run_at_nice_0_not_rays_15(live_app):
+    """placement.worker_niceness (default 0) for the workers, and the environment's
+    RAY_worker_niceness (flowprefill_ray.process_env) for Serve's proxy and our ingress and
+    engine replicas: at Ray's 15 a process waits for a core behind everything at 0 on a busy
+    host (docs/RUNTIME.md, "Niceness")."""
     import ray
 
     infos = ray.get([actor("prefill-0").info.remote(), actor("decode-0").info.remote()])
     assert [info["niceness"] for info in infos] == [0, 0]
+    front_end = [
+        named["name"]
+        for named in ray.util.list_named_actors(all_namespaces=True)
+        if named["namespace"] == "serve"
+        and named["name"].startswith(("SERVE_REPLICA::", "SERVE_PROXY_ACTOR"))
+    ]
+    kinds = {name.split("#")[1] if "#" in name else "proxy" for name in front_end}
+    assert {"OpenAIIngress", "EngineService", "proxy"} <= kinds, front_end
+    calls = [
+        # A lambda travels by value (this test module is not importable in a replica).
+        ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda _: os.nice(0))
+        for name in front_end
+    ]
+    assert dict(zip(front_end, ray.get(calls, timeout=60), strict=True)) == dict.fromkeys(
+        front_end, 0
+    )
 
 
 def test_the_timeline_tells_what_happened_to_each_request_without_its_text(live_app):

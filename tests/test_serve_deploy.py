@@ -62,6 +62,9 @@ def head_cluster(tmp_path_factory):
         "FLOWPREFILL_API_KEY": api_key,
         "HF_HUB_OFFLINE": "1",
     }
+    # Not inherited from tests/conftest.py: the config's own runtime_env must set the replicas'
+    # niceness on a cluster started without it.
+    env.pop("RAY_worker_niceness", None)
     dashboard = free_port()
     command = [
         str(BIN / "ray"),
@@ -122,6 +125,24 @@ def stop_head_cluster(head: subprocess.Popen) -> None:
         pass
 
 
+def replica_niceness(auth_token: str) -> dict[str, int]:
+    """Nice value of each Serve replica process of the cluster whose token is ``auth_token``
+    (its processes inherit it in their environment), by deployment name."""
+    marker = f"RAY_AUTH_TOKEN={auth_token}".encode()
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+            if title.startswith("ray::ServeReplica:") and marker in (
+                proc / "environ"
+            ).read_bytes().split(b"\0"):
+                deployment = title.split(":")[-1].split(".")[0]
+                found[deployment] = os.getpriority(os.PRIO_PROCESS, int(proc.name))
+        except (OSError, ValueError):  # not a process, or gone meanwhile
+            continue
+    return found
+
+
 def serve_cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "serve"), *args], env=env, capture_output=True, text=True, timeout=timeout
@@ -153,6 +174,9 @@ def test_serve_deploy_to_a_token_auth_cluster_then_requests_with_the_api_key(hea
     )
     status = serve_cli(env, "status", "--address", address)
     assert status.returncode == 0 and "RUNNING" in status.stdout, status.stdout + status.stderr
+    # The config's runtime_env puts the app's replicas at nice 0, not Ray's 15 (the cluster
+    # was started without RAY_worker_niceness).
+    assert replica_niceness(env["RAY_AUTH_TOKEN"]) == {"OpenAIIngress": 0, "EngineService": 0}
 
     with httpx.Client(base_url=url, timeout=60) as http:
         assert http.get("/v1/models").status_code == 401

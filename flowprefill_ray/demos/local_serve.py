@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from flowprefill_ray.process_env import apply_defaults
+
 APP_NAME = "flowprefill"
 
 
@@ -56,8 +58,9 @@ class LocalServe:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> LocalServe:
-        # Ray binds every listener to 127.0.0.1 with this set (README, "Networking").
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray binds every listener to 127.0.0.1, Serve's front end runs at the workers'
+        # priority (flowprefill_ray.process_env).
+        apply_defaults()
         import ray
         from ray import serve
 

@@ -27,17 +27,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-# Before anything imports ray: every Ray listener on loopback, no model-hub downloads.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from flowprefill_ray.process_env import apply_defaults
+
+# Before anything imports ray: every Ray listener on loopback, the front end at the workers'
+# priority, no model-hub downloads.
+apply_defaults()
 
 
 def build_parser() -> argparse.ArgumentParser:
