@@ -221,6 +221,8 @@ def serving(
                 },
                 "placement": runtime["placement"],
                 "prefix_cache": runtime["prefill"]["prefix_cache"],
+                # Nice value of Serve's proxy and our replicas (Ray's default: 15).
+                "front_end_niceness": os.environ.get("RAY_worker_niceness"),
             }
             endpoint = EndpointConfig(base_url=live.url, model=model, ignore_eos=True)
             yield endpoint, info, lambda: scheduler_counts(deploy)
