@@ -296,3 +296,35 @@ def soak_60min_rss(report: dict[str, Any]) -> str:
     minutes = [f"{w * 10}-{(w + 1) * 10}" for w in range(windows)]
     minutes[0] += " min"
     return rows(["actor", *minutes, "max"], body)
+
+
+# ------------------------------------------------------ prefix_goodput_multiturn.json
+
+
+@table("prefix_goodput", "prefix_goodput_multiturn.json")
+def prefix_goodput(report: dict[str, Any]) -> str:
+    """Per grid rate and system: attainment of each repeat, the prefill the cache served,
+    steady TTFT p50 / p90 (medians of the repeats) and requests refused."""
+    body = []
+    for rate in report["rates_rps"]:
+        for name, system in report["systems"].items():
+            trials = [t for t in system["trials"] if t["rate_rps"] == rate]
+            served = [
+                t["server_counts"]["prefix_cache_hit_tokens"]
+                / (t["prompt_tokens_mean"] * t["sent"])
+                for t in trials
+            ]
+            body.append(
+                [
+                    f"{rate:.2f} req/s",
+                    f"`{name}`",
+                    " / ".join(f"{t['attainment']:.3f}" for t in trials),
+                    " / ".join(pct(s) for s in served),
+                    f"{statistics.median(t['ttft_s']['p50'] for t in trials) * 1000:,.0f} ms",
+                    f"{statistics.median(t['ttft_s']['p90'] for t in trials) * 1000:,.0f} ms",
+                    " / ".join(str(t["server_counts"]["rejected"]) for t in trials),
+                ]
+            )
+    header = ["rate", "system", "attainment (repeats)", "prompt tokens from the cache"]
+    header += ["TTFT p50", "TTFT p90", "refused (429)"]
+    return rows(header, body)
