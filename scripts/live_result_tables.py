@@ -328,3 +328,44 @@ def prefix_goodput(report: dict[str, Any]) -> str:
     header = ["rate", "system", "attainment (repeats)", "prompt tokens from the cache"]
     header += ["TTFT p50", "TTFT p90", "refused (429)"]
     return rows(header, body)
+
+
+# --------------------------------------------------- ttft_path_front_end_nice*.json
+
+FRONT_END_RUNS = (
+    "ttft_path_front_end_nice15.json",
+    "ttft_path_front_end_nice0.json",
+    "ttft_path_front_end_nice0_run2.json",
+    "ttft_path_front_end_nice15_run2.json",
+)
+
+
+@table("front_end_niceness", *FRONT_END_RUNS)
+def front_end_niceness(*reports: dict[str, Any]) -> str:
+    """One row per session, in the order they ran: attainment, the tight classes, and the
+    hops before and after the scheduler (p50 / p90 of the steady requests)."""
+    body = []
+    for source, report in zip(FRONT_END_RUNS, reports, strict=True):
+        session = report["systems"]["flowprefill"]["sessions"][0]
+        trial = report["systems"]["flowprefill"]["trials"][0]
+        stages = trial["ttft_path"]["overall"]["stages_s"]
+        classes = trial["per_class"]
+        body.append(
+            [
+                f"nice {session['front_end_niceness']}",
+                f"`{source}`",
+                report["commit"][:7],
+                f"{report['machine']['load_avg_before'][0]:.1f}",
+                f"{trial['attainment']:.3f}",
+                f"{classes['text']['attainment']:.3f}",
+                f"{classes['image']['attainment']:.3f}",
+                *(
+                    f"{stages[s]['p50'] * 1000:.0f} / {stages[s]['p90'] * 1000:.0f} ms"
+                    for s in ("to_scheduler", "from_scheduler")
+                ),
+                f"{trial['ttft_s']['p50']:.2f} s",
+            ]
+        )
+    header = ["front end", "raw", "commit", "load before", "attainment", "text (1 s)"]
+    header += ["image (2 s)", "`to_scheduler` p50 / p90", "`from_scheduler` p50 / p90"]
+    return rows([*header, "TTFT p50"], body)
