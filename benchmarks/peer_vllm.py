@@ -46,10 +46,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from flowprefill_ray.process_env import apply_defaults
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+apply_defaults()  # before Ray starts: loopback, the front end at nice 0, no hub
 
 from our_server import OurFlags, counts_over, our_app_args, scheduler_counts  # noqa: E402
 from peer_steady import (  # noqa: E402
