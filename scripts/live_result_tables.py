@@ -330,6 +330,10 @@ def prefix_goodput(report: dict[str, Any]) -> str:
     return rows(header, body)
 
 
+# The cached app alone, further up the same unit of rate (a later run, nice-0 front end).
+table("prefix_goodput_high", "prefix_goodput_multiturn_high.json")(prefix_goodput)
+
+
 # --------------------------------------------------- ttft_path_front_end_nice*.json
 
 FRONT_END_RUNS = (
