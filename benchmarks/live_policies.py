@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,9 +34,9 @@ from typing import Any
 # this file by path, so put it there.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from flowprefill_ray.process_env import apply_defaults  # noqa: E402
+
+apply_defaults()  # before Ray starts: loopback, front end at nice 0, no hub
 
 # The default comparison: the paper's baselines. Any policy of the package can be named.
 POLICIES = ("flowprefill", "fcfs", "chunked", "edf")

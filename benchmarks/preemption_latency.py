@@ -33,9 +33,9 @@ import sys
 
 from provenance import write_report
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on 127.0.0.1 only
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from flowprefill_ray.process_env import apply_defaults  # noqa: E402
+
+apply_defaults()  # before Ray starts: loopback, front end at nice 0, no hub
 
 CALLS = {"one_hop": 2, "after_pause": 3}  # see the module docstring
 

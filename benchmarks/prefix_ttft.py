@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import statistics
 import sys
 
 from provenance import write_report
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from flowprefill_ray.process_env import apply_defaults  # noqa: E402
+
+apply_defaults()  # before Ray starts: loopback, front end at nice 0, no hub
 
 TARGETS = {"repeat": 0.30, "extension": 0.40}  # warm / cold TTFT, medians
 

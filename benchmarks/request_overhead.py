@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -36,14 +35,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flowprefill_ray.process_env import apply_defaults
 from flowprefill_ray.request_clock import CLIENT_RECEIVED, CLIENT_SENT, hop_segments
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+apply_defaults()  # before Ray starts: loopback, front end at nice 0, no hub
 
 REPO = Path(__file__).resolve().parent.parent
-# The path a request's first token takes: the client's stamps around the server's hops.
 SHAPES = {"max1": (1, False), "stream2": (2, True)}
 SLO_CLASS = "file"
 

@@ -31,9 +31,9 @@ from pathlib import Path
 
 from provenance import STARTED_AT, command_line, commit, machine
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from flowprefill_ray.process_env import apply_defaults  # noqa: E402
+
+apply_defaults()  # before Ray starts: loopback, front end at nice 0, no hub
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

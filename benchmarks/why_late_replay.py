@@ -25,15 +25,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from flowprefill_ray.process_env import apply_defaults  # noqa: E402
+
+apply_defaults()  # before Ray starts: loopback, front end at nice 0, no hub
 
 from provenance import command_line, commit, machine  # noqa: E402
 
