@@ -7,6 +7,8 @@ within the budget is recomputed and still completes, and nothing stays held.
 
 One engine (one prefill worker, so preemptions are certain) with SLO classes made for the
 test: ``tight`` cannot be met by any prompt, ``urgent`` / ``mid`` / ``loose`` are met alone.
+A second one admits everything and gives up on a request the moment it is late
+(``late_give_up_factor: 0``): the refusal reaches its caller, and the others are served.
 """
 
 from __future__ import annotations
@@ -133,3 +135,49 @@ def test_paused_prefills_stay_within_the_budget_by_evicting_and_recomputing(admi
 
 async def _has(stats, check):
     return check(await stats())
+
+
+@pytest.fixture(scope="module")
+def give_up_engine(ray_local, runtime_cache_dir):
+    config = runtime_test_config_with(
+        runtime_cache_dir,
+        "flowprefill",
+        name_prefix="fp-give-up",
+        slo={"classes": CLASSES, "default_class": "loose"},
+        policy_knobs={"admission": {"action": "admit"}, "late_give_up_factor": 0.0},
+    )
+    engine = asyncio.run(FlowPrefillEngine.start(config))
+    yield engine
+    asyncio.run(engine.shutdown())
+
+
+def test_a_request_given_up_while_waiting_is_refused_and_nobody_else_is_hurt(give_up_engine):
+    """A long loose prompt runs; a short one with a 1 ms target arrives behind it, late at
+    once (so it preempts nothing) and admitted anyway. At the next event (the long one's
+    completion) the policy gives up on it before scheduling: its caller gets the refusal,
+    the long one completes, and a later request is served."""
+    engine = give_up_engine
+
+    async def scenario():
+        async def stats():
+            return (await engine.stats())["scheduler"]
+
+        given_up_before = (await stats())["policy"]["given_up"]
+        long = asyncio.create_task(engine.generate(prompt(20, LONG_TOKENS), SAMPLING, slo="loose"))
+        await async_wait_until(
+            lambda: _has(stats, lambda s: any(s["running_units"].values())), 60, "the long one"
+        )
+        with pytest.raises(RequestRejectedError, match="gave up after") as refused:
+            await asyncio.wait_for(engine.generate(prompt(21, 64), SAMPLING, slo=0.001), 120)
+        long_outs = await asyncio.wait_for(long, 120)
+        later = await engine.generate(prompt(22, 32), SAMPLING, slo="urgent")
+        return given_up_before, refused.value, long_outs, later, await engine.stats()
+
+    given_up_before, refused, long_outs, later, stats = asyncio.run(scenario())
+    assert refused.retry_after_s == 1.0
+    for outs in (long_outs, later):
+        assert outs[-1].finish_reason == "length" and outs[-1].index == SAMPLING.max_tokens - 1
+    assert stats["scheduler"]["policy"]["given_up"] == given_up_before + 1
+    worker = stats["prefill_workers"]["prefill-0"]
+    assert worker["paused_units"] == 0 and worker["held_bytes"] == 0
+    assert stats["disagreements"] == []

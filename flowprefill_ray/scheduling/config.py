@@ -116,6 +116,13 @@ class PolicyConfig(BaseModel):
     )
 
     # every policy
+    late_give_up_factor: NonNegativeFloat | None = Field(
+        None,
+        description="refuse (HTTP 429 with Retry-After) a request that still has no first "
+        "token this many times its TTFT target after its deadline, if it is queued or in a "
+        "paused unit whose every member is that late (give_up.py); None = never: late "
+        "requests wait behind all feasible work for as long as that takes (the paper)",
+    )
     online_correction: bool = Field(
         True, description="feed completed whole-prompt units to the predictor's observe()"
     )

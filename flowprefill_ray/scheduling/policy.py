@@ -8,7 +8,9 @@ is queued (``_enqueue``) and what to do next (``_schedule``), using the ``_start
 ``_preempt``, ``_resume``, ``_discard`` and ``_evict`` helpers so that the bookkeeping stays in
 one place. Admission control (``admission.py``) runs here, on every ``Arrival``, for every
 policy; every request that becomes WAITING goes through ``_queue`` so that the waiting count
-(and, for the ``queue`` estimate, the waiting-work index) stays exact.
+(and, for the ``queue`` estimate, the waiting-work index) stays exact. With
+``late_give_up_factor`` set, requests that have waited that far past their deadline are refused
+before each scheduling round (``give_up.py``).
 
 Two read-only parts live in their own modules and are mixed in: ``work_estimates.py`` (a
 unit's remaining work and slack, the admission estimate's work ahead and spare room) and
@@ -36,6 +38,7 @@ from .events import (
     WorkerJoined,
     WorkerLeft,
 )
+from .give_up import GiveUp
 from .handover import Handover
 from .kv_memory import KVMemory
 from .policy_views import PolicyViews
@@ -74,7 +77,7 @@ class DecisionCounts:
     decisions: int = 0  # decisions produced in all
 
 
-class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, UnitDecisions, ABC):
+class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, UnitDecisions, GiveUp, ABC):
     """Base of all policies. Decisions happen only in ``on_event``."""
 
     name: ClassVar[str]
@@ -130,6 +133,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, UnitDecisions,
         )
         self.blocking_s_total = 0.0  # sum of UnitPaused.blocking_s
         self._init_prefix(config.prefix)
+        self._init_give_up(config.late_give_up_factor)
         self._next_unit_id = 1
         self._next_order = 0
         self._next_token = 1
@@ -162,6 +166,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, UnitDecisions,
         self.counters["events"] += 1
         out: list[Decision] = []
         handler(event, now, out)
+        self._give_up_overdue(now, out)
         out.extend(self._schedule(now))
         if out:
             self.decisions.events += 1
@@ -204,6 +209,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, UnitDecisions,
             rec.deadline_s = rec.arrival_s + verdict.ttft_slo_s
             self.counters["downgrades"] += 1
             out.append(verdict)
+        self._watch_give_up(rec)
         self._queue(rec, now)
 
     def _on_unit_completed(self, event: UnitCompleted, now: float, out: list[Decision]) -> None:

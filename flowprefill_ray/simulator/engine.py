@@ -9,9 +9,10 @@ reports ``UnitPaused``. Because the cost model splits a unit into blocks, the si
 where the unit is and when that checkpoint comes. A resumed unit continues with its remaining
 blocks; nothing is recomputed (an optional ``resume_overhead_s`` models restarting).
 
-Admission decisions: ``Reject`` closes a request unserved; ``Downgrade`` records the looser
-target it was given (results report attainment against both the original and the downgraded
-targets). A ``Discard`` of a paused unit whose requests are still live (an eviction to stay
+Admission decisions: ``Reject`` closes a request unserved (on arrival, or later when the
+policy gives up on a late one that is queued or paused: ``give_up.py``); ``Downgrade``
+records the looser target it was given (results report attainment against both the original
+and the downgraded targets). A ``Discard`` of a paused unit whose requests are still live (an eviction to stay
 within a worker's KV budget, ``SimulatorConfig.kv_budget``) drops the unit's progress; those requests stay open and must be
 run again from token 0, and the compute they lost is counted as wasted.
 
@@ -349,11 +350,16 @@ class Simulator:
         outcome = self._outcomes.get(d.request_id)
         if outcome is None:
             raise PolicyContractError(f"{d!r}: request has not arrived")
-        if d.request_id in self._in_flight:
-            raise PolicyContractError(f"{d!r}: request is in unit {self._in_flight[d.request_id]}")
+        unit_id = self._in_flight.get(d.request_id)
+        if unit_id is not None and not self._paused_anywhere(unit_id):
+            # A member of a paused unit may be given up (give_up.py); a computing one not.
+            raise PolicyContractError(f"{d!r}: request is in running unit {unit_id}")
         if outcome.finished or outcome.rejected:
             raise PolicyContractError(f"{d!r}: request is already finished or rejected")
         outcome.rejected = True
+
+    def _paused_anywhere(self, unit_id: int) -> bool:
+        return any(unit_id in w.paused for w in self._workers.values())
 
     def _downgrade(self, d: Downgrade) -> None:
         outcome = self._outcomes.get(d.request_id)
