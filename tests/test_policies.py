@@ -17,8 +17,10 @@ from flowprefill_ray.scheduling import (
     FlowPrefillPolicy,
     KVBudget,
     PolicyConfig,
+    PredictorConfig,
     Request,
     RequestStatus,
+    TTFTPredictor,
     make_policy,
     priority,
     rank_key,
@@ -633,3 +635,50 @@ def test_random_event_streams_keep_every_decision_legal_and_finish_all_work(name
     if name == "flowprefill":  # the stream did exercise pausing, resuming and discarding
         assert stats["preemptions"] > 0 and stats["resumes"] > 0 and stats["discards"] > 0
     assert not p.units and not ex.paused
+
+
+# ----------------------------------------------------------------------- overrun grace
+
+
+def _overrunning_policy(grace: bool):
+    """One worker, online correction on but frozen (``ewma_weight`` 0), the predictor having
+    seen one unit run 1.5x its prediction: the overrun band is 1.5. ``long`` (1 s predicted,
+    due at 100) runs from 0."""
+    predictor = TTFTPredictor([0.0, 0.0, SPT, 0.0], 16384, PredictorConfig(ewma_weight=0.0))
+    predictor.observe(1024, 1.5)
+    assert predictor.overrun_ratio == 1.5 and predictor.correction == 1.0
+    config = PolicyConfig(overrun_grace=grace, learn_unit_overhead=False)
+    p = make_policy(config, predictor)
+    assert p.on_event(WorkerJoined("w0"), 0.0) == []
+    assert arrive(p, "long", 0.0, 1024, 100.0) == [run(1, "w0", ("long", 0, 1024))]
+    return p
+
+
+@pytest.mark.parametrize("grace", [True, False])
+def test_a_unit_just_past_its_prediction_is_not_paused_for_a_newcomer_that_can_wait(grace):
+    p = _overrunning_policy(grace)
+    # At 1.2 s long has run 0.2 s past its prediction, within the 1.5x band (0.3 s left of
+    # it). The newcomer (0.125 s of work, due 6.2) outranks it and could wait that long.
+    out = arrive(p, "newcomer", 1.2, 128, 5.0)
+    if grace:
+        assert out == []  # long is most likely nearly done
+    else:  # its predicted remaining is 0, so its slack looks ample: paused
+        assert out == [Preempt("w0", 1), run(2, "w0", ("newcomer", 0, 128))]
+
+
+def test_a_newcomer_that_would_miss_waiting_out_the_band_still_preempts():
+    p = _overrunning_policy(True)
+    # due 1.5 with 0.125 s of work: 0.175 s of slack, less than the band's 0.3 s rest.
+    assert arrive(p, "urgent", 1.2, 128, 0.3) == [
+        Preempt("w0", 1),
+        run(2, "w0", ("urgent", 0, 128)),
+    ]
+
+
+def test_a_unit_past_the_band_is_preempted_as_before():
+    p = _overrunning_policy(True)
+    # At 1.6 s long has run past 1.5x its prediction: its rest is unknown, no grace.
+    assert arrive(p, "newcomer", 1.6, 128, 5.0) == [
+        Preempt("w0", 1),
+        run(2, "w0", ("newcomer", 0, 128)),
+    ]

@@ -84,6 +84,13 @@ class PolicyConfig(BaseModel):
         description="flowprefill: whether waiting work may preempt a running unit (off: an "
         "ablation; units then run to completion, ranked and batched as usual)",
     )
+    overrun_grace: bool = Field(
+        True,
+        description="flowprefill, with online_correction: a running unit past its prediction "
+        "but within the predictor's recent 90th-percentile overrun is preempted only for a "
+        "newcomer that would miss waiting out the rest of that band (off: an ablation; its "
+        "predicted remaining is then 0 and its slack decides)",
+    )
     batching: Literal["slo", "token_bound", "off"] = Field(
         "slo",
         description="flowprefill: how a new head's unit is filled (batching.py): 'slo' "

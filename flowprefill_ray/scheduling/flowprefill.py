@@ -11,7 +11,13 @@ does not demote the members batched with it. Then
 2. if no worker is idle, the best waiting request may preempt the running unit that ranks
    lowest, when it outranks it and the preemption buys something: the newcomer is feasible
    and would otherwise miss its deadline (its slack is shorter than the time until a worker
-   frees up), or the victim keeps non-negative slack after waiting for the newcomer.
+   frees up), or the victim keeps non-negative slack after waiting for the newcomer. A unit
+   that has run past its prediction, but by no more than the overrun one unit in ten has
+   shown lately (``overrun_grace``), is taken as nearly done: it frees its worker after the
+   rest of that band, and only a newcomer that would miss by waiting that long pauses it.
+   (Without this, such a unit's predicted remaining is 0, its slack looks ample, and it was
+   paused on its last operators for newcomers that could have waited; live, with a tight
+   member already late, it then sat paused behind feasible work for 6-12 s.)
 
 A paused unit resumes only on its own worker, when that worker is idle and the unit is the
 best thing for it; it never preempts. (A running unit's slack stays constant while it runs as
@@ -224,18 +230,22 @@ class FlowPrefillPolicy(Policy):
         running = [w for w in self.workers.values() if w.state is _RUNNING]
         if not running:
             return
-        # Victims, lowest-ranked first, with their slack and remaining compute.
+        # Victims, lowest-ranked first, with their slack, remaining compute and whether they
+        # are in their overrun grace (below).
+        band = self._overrun_band()
         victims = []
         for w in running:
             u = w.running
             assert u is not None
+            predicted = self.predictor.predict(u.tokens)
+            executed = u.executed_at(now)
+            # Past its prediction but within the overrun one unit in ten shows lately: most
+            # likely nearly done. Its rest is taken as the band's, and it is not paused for
+            # a newcomer that could wait (its slack, computed with nothing left, says nothing).
+            grace = predicted < executed <= predicted * band
+            remaining = predicted * band - executed if grace else self.unit_remaining_s(u, now)
             victims.append(
-                (
-                    self._unit_rank(u, now),
-                    self.unit_slack_s(u, now),
-                    self.unit_remaining_s(u, now),
-                    w,
-                )
+                (self._unit_rank(u, now), self.unit_slack_s(u, now), remaining, grace, w)
             )
         victims.sort(key=lambda v: v[0], reverse=True)
         # The best `pausing` waiting requests are expected to take the workers already pausing
@@ -264,20 +274,20 @@ class FlowPrefillPolicy(Policy):
             item = WorkItem(rec.request_id, rec.prefilled_tokens, rec.prompt_tokens)
             i = 0
             while i < len(victims) and not memory.may_pause(
-                victims[i][3], self.requests, memory.item_bytes(victims[i][3].worker_id, item)
+                victims[i][4], self.requests, memory.item_bytes(victims[i][4].worker_id, item)
             ):
                 i += 1
             if i == len(victims):
                 break
             challenger_slack = self.queue.slack_s(rec, now)
-            victim_rank, victim_slack, _, victim = victims[i]
+            victim_rank, victim_slack, _, victim_in_grace, victim = victims[i]
             if not self._request_rank(rec, True) < victim_rank:
                 break
             # Until some running unit finishes, the newcomer cannot start without preemption.
             soonest_free_s = min(v[2] for v in victims)
             would_miss = challenger_slack < soonest_free_s
             cost = self.predictor.predict(rec.remaining_tokens)
-            victim_keeps_slack = victim_slack - cost >= 0.0
+            victim_keeps_slack = not victim_in_grace and victim_slack - cost >= 0.0
             if not (would_miss or victim_keeps_slack):
                 break  # a preemption would buy nothing: avoid thrashing
             self._make_room(victim, memory.item_bytes(victim.worker_id, item), now, out, evicted)
@@ -295,6 +305,14 @@ class FlowPrefillPolicy(Policy):
         # Queued only now, so that this event's preemption scan sees the queue it started with.
         for rec in evicted:
             self._queue(rec, now)
+
+    def _overrun_band(self) -> float:
+        """How far past its prediction a running unit may run and still count as nearly done
+        (``overrun_grace``): the predictor's recent 90th-percentile actual/predicted ratio;
+        1 (no grace) when it is off or nothing is learned online."""
+        if not (self.config.overrun_grace and self.config.online_correction):
+            return 1.0
+        return self.predictor.overrun_ratio
 
     def _make_room(
         self,
