@@ -1,14 +1,16 @@
 """Our deployment as one system of the peer comparison: its settings and its live counters.
 
 ``OurFlags`` is to ``peer_vllm.py`` what ``VllmFlags`` is for vLLM: the settings a comparison
-varies on our side, named after them. Today that is the prefix cache (issue 18, section 4):
-``flowprefill`` serves ``deployments/local.yaml`` as shipped (no cache), ``flowprefill-prefix``
-the same app with each prefill worker's prefix cache on and the policy pricing requests by
-their uncached tokens (``prefill.prefix_cache`` and ``policy.prefix``, one block size).
+varies on our side, named after them: the prefix cache (issue 18, section 4) and giving up on
+late requests (issue 21). ``flowprefill`` serves ``deployments/local.yaml`` as shipped (no
+cache), ``flowprefill-prefix`` the same app with each prefill worker's prefix cache on and the
+policy pricing requests by their uncached tokens (``prefill.prefix_cache`` and
+``policy.prefix``, one block size), ``flowprefill-giveup`` the shipped app with
+``policy.late_give_up_factor`` set.
 
 ``scheduler_counts`` reads the live scheduler's counters (requests submitted and refused,
 prompt tokens the prefix cache served) from the driver that started the app, so a trial can
-say how much of its prefill the cache saved.
+say how much of its prefill the cache saved and how many requests the policy gave up on.
 """
 
 from __future__ import annotations
@@ -19,21 +21,26 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # The scheduler counters a trial records, as differences over the trial.
 COUNTED = ("submitted", "rejected", "preemptions", "prefix_cache_hit_tokens")
+# The policy's own counters recorded the same way (refusals of late requests: give_up.py).
+POLICY_COUNTED = ("given_up",)
 
 
 class OurFlags(BaseModel):
     """Our app's settings a comparison varies. ``prefix_cache``: each prefill worker keeps
     finished prompts' KV in full blocks of ``prefix_block_tokens`` and the policy routes and
-    prices by them."""
+    prices by them. ``late_give_up_factor``: ``policy.late_give_up_factor`` (None: as
+    shipped)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prefix_cache: bool = False
     prefix_block_tokens: int = Field(64, ge=1)
+    late_give_up_factor: float | None = Field(None, ge=0.0)
 
     @property
     def name(self) -> str:
-        return "flowprefill-prefix" if self.prefix_cache else "flowprefill"
+        name = "flowprefill-prefix" if self.prefix_cache else "flowprefill"
+        return name if self.late_give_up_factor is None else name + "-giveup"
 
 
 def our_app_args(slo_scale: float, flags: OurFlags = OurFlags()) -> dict[str, Any]:
@@ -56,11 +63,13 @@ def our_app_args(slo_scale: float, flags: OurFlags = OurFlags()) -> dict[str, An
             **runtime["policy"],
             "prefix": {"enabled": True, "block_tokens": block},
         }
+    if flags.late_give_up_factor is not None:
+        runtime["policy"] = {**runtime["policy"], "late_give_up_factor": flags.late_give_up_factor}
     return ServeAppArgs.model_validate(deploy).model_dump(mode="json")
 
 
 def scheduler_counts(app_args: dict[str, Any]) -> dict[str, int]:
-    """The ``COUNTED`` counters of the live scheduler of the app built from ``app_args``
+    """The ``COUNTED`` and ``POLICY_COUNTED`` counters of the live scheduler of the app built from ``app_args``
     (this process must be the Ray driver that started it)."""
     import ray
 
@@ -68,8 +77,10 @@ def scheduler_counts(app_args: dict[str, Any]) -> dict[str, int]:
 
     runtime = RuntimeConfig.model_validate(app_args["runtime"])
     scheduler = ray.get_actor(runtime.scheduler_name, namespace=runtime.namespace)
-    counts = ray.get(scheduler.stats.remote(), timeout=60)["counts"]
-    return {key: int(counts.get(key, 0)) for key in COUNTED}
+    stats = ray.get(scheduler.stats.remote(), timeout=60)
+    counts = {key: int(stats["counts"].get(key, 0)) for key in COUNTED}
+    counts.update({key: int(stats["policy"].get(key, 0)) for key in POLICY_COUNTED})
+    return counts
 
 
 def counts_over(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

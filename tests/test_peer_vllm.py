@@ -79,6 +79,30 @@ def test_the_prefix_system_is_the_shipped_app_with_the_cache_on_and_priced_by_th
     }
 
 
+def test_the_giveup_systems_change_only_the_policys_late_give_up_factor():
+    args = peer.parse_args(
+        ["--systems", "flowprefill,flowprefill-giveup,flowprefill-prefix-giveup"]
+        + ["--reference", "flowprefill", "--late-give-up-factor", "0.5"]
+    )
+    chosen = peer.systems(args)
+    assert [name for name, _ in chosen] == [
+        "flowprefill",
+        "flowprefill-giveup",
+        "flowprefill-prefix-giveup",
+    ]
+    shipped, giveup, both = (peer.our_app_args(4.0, flags)["runtime"] for _, flags in chosen)
+    assert shipped["policy"]["late_give_up_factor"] is None  # off as shipped
+    assert giveup["policy"] == {**shipped["policy"], "late_give_up_factor": 0.5}
+    assert {k: v for k, v in giveup.items() if k != "policy"} == {
+        k: v for k, v in shipped.items() if k != "policy"
+    }
+    assert (
+        both["policy"]["late_give_up_factor"] == 0.5 and both["prefill"]["prefix_cache"]["enabled"]
+    )
+    with pytest.raises(ValueError, match="flowprefill-giveup"):
+        peer.systems(peer.parse_args(["--systems", "flowprefill-late"]))
+
+
 def test_smoke_is_one_short_low_rate_session_and_the_full_run_keeps_the_steady_rules():
     smoke = peer.parse_args(["--smoke", "--repeats", "5"])
     assert (smoke.smoke, smoke.repeats, smoke.fractions, smoke.min_requests) == (True, 1, "0.3", 0)
