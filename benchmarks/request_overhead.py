@@ -37,6 +37,7 @@ from typing import Any
 
 from flowprefill_ray.process_env import apply_defaults
 from flowprefill_ray.request_clock import CLIENT_RECEIVED, CLIENT_SENT, hop_segments
+from loadgen.stats import percentile
 
 apply_defaults()  # before Ray starts: loopback, front end at nice 0, no hub
 
@@ -178,11 +179,6 @@ def send(http, model: str, tokens: list[int], max_tokens: int, stream: bool) -> 
     return {"ttft_s": ttft, "server_ttft_s": server["ttft_s"], "hops": hops}
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """p50/p90 of TTFT and overhead, p50 of the prefill and of each hop (seconds)."""
     ttft = [s["ttft_s"] for s in samples]
@@ -196,14 +192,14 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
             segments.setdefault(name, []).append(gap)
     return {
         "n": len(samples),
-        "ttft_p50_s": percentile(ttft, 0.5),
-        "ttft_p90_s": percentile(ttft, 0.9),
-        "prefill_p50_s": percentile(prefill, 0.5),
-        "overhead_p50_s": percentile(overhead, 0.5),
-        "overhead_p90_s": percentile(overhead, 0.9),
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p90_s": percentile(ttft, 90),
+        "prefill_p50_s": percentile(prefill, 50),
+        "overhead_p50_s": percentile(overhead, 50),
+        "overhead_p90_s": percentile(overhead, 90),
         "server_ttft_p50_s": statistics.median(s["server_ttft_s"] for s in samples),
-        "worker_excess_p50_s": percentile(excess, 0.5),
-        "worker_excess_p90_s": percentile(excess, 0.9),
+        "worker_excess_p50_s": percentile(excess, 50),
+        "worker_excess_p90_s": percentile(excess, 90),
         "hops_p50_s": {name: statistics.median(gaps) for name, gaps in segments.items()},
     }
 
