@@ -220,6 +220,54 @@ def why_late_sim(report: dict[str, Any]) -> str:
     return rows(header, body)
 
 
+OVERRUN_GRACE_VARIANTS = {
+    "no_grace": "no overrun grace (before)",
+    "shipped": "overrun grace (shipped)",
+    "give_up": "+ `late_give_up_factor: 1`",
+    "token_bound_512": "+ `token_bound: 512`",
+}
+
+
+@table("overrun_grace_sim", "overrun_grace_sim.json")
+def overrun_grace_sim(report: dict[str, Any]) -> str:
+    """why_late_sim's columns, then what the two changes act on: misses by the two causes
+    they address, refusals, and the relaxed tenant's TTFT tail at the highest rate."""
+    rates = [f"x{r:g}" for r in report["args"]["rate"]]
+    top = rates[-1]
+    body = []
+    for name, variant in report["variants"].items():
+        seeds = list(variant["seeds"].values())
+        row = [OVERRUN_GRACE_VARIANTS.get(name, name)]
+        for key in ("goodput_overall_scale", "goodput_every_class_scale"):
+            values = [s[key] for s in seeds]
+            row.append(f"x{statistics.mean(values):.3f} ({spread(values, '.3f')})")
+        for cls in ("urgent", "relaxed"):
+            means = [statistics.mean(class_attainment(s, r, cls) for s in seeds) for r in rates]
+            row.append(" / ".join(f"{m:.3f}" for m in means))
+        causes = [
+            sum(s[r]["why_late"]["all"][cause] for s in seeds for r in rates)
+            for cause in ("batch_overran", "paused_after_late")
+        ]
+        row.append(" / ".join(str(c) for c in causes))
+        row.append(str(sum(s[r]["why_late"]["all"]["rejected"] for s in seeds for r in rates)))
+        p99 = [s[top]["ttft_s"]["relaxed"]["p99"] for s in seeds]
+        row.append(f"{statistics.mean(p99):.1f} ({spread(p99, '.1f')})")
+        body.append(row)
+    seeds = report["args"]["seeds"]
+    header = [
+        "variant",
+        f"goodput (overall; range of {seeds} seeds)",
+        "goodput (every class; range)",
+    ]
+    header += [f"{cls} at {' / '.join(rates)}" for cls in ("urgent", "relaxed")]
+    header += [
+        "missed: batch overran / paused after late (all rates, seeds)",
+        "refused (all rates, seeds)",
+        f"relaxed TTFT p99 at {top}, s (range)",
+    ]
+    return rows(header, body)
+
+
 # ------------------------------------------------------------------ overload_3x_*.json
 
 OVERLOAD_RUNS = {
