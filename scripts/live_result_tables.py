@@ -202,22 +202,31 @@ def why_late_sim(report: dict[str, Any]) -> str:
     body = []
     for name, variant in report["variants"].items():
         seeds = list(variant["seeds"].values())
-        row = [TWO_TENANT_VARIANTS.get(name, name)]
-        for key in ("goodput_overall_scale", "goodput_every_class_scale"):
-            values = [s[key] for s in seeds]
-            row.append(f"x{statistics.mean(values):.3f} ({spread(values, '.3f')})")
-        for cls in ("urgent", "relaxed"):
-            means = [statistics.mean(class_attainment(s, r, cls) for s in seeds) for r in rates]
-            row.append(" / ".join(f"{m:.3f}" for m in means))
-        body.append(row)
+        body.append([TWO_TENANT_VARIANTS.get(name, name), *two_tenant_cells(seeds, rates)])
+    return rows(two_tenant_header(report, rates), body)
+
+
+def two_tenant_cells(seeds: list[dict[str, Any]], rates: list[str]) -> list[str]:
+    """A two_tenant_sim variant's goodputs (mean and range over seeds) and its per-class
+    attainment at each fixed rate (mean over seeds)."""
+    cells = []
+    for key in ("goodput_overall_scale", "goodput_every_class_scale"):
+        values = [s[key] for s in seeds]
+        cells.append(f"x{statistics.mean(values):.3f} ({spread(values, '.3f')})")
+    for cls in ("urgent", "relaxed"):
+        means = [statistics.mean(class_attainment(s, r, cls) for s in seeds) for r in rates]
+        cells.append(" / ".join(f"{m:.3f}" for m in means))
+    return cells
+
+
+def two_tenant_header(report: dict[str, Any], rates: list[str]) -> list[str]:
     seeds = report["args"]["seeds"]
     header = [
         "variant",
         f"goodput (overall; range of {seeds} seeds)",
         "goodput (every class; range)",
     ]
-    header += [f"{cls} at {' / '.join(rates)}" for cls in ("urgent", "relaxed")]
-    return rows(header, body)
+    return header + [f"{cls} at {' / '.join(rates)}" for cls in ("urgent", "relaxed")]
 
 
 OVERRUN_GRACE_VARIANTS = {
@@ -237,13 +246,7 @@ def overrun_grace_sim(report: dict[str, Any]) -> str:
     body = []
     for name, variant in report["variants"].items():
         seeds = list(variant["seeds"].values())
-        row = [OVERRUN_GRACE_VARIANTS.get(name, name)]
-        for key in ("goodput_overall_scale", "goodput_every_class_scale"):
-            values = [s[key] for s in seeds]
-            row.append(f"x{statistics.mean(values):.3f} ({spread(values, '.3f')})")
-        for cls in ("urgent", "relaxed"):
-            means = [statistics.mean(class_attainment(s, r, cls) for s in seeds) for r in rates]
-            row.append(" / ".join(f"{m:.3f}" for m in means))
+        row = [OVERRUN_GRACE_VARIANTS.get(name, name), *two_tenant_cells(seeds, rates)]
         causes = [
             sum(s[r]["why_late"]["all"][cause] for s in seeds for r in rates)
             for cause in ("batch_overran", "paused_after_late")
@@ -253,14 +256,7 @@ def overrun_grace_sim(report: dict[str, Any]) -> str:
         p99 = [s[top]["ttft_s"]["relaxed"]["p99"] for s in seeds]
         row.append(f"{statistics.mean(p99):.1f} ({spread(p99, '.1f')})")
         body.append(row)
-    seeds = report["args"]["seeds"]
-    header = [
-        "variant",
-        f"goodput (overall; range of {seeds} seeds)",
-        "goodput (every class; range)",
-    ]
-    header += [f"{cls} at {' / '.join(rates)}" for cls in ("urgent", "relaxed")]
-    header += [
+    header = two_tenant_header(report, rates) + [
         "missed: batch overran / paused after late (all rates, seeds)",
         "refused (all rates, seeds)",
         f"relaxed TTFT p99 at {top}, s (range)",
