@@ -354,10 +354,9 @@ class Scheduler:
         self._metrics.inc(
             "flowprefill_requests_rejected_total", slo_class=tracked.request.slo_class
         )
-        if not tracked.done.done():
-            tracked.done.set_exception(
-                RequestRejectedError(decision.request_id, decision.reason, decision.retry_after_s)
-            )
+        tracked.done.set_exception(
+            RequestRejectedError(decision.request_id, decision.reason, decision.retry_after_s)
+        )
         # A request given up after admission (give_up.py) may have KV on a worker already.
         for worker_id in tracked.workers:
             self._unit_calls.drop(worker_id, decision.request_id)

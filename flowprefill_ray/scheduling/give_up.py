@@ -102,10 +102,7 @@ class GiveUp:
         # Pushed back due: the next event looks at them again (not this one: the loop is over).
 
     def _refuse_late(self, rec: RequestRecord, now: float, out: list[Decision]) -> None:
-        if rec.status is _WAITING:
-            self._left_waiting(rec)  # type: ignore[attr-defined]
-        rec.status = _REJECTED
-        rec.queue_token = 0  # any queue entry is now stale
+        self._end_unserved(rec, _REJECTED)  # type: ignore[attr-defined]
         rec.worker_id = None
         self.counters["given_up"] += 1  # type: ignore[attr-defined]
         self.counters["rejects"] += 1  # type: ignore[attr-defined]

@@ -308,10 +308,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, UnitDecisions,
             self.counters["stale_events"] += 1
             return
         previous = rec.status
-        if previous is _WAITING:
-            self._left_waiting(rec)
-        rec.status = _CANCELLED
-        rec.queue_token = 0  # any queue entry is now stale
+        self._end_unserved(rec, _CANCELLED)
         if previous is _PAUSED:
             if rec.unit_id is not None:
                 u = self.units[rec.unit_id]
@@ -332,6 +329,14 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, UnitDecisions,
         if self.waiting_work is not None:
             self.waiting_work.add(rec, now)
         self._enqueue(rec, now)
+
+    def _end_unserved(self, rec: RequestRecord, status: RequestStatus) -> None:
+        """``rec`` ends with ``status`` (cancelled or refused) before its first token: it
+        leaves the waiting count if it was waiting, and any queue entry goes stale."""
+        if rec.status is _WAITING:
+            self._left_waiting(rec)
+        rec.status = status
+        rec.queue_token = 0
 
     def _left_waiting(self, rec: RequestRecord) -> None:
         """``rec`` stops WAITING (it starts or is cancelled); its queue entry goes stale."""
