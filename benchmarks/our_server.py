@@ -69,8 +69,8 @@ def our_app_args(slo_scale: float, flags: OurFlags = OurFlags()) -> dict[str, An
 
 
 def scheduler_counts(app_args: dict[str, Any]) -> dict[str, int]:
-    """The ``COUNTED`` and ``POLICY_COUNTED`` counters of the live scheduler of the app built from ``app_args``
-    (this process must be the Ray driver that started it)."""
+    """The ``COUNTED`` and ``POLICY_COUNTED`` counters of the live scheduler of the app built
+    from ``app_args`` (this process must be the Ray driver that started it)."""
     import ray
 
     from flowprefill_ray.runtime.config import RuntimeConfig

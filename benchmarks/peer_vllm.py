@@ -146,27 +146,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-OUR_SYSTEMS = (
-    "flowprefill",
-    "flowprefill-prefix",
-    "flowprefill-giveup",
-    "flowprefill-prefix-giveup",
-)
-
-
 def systems(args: argparse.Namespace) -> list[tuple[str, Flags]]:
     """``(name, its flags)`` per system, in the order they run: the ``--reference`` system
     first, the others in ``--systems`` order."""
     budgets = [int(b) for b in args.max_num_batched_tokens.split(",") if b.strip()]
+    # Our systems by the names OurFlags gives them: every combination of the two settings.
+    ours = {
+        flags.name: flags
+        for flags in (
+            OurFlags(
+                prefix_cache=cache,
+                prefix_block_tokens=args.prefix_block_tokens,
+                late_give_up_factor=give_up,
+            )
+            for cache in (False, True)
+            for give_up in (None, args.late_give_up_factor)
+        )
+    }
     chosen: list[tuple[str, Flags]] = []
     for name in (s.strip() for s in args.systems.split(",") if s.strip()):
-        if name in OUR_SYSTEMS:
-            ours = OurFlags(
-                prefix_cache=name.startswith("flowprefill-prefix"),
-                prefix_block_tokens=args.prefix_block_tokens,
-                late_give_up_factor=args.late_give_up_factor if "giveup" in name else None,
-            )
-            chosen.append((ours.name, ours))
+        if name in ours:
+            chosen.append((name, ours[name]))
         elif name in ("vllm-priority", "vllm-fcfs"):
             for budget in budgets:
                 flags = VllmFlags(
@@ -179,7 +179,7 @@ def systems(args: argparse.Namespace) -> list[tuple[str, Flags]]:
                 chosen.append((flags.name, flags))
         else:
             raise ValueError(
-                f"unknown system {name!r}: {', '.join(OUR_SYSTEMS)}, vllm-priority, vllm-fcfs"
+                f"unknown system {name!r}: {', '.join(ours)}, vllm-priority, vllm-fcfs"
             )
     reference = next(
         (i for i, (name, _) in enumerate(chosen) if name.startswith(args.reference)), None
