@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest_ray import free_port
+from conftest_ray import free_port, processes_with
 from waiting import wait_until
 
 pytestmark = pytest.mark.ray
@@ -128,17 +128,14 @@ def stop_head_cluster(head: subprocess.Popen) -> None:
 def replica_niceness(auth_token: str) -> dict[str, int]:
     """Nice value of each Serve replica process of the cluster whose token is ``auth_token``
     (its processes inherit it in their environment), by deployment name."""
-    marker = f"RAY_AUTH_TOKEN={auth_token}".encode()
     found = {}
-    for proc in Path("/proc").iterdir():
+    for pid in processes_with(f"RAY_AUTH_TOKEN={auth_token}"):
         try:
-            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
-            if title.startswith("ray::ServeReplica:") and marker in (
-                proc / "environ"
-            ).read_bytes().split(b"\0"):
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            if title.startswith("ray::ServeReplica:"):
                 deployment = title.split(":")[-1].split(".")[0]
-                found[deployment] = os.getpriority(os.PRIO_PROCESS, int(proc.name))
-        except (OSError, ValueError):  # not a process, or gone meanwhile
+                found[deployment] = os.getpriority(os.PRIO_PROCESS, pid)
+        except (OSError, ValueError):  # gone meanwhile
             continue
     return found
 
