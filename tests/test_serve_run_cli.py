@@ -37,6 +37,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def private_tmp():
     # Short: Ray's socket paths under it must stay within the 107-byte limit of AF_UNIX.
@@ -66,6 +70,9 @@ def test_serve_run_address_local_ignores_a_stale_cluster_and_stops_on_ctrl_c(
     serve = subprocess.Popen(
         [str(SERVE), "run", "--address", "local", str(config_path)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # As in a terminal: SIGINT acted on. A run of the suite as a background job (bash
+        # without job control) ignores SIGINT, and a child inherits that across exec.
+        preexec_fn=_sigint_default,
     )  # fmt: skip
     try:
 
