@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -65,7 +66,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="runtime fields merged over local.yaml's, one level deep (an A/B), e.g. "
         '\'{"placement": {"worker_niceness": 15}}\'',
     )
+    p.add_argument(
+        "--ray-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set in this process's environment before Ray starts, so every Ray process "
+        "inherits it (an A/B of Ray Serve's own switches, e.g. "
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)",
+    )
     args = p.parse_args(argv)
+    for item in args.ray_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            p.error(f"--ray-env wants NAME=VALUE, got {item!r}")
+        os.environ[name] = value
     try:
         args.sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError:
@@ -293,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup,
         slo_class=SLO_CLASS,
         runtime_overrides=args.runtime_json,
+        ray_env=args.ray_env,
         **result,
     )
     return 0

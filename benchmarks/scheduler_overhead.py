@@ -18,13 +18,16 @@ the queue estimate. Admission itself bounds the queue, so the top-up stops at th
 rejected arrival; the rows report the mean number of requests actually waiting
 (``waiting_mean``) next to the depth asked for. ``--slo-scale`` multiplies the TTFT targets
 (with more workers it lets admission hold thousands of requests, to time the queue estimate at
-that size).
+that size). ``--variant NAME=JSON`` (repeatable) runs every cell once per set of policy
+fields merged into the config (e.g. ``'give_up={"late_give_up_factor": 1.0}'``), side by side,
+to price a policy knob per event.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import random
 import statistics
 import time
@@ -70,10 +73,15 @@ class Driver:
         admission: AdmissionConfig | None = None,
         slo_scale: float = 1.0,
         timeline: bool = False,
+        fields: dict | None = None,
     ) -> None:
         self.slo_scale = slo_scale
         self.predictor = profile_predictor()
-        config = PolicyConfig(name=name, admission=admission or AdmissionConfig(max_waiting=None))
+        config = PolicyConfig(
+            name=name,
+            admission=admission or AdmissionConfig(max_waiting=None),
+            **(fields or {}),
+        )
         self.policy = make_policy(config, self.predictor)
         # What the scheduler actor does after every on_event: record it (timed with it).
         self.timeline = Timeline.for_policy(self.policy) if timeline else None
@@ -153,6 +161,14 @@ def percentile(values: list[int], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME=JSON`` -> (name, policy fields)."""
+    name, sep, fields = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--variant wants NAME=JSON, got {text!r}")
+    return name, json.loads(fields)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="results/scheduler_overhead.json")
@@ -175,20 +191,28 @@ def main(argv: list[str] | None = None) -> int:
         help="also record every event into a scheduler Timeline, as the runtime does (both: "
         "each cell without and with it, side by side)",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME=JSON policy fields; every cell runs once per variant (default: none)",
+    )
     args = parser.parse_args(argv)
+    variants = [parse_variant(v) for v in args.variant] or [("default", {})]
     timelines = {"off": (False,), "on": (True,), "both": (False, True)}[args.timeline]
     action = "reject" if args.admission == "queue" else "admit"
     admission = AdmissionConfig(action=action, estimate="queue", max_waiting=None)
 
     rows = []
     cells = [
-        (name, int(depth), timeline)
+        (name, int(depth), timeline, variant)
         for name in args.policies.split(",")
         for depth in args.depths.split(",")
         for timeline in timelines
+        for variant in variants
     ]
-    for name, depth, timeline in cells:  # a fresh policy (and timeline) per cell
-        driver = Driver(name, args.workers, args.seed, admission, args.slo_scale, timeline)
+    for name, depth, timeline, (variant, fields) in cells:  # a fresh policy per cell
+        driver = Driver(name, args.workers, args.seed, admission, args.slo_scale, timeline, fields)
         driver.fill(depth)
         for _ in range(200):  # warm-up: let units, pauses and late requests accumulate
             driver.round(depth, timed=False)
@@ -202,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 {
                     "policy": name,
+                    "variant": variant,
                     "queued": depth,
                     "timeline": timeline,
                     "event": kind,
@@ -213,17 +238,18 @@ def main(argv: list[str] | None = None) -> int:
                     "cpu_p99_us": percentile(driver.cpu_ns[kind], 0.99),
                     "preemptions_in_cell": preemptions,
                     "waiting_mean": statistics.fmean(driver.waiting_seen),
+                    "given_up_in_cell": driver.policy.stats().get("given_up", 0),
                 }
             )
 
     print(f"admission: {admission.model_dump()}")
     print(
-        f"{'policy':<12}{'queued':>8}{'tl':>4}{'waiting':>9}  {'event':<11}{'n':>6}"
+        f"{'policy':<12}{'variant':<12}{'queued':>8}{'tl':>4}{'waiting':>9}  {'event':<11}{'n':>6}"
         f"{'p50 us':>9}{'p99 us':>9}{'cpu p50':>9}{'cpu p99':>9}"
     )
     for r in rows:
         print(
-            f"{r['policy']:<12}{r['queued']:>8}{'on' if r['timeline'] else '-':>4}"
+            f"{r['policy']:<12}{r['variant']:<12}{r['queued']:>8}{'on' if r['timeline'] else '-':>4}"
             f"{r['waiting_mean']:>9.0f}  {r['event']:<11}"
             f"{r['samples']:>6}{r['p50_us']:>9.1f}{r['p99_us']:>9.1f}{r['cpu_p50_us']:>9.1f}"
             f"{r['cpu_p99_us']:>9.1f}"

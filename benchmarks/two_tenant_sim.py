@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=2000, help="first N requests of the merge")
     p.add_argument("--prompt-scale", type=float, default=0.1)
     p.add_argument("--max-prompt-tokens", type=int, default=512)
+    p.add_argument(
+        "--tenants",
+        default="urgent,relaxed",
+        help="tenants kept from the merged trace ('urgent' alone: what the urgent tenant's "
+        "own load allows, the same requests at the same instants)",
+    )
     p.add_argument("--urgent-slo", type=float, default=6.0)
     p.add_argument("--relaxed-slo", type=float, default=23.2)
     p.add_argument("--sigma", type=float, default=0.15, help="log-sd of the unit cost noise")
@@ -61,7 +67,8 @@ def shipped_policy() -> dict[str, Any]:
 
 
 def two_tenant_workload(args: argparse.Namespace):
-    """The merged, prompt-scaled trace (first ``--requests`` requests), rate scale 1."""
+    """The merged, prompt-scaled trace (first ``--requests`` requests, then only
+    ``--tenants``), rate scale 1."""
     from flowprefill_ray.workloads import load_builtin, merge_tenants
 
     merged = merge_tenants(
@@ -72,8 +79,14 @@ def two_tenant_workload(args: argparse.Namespace):
     def scaled(n: int) -> int:
         return max(1, min(cap, math.ceil(n * args.prompt_scale)))
 
-    records = tuple(replace(r, prompt_tokens=scaled(r.prompt_tokens)) for r in merged)
-    return type(merged)(f"{merged.name}, prompts x{args.prompt_scale:g}<= {cap}", records)
+    kept = set(args.tenants.split(","))
+    records = tuple(
+        replace(r, prompt_tokens=scaled(r.prompt_tokens)) for r in merged if r.slo_class in kept
+    )
+    name = f"{merged.name}, prompts x{args.prompt_scale:g}<= {cap}"
+    if kept != {"urgent", "relaxed"}:
+        name += f", only {args.tenants}"
+    return type(merged)(name, records)
 
 
 def run_once(workload, policy: dict, args: argparse.Namespace, seed: int, timeline: bool):

@@ -262,3 +262,30 @@ def scheduler_overhead_timeline(report: dict[str, Any]) -> str:
         )
     header = ["policy", f"event ({depth:,} queued)", "CPU p50 us, without -> with timeline"]
     return rows([*header, "CPU p99 us, without -> with"], body)
+
+
+# --------------------------------------------------------- scheduler_overhead_knobs.json
+
+
+@table("scheduler_overhead_knobs", "scheduler_overhead_knobs.json")
+def scheduler_overhead_knobs(report: dict[str, Any]) -> str:
+    """CPU time per event at the deepest queue for each policy variant, beside the first."""
+    depth = max(r["queued"] for r in report["rows"])
+    at_depth = [r for r in report["rows"] if r["queued"] == depth]
+    base = at_depth[0]["variant"]
+    by_cell = {(r["policy"], r["variant"], r["event"]): r for r in at_depth}
+    body = []
+    for r in at_depth:
+        ref = by_cell[(r["policy"], base, r["event"])]
+        body.append(
+            [
+                r["policy"],
+                r["variant"],
+                r["event"],
+                f"{r['cpu_p50_us']:.1f} ({r['cpu_p50_us'] / ref['cpu_p50_us']:.2f}x)",
+                f"{r['cpu_p99_us']:.1f} ({r['cpu_p99_us'] / ref['cpu_p99_us']:.2f}x)",
+                r["given_up_in_cell"],
+            ]
+        )
+    header = ["policy", "variant", f"event ({depth:,} queued)", f"CPU p50 us (x {base})"]
+    return rows([*header, f"CPU p99 us (x {base})", "given up in the cell"], body)
