@@ -128,24 +128,16 @@ class InProcessPrefill:
     def __init__(self, runtime: dict[str, Any]):
         import torch
 
-        from flowprefill_ray.model import load_model
         from flowprefill_ray.runtime.config import RuntimeConfig
-        from flowprefill_ray.runtime.model_source import (
-            checkpoint_path,
-            torch_device,
-            torch_dtype,
-        )
+        from flowprefill_ray.runtime.model_source import load_source_model
 
         config = RuntimeConfig.model_validate(runtime)
         self.threads = config.prefill.torch_threads
         torch.set_num_threads(self.threads)
-        source = config.model
-        self.model = load_model(
-            checkpoint_path(source),
-            device=torch_device(source),
-            dtype=torch_dtype(source),
-            kernels=source.kernels,
-        )
+        # Loaded exactly as the prefill worker loads it: the oneDNN matmul backend included
+        # (without it this reference ran on torch's F.linear, slower than the worker, and the
+        # overhead came out negative: docs/results/request_overhead_nice0.json).
+        self.model = load_source_model(config.model)
         self.granularity = config.prefill.granularity
         self.sync = config.prefill.sync_mode(self.model.device.type)
         self.vocab = self.model.config.vocab_size

@@ -6,6 +6,7 @@ simulator's tables, and found by ``scripts/benchmark_tables.py`` through the sam
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 from result_tables import pct, rows, spread, table
@@ -140,12 +141,17 @@ def misses(counts: dict[str, int]) -> str:
 
 
 def class_cells(run: dict[str, Any], classes: tuple[str, ...]) -> dict[str, list[str]]:
+    """Per-class cells of one run; a tenant the run did not send (a one-tenant run) is "-"."""
     per_class, why = run["per_class"], run["why_late"]["rows"]
+
+    def each(cell: Callable[[str], str]) -> list[str]:
+        return [cell(c) if c in per_class else "-" for c in classes]
+
     return {
-        "attainment (after warm-up)": [f"{per_class[c]['attainment']:.3f}" for c in classes],
-        "refused (429)": [str(per_class[c]["rejected"]) for c in classes],
-        "missed after admission": [misses(why[c]) for c in classes],
-        "TTFT p99": [f"{per_class[c]['ttft_p99_s']:.1f} s" for c in classes],
+        "attainment (after warm-up)": each(lambda c: f"{per_class[c]['attainment']:.3f}"),
+        "refused (429)": each(lambda c: str(per_class[c]["rejected"])),
+        "missed after admission": each(lambda c: misses(why[c])),
+        "TTFT p99": each(lambda c: f"{per_class[c]['ttft_p99_s']:.1f} s"),
     }
 
 

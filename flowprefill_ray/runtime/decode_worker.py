@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
-from flowprefill_ray.model import load_model, load_tokenizer
+from flowprefill_ray.model import load_tokenizer
 from flowprefill_ray.model.decode import make_cache
 from flowprefill_ray.model.generate import StopChecker
 from flowprefill_ray.model.kv import KVCache
@@ -35,7 +35,7 @@ from .detokenizer import Detokenizer
 from .id_memory import remember
 from .messages import AcceptAck, Handoff, TokenEvent
 from .metrics import RuntimeMetrics
-from .model_source import checkpoint_path, torch_device, torch_dtype
+from .model_source import checkpoint_path, load_source_model, torch_device
 from .output_rules import OutputRules
 
 logger = logging.getLogger(__name__)
@@ -107,13 +107,7 @@ class DecodeWorker:
         self.config = decode
         path = checkpoint_path(source)
         self.device = torch_device(source)
-        self.model = load_model(
-            path,
-            device=self.device,
-            dtype=torch_dtype(source),
-            kernels=source.kernels,
-            cpu_matmul=source.cpu_matmul,
-        )
+        self.model = load_source_model(source, path)
         self.tokenizer = load_tokenizer(path)
         self.output_rules = OutputRules.for_model(self.model, self.tokenizer)
         blocks = kv_pool_blocks(

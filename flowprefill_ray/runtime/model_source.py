@@ -1,4 +1,4 @@
-"""Turning a ``ModelSource`` into a checkpoint directory, a device and a dtype.
+"""Turning a ``ModelSource`` into a checkpoint directory, a device, a dtype and a model.
 
 Called in every worker process; ``"tiny"`` and ``"default"`` are produced once on disk (under a
 file lock in the model package) so concurrent workers share one copy.
@@ -15,7 +15,14 @@ from flowprefill_ray.model.checkpoints import TINY_MODEL_SHAPE, cached_tiny_chec
 
 from .config import ModelSource
 
-__all__ = ["TINY_MODEL_SHAPE", "cache_dir", "checkpoint_path", "torch_device", "torch_dtype"]
+__all__ = [
+    "TINY_MODEL_SHAPE",
+    "cache_dir",
+    "checkpoint_path",
+    "load_source_model",
+    "torch_device",
+    "torch_dtype",
+]
 
 
 def cache_dir(source: ModelSource) -> Path:
@@ -43,3 +50,17 @@ def torch_device(source: ModelSource) -> torch.device:
 
 def torch_dtype(source: ModelSource) -> torch.dtype:
     return getattr(torch, source.dtype)
+
+
+def load_source_model(source: ModelSource, path: Path | None = None):
+    """The model ``source`` names, loaded as every worker runs it (device, dtype, kernels and
+    CPU matmul backend all from ``source``). ``path``: its ``checkpoint_path``, if known."""
+    from flowprefill_ray.model import load_model
+
+    return load_model(
+        path or checkpoint_path(source),
+        device=torch_device(source),
+        dtype=torch_dtype(source),
+        kernels=source.kernels,
+        cpu_matmul=source.cpu_matmul,
+    )

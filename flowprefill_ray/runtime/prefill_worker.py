@@ -18,14 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 import ray
 import torch
 
-from flowprefill_ray.model import load_model, load_tokenizer
+from flowprefill_ray.model import load_tokenizer
 from flowprefill_ray.model.prefix_cache import PrefixCache
 
 from .config import ModelSource, PrefillConfig
 from .kv_budget import measure_kv_budget
 from .messages import PrefillItemSpec, UnitOutcome
 from .metrics import RuntimeMetrics
-from .model_source import checkpoint_path, torch_device, torch_dtype
+from .model_source import checkpoint_path, load_source_model, torch_device
 from .output_rules import OutputRules
 from .prefill_executor import PrefillExecutor
 
@@ -48,13 +48,7 @@ class PrefillWorker:
         self.worker_id = worker_id
         self.device = torch_device(source)
         path = checkpoint_path(source)
-        self.model = load_model(
-            path,
-            device=self.device,
-            dtype=torch_dtype(source),
-            kernels=source.kernels,
-            cpu_matmul=source.cpu_matmul,
-        )
+        self.model = load_source_model(source, path)
         # Measured before anything else allocates: on CUDA it is a share of what is free now.
         cache = prefill.prefix_cache
         self.kv_budget = measure_kv_budget(
