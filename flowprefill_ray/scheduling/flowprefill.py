@@ -48,7 +48,7 @@ from .events import Decision, WorkItem
 from .kv_memory import UnitRoom
 from .policy import Policy
 from .predictor import TTFTPredictor
-from .priority import rank_key
+from .priority import rank_key, slack_s
 from .queues import SlackQueue
 from .records import RequestRecord, UnitRecord, WorkerRecord, WorkerState
 from .slo import SLOConfig
@@ -239,14 +239,18 @@ class FlowPrefillPolicy(Policy):
             assert u is not None
             predicted = self.predictor.predict(u.tokens)
             executed = u.executed_at(now)
+            # unit_slack_and_due_s and _unit_rank, from one prediction: this loop runs on
+            # every event while all workers are busy.
+            left = predicted - executed if predicted > executed else 0.0
+            due = u.due_s(now, left)[1]
+            slack = slack_s(due, now, left)
             # Past its prediction but within the overrun one unit in ten shows lately: most
             # likely nearly done. Its rest is taken as the band's, and it is not paused for
             # a newcomer that could wait (its slack, computed with nothing left, says nothing).
             grace = predicted < executed <= predicted * band
-            remaining = predicted * band - executed if grace else self.unit_remaining_s(u, now)
-            victims.append(
-                (self._unit_rank(u, now), self.unit_slack_s(u, now), remaining, grace, w)
-            )
+            remaining = predicted * band - executed if grace else left
+            rank = (rank_key(slack, due), u.tiebreak)
+            victims.append((rank, slack, remaining, grace, w))
         victims.sort(key=lambda v: v[0], reverse=True)
         # The best `pausing` waiting requests are expected to take the workers already pausing
         # (after_pause handover; one_hop gave each pausing worker its next unit already).
