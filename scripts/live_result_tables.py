@@ -118,6 +118,35 @@ def request_overhead_hops(report: dict[str, Any]) -> str:
     return rows(header, body)
 
 
+@table(
+    "request_overhead_serve_flags",
+    "request_overhead_ab_default.json",
+    "request_overhead_ab_throughput_optimized.json",
+)
+def request_overhead_serve_flags(default: dict[str, Any], optimized: dict[str, Any]) -> str:
+    """p50 per hop, Ray Serve's defaults -> its throughput-optimized switches, two back-to-back
+    runs; the path outside the worker summed (TTFT minus the worker's compute)."""
+    body = []
+    pairs = list(zip(default["rows"], optimized["rows"], strict=True))
+    labels = list(dict.fromkeys(hop_label(n) for r, _ in pairs for n in r["hops_p50_s"]))
+    for label in labels:
+        cells = []
+        for a, b in pairs:
+            ha = {hop_label(n): v for n, v in a["hops_p50_s"].items()}
+            hb = {hop_label(n): v for n, v in b["hops_p50_s"].items()}
+            cells.append(f"{ms(ha[label])} -> {ms(hb[label])}" if label in ha else "-")
+        body.append([label, *cells])
+    outside = []
+    for a, b in pairs:
+        a_out = sum(v for n, v in a["hops_p50_s"].items() if n != "worker_start->worker_end")
+        b_out = sum(v for n, v in b["hops_p50_s"].items() if n != "worker_start->worker_end")
+        outside.append(f"{ms(a_out)} -> {ms(b_out)}")
+    body.append(["sum of the hops outside the worker", *outside])
+    header = ["hop (p50 ms, default -> optimized)"]
+    header += [f"{a['shape']} {a['tokens']}" for a, _ in pairs]
+    return rows(header, body)
+
+
 # ------------------------------------------------------------------------- why_late.json
 
 CAUSES = (
