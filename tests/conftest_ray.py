@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,19 @@ def ray_local():
 @pytest.fixture(scope="session")
 def runtime_cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("runtime-model-cache"))
+
+
+@contextmanager
+def started_engine(config) -> Iterator:
+    """A ``FlowPrefillEngine`` started on ``config``, shut down when the block ends, also
+    when it ends by an exception (a module fixture's ``with ... : yield``)."""
+    from flowprefill_ray.runtime.engine import FlowPrefillEngine
+
+    engine = asyncio.run(FlowPrefillEngine.start(config))
+    try:
+        yield engine
+    finally:
+        asyncio.run(engine.shutdown())
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest_ray import runtime_test_config
+from conftest_ray import runtime_test_config, started_engine
 from waiting import async_wait_until
 
 from flowprefill_ray.errors import RequestRejectedError
 from flowprefill_ray.runtime.config import RuntimeConfig
-from flowprefill_ray.runtime.engine import FlowPrefillEngine
 from flowprefill_ray.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.ray
@@ -50,9 +49,8 @@ def admission_engine(ray_local, runtime_cache_dir):
         prefill={"kv_memory": KV_MEMORY},
         policy_knobs={"admission": {"action": "downgrade", "estimate": "alone"}},
     )
-    engine = asyncio.run(FlowPrefillEngine.start(config))
-    yield engine
-    asyncio.run(engine.shutdown())
+    with started_engine(config) as engine:
+        yield engine
 
 
 def runtime_test_config_with(cache_dir, policy, policy_knobs, **overrides):
@@ -146,9 +144,8 @@ def give_up_engine(ray_local, runtime_cache_dir):
         slo={"classes": CLASSES, "default_class": "loose"},
         policy_knobs={"admission": {"action": "admit"}, "late_give_up_factor": 0.0},
     )
-    engine = asyncio.run(FlowPrefillEngine.start(config))
-    yield engine
-    asyncio.run(engine.shutdown())
+    with started_engine(config) as engine:
+        yield engine
 
 
 def test_a_request_given_up_while_waiting_is_refused_and_nobody_else_is_hurt(give_up_engine):

@@ -16,7 +16,7 @@ import signal
 
 import pytest
 import ray
-from conftest_ray import runtime_test_config
+from conftest_ray import runtime_test_config, started_engine
 from waiting import async_wait_until, wait_until
 
 from flowprefill_ray.errors import EngineUnavailableError, RuntimeEngineError
@@ -43,9 +43,8 @@ def fault_engine(ray_local, runtime_cache_dir):
         slo={"scale": SLO_SCALE},
         faults={"rejoin_timeout_s": 90.0},
     )
-    engine = asyncio.run(FlowPrefillEngine.start(config))
-    yield engine
-    asyncio.run(engine.shutdown())
+    with started_engine(config) as engine:
+        yield engine
 
 
 def prompt(seed: int, length: int = PROMPT_TOKENS) -> list[int]:

@@ -17,10 +17,9 @@ import random
 import time
 
 import pytest
-from conftest_ray import runtime_test_config
+from conftest_ray import runtime_test_config, started_engine
 from waiting import async_wait_until
 
-from flowprefill_ray.runtime.engine import FlowPrefillEngine
 from flowprefill_ray.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.ray
@@ -51,9 +50,8 @@ def budget_engine(ray_local, runtime_cache_dir):
         # Room for every finished prompt in decode, so hand-offs never wait on it.
         decode={"kv_blocks": 8192},
     )
-    engine = asyncio.run(FlowPrefillEngine.start(config))
-    yield engine
-    asyncio.run(engine.shutdown())
+    with started_engine(config) as engine:
+        yield engine
 
 
 def test_config_keys_reach_the_worker(budget_engine):

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest_ray import runtime_test_config
+from conftest_ray import runtime_test_config, started_engine
 from repo_scripts import load_script
 
 from flowprefill_ray.runtime.config import RuntimeConfig
-from flowprefill_ray.runtime.engine import FlowPrefillEngine
 from flowprefill_ray.scheduling.why_late import format_summary, summarize
 
 pytestmark = pytest.mark.ray
@@ -56,9 +55,8 @@ def overload_engine(ray_local, runtime_cache_dir):
     # The tiny model (CI time) with the shipped admission control, unchanged.
     base["policy"].update(admission=shipped["policy"]["admission"])
     config = RuntimeConfig.model_validate(base)
-    engine = asyncio.run(FlowPrefillEngine.start(config))
-    yield engine
-    asyncio.run(engine.shutdown())
+    with started_engine(config) as engine:
+        yield engine
 
 
 def test_three_times_capacity_is_shed_while_admitted_urgent_requests_keep_their_slo(

@@ -377,9 +377,7 @@ def test_a_request_whose_blocks_were_evicted_while_it_waited_is_recomputed(model
 
 @pytest.fixture(scope="module")
 def cached_engine(ray_local, runtime_cache_dir):
-    from conftest_ray import runtime_test_config
-
-    from flowprefill_ray.runtime.engine import FlowPrefillEngine
+    from conftest_ray import runtime_test_config, started_engine
 
     config = runtime_test_config(
         runtime_cache_dir,
@@ -390,9 +388,8 @@ def cached_engine(ray_local, runtime_cache_dir):
     # The policy routes by its view of the cache and starts prompts at their cached prefix.
     config["policy"]["prefix"] = {"enabled": True, "block_tokens": BLOCK}
     config = RuntimeConfig.model_validate(config)
-    engine = asyncio.run(FlowPrefillEngine.start(config))
-    yield engine
-    asyncio.run(engine.shutdown())
+    with started_engine(config) as engine:
+        yield engine
 
 
 @pytest.mark.ray
