@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -204,10 +203,10 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "prefill_p50_s": percentile(prefill, 50),
         "overhead_p50_s": percentile(overhead, 50),
         "overhead_p90_s": percentile(overhead, 90),
-        "server_ttft_p50_s": statistics.median(s["server_ttft_s"] for s in samples),
+        "server_ttft_p50_s": percentile([s["server_ttft_s"] for s in samples], 50),
         "worker_excess_p50_s": percentile(excess, 50),
         "worker_excess_p90_s": percentile(excess, 90),
-        "hops_p50_s": {name: statistics.median(gaps) for name, gaps in segments.items()},
+        "hops_p50_s": {name: percentile(gaps, 50) for name, gaps in segments.items()},
     }
 
 

@@ -23,12 +23,27 @@ def test_defaults_are_the_issue_sizes_twenty_repeats_and_both_shapes(bench):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--sizes", "16,x"], ["--sizes", "0"], ["--shapes", "max3"], ["--repeats", "0"]],
+    [
+        ["--sizes", "16,x"],
+        ["--sizes", "0"],
+        ["--shapes", "max3"],
+        ["--repeats", "0"],
+        ["--ray-env", "RAY_SERVE_THROUGHPUT_OPTIMIZED"],
+        ["--ray-env", "=1"],
+    ],
 )
 def test_bad_arguments_are_refused(bench, argv, capsys):
     with pytest.raises(SystemExit) as stopped:
         bench.parse_args(argv)
     assert stopped.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_ray_env_reaches_this_process_environment_before_ray_starts(bench, monkeypatch):
+    # Ray's processes inherit the environment of the process that starts the cluster.
+    monkeypatch.setenv("FLOWPREFILL_TEST_SWITCH", "before")  # restored (removed) after the test
+    args = bench.parse_args(["--ray-env", "FLOWPREFILL_TEST_SWITCH=a=b"])
+    assert args.ray_env == ["FLOWPREFILL_TEST_SWITCH=a=b"]
+    assert bench.os.environ["FLOWPREFILL_TEST_SWITCH"] == "a=b"
 
 
 def test_hops_are_split_in_path_order_skipping_those_not_passed(bench):

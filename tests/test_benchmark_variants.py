@@ -1,0 +1,47 @@
+"""The comparison flags of the simulator-side benchmarks, without running them in full:
+``two_tenant_sim.py --tenants`` and ``scheduler_overhead.py --variant``."""
+
+from __future__ import annotations
+
+import pytest
+from repo_scripts import load_script
+
+load_script("benchmarks/provenance.py")  # both scripts import their sibling by name
+
+
+@pytest.fixture(scope="module")
+def two_tenant():
+    return load_script("benchmarks/two_tenant_sim.py")
+
+
+@pytest.fixture(scope="module")
+def overhead():
+    return load_script("benchmarks/scheduler_overhead.py")
+
+
+def test_one_tenant_keeps_its_requests_at_the_same_instants(two_tenant):
+    both = two_tenant.two_tenant_workload(two_tenant.parse_args(["--requests", "300"]))
+    urgent = two_tenant.two_tenant_workload(
+        two_tenant.parse_args(["--requests", "300", "--tenants", "urgent"])
+    )
+    expected = [(r.arrival_s, r.prompt_tokens) for r in both if r.slo_class == "urgent"]
+    assert 0 < len(expected) < len(both)  # the first 300 hold both tenants
+    assert [(r.arrival_s, r.prompt_tokens) for r in urgent] == expected
+    assert {r.slo_class for r in urgent} == {"urgent"}
+    assert "only urgent" in urgent.name
+
+
+def test_variants_merge_policy_fields_and_time_each_cell(overhead):
+    assert overhead.parse_variant('give_up={"late_give_up_factor": 1.0}') == (
+        "give_up",
+        {"late_give_up_factor": 1.0},
+    )
+    with pytest.raises(SystemExit, match="NAME=JSON"):
+        overhead.parse_variant('{"late_give_up_factor": 1.0}')
+    driver = overhead.Driver("flowprefill", 2, 0, fields={"late_give_up_factor": 1.0})
+    assert driver.policy.config.late_give_up_factor == 1.0
+    driver.fill(50)
+    for _ in range(20):
+        driver.round(50, timed=True)
+    assert len(driver.times_ns["arrival"]) == 20
+    assert len(driver.times_ns["completion"]) == 20
