@@ -99,6 +99,11 @@ def hop_label(name: str) -> str:
     return f"{start} -> {end}"
 
 
+def labelled_hops(row: dict[str, Any]) -> dict[str, float]:
+    """A request_overhead row's p50 per hop, under ``hop_label``'s names."""
+    return {hop_label(n): v for n, v in row["hops_p50_s"].items()}
+
+
 @table("request_overhead_hops", "request_overhead.json")
 def request_overhead_hops(report: dict[str, Any]) -> str:
     # Path order: the rows with the most hops (streamed: the decode hand-off) first.
@@ -108,7 +113,7 @@ def request_overhead_hops(report: dict[str, Any]) -> str:
     for label in labels:
         cells = []
         for r in report["rows"]:
-            hops = {hop_label(n): v for n, v in r["hops_p50_s"].items()}
+            hops = labelled_hops(r)
             cells.append(ms(hops[label]) if label in hops else "-")
         body.append([label, *cells])
     header = [
@@ -132,8 +137,7 @@ def request_overhead_serve_flags(default: dict[str, Any], optimized: dict[str, A
     for label in labels:
         cells = []
         for a, b in pairs:
-            ha = {hop_label(n): v for n, v in a["hops_p50_s"].items()}
-            hb = {hop_label(n): v for n, v in b["hops_p50_s"].items()}
+            ha, hb = labelled_hops(a), labelled_hops(b)
             cells.append(f"{ms(ha[label])} -> {ms(hb[label])}" if label in ha else "-")
         body.append([label, *cells])
     outside = []
