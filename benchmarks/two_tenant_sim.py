@@ -31,6 +31,8 @@ from typing import Any
 from provenance import write_report
 
 REPO = Path(__file__).resolve().parent.parent
+# The two tenants and the Azure 2023 trace each replays (as benchmarks/why_late_replay.py).
+TENANT_TRACES = {"urgent": "azure_2023_conv", "relaxed": "azure_2023_code"}
 # SmolLM2-135M on one CPU thread: the model deployments/local.yaml serves.
 PROFILE = REPO / "flowprefill_ray" / "simulator" / "profiles" / "smollm2_cpu.json"
 
@@ -43,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-prompt-tokens", type=int, default=512)
     p.add_argument(
         "--tenants",
-        default="urgent,relaxed",
+        default=",".join(TENANT_TRACES),
         help="tenants kept from the merged trace ('urgent' alone: what the urgent tenant's "
         "own load allows, the same requests at the same instants)",
     )
@@ -56,7 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--response-overhead-s", type=float, default=0.05)
     p.add_argument("--no-goodput", action="store_true", help="only the fixed rates")
     p.add_argument("--out", default="results/two_tenant_sim.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.tenants = [t for t in args.tenants.split(",") if t]
+    unknown = [t for t in args.tenants if t not in TENANT_TRACES]
+    if unknown or not args.tenants:
+        p.error(f"--tenants takes some of {', '.join(TENANT_TRACES)}, got {unknown or 'none'}")
+    return args
 
 
 def shipped_policy() -> dict[str, Any]:
@@ -72,20 +79,21 @@ def two_tenant_workload(args: argparse.Namespace):
     from flowprefill_ray.workloads import load_builtin, merge_tenants
 
     merged = merge_tenants(
-        [(load_builtin("azure_2023_conv"), "urgent"), (load_builtin("azure_2023_code"), "relaxed")]
+        [(load_builtin(trace), tenant) for tenant, trace in TENANT_TRACES.items()]
     ).head(args.requests)
     cap = args.max_prompt_tokens
 
     def scaled(n: int) -> int:
         return max(1, min(cap, math.ceil(n * args.prompt_scale)))
 
-    kept = set(args.tenants.split(","))
     records = tuple(
-        replace(r, prompt_tokens=scaled(r.prompt_tokens)) for r in merged if r.slo_class in kept
+        replace(r, prompt_tokens=scaled(r.prompt_tokens))
+        for r in merged
+        if r.slo_class in args.tenants
     )
     name = f"{merged.name}, prompts x{args.prompt_scale:g}<= {cap}"
-    if kept != {"urgent", "relaxed"}:
-        name += f", only {args.tenants}"
+    if set(args.tenants) != set(TENANT_TRACES):
+        name += f", only {','.join(args.tenants)}"
     return type(merged)(name, records)
 
 

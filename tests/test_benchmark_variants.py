@@ -31,6 +31,13 @@ def test_one_tenant_keeps_its_requests_at_the_same_instants(two_tenant):
     assert "only urgent" in urgent.name
 
 
+@pytest.mark.parametrize("tenants", ["urgnet", "urgent,batch", ","])
+def test_unknown_tenants_are_refused(two_tenant, tenants, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        two_tenant.parse_args(["--tenants", tenants])
+    assert stopped.value.code == 2 and "--tenants takes some of" in capsys.readouterr().err
+
+
 def test_variants_merge_policy_fields_and_time_each_cell(overhead):
     assert overhead.parse_variant('give_up={"late_give_up_factor": 1.0}') == (
         "give_up",
