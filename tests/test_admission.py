@@ -173,7 +173,12 @@ def test_reserve_for_tighter_keeps_room_for_the_tight_arrivals_seen_recently():
 
     plain = policy(admission=reject_with("queue", protect_admitted=False))
     keep = policy(admission=reject_with("queue", protect_admitted=False, reserve_for_tighter=True))
-    for p in (plain, keep):
+    double = policy(
+        admission=reject_with(
+            "queue", protect_admitted=False, reserve_for_tighter=True, reserve_factor=2.0
+        )
+    )
+    for p in (plain, keep, double):
         feed(p)
     rate = keep.admission.arrivals.rate(2.0, 40.0)
     assert rate == pytest.approx(0.25 * (1 - math.exp(-40 / 30)), rel=0.05)
@@ -185,6 +190,11 @@ def test_reserve_for_tighter_keeps_room_for_the_tight_arrivals_seen_recently():
     assert isinstance(refused, Reject)
     assert f"and {rate * 8:.3f}s kept for tighter SLO classes" in refused.reason
     assert arrive(keep, "smaller", 40.0, 8192, 10.0) == []  # 8 s + 1.48 s fits
+    # reserve_factor 2 keeps room for the tight class at twice its recent rate: 2.96 s.
+    (doubled,) = arrive(double, "smaller", 40.0, 8192, 10.0)
+    assert isinstance(doubled, Reject)
+    assert f"and {rate * 16:.3f}s kept for tighter SLO classes" in doubled.reason
+    assert arrive(double, "small", 40.0, 7168, 10.0) == []  # 7 s + 2.96 s fits
     # A tight arrival reserves nothing for itself or looser classes.
     assert keep.admission.arrivals.expected_tighter_s(2.0, 40.0) == 0.0
 

@@ -99,3 +99,9 @@ def test_cost_ratio_follows_recent_work_and_is_one_before_any():
 def test_a_bad_reserve_cost_names_the_field():
     with pytest.raises(ValueError, match="reserve_cost"):
         AdmissionConfig(reserve_cost="batched")
+
+
+def test_a_reserve_factor_out_of_range_names_the_field():
+    for bad in (0.0, -1.0, 11.0):
+        with pytest.raises(ValueError, match="reserve_factor"):
+            AdmissionConfig(reserve_factor=bad)

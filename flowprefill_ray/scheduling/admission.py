@@ -48,7 +48,10 @@ Two checks, in this order:
    cost: completed units' compute, shared among their members by predicted prefill, over those
    members' predicted prefill (``ArrivalRates.observe_cost``). Prompts batched into one
    forward share its fixed cost, so a sum of single-prompt predictions over-states what a
-   busy tight class takes from the worker.
+   busy tight class takes from the worker. ``reserve_factor`` scales the room kept: the rate
+   is a recent average, while the loose work admitted now falls due seconds later, when a
+   bursty tight class may arrive at twice that rate (the two Azure tenants: 13 -> 25-33
+   urgent arrivals per 10 s right after a relaxed burst).
 
    On a predicted miss ``reject`` refuses the request; ``downgrade`` moves it to the tightest
    looser SLO class (larger TTFT target) of the policy's ``SLOConfig`` under which the same
@@ -128,6 +131,14 @@ class AdmissionConfig(BaseModel):
     reserve_window_s: PositiveFloat = Field(
         30.0,
         description="time constant of the per-class arrival-rate estimate, seconds",
+    )
+    reserve_factor: float = Field(
+        1.0,
+        gt=0.0,
+        le=10.0,
+        description="reserve_for_tighter: room kept per unit of a tighter class's recent "
+        "rate; above 1 leaves room for its bursts (work admitted now is due later, when the "
+        "tight class may arrive faster than it has lately)",
     )
     headroom: float = Field(
         0.0,
@@ -239,7 +250,7 @@ class AdmissionControl:
         if queue is not None and self.config.reserve_for_tighter:
             measured = self.config.reserve_cost == "measured"
             reserved_s = self.arrivals.expected_tighter_s(deadline_s - now, now, measured)
-            reserved_s /= max(1, queue.worker_count)
+            reserved_s *= self.config.reserve_factor / max(1, queue.worker_count)
         if slack_s(deadline_s, now + wait_s + reserved_s, own_s) < 0.0:
             after = f" after {wait_s:.3f}s of earlier work" if queue is not None else ""
             if reserved_s > 0.0:
