@@ -36,6 +36,8 @@ class OurFlags(BaseModel):
     prefix_cache: bool = False
     prefix_block_tokens: int = Field(64, ge=1)
     late_give_up_factor: float | None = Field(None, ge=0.0)
+    # Further policy fields merged over the shipped ones (an ablation; {}: as shipped).
+    policy: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -65,6 +67,7 @@ def our_app_args(slo_scale: float, flags: OurFlags = OurFlags()) -> dict[str, An
         }
     if flags.late_give_up_factor is not None:
         runtime["policy"] = {**runtime["policy"], "late_give_up_factor": flags.late_give_up_factor}
+    runtime["policy"] = {**runtime["policy"], **flags.policy}
     return ServeAppArgs.model_validate(deploy).model_dump(mode="json")
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -135,9 +136,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="flowprefill-*giveup: policy.late_give_up_factor (x the TTFT target past the "
         "deadline)",
     )
+    p.add_argument(
+        "--our-policy-json",
+        default="{}",
+        help="fields merged into our systems' shipped policy config (an ablation), e.g. "
+        "'{\"late_grace\": true}'",
+    )
     p.add_argument("--run-dir", default="results/peer_vllm", help="trials' records, server logs")
     p.add_argument("--out", default="results/peer_vllm_cpu.json")
     args = p.parse_args(argv)
+    try:
+        args.our_policy = json.loads(args.our_policy_json)
+    except json.JSONDecodeError as exc:
+        p.error(f"--our-policy-json is not JSON: {exc}")
+    if not isinstance(args.our_policy, dict):
+        p.error("--our-policy-json must be a JSON object of policy fields")
     if args.smoke and "docs/results" in Path(args.out).resolve().as_posix():
         p.error("--smoke measures nothing worth keeping: give an --out outside docs/results")
     if args.smoke:
@@ -158,6 +171,7 @@ def systems(args: argparse.Namespace) -> list[tuple[str, Flags]]:
                 prefix_cache=cache,
                 prefix_block_tokens=args.prefix_block_tokens,
                 late_give_up_factor=give_up,
+                policy=args.our_policy,
             )
             for cache in (False, True)
             for give_up in (None, args.late_give_up_factor)

@@ -45,6 +45,24 @@ def test_every_vllm_policy_runs_once_per_swept_token_budget_and_the_reference_fi
         peer.systems(peer.parse_args(["--systems", "flowprefill,vllm-priority"]))
 
 
+def test_our_policy_json_reaches_every_one_of_our_systems_and_bad_json_is_a_usage_error(capsys):
+    args = peer.parse_args(
+        ["--systems", "flowprefill,flowprefill-giveup", "--reference", "flowprefill"]
+        + ["--our-policy-json", '{"late_grace": true}']
+    )
+    for _, flags in peer.systems(args):
+        policy = peer.our_app_args(4.0, flags)["runtime"]["policy"]
+        assert policy["late_grace"] is True
+    shipped = peer.our_app_args(4.0, peer.OurFlags())["runtime"]["policy"]
+    assert shipped["late_grace"] is False
+    for bad, says in (("{late", "is not JSON"), ("[1]", "must be a JSON object")):
+        with pytest.raises(SystemExit):
+            peer.parse_args(["--our-policy-json", bad])
+        assert says in capsys.readouterr().err
+    with pytest.raises(ValueError, match="late_grce"):  # a misspelt field: pydantic names it
+        peer.our_app_args(4.0, peer.OurFlags(policy={"late_grce": True}))
+
+
 def test_the_prefix_system_is_the_shipped_app_with_the_cache_on_and_priced_by_the_policy():
     args = peer.parse_args(
         ["--systems", "flowprefill,flowprefill-prefix", "--reference", "flowprefill"]

@@ -682,3 +682,29 @@ def test_a_unit_past_the_band_is_preempted_as_before():
         Preempt("w0", 1),
         run(2, "w0", ("newcomer", 0, 128)),
     ]
+
+
+# ----------------------------------------------------------------------- late grace
+
+
+@pytest.mark.parametrize("grace", [True, False])
+def test_a_paused_unit_within_the_underrun_band_is_not_demoted_as_late(grace):
+    """One worker; the predictor (correction frozen) has seen a unit run at 0.8x its
+    prediction, so its underrun band is 0.8. ``loose`` (4 s, due 4.5) is paused at 2 s for
+    ``tight`` (0.75 s); when tight completes at 2.75 loose has 2 s predicted left and 1.75 s
+    to its deadline: late at the prediction, feasible at 0.8x it (1.6 s)."""
+    predictor = TTFTPredictor([0.0, 0.0, SPT, 0.0], 16384, PredictorConfig(ewma_weight=0.0))
+    predictor.observe(1024, 0.8)
+    assert predictor.underrun_ratio == 0.8 and predictor.overrun_ratio == 1.0
+    p = make_policy(PolicyConfig(late_grace=grace, learn_unit_overhead=False), predictor)
+    assert p.on_event(WorkerJoined("w0"), 0.0) == []
+    assert arrive(p, "loose", 0.0, 4096, 4.5) == [run(1, "w0", ("loose", 0, 4096))]
+    # tight has 0.25 s of slack, less than loose's 2 s left: it preempts either way.
+    assert arrive(p, "tight", 2.0, 768, 1.0) == [Preempt("w0", 1), run(2, "w0", ("tight", 0, 768))]
+    assert p.on_event(UnitPaused("w0", 1, executed_s=2.0), 2.0) == []
+    assert arrive(p, "other", 2.5, 1024, 7.5) == []  # feasible, due 10
+    out = p.on_event(UnitCompleted("w0", 2, executed_s=0.75), 2.75)
+    if grace:  # loose can still make it (ranked by its deadline, 4.5 < 10): resumed
+        assert out == [Resume("w0", 1)]
+    else:  # loose is late: the feasible newcomer runs first
+        assert out == [run(3, "w0", ("other", 0, 1024))]

@@ -84,6 +84,13 @@ class PolicyConfig(BaseModel):
         description="flowprefill: whether waiting work may preempt a running unit (off: an "
         "ablation; units then run to completion, ranked and batched as usual)",
     )
+    late_grace: bool = Field(
+        False,
+        description="flowprefill, with online_correction: a unit that has already run part "
+        "of its prefill counts as able to make a deadline while it could at the predictor's "
+        "recent 10th-percentile actual/predicted ratio, and is demoted as late only past "
+        "that (off: at the prediction itself)",
+    )
     overrun_grace: bool = Field(
         True,
         description="flowprefill, with online_correction: a running unit past its prediction "

@@ -233,6 +233,7 @@ class FlowPrefillPolicy(Policy):
         # Victims, lowest-ranked first, with their slack, remaining compute and whether they
         # are in their overrun grace (below).
         band = self._overrun_band()
+        late_band = self.late_band()
         victims = []
         for w in running:
             u = w.running
@@ -242,8 +243,9 @@ class FlowPrefillPolicy(Policy):
             # unit_slack_and_due_s and _unit_rank, from one prediction: this loop runs on
             # every event while all workers are busy.
             left = predicted - executed if predicted > executed else 0.0
-            due = u.due_s(now, left)[1]
-            slack = slack_s(due, now, left)
+            judged = left * late_band if executed > 0.0 else left  # late_grace
+            due = u.due_s(now, judged)[1]
+            slack = slack_s(due, now, judged)
             # Past its prediction but within the overrun one unit in ten shows lately: most
             # likely nearly done. Its rest is taken as the band's, and it is not paused for
             # a newcomer that could wait (its slack, computed with nothing left, says nothing).

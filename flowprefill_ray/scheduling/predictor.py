@@ -125,6 +125,7 @@ class TTFTPredictor:
         # Recent actual/predicted compute ratios (see ``overrun_ratio``).
         self._ratios: deque[float] = deque(maxlen=_RATIO_WINDOW)
         self._overrun = 1.0
+        self._underrun = 1.0
         self.kept_points: list[tuple[int, float]] = []
         self.dropped_points: list[tuple[int, float]] = []
         self._table = self._tabulate()
@@ -250,6 +251,7 @@ class TTFTPredictor:
         # Once per completed unit, not per event: sorting 128 floats costs a few microseconds.
         ordered = sorted(self._ratios)
         self._overrun = max(1.0, ordered[int(0.9 * (len(ordered) - 1))])
+        self._underrun = min(1.0, ordered[int(0.1 * (len(ordered) - 1))])
         w = cfg.ewma_weight
         updated = (1.0 - w) * self.correction + w * (seconds / base)
         self.correction = min(max(updated, cfg.min_correction), cfg.max_correction)
@@ -260,6 +262,12 @@ class TTFTPredictor:
         observed units, at least 1 (1 before any): how much longer than predicted one unit
         in ten ran, lately."""
         return self._overrun
+
+    @property
+    def underrun_ratio(self) -> float:
+        """The 10th percentile of actual/predicted compute over the same recent units, at
+        most 1 (1 before any): how much shorter than predicted one unit in ten ran, lately."""
+        return self._underrun
 
     def observe_unit_overhead(self, seconds: float) -> None:
         """Feed one unit's wall time beyond its compute (from the policy's dispatch to the

@@ -44,8 +44,20 @@ class WorkEstimates:
         most urgent member that can still make its deadline) if ``u`` (re)started at ``now``,
         seconds; the slack is negative when no member can."""
         remaining = self.unit_remaining_s(u, now)
+        if u.executed_at(now) > 0.0:
+            remaining *= self.late_band()
         due = u.due_s(now, remaining)[1]
         return slack_s(due, now, remaining), due
+
+    def late_band(self) -> float:
+        """What a started unit's predicted remaining compute is scaled by before it is judged
+        late (``late_grace``): the predictor's recent 10th-percentile actual/predicted ratio,
+        1 when the grace is off. A unit with sunk work is demoted behind every feasible
+        request once judged late, and pausing it there has cost units nearly done on CPU
+        their deadlines (large batches ran 10-20 % under their predictions; issue 14)."""
+        if not (self.config.late_grace and self.config.online_correction):
+            return 1.0
+        return self.predictor.underrun_ratio
 
     def unit_slack_s(self, u: UnitRecord, now: float) -> float:
         """Slack of the request ``u`` is ranked by (see ``unit_slack_and_due_s``), seconds."""
@@ -59,19 +71,22 @@ class WorkEstimates:
         if self._loads_key != key:
             loads = []
             predict = self.predictor.predict
+            band = self.late_band()
             for w in self.workers.values():
                 u = w.running
                 if u is not None:
                     ran = now - u.started_at_s  # as in UnitRecord.executed_at, inlined
                     left = predict(u.tokens) - u.executed_s - (ran if ran > 0.0 else 0.0)
                     remaining = left if left > 0.0 else 0.0
-                    feasible, due = u.due_s(now, remaining)
+                    started = u.executed_s > 0.0 or ran > 0.0
+                    feasible, due = u.due_s(now, remaining * band if started else remaining)
                     loads.append((due, True, feasible, remaining))
                 if w.paused:
                     for u in w.paused.values():
                         left = predict(u.tokens) - u.executed_s  # paused: no time accrues
                         remaining = left if left > 0.0 else 0.0
-                        feasible, due = u.due_s(now, remaining)
+                        started = u.executed_s > 0.0
+                        feasible, due = u.due_s(now, remaining * band if started else remaining)
                         loads.append((due, False, feasible, remaining))
             self._loads, self._loads_key = loads, key
         return self._loads
