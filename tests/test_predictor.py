@@ -230,3 +230,14 @@ def test_overrun_ratio_is_the_recent_90th_percentile_of_actual_over_predicted():
     for i in range(128):  # the window now holds only these: ratios 1.00 .. 2.27
         p.observe(1024, (1.0 + i / 100) * p.predict(1024))
     assert p.overrun_ratio == pytest.approx(1.0 + int(0.9 * 127) / 100, abs=0.02)
+
+
+def test_underrun_ratio_is_the_recent_10th_percentile_and_never_above_one():
+    p = TTFTPredictor.linear(2.0**-10, max_tokens=4096)
+    assert p.underrun_ratio == 1.0  # nothing observed yet
+    for _ in range(200):
+        p.observe(1024, 2.0 * p.predict(1024))  # all slower than predicted
+    assert p.underrun_ratio == 1.0  # never above 1: an overrun grants no grace
+    for i in range(128):  # the window now holds only these: ratios 0.50 .. 1.77
+        p.observe(1024, (0.5 + i / 100) * p.predict(1024))
+    assert p.underrun_ratio == pytest.approx(0.5 + int(0.1 * 127) / 100, abs=0.02)
