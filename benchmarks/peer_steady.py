@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # why_late_replay.py (and its provenance.py) lie beside this file.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from why_late_replay import steady_summary  # noqa: E402
+from why_late_replay import sent_and_steady, steady_summary  # noqa: E402
 
 
 class SteadyRules(BaseModel):
@@ -134,8 +134,7 @@ def steady_trial(
         # for; vLLM has none): how a trial that stalled or missed is explained afterwards.
         save_timeline(endpoint, out_dir, len(plan) + 100)
     steady = steady_summary(result.records, rules.warmup_s, loosest)
-    sent = [r for r in result.records if r.sent_s is not None]
-    steady_sent = [r for r in sent if r.sent_s >= rules.warmup_s]
+    sent, steady_sent = sent_and_steady(result.records, rules.warmup_s)
     ttfts = [r.ttft_s for r in steady_sent if r.ttft_s is not None]
     # Our server only: where the steady requests' TTFT went, hop by hop (None for vLLM).
     path = ttft_path(steady_sent)

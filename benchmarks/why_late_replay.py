@@ -91,13 +91,18 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
     return ServeAppArgs.model_validate(deploy).model_dump(mode="json")
 
 
+def sent_and_steady(records: list, warmup_s: float) -> tuple[list, list]:
+    """The records of requests that were sent, and of those sent after the warm-up."""
+    sent = [r for r in records if r.sent_s is not None]
+    return sent, [r for r in sent if r.sent_s >= warmup_s]
+
+
 def steady_summary(records: list, warmup_s: float, loosest_slo_s: float) -> dict[str, Any]:
     """Attainment per class over requests sent after the warm-up, and whether the backlog
     drained: no request still without a first token ``2 x loosest_slo_s`` after the last
     send (unfinished requests count as misses either way)."""
-    sent = [r for r in records if r.sent_s is not None]
+    sent, steady = sent_and_steady(records, warmup_s)
     last_send = max(r.sent_s for r in sent)
-    steady = [r for r in sent if r.sent_s >= warmup_s]
     per_class: dict[str, dict[str, Any]] = {}
     for name in sorted({r.slo_class for r in steady}):
         group = [r for r in steady if r.slo_class == name]
