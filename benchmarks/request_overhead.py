@@ -75,11 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)",
     )
     args = p.parse_args(argv)
+    args.ray_env_vars = {}
     for item in args.ray_env:
         name, sep, value = item.partition("=")
         if not sep or not name:
             p.error(f"--ray-env wants NAME=VALUE, got {item!r}")
-        os.environ[name] = value
+        args.ray_env_vars[name] = value
     try:
         args.sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError:
@@ -287,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     from provenance import write_report
 
     args = parse_args(argv)
+    # Before Ray starts: every Ray process inherits the environment of the one that starts it.
+    os.environ.update(args.ray_env_vars)
     result = run(args)
     print_tables(result["rows"])
     write_report(

@@ -38,12 +38,14 @@ def test_bad_arguments_are_refused(bench, argv, capsys):
     assert stopped.value.code == 2 and "error" in capsys.readouterr().err
 
 
-def test_ray_env_reaches_this_process_environment_before_ray_starts(bench, monkeypatch):
-    # Ray's processes inherit the environment of the process that starts the cluster.
-    monkeypatch.setenv("FLOWPREFILL_TEST_SWITCH", "before")  # restored (removed) after the test
+def test_ray_env_is_parsed_without_touching_the_environment(bench, monkeypatch):
+    # main() applies it just before Ray starts (Ray's processes inherit that environment);
+    # parsing alone changes nothing.
+    monkeypatch.setenv("FLOWPREFILL_TEST_SWITCH", "before")  # restored after the test
     args = bench.parse_args(["--ray-env", "FLOWPREFILL_TEST_SWITCH=a=b"])
     assert args.ray_env == ["FLOWPREFILL_TEST_SWITCH=a=b"]
-    assert bench.os.environ["FLOWPREFILL_TEST_SWITCH"] == "a=b"
+    assert args.ray_env_vars == {"FLOWPREFILL_TEST_SWITCH": "a=b"}
+    assert bench.os.environ["FLOWPREFILL_TEST_SWITCH"] == "before"
 
 
 def test_hops_are_split_in_path_order_skipping_those_not_passed(bench):
