@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import statistics
 import time
 
 from provenance import write_report
+from variants import parse_variants
 
 from flowprefill_ray.scheduling import (
     AdmissionConfig,
@@ -161,14 +161,6 @@ def percentile(values: list[int], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0
 
 
-def parse_variant(text: str) -> tuple[str, dict]:
-    """``NAME=JSON`` -> (name, policy fields)."""
-    name, sep, fields = text.partition("=")
-    if not sep or not name:
-        raise SystemExit(f"--variant wants NAME=JSON, got {text!r}")
-    return name, json.loads(fields)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="results/scheduler_overhead.json")
@@ -198,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         help="NAME=JSON policy fields; every cell runs once per variant (default: none)",
     )
     args = parser.parse_args(argv)
-    variants = [parse_variant(v) for v in args.variant] or [("default", {})]
+    variants = list(parse_variants(args.variant).items()) or [("default", {})]
     timelines = {"off": (False,), "on": (True,), "both": (False, True)}[args.timeline]
     action = "reject" if args.admission == "queue" else "admit"
     admission = AdmissionConfig(action=action, estimate="queue", max_waiting=None)

@@ -20,7 +20,6 @@ Prints a table; writes every number to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from provenance import write_report
+from variants import parse_variants
 
 REPO = Path(__file__).resolve().parent.parent
 # The two tenants and the Azure 2023 trace each replays (as benchmarks/why_late_replay.py).
@@ -158,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     from flowprefill_ray.scheduling.why_late import summarize, why_late
 
     args = parse_args(argv)
-    variants = dict(v.split("=", 1) for v in args.variant) or {"shipped": "{}"}
+    variants = parse_variants(args.variant) or {"shipped": {}}
     workload = two_tenant_workload(args)
     base_rate = workload.mean_rate_per_s
     out: dict[str, Any] = {}
     for name, extra in variants.items():
-        policy = {**shipped_policy(), **json.loads(extra)}
+        policy = {**shipped_policy(), **extra}
         row: dict[str, Any] = {"policy": policy, "seeds": {}}
         for seed in range(args.seeds):
             entry: dict[str, Any] = {}

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 from repo_scripts import load_script
 
-load_script("benchmarks/provenance.py")  # both scripts import their sibling by name
+# Both scripts import their siblings by name.
+load_script("benchmarks/provenance.py")
+variants = load_script("benchmarks/variants.py")
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +40,26 @@ def test_unknown_tenants_are_refused(two_tenant, tenants, capsys):
     assert stopped.value.code == 2 and "--tenants takes some of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("texts", "says"),
+    [
+        (['{"late_give_up_factor": 1.0}'], "NAME=JSON"),
+        (["bare"], "NAME=JSON"),
+        (["a={late"], "a: its fields are not JSON"),
+        (["a=[1]"], "a: wants a JSON object"),
+        (["a={}", "a={}"], "a is given twice"),
+    ],
+)
+def test_malformed_variants_stop_with_a_message_naming_them(texts, says):
+    with pytest.raises(SystemExit, match=says):
+        variants.parse_variants(texts)
+
+
 def test_variants_merge_policy_fields_and_time_each_cell(overhead):
-    assert overhead.parse_variant('give_up={"late_give_up_factor": 1.0}') == (
-        "give_up",
-        {"late_give_up_factor": 1.0},
-    )
-    with pytest.raises(SystemExit, match="NAME=JSON"):
-        overhead.parse_variant('{"late_give_up_factor": 1.0}')
+    assert variants.parse_variants(['give_up={"late_give_up_factor": 1.0}', "shipped={}"]) == {
+        "give_up": {"late_give_up_factor": 1.0},
+        "shipped": {},
+    }
     driver = overhead.Driver("flowprefill", 2, 0, fields={"late_give_up_factor": 1.0})
     assert driver.policy.config.late_give_up_factor == 1.0
     driver.fill(50)
