@@ -10,7 +10,8 @@ A generated table sits between two markers that name it and its source JSON:
     <!-- end generated: prefix_ttft -->
 
 Only the text between the markers is rewritten; the names and their renderers are in
-``result_tables.py`` (simulator), ``live_result_tables.py`` (live runs) and
+``result_tables.py`` (simulator), ``two_tenant_tables.py`` (two-tenant simulator),
+``live_result_tables.py`` (live runs) and
 ``readme_headline.py``. A table edited by hand without its JSON, a JSON changed without its
 table, a marker naming an unknown table or other sources than the table is built from: each
 fails ``--check`` (issue 14, section 1: every figure comes from a committed JSON file).
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import live_result_tables  # noqa: F401  (registers its tables)
 import readme_headline  # noqa: F401  (registers the headline)
+import two_tenant_tables  # noqa: F401  (registers its tables)
 from result_tables import TABLES
 
 ROOT = Path(__file__).resolve().parent.parent

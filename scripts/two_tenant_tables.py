@@ -1,0 +1,119 @@
+"""The docs' tables of the two-tenant simulator ablations (``benchmarks/two_tenant_sim.py``,
+issue 21), each rendered from its committed JSON in ``docs/results``; registered in
+``result_tables.TABLES`` and found by ``scripts/benchmark_tables.py`` through the markers.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from result_tables import rows, spread, table
+
+# --------------------------------------------------------------------- why_late_sim.json
+
+TWO_TENANT_VARIANTS = {
+    "no_batch_margin": "no batch margin (before)",
+    "shipped": "batch margin (shipped)",
+    "no_protect": "+ no protection",
+    "reserve": "+ reserve for tighter",
+    "reserve_no_protect": "+ both",
+    "reserve_measured": "+ reserve, `reserve_cost: measured`",
+    "reserve_measured_no_protect": "+ the same, no protection",
+}
+
+
+def class_attainment(seed: dict[str, Any], rate: str, cls: str) -> float:
+    value = seed[rate]["by_class"][cls]
+    return value["attainment"] if isinstance(value, dict) else value
+
+
+@table("why_late_sim", "why_late_sim.json")
+def why_late_sim(report: dict[str, Any]) -> str:
+    rates = [f"x{r:g}" for r in report["args"]["rate"]]
+    body = []
+    for name, variant in report["variants"].items():
+        seeds = list(variant["seeds"].values())
+        body.append([TWO_TENANT_VARIANTS.get(name, name), *two_tenant_cells(seeds, rates)])
+    return rows(two_tenant_header(report, rates), body)
+
+
+def two_tenant_cells(seeds: list[dict[str, Any]], rates: list[str]) -> list[str]:
+    """A two_tenant_sim variant's goodputs (mean and range over seeds) and its per-class
+    attainment at each fixed rate (mean over seeds)."""
+    cells = []
+    for key in ("goodput_overall_scale", "goodput_every_class_scale"):
+        values = [s[key] for s in seeds]
+        cells.append(f"x{statistics.mean(values):.3f} ({spread(values, '.3f')})")
+    for cls in ("urgent", "relaxed"):
+        means = [statistics.mean(class_attainment(s, r, cls) for s in seeds) for r in rates]
+        cells.append(" / ".join(f"{m:.3f}" for m in means))
+    return cells
+
+
+def two_tenant_header(report: dict[str, Any], rates: list[str]) -> list[str]:
+    seeds = report["args"]["seeds"]
+    header = [
+        "variant",
+        f"goodput (overall; range of {seeds} seeds)",
+        "goodput (every class; range)",
+    ]
+    return header + [f"{cls} at {' / '.join(rates)}" for cls in ("urgent", "relaxed")]
+
+
+OVERRUN_GRACE_VARIANTS = {
+    "no_grace": "no overrun grace (before)",
+    "shipped": "overrun grace (shipped)",
+    "give_up": "+ `late_give_up_factor: 1`",
+    "token_bound_512": "+ `token_bound: 512`",
+}
+
+
+@table("overrun_grace_sim", "overrun_grace_sim.json")
+def overrun_grace_sim(report: dict[str, Any]) -> str:
+    """why_late_sim's columns, then what the two changes act on: misses by the two causes
+    they address, refusals, and the relaxed tenant's TTFT tail at the highest rate."""
+    rates = [f"x{r:g}" for r in report["args"]["rate"]]
+    top = rates[-1]
+    body = []
+    for name, variant in report["variants"].items():
+        seeds = list(variant["seeds"].values())
+        row = [OVERRUN_GRACE_VARIANTS.get(name, name), *two_tenant_cells(seeds, rates)]
+        causes = [
+            sum(s[r]["why_late"]["all"][cause] for s in seeds for r in rates)
+            for cause in ("batch_overran", "paused_after_late")
+        ]
+        row.append(" / ".join(str(c) for c in causes))
+        row.append(str(sum(s[r]["why_late"]["all"]["rejected"] for s in seeds for r in rates)))
+        p99 = [s[top]["ttft_s"]["relaxed"]["p99"] for s in seeds]
+        row.append(f"{statistics.mean(p99):.1f} ({spread(p99, '.1f')})")
+        body.append(row)
+    header = two_tenant_header(report, rates) + [
+        "missed: batch overran / paused after late (all rates, seeds)",
+        "refused (all rates, seeds)",
+        f"relaxed TTFT p99 at {top}, s (range)",
+    ]
+    return rows(header, body)
+
+
+RESERVE_FACTOR_VARIANTS = {
+    "shipped": "shipped (no reservation, protection on)",
+    "late_grace": "shipped + `late_grace`",
+    "reserve_no_protect": "reservation x1, no protection",
+    "reserve_x1.5_no_protect": "reservation x1.5, no protection",
+    "reserve_x2_no_protect": "reservation x2, no protection",
+    "reserve_x3_no_protect": "reservation x3, no protection",
+}
+
+
+@table("reserve_factor_sim", "reserve_factor_sim.json")
+def reserve_factor_sim(report: dict[str, Any]) -> str:
+    """why_late_sim's columns, then the refusals (all rates and seeds) the reserve buys."""
+    rates = [f"x{r:g}" for r in report["args"]["rate"]]
+    body = []
+    for name, variant in report["variants"].items():
+        seeds = list(variant["seeds"].values())
+        refused = sum(s[r]["why_late"]["all"]["rejected"] for s in seeds for r in rates)
+        body.append([RESERVE_FACTOR_VARIANTS.get(name, name), *two_tenant_cells(seeds, rates)])
+        body[-1].append(str(refused))
+    return rows(two_tenant_header(report, rates) + ["refused (all rates, seeds)"], body)
