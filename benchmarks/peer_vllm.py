@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -55,6 +54,7 @@ from flowprefill_ray.process_env import apply_defaults
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 apply_defaults()  # before Ray starts: loopback, the front end at nice 0, no hub
 
+from cli_json import json_object  # noqa: E402
 from our_server import OurFlags, counts_over, our_app_args, scheduler_counts  # noqa: E402
 from peer_steady import (  # noqa: E402
     SteadyRules,
@@ -146,11 +146,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="results/peer_vllm_cpu.json")
     args = p.parse_args(argv)
     try:
-        args.our_policy = json.loads(args.our_policy_json)
-    except json.JSONDecodeError as exc:
-        p.error(f"--our-policy-json is not JSON: {exc}")
-    if not isinstance(args.our_policy, dict):
-        p.error("--our-policy-json must be a JSON object of policy fields")
+        args.our_policy = json_object(args.our_policy_json, "--our-policy-json")
+    except ValueError as error:
+        p.error(str(error))
     if args.smoke and "docs/results" in Path(args.out).resolve().as_posix():
         p.error("--smoke measures nothing worth keeping: give an --out outside docs/results")
     if args.smoke:

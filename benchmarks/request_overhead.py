@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli_json import json_object
+
 from flowprefill_ray.process_env import apply_defaults
 from flowprefill_ray.request_clock import CLIENT_RECEIVED, CLIENT_SENT, hop_segments
 from loadgen.stats import percentile
@@ -92,11 +94,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown --shapes {unknown}; known: {list(SHAPES)}")
     try:
-        args.runtime_json = json.loads(args.runtime_json)
-    except json.JSONDecodeError as error:
-        p.error(f"--runtime-json is not JSON: {error}")
-    if not isinstance(args.runtime_json, dict):
-        p.error("--runtime-json must be a JSON object")
+        args.runtime_json = json_object(args.runtime_json, "--runtime-json")
+    except ValueError as error:
+        p.error(str(error))
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     return args

@@ -31,8 +31,8 @@ import random
 import statistics
 import time
 
+from cli_json import parse_variants
 from provenance import write_report
-from variants import parse_variants
 
 from flowprefill_ray.scheduling import (
     AdmissionConfig,

@@ -27,8 +27,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from cli_json import parse_variants
 from provenance import write_report
-from variants import parse_variants
 
 REPO = Path(__file__).resolve().parent.parent
 # The two tenants and the Azure 2023 trace each replays (as benchmarks/why_late_replay.py).

@@ -34,6 +34,7 @@ from flowprefill_ray.process_env import apply_defaults  # noqa: E402
 
 apply_defaults()  # before Ray starts: loopback, front end at nice 0, no hub
 
+from cli_json import json_object  # noqa: E402
 from provenance import command_line, commit, machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,7 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fields merged into the shipped policy config (an ablation), e.g. "
         "'{\"late_resume\": false}'",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.policy = json_object(args.policy_json, "--policy-json")
+    except ValueError as error:
+        p.error(str(error))
+    return args
 
 
 def shipped_args() -> dict[str, Any]:
@@ -85,7 +91,7 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
         ],
         "default_class": "urgent",
     }
-    runtime["policy"] = {**runtime["policy"], **json.loads(args.policy_json)}
+    runtime["policy"] = {**runtime["policy"], **args.policy}
     # Every request of the run must stay in the ring, whatever the shipped capacity.
     runtime["timeline"] = {"capacity": 20_000}
     return ServeAppArgs.model_validate(deploy).model_dump(mode="json")

@@ -8,7 +8,7 @@ from repo_scripts import load_script
 
 # Both scripts import their siblings by name.
 load_script("benchmarks/provenance.py")
-variants = load_script("benchmarks/variants.py")
+variants = load_script("benchmarks/cli_json.py")
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,8 @@ def test_unknown_tenants_are_refused(two_tenant, tenants, capsys):
     [
         (['{"late_give_up_factor": 1.0}'], "NAME=JSON"),
         (["bare"], "NAME=JSON"),
-        (["a={late"], "a: its fields are not JSON"),
-        (["a=[1]"], "a: wants a JSON object"),
+        (["a={late"], "--variant a is not JSON"),
+        (["a=[1]"], "--variant a must be a JSON object"),
         (["a={}", "a={}"], "a is given twice"),
     ],
 )

@@ -61,6 +61,14 @@ def test_our_policy_json_reaches_every_one_of_our_systems_and_bad_json_is_a_usag
         assert says in capsys.readouterr().err
     with pytest.raises(ValueError, match="late_grce"):  # a misspelt field: pydantic names it
         peer.our_app_args(4.0, peer.OurFlags(policy={"late_grce": True}))
+    # why_late_replay.py's --policy-json goes through the same parser.
+    replay = load_script("benchmarks/why_late_replay.py")
+    assert replay.parse_args(["--label", "a", "--policy-json", '{"late_grace": true}']).policy == {
+        "late_grace": True
+    }
+    with pytest.raises(SystemExit):
+        replay.parse_args(["--label", "a", "--policy-json", "[1]"])
+    assert "--policy-json must be a JSON object" in capsys.readouterr().err
 
 
 def test_the_prefix_system_is_the_shipped_app_with_the_cache_on_and_priced_by_the_policy():

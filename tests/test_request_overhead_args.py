@@ -9,6 +9,7 @@ from repo_scripts import load_script
 
 @pytest.fixture(scope="module")
 def bench():
+    load_script("benchmarks/cli_json.py")  # the script imports its sibling by name
     return load_script("benchmarks/request_overhead.py")
 
 
@@ -30,6 +31,8 @@ def test_defaults_are_the_issue_sizes_twenty_repeats_and_both_shapes(bench):
         ["--repeats", "0"],
         ["--ray-env", "RAY_SERVE_THROUGHPUT_OPTIMIZED"],
         ["--ray-env", "=1"],
+        ["--runtime-json", "{placement"],
+        ["--runtime-json", "[1]"],
     ],
 )
 def test_bad_arguments_are_refused(bench, argv, capsys):
