@@ -44,7 +44,7 @@ class WorkEstimates:
         most urgent member that can still make its deadline) if ``u`` (re)started at ``now``,
         seconds; the slack is negative when no member can."""
         remaining = self.unit_remaining_s(u, now)
-        if u.executed_at(now) > 0.0:
+        if self.config.late_grace and u.executed_at(now) > 0.0:
             remaining *= self.late_band()
         due = u.due_s(now, remaining)[1]
         return slack_s(due, now, remaining), due
