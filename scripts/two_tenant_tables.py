@@ -23,6 +23,16 @@ TWO_TENANT_VARIANTS = {
 }
 
 
+def rate_keys(report: dict[str, Any]) -> list[str]:
+    """The fixed rates a two_tenant_sim report holds, as its per-seed keys (``x0.19``)."""
+    return [f"x{r:g}" for r in report["args"]["rate"]]
+
+
+def why_late_total(seeds: list[dict[str, Any]], rates: list[str], key: str) -> int:
+    """One why-late count (a cause, or ``rejected``) summed over every seed and rate."""
+    return sum(s[r]["why_late"]["all"][key] for s in seeds for r in rates)
+
+
 def class_attainment(seed: dict[str, Any], rate: str, cls: str) -> float:
     value = seed[rate]["by_class"][cls]
     return value["attainment"] if isinstance(value, dict) else value
@@ -30,7 +40,7 @@ def class_attainment(seed: dict[str, Any], rate: str, cls: str) -> float:
 
 @table("why_late_sim", "why_late_sim.json")
 def why_late_sim(report: dict[str, Any]) -> str:
-    rates = [f"x{r:g}" for r in report["args"]["rate"]]
+    rates = rate_keys(report)
     body = []
     for name, variant in report["variants"].items():
         seeds = list(variant["seeds"].values())
@@ -73,18 +83,15 @@ OVERRUN_GRACE_VARIANTS = {
 def overrun_grace_sim(report: dict[str, Any]) -> str:
     """why_late_sim's columns, then what the two changes act on: misses by the two causes
     they address, refusals, and the relaxed tenant's TTFT tail at the highest rate."""
-    rates = [f"x{r:g}" for r in report["args"]["rate"]]
+    rates = rate_keys(report)
     top = rates[-1]
     body = []
     for name, variant in report["variants"].items():
         seeds = list(variant["seeds"].values())
         row = [OVERRUN_GRACE_VARIANTS.get(name, name), *two_tenant_cells(seeds, rates)]
-        causes = [
-            sum(s[r]["why_late"]["all"][cause] for s in seeds for r in rates)
-            for cause in ("batch_overran", "paused_after_late")
-        ]
+        causes = [why_late_total(seeds, rates, c) for c in ("batch_overran", "paused_after_late")]
         row.append(" / ".join(str(c) for c in causes))
-        row.append(str(sum(s[r]["why_late"]["all"]["rejected"] for s in seeds for r in rates)))
+        row.append(str(why_late_total(seeds, rates, "rejected")))
         p99 = [s[top]["ttft_s"]["relaxed"]["p99"] for s in seeds]
         row.append(f"{statistics.mean(p99):.1f} ({spread(p99, '.1f')})")
         body.append(row)
@@ -109,11 +116,11 @@ RESERVE_FACTOR_VARIANTS = {
 @table("reserve_factor_sim", "reserve_factor_sim.json")
 def reserve_factor_sim(report: dict[str, Any]) -> str:
     """why_late_sim's columns, then the refusals (all rates and seeds) the reserve buys."""
-    rates = [f"x{r:g}" for r in report["args"]["rate"]]
+    rates = rate_keys(report)
     body = []
     for name, variant in report["variants"].items():
         seeds = list(variant["seeds"].values())
-        refused = sum(s[r]["why_late"]["all"]["rejected"] for s in seeds for r in rates)
-        body.append([RESERVE_FACTOR_VARIANTS.get(name, name), *two_tenant_cells(seeds, rates)])
-        body[-1].append(str(refused))
+        label = RESERVE_FACTOR_VARIANTS.get(name, name)
+        refused = why_late_total(seeds, rates, "rejected")
+        body.append([label, *two_tenant_cells(seeds, rates), str(refused)])
     return rows(two_tenant_header(report, rates) + ["refused (all rates, seeds)"], body)

@@ -8,7 +8,7 @@ from repo_scripts import load_script
 
 # Both scripts import their siblings by name.
 load_script("benchmarks/provenance.py")
-variants = load_script("benchmarks/cli_json.py")
+cli_json = load_script("benchmarks/cli_json.py")
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,11 @@ def test_unknown_tenants_are_refused(two_tenant, tenants, capsys):
 )
 def test_malformed_variants_stop_with_a_message_naming_them(texts, says):
     with pytest.raises(SystemExit, match=says):
-        variants.parse_variants(texts)
+        cli_json.parse_variants(texts)
 
 
 def test_variants_merge_policy_fields_and_time_each_cell(overhead):
-    assert variants.parse_variants(['give_up={"late_give_up_factor": 1.0}', "shipped={}"]) == {
+    assert cli_json.parse_variants(['give_up={"late_give_up_factor": 1.0}', "shipped={}"]) == {
         "give_up": {"late_give_up_factor": 1.0},
         "shipped": {},
     }
