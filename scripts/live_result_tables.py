@@ -157,6 +157,7 @@ CAUSES = (
     "serving_overhead",
     "infeasible_at_arrival",
     "paused_after_late",
+    "overtaken_by_tighter",
     "preemption_latency",
     "queued_behind_higher_ranked",
     "batch_overran",

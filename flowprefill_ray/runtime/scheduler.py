@@ -43,6 +43,7 @@ from flowprefill_ray.scheduling.events import (
     Discard,
     Downgrade,
     Event,
+    Overtaken,
     Preempt,
     Reject,
     Resume,
@@ -343,6 +344,10 @@ class Scheduler:
             self._reject(decision)
         elif isinstance(decision, Downgrade):
             self._downgrade(decision)
+        elif isinstance(decision, Overtaken):
+            # Only its rank moved (the timeline keeps who overtook it); it is still judged
+            # by its own target.
+            self._counts["overtaken"] += 1
         else:  # pragma: no cover - the contract has no other decisions
             raise TypeError(f"unknown decision {decision!r}")
 

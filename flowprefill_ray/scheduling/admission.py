@@ -53,6 +53,16 @@ Two checks, in this order:
    bursty tight class may arrive at twice that rate (the two Azure tenants: 13 -> 25-33
    urgent arrivals per 10 s right after a relaxed burst).
 
+   With ``queue`` and ``overtake_looser`` a request of a class that has looser classes, refused
+   by the tests above, is tested once more as if only its own and tighter classes were
+   waiting (their waiting work, its protection; running and paused units all count). If it
+   passes, it is admitted ahead of the looser classes (tiering): looser waiting requests due
+   before it, latest first, are moved behind it until the whole queue's estimate fits
+   (``Overtaken``, one per request moved; see ``overtaking.py``), and looser requests due after
+   it may be pushed past their deadlines. The tight class's promise is kept at the cost of
+   the loose one's, and only when the two collide: a reservation (above) pays for collisions
+   that may never come. FlowPrefill only (it needs the SlackQueue's re-keying).
+
    On a predicted miss ``reject`` refuses the request; ``downgrade`` moves it to the tightest
    looser SLO class (larger TTFT target) of the policy's ``SLOConfig`` under which the same
    test passes, with deadline ``arrival + that target``, or rejects it if none does. Only a
@@ -71,6 +81,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
@@ -140,6 +151,12 @@ class AdmissionConfig(BaseModel):
         "rate; above 1 leaves room for its bursts (work admitted now is due later, when the "
         "tight class may arrive faster than it has lately)",
     )
+    overtake_looser: bool = Field(
+        False,
+        description="queue, flowprefill: admit a request that would be refused ahead of "
+        "waiting requests of looser SLO classes when its own and tighter classes' work "
+        "leaves it room; the looser requests it moves behind itself may miss (tiering)",
+    )
     headroom: float = Field(
         0.0,
         ge=0.0,
@@ -163,10 +180,23 @@ class QueueEstimate(Protocol):
         without pushing a protected admitted request due later past its deadline."""
         ...
 
+    def tier_view(self, target_s: float) -> QueueEstimate | None:
+        """The same estimate over waiting requests with targets up to ``target_s`` only
+        (``overtake_looser``), or ``None`` when the policy cannot overtake."""
+
     @property
     def worker_count(self) -> int:
         """Prefill workers the work is spread over."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Overtake:
+    """Admit the request ahead of looser classes (``overtake_looser``): at least ``work_s``
+    seconds of predicted prefill of looser waiting requests due before it must move behind it
+    (0: none is in its way; it only pushes looser requests due after it)."""
+
+    work_s: float
 
 
 class AdmissionControl:
@@ -181,6 +211,11 @@ class AdmissionControl:
             (slo.resolve(name) for name in slo.class_names), key=lambda c: c.ttft_slo_s
         )
         self.arrivals = ArrivalRates(config.reserve_window_s)
+
+    @property
+    def classes(self) -> list[SLOClass]:
+        """The policy's SLO classes (scaled), tightest first."""
+        return self._classes
 
     @property
     def uses_queue_estimate(self) -> bool:
@@ -199,7 +234,7 @@ class AdmissionControl:
         waiting: int,
         saturated: bool,
         queue: QueueEstimate,
-    ) -> Reject | Downgrade | None:
+    ) -> Reject | Downgrade | Overtake | None:
         """The verdict on a new request at ``now`` (seconds): ``None`` admits it as it is.
 
         ``waiting``: requests WAITING before it; ``saturated``: no worker is idle; ``queue``
@@ -229,6 +264,12 @@ class AdmissionControl:
         )
         if miss is None:
             return None
+        if use_queue and cfg.overtake_looser:
+            overtake = self._overtake(
+                rec, rec.deadline_s - cfg.headroom * rec.ttft_slo_s, now, own_s, queue
+            )
+            if overtake is not None:
+                return overtake
         if cfg.action == "downgrade":
             looser = self._looser_classes(rec)
             if looser is None:
@@ -241,16 +282,40 @@ class AdmissionControl:
                 miss += "; no looser SLO class would make it"
         return Reject(rid, reason=miss, retry_after_s=cfg.retry_after_s)
 
+    def _overtake(
+        self,
+        rec: RequestRecord,
+        deadline_s: float,
+        now: float,
+        own_s: float,
+        queue: QueueEstimate,
+    ) -> Overtake | None:
+        """``Overtake`` if ``rec`` (refused on the whole queue) fits when only its own and
+        tighter classes wait, else None. Explicit targets and the loosest class never
+        overtake."""
+        if not self._looser_classes(rec):
+            return None
+        tier = queue.tier_view(rec.ttft_slo_s)
+        if tier is None or self._miss(deadline_s, now, own_s, tier) is not None:
+            return None
+        wait_s = queue.work_ahead_s(deadline_s, now) + self._reserved_s(deadline_s, now, queue)
+        short_s = now + wait_s + own_s - deadline_s  # per worker, on the whole queue
+        return Overtake(max(short_s, 0.0) * queue.worker_count)
+
+    def _reserved_s(self, deadline_s: float, now: float, queue: QueueEstimate) -> float:
+        """Seconds per worker kept for tighter classes before ``deadline_s``."""
+        if not self.config.reserve_for_tighter:
+            return 0.0
+        measured = self.config.reserve_cost == "measured"
+        reserved_s = self.arrivals.expected_tighter_s(deadline_s - now, now, measured)
+        return reserved_s * self.config.reserve_factor / max(1, queue.worker_count)
+
     def _miss(
         self, deadline_s: float, now: float, own_s: float, queue: QueueEstimate | None
     ) -> str | None:
         """Why a request due at ``deadline_s`` needing ``own_s`` seconds would miss, or None."""
         wait_s = queue.work_ahead_s(deadline_s, now) if queue is not None else 0.0
-        reserved_s = 0.0
-        if queue is not None and self.config.reserve_for_tighter:
-            measured = self.config.reserve_cost == "measured"
-            reserved_s = self.arrivals.expected_tighter_s(deadline_s - now, now, measured)
-            reserved_s *= self.config.reserve_factor / max(1, queue.worker_count)
+        reserved_s = self._reserved_s(deadline_s, now, queue) if queue is not None else 0.0
         if slack_s(deadline_s, now + wait_s + reserved_s, own_s) < 0.0:
             after = f" after {wait_s:.3f}s of earlier work" if queue is not None else ""
             if reserved_s > 0.0:

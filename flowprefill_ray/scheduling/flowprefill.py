@@ -61,6 +61,7 @@ _PAUSING = WorkerState.PAUSING
 class FlowPrefillPolicy(Policy):
     name = "flowprefill"
     preemptive = True
+    can_overtake = True
 
     def __init__(
         self,

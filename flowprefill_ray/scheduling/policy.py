@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .admission import AdmissionControl
+from .admission import AdmissionControl, Overtake
 from .config import PolicyConfig
 from .events import (
     Arrival,
@@ -41,6 +41,7 @@ from .events import (
 from .give_up import GiveUp
 from .handover import Handover
 from .kv_memory import KVMemory
+from .overtaking import Overtaking
 from .policy_views import PolicyViews
 from .predictor import TTFTPredictor
 from .prefix_routing import PrefixRouting
@@ -77,7 +78,9 @@ class DecisionCounts:
     decisions: int = 0  # decisions produced in all
 
 
-class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, UnitDecisions, GiveUp, ABC):
+class Policy(
+    WorkEstimates, PolicyViews, PrefixRouting, Handover, UnitDecisions, GiveUp, Overtaking, ABC
+):
     """Base of all policies. Decisions happen only in ``on_event``."""
 
     name: ClassVar[str]
@@ -134,6 +137,7 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, UnitDecisions,
         self.blocking_s_total = 0.0  # sum of UnitPaused.blocking_s
         self._init_prefix(config.prefix)
         self._init_give_up(config.late_give_up_factor)
+        self._init_overtaking()
         self._next_unit_id = 1
         self._next_order = 0
         self._next_token = 1
@@ -211,6 +215,8 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, UnitDecisions,
             out.append(verdict)
         self._watch_give_up(rec)
         self._queue(rec, now)
+        if isinstance(verdict, Overtake):
+            self._overtake(rec, verdict.work_s, now, out)
 
     def _on_unit_completed(self, event: UnitCompleted, now: float, out: list[Decision]) -> None:
         u = self.units.get(event.unit_id)
@@ -328,6 +334,8 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, UnitDecisions,
         self.waiting += 1
         if self.waiting_work is not None:
             self.waiting_work.add(rec, now)
+        if self.tier_work:
+            self._tiers_add(rec, now)
         self._enqueue(rec, now)
 
     def _end_unserved(self, rec: RequestRecord, status: RequestStatus) -> None:
@@ -343,6 +351,8 @@ class Policy(WorkEstimates, PolicyViews, PrefixRouting, Handover, UnitDecisions,
         self.waiting -= 1
         if self.waiting_work is not None:
             self.waiting_work.remove(rec.request_id)
+        if self.tier_work:
+            self._tiers_remove(rec.request_id)
 
     def _saturated(self) -> bool:
         """No worker is idle (with no workers at all, nothing can run either)."""

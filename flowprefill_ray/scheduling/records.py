@@ -30,7 +30,9 @@ class RequestRecord:
     request: Request
     request_id: str
     arrival_s: float
-    deadline_s: float  # arrival_s + ttft_slo_s (after a downgrade, of the new class)
+    # arrival_s + ttft_slo_s (after a downgrade, of the new class); once overtaken by a
+    # tighter class (overtaking.py), the later deadline it is ranked by
+    deadline_s: float
     ttft_slo_s: float
     slo_class: str  # the request's class, or the class it was downgraded to
     prompt_tokens: int

@@ -33,6 +33,7 @@ from .events import (
     Discard,
     Downgrade,
     Event,
+    Overtaken,
     Preempt,
     Reject,
     Resume,
@@ -128,6 +129,10 @@ class Timeline:
                 rec = self._live.get(d.request_id)
                 if rec is not None:
                     rec.slo_class, rec.ttft_slo_s = d.slo_class, d.ttft_slo_s
+            elif isinstance(d, Overtaken):
+                rec = self._live.get(d.request_id)
+                if rec is not None:
+                    rec.overtaken.append((now, d.by_request_id))
 
     def note_failed(self, request_id: str, now: float) -> None:
         """The request failed (its own prefill raised on the worker): it ends here, apart from

@@ -65,6 +65,8 @@ class RequestTrace:
     requeues: list[tuple[float, str]] = field(default_factory=list)  # (time, why)
     # The unit its arrival asked to preempt (a Preempt in its Arrival's decisions), and when.
     preempt_asked: tuple[UnitTrace, float] | None = None
+    # (time, tighter-class request) each time it was moved behind one (events.Overtaken).
+    overtaken: list[tuple[float, str]] = field(default_factory=list)
 
 
 def request_dict(r: RequestTrace) -> dict[str, Any]:
@@ -92,6 +94,7 @@ def request_dict(r: RequestTrace) -> dict[str, Any]:
             for u, s, e, rest in r.stages
         ],
         "requeues": [{"at_s": t, "why": why} for t, why in r.requeues],
+        "overtaken": [{"at_s": t, "by": by} for t, by in r.overtaken],
         "preempt_asked": (
             None
             if r.preempt_asked is None

@@ -179,6 +179,10 @@ class WaitingWork:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._entries
 
+    def request_ids(self) -> list[str]:
+        """The requests indexed (a copy: callers may re-index them)."""
+        return list(self._entries)
+
     # ------------------------------------------------------------------ updates
 
     def add(self, rec: RequestRecord, now: float) -> None:

@@ -30,17 +30,20 @@ unit paused), ``between_chunks``, ``requeued`` (after an eviction or a lost work
    its unit paused, waiting between chunks, re-queued - *after* ``L`` is more than half of
    its scheduler lateness ``F - D``: most of its lateness is the policy deliberately putting
    a request that was already late behind feasible work (FlowPrefill demotes late requests).
-4. ``preemption_latency``: ``L`` is in ``queued`` and at ``L`` it was waiting on a preemption
+4. ``overtaken_by_tighter``: ``L`` is in ``queued`` or ``requeued`` and by ``L`` a
+   tighter-class arrival had been admitted ahead of it (``admission.overtake_looser``:
+   ``Overtaken``). The policy chose the tighter class's deadline over its own.
+5. ``preemption_latency``: ``L`` is in ``queued`` and at ``L`` it was waiting on a preemption
    decided for it at or before ``L`` whose victim had not stopped yet: the one whose paused
    worker its first unit took (``took_over``), or the one its own arrival asked for
    (``preempt_asked``; once it turned late FlowPrefill may give the worker back to the
    victim). Had the running unit stopped at once, it would have started in time; waiting for
    the victim to reach its next checkpoint made it late.
-5. ``queued_behind_higher_ranked``: ``L`` is in ``queued``, ``paused``, ``between_chunks`` or
+6. ``queued_behind_higher_ranked``: ``L`` is in ``queued``, ``paused``, ``between_chunks`` or
    ``requeued`` (it waited, while still feasible, for a worker busy with other work), or in
    ``run_start`` of a unit it ran alone (the prediction grew while it waited: the online
    correction rose).
-6. ``batch_overran``: otherwise ``L`` is in ``overran`` (its unit's actual compute exceeded
+7. ``batch_overran``: otherwise ``L`` is in ``overran`` (its unit's actual compute exceeded
    the prediction enough to carry it past ``D``) or in ``run_start`` of a batch (the batch it
    joined was predicted to end past its deadline).
 
@@ -55,6 +58,7 @@ from typing import Any
 
 CAUSES = (
     "infeasible_at_arrival",
+    "overtaken_by_tighter",
     "queued_behind_higher_ranked",
     "batch_overran",
     "paused_after_late",
@@ -120,6 +124,10 @@ def _verdict(req: dict[str, Any], units: dict[int, Any], now: float) -> dict[str
     verdict.update(turned_late_s=turned, turned_late_in=kind, stalled_after_late_s=stalled)
     if stalled > (first - deadline) / 2:
         cause = "paused_after_late"
+    elif kind in ("queued", "requeued") and any(
+        o["at_s"] <= turned + EPS for o in req.get("overtaken", ())
+    ):
+        cause = "overtaken_by_tighter"
     elif kind == "queued":
         waited_on_a_stop = _waiting_on_preemption(req, units, segments[0][5], turned)
         cause = "preemption_latency" if waited_on_a_stop else "queued_behind_higher_ranked"

@@ -91,20 +91,25 @@ class WorkEstimates:
             self._loads, self._loads_key = loads, key
         return self._loads
 
-    def work_ahead_s(self, deadline_s: float, now: float) -> float:
+    def work_ahead_s(
+        self, deadline_s: float, now: float, waiting: WaitingWork | None = None
+    ) -> float:
         """Predicted seconds until a request due at ``deadline_s`` would start, if every
         worker shared the work that runs before it under earliest-deadline-first: running
         units' remaining compute (under a preemptive policy only those due no later and still
         feasible), paused units due no later and still feasible, and waiting feasible
-        requests due no later (the ``queue`` admission estimate, O(units + log n))."""
+        requests due no later (the ``queue`` admission estimate, O(units + log n)).
+        ``waiting``: another waiting-work index (one tier's, overtaking.py) than the queue's."""
         total = 0.0
         # A running unit keeps its worker whatever its rank (flowprefill's preemption ablated).
         anyway = not (self.preemptive and self.config.preemption)
         for due, running, feasible, remaining in self._unit_loads(now):
             if (running and anyway) or (feasible and due <= deadline_s):
                 total += remaining
-        if self.waiting_work is not None:
-            total += self.waiting_work.work_before_s(deadline_s, now)
+        if waiting is None:  # (an empty index is falsy: test for None)
+            waiting = self.waiting_work
+        if waiting is not None:
+            total += waiting.work_before_s(deadline_s, now)
         return total / len(self.workers) if self.workers else float("inf")
 
     @property
@@ -112,16 +117,20 @@ class WorkEstimates:
         """Prefill workers known to the policy (the admission estimate spreads work over them)."""
         return len(self.workers)
 
-    def spare_work_s(self, deadline_s: float, now: float) -> float:
+    def spare_work_s(
+        self, deadline_s: float, now: float, waiting: WaitingWork | None = None
+    ) -> float:
         """Seconds of prefill a request due at ``deadline_s`` may add without pushing a
         protected waiting request due later past its deadline, charging every running unit
         and every feasible paused unit before that request (``inf`` when nothing is
-        protected or the ``queue`` estimate is off)."""
-        if self.waiting_work is None or not self.config.admission.protect_admitted:
+        protected or the ``queue`` estimate is off). ``waiting`` as in ``work_ahead_s``."""
+        if waiting is None:  # (an empty index is falsy: test for None)
+            waiting = self.waiting_work
+        if waiting is None or not self.config.admission.protect_admitted:
             return float("inf")
         busy = sum(
             remaining
             for _, running, feasible, remaining in self._unit_loads(now)
             if running or feasible
         )
-        return self.waiting_work.spare_work_s(deadline_s, now, len(self.workers), busy)
+        return waiting.spare_work_s(deadline_s, now, len(self.workers), busy)

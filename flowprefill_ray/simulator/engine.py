@@ -36,6 +36,7 @@ from flowprefill_ray.scheduling.events import (
     Discard,
     Downgrade,
     Event,
+    Overtaken,
     Preempt,
     Reject,
     Resume,
@@ -225,6 +226,8 @@ class Simulator:
                 self._reject(decision)
             elif isinstance(decision, Downgrade):
                 self._downgrade(decision)
+            elif isinstance(decision, Overtaken):
+                pass  # its rank moved, not its target: nothing to execute or re-account
             else:
                 raise PolicyContractError(f"unknown decision {decision!r}")
 
