@@ -124,3 +124,33 @@ def reserve_factor_sim(report: dict[str, Any]) -> str:
         refused = why_late_total(seeds, rates, "rejected")
         body.append([label, *two_tenant_cells(seeds, rates), str(refused)])
     return rows(two_tenant_header(report, rates) + ["refused (all rates, seeds)"], body)
+
+
+OVERTAKE_VARIANTS = {
+    "shipped": "shipped (protection on, no overtaking)",
+    "overtake": "+ `overtake_looser`",
+    "overtake_no_protect": "+ `overtake_looser`, no protection",
+}
+
+
+@table("overtake_sim", "overtake_sim.json")
+def overtake_sim(report: dict[str, Any]) -> str:
+    """why_late_sim's columns, then refusals per tenant and the relaxed misses the overtaking
+    caused (all rates and seeds)."""
+    rates = rate_keys(report)
+    body = []
+    for name, variant in report["variants"].items():
+        seeds = list(variant["seeds"].values())
+        refused = [
+            sum(s[r]["why_late"][cls]["rejected"] for s in seeds for r in rates)
+            for cls in ("urgent", "relaxed")
+        ]
+        overtaken = why_late_total(seeds, rates, "overtaken_by_tighter")
+        label = OVERTAKE_VARIANTS.get(name, name)
+        body.append([label, *two_tenant_cells(seeds, rates), " / ".join(map(str, refused)),
+                     str(overtaken)])
+    header = two_tenant_header(report, rates) + [
+        "refused urgent / relaxed (all rates, seeds)",
+        "missed for `overtaken_by_tighter`",
+    ]
+    return rows(header, body)

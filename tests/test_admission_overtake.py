@@ -15,7 +15,6 @@ from flowprefill_ray.scheduling import AdmissionConfig, PolicyConfig, SLOConfig,
 from flowprefill_ray.scheduling.events import Overtaken, Reject, UnitCompleted
 from flowprefill_ray.scheduling.slo import SLOClass
 from flowprefill_ray.scheduling.timeline import Timeline
-from flowprefill_ray.scheduling.waiting_work import BUCKET_S
 from flowprefill_ray.scheduling.why_late import why_late
 from flowprefill_ray.simulator.engine import Simulator
 from flowprefill_ray.simulator.experiment import fit_predictor, fresh_copy
@@ -47,25 +46,30 @@ def test_an_urgent_arrival_refused_for_looser_work_overtakes_it():
     p, refused = relaxed_waiting_behind_a_long_unit(overtake=False)
     assert isinstance(refused[0], Reject)  # 6 + 1 (long) + 1 (r1) + 1 > 8
     p, decisions = relaxed_waiting_behind_a_long_unit(overtake=True)
-    # Its own tier has only the running unit ahead: 6 + 1 + 1 <= 8. r1 moves behind it.
-    assert decisions == [Overtaken("r1", "u", 8.0 + BUCKET_S)]
-    assert p.requests["r1"].deadline_s == 8.0 + BUCKET_S
-    assert p.counters["overtaken"] == 1
+    # Its own tier has only the running unit ahead: 6 + 1 + 1 <= 8. r1 is demoted: out of
+    # the admission index, late in the queue, its deadline (by which it is judged) kept.
+    assert decisions == [Overtaken("r1", "u")]
+    assert "r1" not in p.waiting_work and p.requests["r1"].deadline_s == 8.0
+    assert p.counters["overtaken"] == 1 and p.waiting == 2
     # The worker frees at 7 s: u runs first (done at 8 s), then r1 (which now misses 8 s).
     assert p.on_event(UnitCompleted("w0", 1, 7.0), 7.0) == [run(2, "w0", ("u", 0, 1024))]
     assert p.on_event(UnitCompleted("w0", 2, 1.0), 8.0) == [run(3, "w0", ("r1", 0, 1024))]
 
 
-def test_only_enough_looser_work_moves_latest_queued_first():
+def test_only_enough_looser_work_is_demoted_largest_first():
     p = policy(slo=TWO, admission=admission(True))
     arrive(p, "long", 0.0, 7168, 7.5, "relaxed")
-    for rid in ("r1", "r2", "r3"):
-        assert arrive(p, rid, 0.0, 256, 8.0, "relaxed") == []  # 0.25 s each, due at 8 s
-    # 6 + 1 + 0.75 + 0.75 = 8.5 > 8: 0.5 s must move. The last queued (r3, then r2) cover
-    # it; r1 keeps its place.
+    for rid, tokens in (("r1", 512), ("r2", 256), ("r3", 256)):
+        assert arrive(p, rid, 0.0, tokens, 8.0, "relaxed") == []  # all due at 8 s
+    # 6 + 1 + 1 + 0.75 = 8.75 > 8: 0.75 s must go. r1 (0.5 s), then of the two equal ones
+    # the last queued (r3) cover it; r2 keeps its place.
     decisions = arrive(p, "u", 6.0, 768, 2.0, "urgent")
-    assert [d.request_id for d in decisions] == ["r3", "r2"]
-    assert p.requests["r1"].deadline_s == 8.0
+    assert decisions == [Overtaken("r1", "u"), Overtaken("r3", "u")]
+    assert "r2" in p.waiting_work and not p.requests["r2"].overtaken
+    # Served: r2 and u (feasible, both due at 8 s: r2 queued first; u still ends by 8 s),
+    # then the demoted ones.
+    order = [rec.request_id for rec in p.queue.in_order(6.0)]
+    assert order[:2] == ["r2", "u"] and sorted(order[2:]) == ["r1", "r3"]
 
 
 def test_the_loosest_class_and_explicit_targets_never_overtake():
@@ -112,3 +116,13 @@ def test_the_timeline_says_the_moved_request_was_overtaken():
     assert (verdict["request_id"], verdict["cause"]) == ("r1", "overtaken_by_tighter")
     exported = {r["request_id"]: r for r in timeline.export(None)["requests"]}
     assert exported["r1"]["overtaken"] == [{"at_s": 2.5, "by": "u"}]
+
+
+def test_a_demoted_request_stays_late_when_the_correction_falls():
+    p, _ = relaxed_waiting_behind_a_long_unit(overtake=True)
+    # Predictions halve: every late request whose deadline is ahead is re-scored, and r1
+    # (1 s, due at 8 s) would be feasible again, ahead of u by deadline. It stays demoted.
+    p.predictor.correction = 0.5
+    order = [rec.request_id for rec in p.queue.in_order(6.0)]
+    assert p.queue.rescores == 1
+    assert order == ["u", "r1"] and p.requests["r1"].queue_late

@@ -15,10 +15,10 @@ Admission. On ``Arrival`` a policy may answer ``Reject`` (the request is refused
 looser SLO class; its deadline is now ``arrival_s + ttft_slo_s`` of that class and every later
 decision uses it). A ``Downgrade`` always comes before any ``RunUnit`` that holds the request,
 in the same decision list; the executor tells the client and goes on as for an admitted request.
-With ``admission.overtake_looser`` an arrival of a tight class may also be admitted ahead of
-waiting requests of looser classes: each one it moves behind itself is named in an
-``Overtaken`` (its target in force is unchanged; only the order it is served in moves). An
-executor needs to do nothing with it; the timeline records it to explain a miss it causes.
+With ``admission.overtake_looser`` an arrival of a tight class may also be admitted at the
+expense of waiting requests of looser classes: each one it demotes behind all feasible work
+is named in an ``Overtaken`` (still admitted, still judged by its own target). An executor
+needs to do nothing with it; the timeline records it to explain the miss it will likely be.
 
 Memory. A worker joins with its KV memory budget in bytes (``kv_memory.py``); a policy forms
 units within it and may ``Discard`` a paused unit whose requests are still live, to free
@@ -193,14 +193,13 @@ class Downgrade:
 
 @dataclass(frozen=True, slots=True)
 class Overtaken:
-    """A waiting request of a looser SLO class is now served after ``by_request_id``, a
-    tighter-class arrival that would otherwise have been refused (``admission.overtake_looser``).
-    ``rank_deadline_s`` is the deadline it is ranked by from now on; its TTFT target in force,
-    by which it is judged, does not change."""
+    """A waiting request of a looser SLO class is demoted behind all feasible work, for good,
+    to make room for ``by_request_id``, a tighter-class arrival that would otherwise have been
+    refused (``admission.overtake_looser``). It stays admitted and is judged by its own
+    target; it runs when nothing feasible waits."""
 
     request_id: str
     by_request_id: str
-    rank_deadline_s: float
 
 
 Decision = Union[RunUnit, Preempt, Resume, Discard, Reject, Downgrade, Overtaken]

@@ -75,6 +75,9 @@ class FlowPrefillPolicy(Policy):
     def _enqueue(self, rec: RequestRecord, now: float) -> None:
         self.queue.push(rec, now)
 
+    def _demote(self, rec: RequestRecord) -> None:
+        self.queue.demote(rec)
+
     # ------------------------------------------------------------------ ranking
 
     def _unit_rank(self, u: UnitRecord, now: float) -> tuple[tuple[int, float], tuple[int, int]]:

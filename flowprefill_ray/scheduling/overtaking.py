@@ -1,21 +1,27 @@
-"""Tiering on demand: a tight-class arrival admitted ahead of looser classes' waiting work.
+"""Tiering on demand: a tight-class arrival admitted at the expense of looser waiting work.
 
 With ``admission.overtake_looser`` (admission.py), an arrival that the whole queue's estimate
 refuses is tested again against its own and tighter classes only. That needs the waiting-work
 index per tier: ``tier_work[T]`` holds the waiting requests whose target is at most ``T``, one
 index per SLO class target but the loosest (whose tier is the whole queue: ``waiting_work``).
 
-If it passes, looser waiting requests due before it are moved behind it, latest due first,
-until the whole queue's estimate fits: each gets a *rank deadline* just after the newcomer's
-(``RequestRecord.deadline_s``, re-keyed in the queue and the indexes) and an ``Overtaken``
-decision names it. Its target in force is unchanged, so it is still judged by its own
-deadline: if it misses, the timeline attributes it to the overtaking (``why_late.py``).
+If it passes, looser waiting requests due before it are *demoted*, largest first, until the
+whole queue's estimate fits: each leaves the indexes and joins FlowPrefill's late requests
+for good (served only when nothing feasible waits; ``RequestRecord.overtaken`` keeps a fall
+of the online correction from making it feasible again), and an ``Overtaken`` decision names
+it. It stays admitted and is still judged by its own target; if it misses, the timeline
+attributes the miss to the overtaking (``why_late.py``).
 
-Latest due first, because those have the most time left to absorb the newcomer's prefill and
-move the least: each lands a few milliseconds past the newcomer. Moving is exact in the
-indexes (a remove and an add, O(log n)); finding the candidates scans the waiting requests
-(O(n), n at most ``admission.max_waiting``), which happens only on an arrival the whole queue
-refuses. FlowPrefill only: re-keying relies on its queue's lazily deleted entries.
+Why demote rather than only move them behind the newcomer: a request moved behind it had, by
+the same estimate, little chance left of its own deadline, yet kept its rank over every
+looser request that still had one. In the two-tenant simulation that cascade cost the
+relaxed tenant a third of its attainment and the run a fifth of its goodput (commit d5d52f0,
+docs/results/overtake_sim.json). Largest first, because each demoted request is one miss:
+the fewest requests free the room.
+
+Finding the candidates scans the waiting requests (O(n), n at most ``admission.max_waiting``),
+only on an arrival the whole queue refuses; each demotion is O(log n). FlowPrefill only: it
+is the policy with a late queue to demote into.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 from .events import Decision, Overtaken
-from .waiting_work import BUCKET_S, WaitingWork
+from .waiting_work import WaitingWork
 
 if TYPE_CHECKING:
     from .admission import AdmissionControl
@@ -48,7 +54,7 @@ class Overtaking:
     waiting_work: WaitingWork | None
     requests: dict[str, RequestRecord]
     counters: dict[str, int]
-    _enqueue: Callable[[RequestRecord, float], None]
+    _demote: Callable[[RequestRecord], None]  # FlowPrefill's: into the late queue for good
 
     def _init_overtaking(self) -> None:
         self.tier_work: dict[float, WaitingWork] = {}
@@ -77,36 +83,32 @@ class Overtaking:
             index.remove(request_id)
 
     def _overtake(self, rec: RequestRecord, work_s: float, now: float, out: list[Decision]):
-        """Move looser waiting requests due before ``rec`` behind it, latest due first, until
-        ``work_s`` seconds of their predicted prefill have moved (or none is left)."""
+        """Demote looser waiting requests due before ``rec``, largest first, until ``work_s``
+        seconds of their predicted prefill are out of its way (or none is left)."""
         index = self.waiting_work
         if work_s <= 0.0 or index is None:
             return
         headroom = self.config.admission.headroom
         due = rec.deadline_s - headroom * rec.ttft_slo_s  # where it stands in the indexes
-
-        def indexed_due(v: RequestRecord) -> float:
-            return v.deadline_s - headroom * v.ttft_slo_s
-
+        predict = self.predictor.predict
         candidates = [
-            v
+            (predict(v.remaining_tokens), v.tiebreak, v)
             for v in map(self.requests.__getitem__, index.request_ids())
-            if v.ttft_slo_s > rec.ttft_slo_s and indexed_due(v) <= due
+            if v.ttft_slo_s > rec.ttft_slo_s and v.deadline_s - headroom * v.ttft_slo_s <= due
         ]
-        # Latest due first; among equals, the latest queued (the order the queue serves them).
-        candidates.sort(key=lambda v: (indexed_due(v), v.tiebreak), reverse=True)
-        moved = 0.0
-        for v in candidates:
-            if moved >= work_s:
+        # Largest first; among equals the latest queued (the last the queue would serve).
+        candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
+        freed = 0.0
+        for work, _, v in candidates:
+            if freed >= work_s:
                 break
-            moved += self.predictor.predict(v.remaining_tokens)
-            # One bucket past the newcomer in the indexes, hence after it in the queue too.
-            v.deadline_s = due + headroom * v.ttft_slo_s + BUCKET_S
-            index.add(v, now)  # replaces its entry
-            self._tiers_add(v, now)
-            self._enqueue(v, now)  # a fresh queue entry; the old one goes stale
+            freed += work
+            index.remove(v.request_id)
+            self._tiers_remove(v.request_id)
+            v.overtaken = True
+            self._demote(v)
             self.counters["overtaken"] += 1
-            out.append(Overtaken(v.request_id, rec.request_id, v.deadline_s))
+            out.append(Overtaken(v.request_id, rec.request_id))
 
 
 class _TierView:

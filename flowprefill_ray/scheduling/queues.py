@@ -124,6 +124,12 @@ class SlackQueue:
         rec.queue_late = self.slack_s(rec, now) < 0.0
         self.unpop(rec)
 
+    def demote(self, rec: RequestRecord) -> None:
+        """Queue a waiting request as late whatever its slack, for good: a request a
+        tighter class overtook (overtaking.py) is served only when nothing feasible waits."""
+        rec.queue_late = True
+        self.unpop(rec)
+
     def unpop(self, rec: RequestRecord) -> None:
         """Put back a request popped during this same event, where it was (no rescoring:
         its slack has not changed since)."""
@@ -159,12 +165,18 @@ class SlackQueue:
                 # heap holds them first (latest deadline on top), so the walk stops early.
                 late = heaps.late
                 again: list[RequestRecord] = []
+                kept: list[RequestRecord] = []
                 while late and -late[0][0] >= now:
                     _, _, token, rec = heapq.heappop(late)
                     if rec.queue_token == token and rec.status is _WAITING:
-                        again.append(rec)
+                        if rec.overtaken:  # demoted for good; keep it where it was
+                            kept.append(rec)
+                        else:
+                            again.append(rec)
                 for rec in again:
                     self.push(rec, now)
+                for rec in kept:
+                    self.unpop(rec)
 
     def _top(self, heaps: _FeasibleLateHeaps, now: float) -> RequestRecord | None:
         """The best valid request of one pair (``rec.queue_late`` says which heap)."""

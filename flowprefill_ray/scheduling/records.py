@@ -30,9 +30,7 @@ class RequestRecord:
     request: Request
     request_id: str
     arrival_s: float
-    # arrival_s + ttft_slo_s (after a downgrade, of the new class); once overtaken by a
-    # tighter class (overtaking.py), the later deadline it is ranked by
-    deadline_s: float
+    deadline_s: float  # arrival_s + ttft_slo_s (after a downgrade, of the new class)
     ttft_slo_s: float
     slo_class: str  # the request's class, or the class it was downgraded to
     prompt_tokens: int
@@ -44,6 +42,7 @@ class RequestRecord:
     unit_id: int | None = None  # running or paused unit containing it
     queue_token: int = 0  # id of its live queue entry; 0 = not queued; older entries are stale
     queue_late: bool = False  # flowprefill: queued (or last popped) as infeasible
+    overtaken: bool = False  # demoted for a tighter class's arrival (overtaking.py), for good
     # Prefix caching (prefix_routing.py): prompt tokens a worker's cache serves - the best
     # worker's on arrival, the chosen worker's once started; never computed, so never priced.
     cached_tokens: int = 0
