@@ -147,8 +147,9 @@ def overtake_sim(report: dict[str, Any]) -> str:
         ]
         overtaken = why_late_total(seeds, rates, "overtaken_by_tighter")
         label = OVERTAKE_VARIANTS.get(name, name)
-        body.append([label, *two_tenant_cells(seeds, rates), " / ".join(map(str, refused)),
-                     str(overtaken)])
+        body.append(
+            [label, *two_tenant_cells(seeds, rates), " / ".join(map(str, refused)), str(overtaken)]
+        )
     header = two_tenant_header(report, rates) + [
         "refused urgent / relaxed (all rates, seeds)",
         "missed for `overtaken_by_tighter`",
