@@ -128,8 +128,7 @@ def reserve_factor_sim(report: dict[str, Any]) -> str:
 
 OVERTAKE_VARIANTS = {
     "shipped": "shipped (protection on, no overtaking)",
-    "overtake": "+ `overtake_looser`",
-    "overtake_no_protect": "+ `overtake_looser`, no protection",
+    "overtake": "+ `overtake_looser` (demoting the overtaken)",
 }
 
 
