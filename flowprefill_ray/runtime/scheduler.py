@@ -345,8 +345,8 @@ class Scheduler:
         elif isinstance(decision, Downgrade):
             self._downgrade(decision)
         elif isinstance(decision, Overtaken):
-            # Only its rank moved (the timeline keeps who overtook it); it is still judged
-            # by its own target.
+            # The policy demoted it behind all feasible work (the timeline keeps who
+            # overtook it); nothing to tell a worker, and it is still judged by its own target.
             self._counts["overtaken"] += 1
         else:  # pragma: no cover - the contract has no other decisions
             raise TypeError(f"unknown decision {decision!r}")
