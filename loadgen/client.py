@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -81,6 +82,37 @@ def request_headers(endpoint: EndpointConfig, planned: PlannedRequest) -> dict[s
     if endpoint.send_slo:
         headers["X-SLO-Class"] = planned.slo_class
     return headers
+
+
+# The SSE grammar ends a line at CRLF, LF or CR, and nowhere else.
+_SSE_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The lines of an SSE stream from its decoded text chunks, split at CRLF, LF or CR only.
+
+    Not httpx's ``aiter_lines``: that splits like ``str.splitlines``, also at U+2028, U+2029,
+    NEL and other separators, which JSON may carry unescaped inside a string. vLLM and our
+    server both stream text that way (``ensure_ascii=False``), so a token that decoded to
+    one cut a valid data line in two and the request was recorded as an error: two requests
+    per vLLM session in every peer run before this fix (none of ours there).
+    """
+    pending = ""
+    async for chunk in chunks:
+        text = pending + chunk
+        # A CR at the end of a chunk may be the first half of a CRLF: decide with the next.
+        held_cr = text.endswith("\r")
+        if held_cr:
+            text = text[:-1]
+        *lines, pending = _SSE_LINE_END.split(text)
+        if held_cr:
+            pending += "\r"
+        for line in lines:
+            yield line
+    if pending:
+        for line in _SSE_LINE_END.split(pending):
+            if line:
+                yield line
 
 
 async def sse_payloads(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
@@ -176,7 +208,7 @@ async def _stream_into(
                 record.error = _error_message(text)
                 record.end_s = clock()
                 return
-            async for payload in sse_payloads(response.aiter_lines()):
+            async for payload in sse_payloads(sse_lines(response.aiter_text())):
                 _record_chunk(record, payload, clock())
         record.end_s = clock()
         if record.output_tokens == 0:

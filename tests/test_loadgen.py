@@ -39,7 +39,7 @@ from loadgen import (
 from loadgen.cli import build_parser as loadgen_parser
 from loadgen.cli import configs_from_args
 from loadgen.cli import main as loadgen_main
-from loadgen.client import sse_payloads
+from loadgen.client import sse_lines, sse_payloads
 from loadgen.config import parse_priority_spec
 from loadgen.plan import load_trace_workload, plan_requests, ttft_targets
 from loadgen.replay_args import add_replay_arguments, replay_config
@@ -90,6 +90,10 @@ class StreamingServer:
                 )
             n_tokens = body["max_tokens"]
             endless = body["model"] == "endless"
+            # vLLM's way: non-ASCII text unescaped (U+2028, NEL, U+2029 are legal raw in a
+            # JSON string) and CRLF line ends.
+            vllm_like = body["model"] == "separators"
+            eol = "\r\n" if vllm_like else "\n"
 
             async def stream():
                 prefill_s = PREFILL_S_PER_TOKEN * len(body["prompt"])
@@ -103,11 +107,12 @@ class StreamingServer:
                 while endless or i < n_tokens:
                     if i:
                         await asyncio.sleep(ITL_S)
+                    text = f" t{i}\u2028\x85\u2029" if vllm_like else f" t{i}"
                     chunk = {
                         "object": "text_completion",
-                        "choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}],
+                        "choices": [{"index": 0, "text": text, "finish_reason": None}],
                     }
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    yield f"data: {json.dumps(chunk, ensure_ascii=not vllm_like)}{eol}{eol}"
                     i += 1
                 # The usage-only last chunk, with our server's scheduling extension.
                 tail = {
@@ -115,9 +120,9 @@ class StreamingServer:
                     "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": n_tokens},
                     "flowprefill": {"preemptions": 1, "queue_s": 0.005},
                 }
-                yield ": a comment line clients must skip\n\n"
-                yield f"data: {json.dumps(tail)}\n\n"
-                yield "data: [DONE]\n\n"
+                yield f": a comment line clients must skip{eol}{eol}"
+                yield f"data: {json.dumps(tail)}{eol}{eol}"
+                yield f"data: [DONE]{eol}{eol}"
 
             return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -336,6 +341,33 @@ def test_unreachable_endpoint_is_recorded_not_raised():
     endpoint = EndpointConfig(base_url=f"http://127.0.0.1:{port}", model="m")
     result = asyncio.run(run_open_loop(endpoint, ReplayConfig(), plan, progress=False))
     assert result.records[0].status == "error" and "Connect" in result.records[0].error
+
+
+def test_a_stream_with_unicode_line_separators_in_its_json_is_recorded_whole(server):
+    """U+2028, NEL and U+2029 inside a JSON string, CRLF line ends (vLLM streams them so):
+    every token is counted and the request is ok, not an error for a cut data line."""
+    plan = _plan((0.0, 10, 4, "text", 5.0))
+    result = asyncio.run(
+        run_open_loop(_endpoint(server, model="separators"), ReplayConfig(), plan, progress=False)
+    )
+    (record,) = result.records
+    assert (record.status, record.error) == ("ok", None)
+    assert record.output_tokens == 4 and len(record.token_times_s) == 4
+    assert record.server == {"preemptions": 1, "queue_s": 0.005}
+
+
+def test_sse_lines_split_at_crlf_lf_and_cr_only_across_chunk_boundaries():
+    async def collect(chunks):
+        async def gen():
+            for chunk in chunks:
+                yield chunk
+
+        return [line async for line in sse_lines(gen())]
+
+    # A CRLF split between chunks is one line end; a lone CR or LF is one too.
+    got = asyncio.run(collect(["data: a\u2028b\x85c\r", "\n\r\ndata: d\re", "f\n\nda", "ta: g\r"]))
+    assert got == ["data: a\u2028b\x85c", "", "data: d", "ef", "", "data: g"]
+    assert asyncio.run(collect(["data: x"])) == ["data: x"]  # an unterminated last line
 
 
 def test_sse_parser_skips_comments_stops_at_done_and_rejects_garbage():
