@@ -89,6 +89,8 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _client(http, body_of, stop_at: float, measure_from: float, samples: list) -> None:
+    from loadgen.client import sse_lines
+
     while (now := time.monotonic()) < stop_at:
         sent = now
         first = None
@@ -96,7 +98,7 @@ async def _client(http, body_of, stop_at: float, measure_from: float, samples: l
             async with http.stream("POST", "/v1/completions", json=body_of()) as response:
                 replica = response.headers.get(REPLICA_HEADER, "?")
                 ok = response.status_code == 200
-                async for line in response.aiter_lines():
+                async for line in sse_lines(response.aiter_text()):
                     if first is None and line.startswith("data: "):
                         first = time.monotonic()
                     if line == "data: [DONE]":

@@ -39,6 +39,7 @@ from cli_json import json_object
 
 from flowprefill_ray.process_env import apply_defaults
 from flowprefill_ray.request_clock import CLIENT_RECEIVED, CLIENT_SENT, hop_segments
+from loadgen.client import sse_lines_of
 from loadgen.stats import percentile
 
 apply_defaults()  # before Ray starts: loopback, front end at nice 0, no hub
@@ -174,7 +175,7 @@ def send(http, model: str, tokens: list[int], max_tokens: int, stream: bool) -> 
         ttft, received_wall, server = None, None, None
         with http.stream("POST", "/v1/completions", json=body) as response:
             response.raise_for_status()
-            for line in response.iter_lines():
+            for line in sse_lines_of(response.iter_text()):
                 if not line.startswith("data: "):
                     continue
                 if ttft is None:

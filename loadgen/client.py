@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -88,31 +88,53 @@ def request_headers(endpoint: EndpointConfig, planned: PlannedRequest) -> dict[s
 _SSE_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
-async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The lines of an SSE stream from its decoded text chunks, split at CRLF, LF or CR only.
+class SSELineSplitter:
+    """Splits the decoded text chunks of an SSE stream into lines at CRLF, LF or CR only.
 
-    Not httpx's ``aiter_lines``: that splits like ``str.splitlines``, also at U+2028, U+2029,
-    NEL and other separators, which JSON may carry unescaped inside a string. vLLM and our
-    server both stream text that way (``ensure_ascii=False``), so a token that decoded to
-    one cut a valid data line in two and the request was recorded as an error: two requests
-    per vLLM session in every peer run before this fix (none of ours there).
+    Not httpx's ``iter_lines``/``aiter_lines``: they split like ``str.splitlines``, also at
+    U+2028, U+2029, NEL and other separators, which JSON may carry unescaped inside a string.
+    vLLM and our server both stream text that way (``ensure_ascii=False``), so a token that
+    decoded to one cut a valid data line in two and the request was recorded as an error:
+    up to two requests per vLLM trial in every peer run before this fix (none of ours there).
     """
-    pending = ""
-    async for chunk in chunks:
-        text = pending + chunk
+
+    def __init__(self) -> None:
+        self._pending = ""
+
+    def feed(self, chunk: str) -> list[str]:
+        """The lines ``chunk`` completes."""
+        text = self._pending + chunk
         # A CR at the end of a chunk may be the first half of a CRLF: decide with the next.
         held_cr = text.endswith("\r")
         if held_cr:
             text = text[:-1]
-        *lines, pending = _SSE_LINE_END.split(text)
+        *lines, self._pending = _SSE_LINE_END.split(text)
         if held_cr:
-            pending += "\r"
-        for line in lines:
+            self._pending += "\r"
+        return lines
+
+    def close(self) -> list[str]:
+        """The last line, if the stream ended without a line end."""
+        pending, self._pending = self._pending, ""
+        return [line for line in _SSE_LINE_END.split(pending) if line] if pending else []
+
+
+def sse_lines_of(chunks: Iterable[str]) -> Iterator[str]:
+    """``SSELineSplitter`` over a synchronous stream (``httpx.Response.iter_text()``)."""
+    splitter = SSELineSplitter()
+    for chunk in chunks:
+        yield from splitter.feed(chunk)
+    yield from splitter.close()
+
+
+async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``SSELineSplitter`` over an asynchronous stream (``aiter_text()``)."""
+    splitter = SSELineSplitter()
+    async for chunk in chunks:
+        for line in splitter.feed(chunk):
             yield line
-    if pending:
-        for line in _SSE_LINE_END.split(pending):
-            if line:
-                yield line
+    for line in splitter.close():
+        yield line
 
 
 async def sse_payloads(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:

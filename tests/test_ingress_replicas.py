@@ -19,6 +19,7 @@ from conftest_ray import free_port, tiny_runtime_args
 from waiting import wait_until
 
 from flowprefill_ray.serve.app import REPLICA_HEADER
+from loadgen.client import sse_lines
 
 pytestmark = pytest.mark.ray
 
@@ -132,7 +133,7 @@ class _Stream:
             async with http.stream("POST", "/v1/completions", json=body) as response:
                 assert response.status_code == 200
                 self.replica = response.headers[REPLICA_HEADER]
-                async for line in response.aiter_lines():
+                async for line in sse_lines(response.aiter_text()):
                     if line.startswith("data: "):
                         data = line[6:]
                         self.payloads.append(data if data == "[DONE]" else json.loads(data))

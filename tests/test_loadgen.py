@@ -39,7 +39,7 @@ from loadgen import (
 from loadgen.cli import build_parser as loadgen_parser
 from loadgen.cli import configs_from_args
 from loadgen.cli import main as loadgen_main
-from loadgen.client import sse_lines, sse_payloads
+from loadgen.client import sse_lines, sse_lines_of, sse_payloads
 from loadgen.config import parse_priority_spec
 from loadgen.plan import load_trace_workload, plan_requests, ttft_targets
 from loadgen.replay_args import add_replay_arguments, replay_config
@@ -365,8 +365,10 @@ def test_sse_lines_split_at_crlf_lf_and_cr_only_across_chunk_boundaries():
         return [line async for line in sse_lines(gen())]
 
     # A CRLF split between chunks is one line end; a lone CR or LF is one too.
-    got = asyncio.run(collect(["data: a\u2028b\x85c\r", "\n\r\ndata: d\re", "f\n\nda", "ta: g\r"]))
-    assert got == ["data: a\u2028b\x85c", "", "data: d", "ef", "", "data: g"]
+    chunks = ["data: a\u2028b\x85c\r", "\n\r\ndata: d\re", "f\n\nda", "ta: g\r"]
+    expected = ["data: a\u2028b\x85c", "", "data: d", "ef", "", "data: g"]
+    assert asyncio.run(collect(chunks)) == expected
+    assert list(sse_lines_of(chunks)) == expected  # the synchronous twin, same splitter
     assert asyncio.run(collect(["data: x"])) == ["data: x"]  # an unterminated last line
 
 

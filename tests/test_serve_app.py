@@ -25,6 +25,7 @@ from waiting import wait_until
 from flowprefill_ray.model import load_tokenizer
 from flowprefill_ray.runtime.config import ModelSource
 from flowprefill_ray.runtime.model_source import checkpoint_path
+from loadgen.client import sse_lines_of
 
 pytestmark = pytest.mark.ray
 
@@ -764,7 +765,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_decode_slot(live_app):
             },
         ) as response,
     ):
-        lines = response.iter_lines()
+        lines = sse_lines_of(response.iter_text())
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["text"] is not None
         wait_until(
