@@ -356,46 +356,41 @@ def test_a_stream_with_unicode_line_separators_in_its_json_is_recorded_whole(ser
     assert record.server == {"preemptions": 1, "queue_s": 0.005}
 
 
-def test_sse_lines_split_at_crlf_lf_and_cr_only_across_chunk_boundaries():
-    async def collect(chunks):
-        async def gen():
-            for chunk in chunks:
-                yield chunk
+def _drain(stage, items: list[str]) -> list:
+    """What the async stream stage ``stage`` yields when fed ``items``."""
 
-        return [line async for line in sse_lines(gen())]
+    async def feed():
+        for item in items:
+            yield item
+
+    async def collect():
+        return [out async for out in stage(feed())]
+
+    return asyncio.run(collect())
+
+
+def test_sse_lines_split_at_crlf_lf_and_cr_only_across_chunk_boundaries():
+    def collect(chunks):
+        return _drain(sse_lines, chunks)
 
     # A CRLF split between chunks is one line end; a lone CR or LF is one too.
     chunks = ["data: a\u2028b\x85c\r", "\n\r\ndata: d\re", "f\n\nda", "ta: g\r"]
     expected = ["data: a\u2028b\x85c", "", "data: d", "ef", "", "data: g"]
-    assert asyncio.run(collect(chunks)) == expected
+    assert collect(chunks) == expected
     assert list(sse_lines_of(chunks)) == expected  # the synchronous twin, same splitter
-    assert asyncio.run(collect(["data: x"])) == ["data: x"]  # an unterminated last line
+    assert collect(["data: x"]) == ["data: x"]  # an unterminated last line
 
 
 def test_sse_parser_skips_comments_stops_at_done_and_rejects_garbage():
-    async def collect(lines):
-        async def gen():
-            for line in lines:
-                yield line
+    def collect(lines):
+        return _drain(sse_payloads, lines)
 
-        return [p async for p in sse_payloads(gen())]
-
-    got = asyncio.run(
-        collect(
-            [
-                ": hi",
-                "",
-                'data: {"a": 1}',
-                "event: x",
-                'data:{"b":2}',
-                "data: [DONE]",
-                'data: {"c": 3}',
-            ]
-        )
+    got = collect(
+        [": hi", "", 'data: {"a": 1}', "event: x", 'data:{"b":2}', "data: [DONE]", 'data: {"c": 3}']
     )
     assert got == [{"a": 1}, {"b": 2}]
     with pytest.raises(ValueError, match="not JSON"):
-        asyncio.run(collect(["data: {broken"]))
+        collect(["data: {broken"])
 
 
 def test_plan_from_the_azure_trace_is_deterministic_scaled_and_classed():
