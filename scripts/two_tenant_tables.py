@@ -28,9 +28,12 @@ def rate_keys(report: dict[str, Any]) -> list[str]:
     return [f"x{r:g}" for r in report["args"]["rate"]]
 
 
-def why_late_total(seeds: list[dict[str, Any]], rates: list[str], key: str) -> int:
-    """One why-late count (a cause, or ``rejected``) summed over every seed and rate."""
-    return sum(s[r]["why_late"]["all"][key] for s in seeds for r in rates)
+def why_late_total(
+    seeds: list[dict[str, Any]], rates: list[str], key: str, cls: str = "all"
+) -> int:
+    """One why-late count (a cause, or ``rejected``) of class ``cls`` (``all``: every class)
+    summed over every seed and rate."""
+    return sum(s[r]["why_late"][cls][key] for s in seeds for r in rates)
 
 
 def class_attainment(seed: dict[str, Any], rate: str, cls: str) -> float:
@@ -140,10 +143,7 @@ def overtake_sim(report: dict[str, Any]) -> str:
     body = []
     for name, variant in report["variants"].items():
         seeds = list(variant["seeds"].values())
-        refused = [
-            sum(s[r]["why_late"][cls]["rejected"] for s in seeds for r in rates)
-            for cls in ("urgent", "relaxed")
-        ]
+        refused = [why_late_total(seeds, rates, "rejected", cls) for cls in ("urgent", "relaxed")]
         overtaken = why_late_total(seeds, rates, "overtaken_by_tighter")
         label = OVERTAKE_VARIANTS.get(name, name)
         body.append(

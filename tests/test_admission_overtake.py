@@ -1,7 +1,7 @@
 """``admission.overtake_looser``: a tight-class arrival admitted ahead of looser waiting work.
 
 Hand-driven policies use the linear predictor of ``policy_helpers`` (1024 tokens take exactly
-1 s); the end-to-end case runs the simulator with a timeline and asks why the moved request
+1 s); the end-to-end case runs the simulator with a timeline and asks why the demoted request
 was late.
 """
 
@@ -95,7 +95,7 @@ def test_policies_that_cannot_re_rank_refuse_as_before(name):
     assert p.tier_work == {}
 
 
-def test_the_timeline_says_the_moved_request_was_overtaken():
+def test_the_timeline_says_the_demoted_request_was_overtaken():
     cost = linear_cost_model()  # 4e-4 s per token: 2500 tokens take 1 s
     p = make_policy(
         PolicyConfig(online_correction=False, admission=admission(True)),

@@ -57,11 +57,12 @@ Two checks, in this order:
    by the tests above, is tested once more as if only its own and tighter classes were
    waiting (their waiting work, its protection; running and paused units all count). If it
    passes, it is admitted ahead of the looser classes (tiering): looser waiting requests due
-   before it, latest first, are moved behind it until the whole queue's estimate fits
-   (``Overtaken``, one per request moved; see ``overtaking.py``), and looser requests due after
-   it may be pushed past their deadlines. The tight class's promise is kept at the cost of
-   the loose one's, and only when the two collide: a reservation (above) pays for collisions
-   that may never come. FlowPrefill only (it needs the SlackQueue's re-keying).
+   before it, largest predicted prefill first, are demoted behind all feasible work until the
+   whole queue's estimate fits (``Overtaken``, one per request demoted; see ``overtaking.py``),
+   and looser requests due after it may be pushed past their deadlines. The tight class's
+   promise is kept at the cost of the loose one's, and only when the two collide: a
+   reservation (above) pays for collisions that may never come. FlowPrefill only (it needs
+   the late queue to demote into).
 
    On a predicted miss ``reject`` refuses the request; ``downgrade`` moves it to the tightest
    looser SLO class (larger TTFT target) of the policy's ``SLOConfig`` under which the same
@@ -155,7 +156,7 @@ class AdmissionConfig(BaseModel):
         False,
         description="queue, flowprefill: admit a request that would be refused ahead of "
         "waiting requests of looser SLO classes when its own and tighter classes' work "
-        "leaves it room; the looser requests it moves behind itself may miss (tiering)",
+        "leaves it room; the looser requests it demotes behind feasible work may miss (tiering)",
     )
     headroom: float = Field(
         0.0,

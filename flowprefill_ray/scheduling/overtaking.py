@@ -15,8 +15,8 @@ attributes the miss to the overtaking (``why_late.py``).
 Why demote rather than only move them behind the newcomer: a request moved behind it had, by
 the same estimate, little chance left of its own deadline, yet kept its rank over every
 looser request that still had one. In the two-tenant simulation that cascade cost the
-relaxed tenant a third of its attainment and the run a fifth of its goodput (commit d5d52f0,
-docs/results/overtake_sim.json). Largest first, because each demoted request is one miss:
+relaxed tenant up to a third of its attainment and the run a fifth of its goodput (commit
+df0c68d, docs/results/overtake_move_sim.json). Largest first, because each demoted request is one miss:
 the fewest requests free the room.
 
 Finding the candidates scans the waiting requests (O(n), n at most ``admission.max_waiting``),

@@ -65,7 +65,7 @@ class RequestTrace:
     requeues: list[tuple[float, str]] = field(default_factory=list)  # (time, why)
     # The unit its arrival asked to preempt (a Preempt in its Arrival's decisions), and when.
     preempt_asked: tuple[UnitTrace, float] | None = None
-    # (time, tighter-class request) each time it was moved behind one (events.Overtaken).
+    # (time, tighter-class request) each time one overtook it (events.Overtaken: demoted).
     overtaken: list[tuple[float, str]] = field(default_factory=list)
 
 

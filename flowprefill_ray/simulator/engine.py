@@ -227,7 +227,7 @@ class Simulator:
             elif isinstance(decision, Downgrade):
                 self._downgrade(decision)
             elif isinstance(decision, Overtaken):
-                pass  # its rank moved, not its target: nothing to execute or re-account
+                pass  # demoted in the queue, its target kept: nothing to execute or re-account
             else:
                 raise PolicyContractError(f"unknown decision {decision!r}")
 
