@@ -137,7 +137,9 @@ def _panels() -> list[dict[str, Any]]:
         ),
         _panel(
             "Goodput (SLO-meeting requests/s)",
-            "Requests per second that met their TTFT SLO, beside all finished requests.",
+            "Requests per second that met their TTFT SLO, beside all finished requests, those "
+            "refused (HTTP 429) and those demoted behind a tighter class "
+            "(admission.overtake_looser), per class.",
             "reqps",
             # `or vector(0)` / `or`: a line at 0 rather than none before the first event.
             [
@@ -147,6 +149,10 @@ def _panels() -> list[dict[str, Any]]:
                 (
                     _rate("flowprefill_requests_rejected_total", "slo_class"),
                     "rejected {{slo_class}}",
+                ),
+                (
+                    _rate("flowprefill_requests_overtaken_total", "slo_class"),
+                    "overtaken {{slo_class}}",
                 ),
             ],
         ),

@@ -230,6 +230,15 @@ def test_rejections_and_failures_are_series_at_zero_from_start_up(dashboard, rec
     assert per_class["text"] == pytest.approx(12 / 30) and per_class["search"] == 0.0
 
 
+def test_overtaken_requests_are_a_series_per_class_from_start_up(dashboard, recording):
+    overtaken = _target(dashboard, "Goodput", "overtaken {{slo_class}}")
+    # Zero-initialised by the engine like the rejections: every class from start-up, at 0
+    # until a request of it is demoted (the recording demotes one text request per scrape).
+    assert set(_at(overtaken, recording, 2 * STEP_S)) == set(recording.classes)
+    healthy = _at(overtaken, recording, HEALTHY_AT_S)
+    assert healthy == {"text": pytest.approx(1 / STEP_S), "image": 0.0, "search": 0.0, "file": 0.0}
+
+
 def test_prefill_batch_size_median_is_the_integer_batch_size(dashboard, recording):
     expr = _target(dashboard, "Prefill batch size", "requests p50")
     # 10 units of 1 request, 12 of 2, 3 of 3: the median unit holds 2.

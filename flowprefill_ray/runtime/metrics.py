@@ -223,6 +223,13 @@ METRICS: tuple[MetricSpec, ...] = (
         "(slo_class: the class asked for; served_class: the class served).",
         ("slo_class", "served_class"),
     ),
+    MetricSpec(
+        "flowprefill_requests_overtaken_total",
+        "counter",
+        "Admitted requests demoted behind a tighter class's arrival (admission.overtake_looser): "
+        "still served, still judged by their own class's target (slo_class: theirs).",
+        ("slo_class",),
+    ),
     MetricSpec("flowprefill_prompt_tokens_total", "counter", "Prompt tokens prefilled.", ()),
     MetricSpec("flowprefill_generation_tokens_total", "counter", "Tokens generated.", ()),
     # --- prefill scheduling (scheduler actor)

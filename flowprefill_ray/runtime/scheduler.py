@@ -345,9 +345,12 @@ class Scheduler:
         elif isinstance(decision, Downgrade):
             self._downgrade(decision)
         elif isinstance(decision, Overtaken):
-            # The policy demoted it behind all feasible work (the timeline keeps who
-            # overtook it); nothing to tell a worker, and it is still judged by its own target.
+            # Demoted behind all feasible work (the timeline keeps by whom): nothing to tell a
+            # worker, and it is still judged by its own target.
             self._counts["overtaken"] += 1
+            if (tracked := self._requests.get(decision.request_id)) is not None:
+                cls = tracked.request.slo_class
+                self._metrics.inc("flowprefill_requests_overtaken_total", slo_class=cls)
         else:  # pragma: no cover - the contract has no other decisions
             raise TypeError(f"unknown decision {decision!r}")
 
