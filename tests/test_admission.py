@@ -134,6 +134,31 @@ def test_admission_protects_admitted_requests_due_later():
     assert arrive(unprotected, "urgent", 0.0, 1536, 5.5) == []
 
 
+def test_protect_units_keeps_a_running_or_paused_unit_due_later_on_time():
+    """Without it a request is protected only while it waits: a tighter arrival passes on its
+    own deadline and preempts the running unit past its own. With it the unit's most urgent
+    feasible member is protected wherever the unit is, and a late unit is not."""
+    for protect_units, admitted in ((False, True), (True, False)):
+        p = policy(admission=reject_with("queue", protect_units=protect_units))
+        assert arrive(p, "loose", 0.0, 3072, 4.0) == [run(1, "w0", ("loose", 0, 3072))]
+        # 1.5 s due at 2 s makes it by preempting; the unit (3 s due at 4 s) would end at 4.5 s.
+        decisions = arrive(p, "urgent", 0.0, 1536, 2.0)
+        assert (decisions[0] == Preempt("w0", 1)) is admitted, decisions
+        if not admitted:
+            (refused,) = decisions
+            assert refused.reason == (
+                "its prefill (1.500s) would push an admitted request past its deadline "
+                "(room for 1.000s before it)"
+            )
+    # 1 s fits exactly: admitted, the unit is paused; the paused unit is protected too.
+    assert arrive(p, "fits", 0.0, 1024, 2.0) == [Preempt("w0", 1), run(2, "w0", ("fits", 0, 1024))]
+    assert p.on_event(UnitPaused("w0", 1, 0.0), 0.0) == []
+    assert isinstance(arrive(p, "more", 0.0, 512, 3.0)[0], Reject)  # 0.5 s > 0 s of room
+    # Past 1 s the paused unit (3 s left, due at 4 s) is late: no longer protected.
+    assert p.spare_work_s(3.5, 1.5) == math.inf
+    assert p.units_spare_s(3.5, 0.5, p.waiting_work) == 0.0
+
+
 def test_headroom_admits_only_with_that_share_of_the_target_to_spare():
     """With headroom 0.1, a request must be predicted to finish a tenth of its target before
     its deadline, and protection keeps that margin for admitted requests too."""

@@ -26,6 +26,10 @@ Two checks, in this order:
    earlier-admitted requests with looser targets late (at 3x overload in the simulator that
    cost about one admitted request in nine its SLO). A request the estimate already gives up
    on is not protected (it would block every earlier-deadline arrival until it turns late).
+   ``protect_units`` extends the promise to requests whose units already run or are paused
+   (each unit's most urgent member that can still make it): otherwise a loose unit, once
+   started, is preempted by every tighter arrival that passes its own test, until it turns
+   late and waits behind all feasible work (``WorkEstimates.units_spare_s``).
 
    With ``headroom`` h the deadline tested is ``deadline - h x target``: a request is
    admitted only with that margin left. The queue estimate sums predicted compute alone; on
@@ -117,6 +121,12 @@ class AdmissionConfig(BaseModel):
         True,
         description="queue: also refuse a request whose predicted prefill would push an "
         "admitted waiting request due later past its deadline (under the same estimate)",
+    )
+    protect_units: bool = Field(
+        False,
+        description="queue, protect_admitted: protect requests whose units already run or "
+        "are paused as well as waiting ones: refuse an arrival that would push a feasible "
+        "unit due after it past its most urgent feasible member's deadline",
     )
     max_waiting: PositiveInt | None = Field(
         10_000,

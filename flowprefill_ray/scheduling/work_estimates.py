@@ -123,14 +123,41 @@ class WorkEstimates:
         """Seconds of prefill a request due at ``deadline_s`` may add without pushing a
         protected waiting request due later past its deadline, charging every running unit
         and every feasible paused unit before that request (``inf`` when nothing is
-        protected or the ``queue`` estimate is off). ``waiting`` as in ``work_ahead_s``."""
+        protected or the ``queue`` estimate is off). ``waiting`` as in ``work_ahead_s``.
+        With ``admission.protect_units`` a running or paused unit due later is protected
+        too (``units_spare_s``)."""
         if waiting is None:  # (an empty index is falsy: test for None)
             waiting = self.waiting_work
         if waiting is None or not self.config.admission.protect_admitted:
             return float("inf")
-        busy = sum(
-            remaining
-            for _, running, feasible, remaining in self._unit_loads(now)
-            if running or feasible
-        )
-        return waiting.spare_work_s(deadline_s, now, len(self.workers), busy)
+        loads = self._unit_loads(now)
+        busy = sum(remaining for _, running, feasible, remaining in loads if running or feasible)
+        spare = waiting.spare_work_s(deadline_s, now, len(self.workers), busy)
+        if self.config.admission.protect_units:
+            spare = min(spare, self.units_spare_s(deadline_s, now, waiting))
+        return spare
+
+    def units_spare_s(self, deadline_s: float, now: float, waiting: WaitingWork) -> float:
+        """Seconds of prefill a request due at ``deadline_s`` may add before every feasible
+        running or paused unit due later (by its most urgent member that can still make it)
+        without pushing that member past its deadline, under ``work_ahead_s``'s estimate
+        (work summed over the workers); ``inf`` when no such unit exists.
+
+        Without it a request is protected only while it waits: once its unit starts, each
+        tighter arrival due before it passes admission on its own deadline and preempts the
+        unit, until the unit turns late and FlowPrefill demotes it behind all feasible work
+        (two-core peer runs: most misses were such loose units, ``paused_after_late``).
+        O(units^2 + units log n), units being the running and paused ones."""
+        loads = self._unit_loads(now)
+        workers = len(self.workers)
+        anyway = not (self.preemptive and self.config.preemption)
+        spare = float("inf")
+        for due, _, feasible, _ in loads:
+            if not feasible or due <= deadline_s:
+                continue  # a late unit is not protected; one due first runs first anyway
+            before = waiting.work_before_s(due, now)
+            for d, running, f, remaining in loads:
+                if (running and anyway) or (f and d <= due):
+                    before += remaining
+            spare = min(spare, (due - now) * workers - before)
+        return spare
