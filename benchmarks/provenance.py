@@ -100,10 +100,36 @@ COMMIT = _head_commit()
 
 
 def machine() -> dict:
-    """Architecture, cores and the load average (1, 5, 15 min) at start and now."""
+    """Architecture, CPU model and vector extensions, cores and the load average (1, 5,
+    15 min) at start and now."""
     return {
         "arch": platform.machine(),
+        **cpu_model(),
         "cores": os.cpu_count(),
         "load_avg_before": [round(x, 2) for x in LOAD_BEFORE],
         "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# Matmul speed on CPU hangs on these (oneDNN picks its kernels by them): two machines of one
+# "kind" spent 1.4x apart in prefill CPU seconds on the same trial (docs/BENCHMARKS.md, run 7).
+_VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """``cpu_model`` and the ``cpu_vector_flags`` of ``_VECTOR_FLAGS`` it has, read from
+    Linux's ``cpuinfo``; empty where there is none (another OS)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return {}
+    fields = {
+        key.strip(): value.strip()
+        for key, _, value in (line.partition(":") for line in text.splitlines())
+        if key.strip() in ("model name", "flags")
+    }
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu_model": fields.get("model name", ""),
+        "cpu_vector_flags": [flag for flag in _VECTOR_FLAGS if flag in flags],
     }

@@ -72,3 +72,17 @@ def test_bench_without_arguments_runs_the_documented_tiny_model_bisection():
     assert args.tiny and args.simulate and args.mode == "search"
     assert (args.max_requests, args.max_prompt_tokens, args.slo_scale) == (160, 4096, 3.0)
     assert args.policies.split(",") == list(live_policies.POLICIES)
+
+
+def test_the_machine_names_its_cpu_model_and_vector_extensions(tmp_path):
+    provenance = _provenance()
+    cpuinfo = tmp_path / "cpuinfo"
+    core = "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n\n"
+    cpuinfo.write_text(core * 2)  # one block per core
+    assert provenance.cpu_model(cpuinfo) == {
+        "cpu_model": "AMD EPYC",
+        "cpu_vector_flags": ["avx2", "avx512f", "avx512_vnni"],
+    }
+    assert provenance.cpu_model(tmp_path / "absent") == {}
+    recorded = provenance.machine()
+    assert {"arch", "cores", "load_avg_before", "load_avg_after"} <= set(recorded)
