@@ -154,3 +154,31 @@ def overtake_sim(report: dict[str, Any]) -> str:
         "missed for `overtaken_by_tighter`",
     ]
     return rows(header, body)
+
+
+PROTECT_UNITS_VARIANTS = {
+    "shipped": "shipped (waiting requests protected)",
+    "protect_units": "+ `protect_units` (running and paused units protected too)",
+    "protect_units_overtake": "+ `protect_units` + `overtake_looser`",
+}
+
+
+@table("protect_units_sim", "protect_units_sim.json")
+def protect_units_sim(report: dict[str, Any]) -> str:
+    """why_late_sim's columns, then the misses of units that turned late while paused and the
+    refusals per tenant (all rates and seeds)."""
+    rates = rate_keys(report)
+    body = []
+    for name, variant in report["variants"].items():
+        seeds = list(variant["seeds"].values())
+        paused = why_late_total(seeds, rates, "paused_after_late")
+        refused = [why_late_total(seeds, rates, "rejected", cls) for cls in ("urgent", "relaxed")]
+        label = PROTECT_UNITS_VARIANTS.get(name, name)
+        body.append(
+            [label, *two_tenant_cells(seeds, rates), str(paused), " / ".join(map(str, refused))]
+        )
+    header = two_tenant_header(report, rates) + [
+        "missed: paused after late (all rates, seeds)",
+        "refused urgent / relaxed (all rates, seeds)",
+    ]
+    return rows(header, body)
