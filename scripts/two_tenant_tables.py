@@ -6,6 +6,7 @@ issue 21), each rendered from its committed JSON in ``docs/results``; registered
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 from result_tables import rows, spread, table
@@ -43,12 +44,29 @@ def class_attainment(seed: dict[str, Any], rate: str, cls: str) -> float:
 
 @table("why_late_sim", "why_late_sim.json")
 def why_late_sim(report: dict[str, Any]) -> str:
+    return variant_table(report, TWO_TENANT_VARIANTS, {})
+
+
+Column = Callable[[list[dict[str, Any]], list[str]], str]
+
+
+def variant_table(report: dict[str, Any], labels: dict[str, str], extra: dict[str, Column]) -> str:
+    """One row per variant of a two_tenant_sim report: its label (``labels``, else its name),
+    ``two_tenant_cells``, then one cell per ``extra`` column, named by its key and computed
+    from the variant's seeds and the report's rates."""
     rates = rate_keys(report)
     body = []
     for name, variant in report["variants"].items():
         seeds = list(variant["seeds"].values())
-        body.append([TWO_TENANT_VARIANTS.get(name, name), *two_tenant_cells(seeds, rates)])
-    return rows(two_tenant_header(report, rates), body)
+        cells = [column(seeds, rates) for column in extra.values()]
+        body.append([labels.get(name, name), *two_tenant_cells(seeds, rates), *cells])
+    return rows(two_tenant_header(report, rates) + list(extra), body)
+
+
+def refused_by_tenant(seeds: list[dict[str, Any]], rates: list[str]) -> str:
+    """Refusals of the urgent / relaxed tenant over every seed and rate."""
+    refused = [why_late_total(seeds, rates, "rejected", cls) for cls in ("urgent", "relaxed")]
+    return " / ".join(map(str, refused))
 
 
 def two_tenant_cells(seeds: list[dict[str, Any]], rates: list[str]) -> list[str]:
@@ -86,24 +104,27 @@ OVERRUN_GRACE_VARIANTS = {
 def overrun_grace_sim(report: dict[str, Any]) -> str:
     """why_late_sim's columns, then what the two changes act on: misses by the two causes
     they address, refusals, and the relaxed tenant's TTFT tail at the highest rate."""
-    rates = rate_keys(report)
-    top = rates[-1]
-    body = []
-    for name, variant in report["variants"].items():
-        seeds = list(variant["seeds"].values())
-        row = [OVERRUN_GRACE_VARIANTS.get(name, name), *two_tenant_cells(seeds, rates)]
-        causes = [why_late_total(seeds, rates, c) for c in ("batch_overran", "paused_after_late")]
-        row.append(" / ".join(str(c) for c in causes))
-        row.append(str(why_late_total(seeds, rates, "rejected")))
+    top = rate_keys(report)[-1]
+
+    def causes(seeds: list[dict[str, Any]], rates: list[str]) -> str:
+        counts = [why_late_total(seeds, rates, c) for c in ("batch_overran", "paused_after_late")]
+        return " / ".join(str(c) for c in counts)
+
+    def tail(seeds: list[dict[str, Any]], rates: list[str]) -> str:
         p99 = [s[top]["ttft_s"]["relaxed"]["p99"] for s in seeds]
-        row.append(f"{statistics.mean(p99):.1f} ({spread(p99, '.1f')})")
-        body.append(row)
-    header = two_tenant_header(report, rates) + [
-        "missed: batch overran / paused after late (all rates, seeds)",
-        "refused (all rates, seeds)",
-        f"relaxed TTFT p99 at {top}, s (range)",
-    ]
-    return rows(header, body)
+        return f"{statistics.mean(p99):.1f} ({spread(p99, '.1f')})"
+
+    return variant_table(
+        report,
+        OVERRUN_GRACE_VARIANTS,
+        {
+            "missed: batch overran / paused after late (all rates, seeds)": causes,
+            "refused (all rates, seeds)": lambda seeds, rates: str(
+                why_late_total(seeds, rates, "rejected")
+            ),
+            f"relaxed TTFT p99 at {top}, s (range)": tail,
+        },
+    )
 
 
 RESERVE_FACTOR_VARIANTS = {
@@ -119,14 +140,11 @@ RESERVE_FACTOR_VARIANTS = {
 @table("reserve_factor_sim", "reserve_factor_sim.json")
 def reserve_factor_sim(report: dict[str, Any]) -> str:
     """why_late_sim's columns, then the refusals (all rates and seeds) the reserve buys."""
-    rates = rate_keys(report)
-    body = []
-    for name, variant in report["variants"].items():
-        seeds = list(variant["seeds"].values())
-        label = RESERVE_FACTOR_VARIANTS.get(name, name)
-        refused = why_late_total(seeds, rates, "rejected")
-        body.append([label, *two_tenant_cells(seeds, rates), str(refused)])
-    return rows(two_tenant_header(report, rates) + ["refused (all rates, seeds)"], body)
+    return variant_table(
+        report,
+        RESERVE_FACTOR_VARIANTS,
+        {"refused (all rates, seeds)": lambda s, r: str(why_late_total(s, r, "rejected"))},
+    )
 
 
 OVERTAKE_VARIANTS = {
@@ -139,21 +157,16 @@ OVERTAKE_VARIANTS = {
 def overtake_sim(report: dict[str, Any]) -> str:
     """why_late_sim's columns, then refusals per tenant and the relaxed misses the overtaking
     caused (all rates and seeds)."""
-    rates = rate_keys(report)
-    body = []
-    for name, variant in report["variants"].items():
-        seeds = list(variant["seeds"].values())
-        refused = [why_late_total(seeds, rates, "rejected", cls) for cls in ("urgent", "relaxed")]
-        overtaken = why_late_total(seeds, rates, "overtaken_by_tighter")
-        label = OVERTAKE_VARIANTS.get(name, name)
-        body.append(
-            [label, *two_tenant_cells(seeds, rates), " / ".join(map(str, refused)), str(overtaken)]
-        )
-    header = two_tenant_header(report, rates) + [
-        "refused urgent / relaxed (all rates, seeds)",
-        "missed for `overtaken_by_tighter`",
-    ]
-    return rows(header, body)
+    return variant_table(
+        report,
+        OVERTAKE_VARIANTS,
+        {
+            "refused urgent / relaxed (all rates, seeds)": refused_by_tenant,
+            "missed for `overtaken_by_tighter`": lambda s, r: str(
+                why_late_total(s, r, "overtaken_by_tighter")
+            ),
+        },
+    )
 
 
 PROTECT_UNITS_VARIANTS = {
@@ -167,18 +180,13 @@ PROTECT_UNITS_VARIANTS = {
 def protect_units_sim(report: dict[str, Any]) -> str:
     """why_late_sim's columns, then the misses of units that turned late while paused and the
     refusals per tenant (all rates and seeds)."""
-    rates = rate_keys(report)
-    body = []
-    for name, variant in report["variants"].items():
-        seeds = list(variant["seeds"].values())
-        paused = why_late_total(seeds, rates, "paused_after_late")
-        refused = [why_late_total(seeds, rates, "rejected", cls) for cls in ("urgent", "relaxed")]
-        label = PROTECT_UNITS_VARIANTS.get(name, name)
-        body.append(
-            [label, *two_tenant_cells(seeds, rates), str(paused), " / ".join(map(str, refused))]
-        )
-    header = two_tenant_header(report, rates) + [
-        "missed: paused after late (all rates, seeds)",
-        "refused urgent / relaxed (all rates, seeds)",
-    ]
-    return rows(header, body)
+    return variant_table(
+        report,
+        PROTECT_UNITS_VARIANTS,
+        {
+            "missed: paused after late (all rates, seeds)": lambda s, r: str(
+                why_late_total(s, r, "paused_after_late")
+            ),
+            "refused urgent / relaxed (all rates, seeds)": refused_by_tenant,
+        },
+    )
