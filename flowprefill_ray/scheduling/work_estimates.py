@@ -100,17 +100,22 @@ class WorkEstimates:
         feasible), paused units due no later and still feasible, and waiting feasible
         requests due no later (the ``queue`` admission estimate, O(units + log n)).
         ``waiting``: another waiting-work index (one tier's, overtaking.py) than the queue's."""
+        if waiting is None:  # (an empty index is falsy: test for None)
+            waiting = self.waiting_work
+        total = self._work_before_s(deadline_s, now, waiting)
+        return total / len(self.workers) if self.workers else float("inf")
+
+    def _work_before_s(self, deadline_s: float, now: float, waiting: WaitingWork | None) -> float:
+        """``work_ahead_s``'s work, summed over the workers rather than spread over them."""
         total = 0.0
         # A running unit keeps its worker whatever its rank (flowprefill's preemption ablated).
         anyway = not (self.preemptive and self.config.preemption)
         for due, running, feasible, remaining in self._unit_loads(now):
             if (running and anyway) or (feasible and due <= deadline_s):
                 total += remaining
-        if waiting is None:  # (an empty index is falsy: test for None)
-            waiting = self.waiting_work
         if waiting is not None:
             total += waiting.work_before_s(deadline_s, now)
-        return total / len(self.workers) if self.workers else float("inf")
+        return total
 
     @property
     def worker_count(self) -> int:
@@ -148,16 +153,11 @@ class WorkEstimates:
         unit, until the unit turns late and FlowPrefill demotes it behind all feasible work
         (two-core peer runs: most misses were such loose units, ``paused_after_late``).
         O(units^2 + units log n), units being the running and paused ones."""
-        loads = self._unit_loads(now)
         workers = len(self.workers)
-        anyway = not (self.preemptive and self.config.preemption)
         spare = float("inf")
-        for due, _, feasible, _ in loads:
+        for due, _, feasible, _ in self._unit_loads(now):
             if not feasible or due <= deadline_s:
                 continue  # a late unit is not protected; one due first runs first anyway
-            before = waiting.work_before_s(due, now)
-            for d, running, f, remaining in loads:
-                if (running and anyway) or (f and d <= due):
-                    before += remaining
+            before = self._work_before_s(due, now, waiting)  # the unit's own work included
             spare = min(spare, (due - now) * workers - before)
         return spare
