@@ -332,6 +332,38 @@ def prefix_goodput(report: dict[str, Any]) -> str:
 table("prefix_goodput_high", "prefix_goodput_multiturn_high.json")(prefix_goodput)
 
 
+# ------------------------------------------------------------------ peer_overtake.json
+
+
+@table("peer_overtake", "peer_overtake.json")
+def peer_overtake(report: dict[str, Any]) -> str:
+    """Per grid rate and system: attainment of each session, each class's attainment (mean of
+    the sessions, classes tightest first) and requests refused."""
+    classes = sorted(report["slo_targets_s"], key=report["slo_targets_s"].get)
+    body = []
+    for rate in report["rates_rps"]:
+        for name, system in report["systems"].items():
+            trials = [t for t in system["trials"] if t["rate_rps"] == rate]
+            body.append(
+                [
+                    f"{rate:.3f} req/s",
+                    f"`{name}`",
+                    " / ".join(
+                        f"{t['attainment']:.3f}" + ("" if t["stable"] else " (unstable)")
+                        for t in trials
+                    ),
+                    *(
+                        f"{statistics.mean(t['per_class'][c]['attainment'] for t in trials):.3f}"
+                        for c in classes
+                    ),
+                    " / ".join(str(t["server_counts"]["rejected"]) for t in trials),
+                ]
+            )
+    header = ["rate", "system", "attainment (sessions)"]
+    header += [f"{c} ({report['slo_targets_s'][c]:g} s)" for c in classes]
+    return rows(header + ["refused (429)"], body)
+
+
 # --------------------------------------------------- ttft_path_front_end_nice*.json
 
 FRONT_END_RUNS = (
