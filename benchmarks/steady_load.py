@@ -129,10 +129,12 @@ def _local_raylet_pid() -> int | None:
         return None
 
 
-def actors_rss_by_kind_mib() -> dict[str, float]:
+def actors_rss_by_kind_mib(pids: set[int] | None = None) -> dict[str, float]:
     """Resident memory of the runtime's actor processes (scheduler, prefill and decode
     workers) of this driver's local cluster, MiB, summed per kind (``Scheduler``,
-    ``PrefillWorker``, ``DecodeWorker``); empty when the driver started no cluster."""
+    ``PrefillWorker``, ``DecodeWorker``); empty when the driver started no cluster. With
+    ``pids``, only those processes: one engine's actors, not another's that shares the
+    cluster (a test suite's engines do)."""
     raylet = _local_raylet_pid()
     if raylet is None:
         return {}
@@ -142,6 +144,8 @@ def actors_rss_by_kind_mib() -> dict[str, float]:
         return {}
     totals: dict[str, int] = {}
     for proc in children:
+        if pids is not None and proc.pid not in pids:
+            continue
         try:
             title = " ".join(proc.cmdline())
             kind = next((t for t in _ACTOR_TITLES if title.startswith(t)), None)
@@ -160,9 +164,12 @@ def actors_rss_mib() -> float:
 
 async def sample_resources(engine, started: float, in_flight: int) -> Sample:
     stats = await engine.stats()
-    by_kind = await asyncio.to_thread(actors_rss_by_kind_mib)
     prefill = [s for s in stats.get("prefill_workers", {}).values() if "error" not in s]
     decode = [s for s in stats.get("decode_workers", {}).values() if "error" not in s]
+    # This engine's actors only: in a test suite other engines' actors share the cluster,
+    # and their memory is not this run's to judge.
+    pids = {s["pid"] for s in (stats["scheduler"], *prefill, *decode) if "pid" in s}
+    by_kind = await asyncio.to_thread(actors_rss_by_kind_mib, pids)
     return Sample(
         at_s=round(time.monotonic() - started, 3),
         client_in_flight=in_flight,

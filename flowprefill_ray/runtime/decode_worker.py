@@ -260,6 +260,7 @@ class DecodeWorker:
         """Load and counters; ``used_blocks`` lets tests check that nothing leaks."""
         return {
             "worker_id": self.worker_id,
+            "pid": os.getpid(),  # whose memory a soak samples (benchmarks/steady_load.py)
             "running": len(self._running),
             "waiting": len(self._waiting),
             "used_blocks": self.cache.used_blocks,

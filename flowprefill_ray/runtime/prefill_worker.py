@@ -181,6 +181,7 @@ class PrefillWorker:
     def stats(self) -> dict:
         return {
             "worker_id": self.worker_id,
+            "pid": os.getpid(),  # whose memory a soak samples (benchmarks/steady_load.py)
             "kv_budget_bytes": self.kv_budget.budget_bytes,
             "paused_budget_bytes": self.kv_budget.paused_budget_bytes,
             **self.executor.stats(),
