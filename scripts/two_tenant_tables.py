@@ -63,6 +63,12 @@ def variant_table(report: dict[str, Any], labels: dict[str, str], extra: dict[st
     return rows(two_tenant_header(report, rates) + list(extra), body)
 
 
+def total(cause: str) -> Column:
+    """A column: ``cause``'s count (a why-late cause, or ``rejected``) over every seed and
+    rate."""
+    return lambda seeds, rates: str(why_late_total(seeds, rates, cause))
+
+
 def refused_by_tenant(seeds: list[dict[str, Any]], rates: list[str]) -> str:
     """Refusals of the urgent / relaxed tenant over every seed and rate."""
     refused = [why_late_total(seeds, rates, "rejected", cls) for cls in ("urgent", "relaxed")]
@@ -119,9 +125,7 @@ def overrun_grace_sim(report: dict[str, Any]) -> str:
         OVERRUN_GRACE_VARIANTS,
         {
             "missed: batch overran / paused after late (all rates, seeds)": causes,
-            "refused (all rates, seeds)": lambda seeds, rates: str(
-                why_late_total(seeds, rates, "rejected")
-            ),
+            "refused (all rates, seeds)": total("rejected"),
             f"relaxed TTFT p99 at {top}, s (range)": tail,
         },
     )
@@ -143,7 +147,7 @@ def reserve_factor_sim(report: dict[str, Any]) -> str:
     return variant_table(
         report,
         RESERVE_FACTOR_VARIANTS,
-        {"refused (all rates, seeds)": lambda s, r: str(why_late_total(s, r, "rejected"))},
+        {"refused (all rates, seeds)": total("rejected")},
     )
 
 
@@ -162,9 +166,7 @@ def overtake_sim(report: dict[str, Any]) -> str:
         OVERTAKE_VARIANTS,
         {
             "refused urgent / relaxed (all rates, seeds)": refused_by_tenant,
-            "missed for `overtaken_by_tighter`": lambda s, r: str(
-                why_late_total(s, r, "overtaken_by_tighter")
-            ),
+            "missed for `overtaken_by_tighter`": total("overtaken_by_tighter"),
         },
     )
 
@@ -184,9 +186,7 @@ def protect_units_sim(report: dict[str, Any]) -> str:
         report,
         PROTECT_UNITS_VARIANTS,
         {
-            "missed: paused after late (all rates, seeds)": lambda s, r: str(
-                why_late_total(s, r, "paused_after_late")
-            ),
+            "missed: paused after late (all rates, seeds)": total("paused_after_late"),
             "refused urgent / relaxed (all rates, seeds)": refused_by_tenant,
         },
     )
