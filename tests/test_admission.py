@@ -225,7 +225,7 @@ def test_reserve_for_tighter_keeps_room_for_the_tight_arrivals_seen_recently():
 
 
 def test_arrival_rates_decay_and_stay_bounded_whatever_targets_clients_send():
-    from flowprefill_ray.scheduling.admission import ArrivalRates
+    from flowprefill_ray.scheduling.arrival_rates import ArrivalRates
 
     rates = ArrivalRates(window_s=10.0)
     rates.add(1.0, 5.0, 0.0)

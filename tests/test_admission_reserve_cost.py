@@ -13,7 +13,7 @@ import pytest
 from policy_helpers import arrive, policy, run
 
 from flowprefill_ray.scheduling import AdmissionConfig
-from flowprefill_ray.scheduling.admission import ArrivalRates
+from flowprefill_ray.scheduling.arrival_rates import ArrivalRates
 from flowprefill_ray.scheduling.events import Reject, UnitCompleted
 
 

@@ -57,6 +57,16 @@ Two checks, in this order:
    bursty tight class may arrive at twice that rate (the two Azure tenants: 13 -> 25-33
    urgent arrivals per 10 s right after a relaxed burst).
 
+   With ``queue`` and ``queue_cost: measured`` the waiting requests' predicted prefill in
+   ``wait`` is priced at what completed units of the arrival's own and tighter targets have
+   recently cost per predicted second (``ArrivalRates.cost_ratio_upto``, at most 1, at
+   least ``MIN_QUEUE_COST``). The predictions are single prompts'; the waiting ones run
+   batched and share each forward's fixed cost. Live on two cores, batched units of a few
+   short urgent prompts cost ~0.8x the sum of their members' predictions, and 17 of the 20
+   urgent refusals at x0.38 had only urgent work ahead (issue 21). Running and paused units
+   stay at their predicted remaining compute, and the arrival's own prefill too (it may run
+   alone); protection (``spare_work_s``) is not discounted.
+
    With ``queue`` and ``overtake_looser`` a request of a class that has looser classes, refused
    by the tests above, is tested once more as if only its own and tighter classes were
    waiting (their waiting work, its protection; running and paused units all count). If it
@@ -91,6 +101,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
+from .arrival_rates import ArrivalRates
 from .events import Downgrade, Reject, WorkItem
 from .predictor import TTFTPredictor
 from .priority import slack_s
@@ -98,6 +109,9 @@ from .records import RequestRecord
 from .slo import SLOClass, SLOConfig
 
 AdmissionAction = Literal["admit", "reject", "downgrade"]
+# The least ``queue_cost: measured`` prices a predicted second of waiting work at: a floor
+# against a run of units that happened to run fast (a noisy or idle stretch).
+MIN_QUEUE_COST = 0.5
 
 
 class AdmissionConfig(BaseModel):
@@ -150,9 +164,16 @@ class AdmissionConfig(BaseModel):
         "recently cost per predicted second ('measured': batched prompts share each "
         "forward's fixed cost, so a busy tight class costs less than its predictions sum to)",
     )
+    queue_cost: Literal["predicted", "measured"] = Field(
+        "predicted",
+        description="queue: price waiting requests' work ahead of an arrival at their "
+        "predicted prefill ('predicted'), or at that times what recent units of its own and "
+        "tighter targets cost per predicted second, capped at 1 ('measured': batched prompts "
+        "share each forward's fixed cost)",
+    )
     reserve_window_s: PositiveFloat = Field(
         30.0,
-        description="time constant of the per-class arrival-rate estimate, seconds",
+        description="time constant of the per-class arrival-rate and cost estimates, seconds",
     )
     reserve_factor: float = Field(
         1.0,
@@ -181,9 +202,9 @@ class AdmissionConfig(BaseModel):
 class QueueEstimate(Protocol):
     """What the ``queue`` estimate asks of the policy (times in seconds)."""
 
-    def work_ahead_s(self, deadline_s: float, now: float) -> float:
+    def work_ahead_s(self, deadline_s: float, now: float, waiting_cost: float = 1.0) -> float:
         """Predicted wait of a request due at ``deadline_s``: the work that runs before it,
-        spread over the workers."""
+        spread over the workers, waiting requests' share scaled by ``waiting_cost``."""
         ...
 
     def spare_work_s(self, deadline_s: float, now: float) -> float:
@@ -272,6 +293,7 @@ class AdmissionControl:
             now,
             own_s,
             queue if use_queue else None,
+            rec.ttft_slo_s,
         )
         if miss is None:
             return None
@@ -288,7 +310,8 @@ class AdmissionControl:
             else:
                 for cls in looser:
                     deadline = rec.arrival_s + cls.ttft_slo_s * (1.0 - cfg.headroom)
-                    if self._miss(deadline, now, own_s, queue if use_queue else None) is None:
+                    estimate = queue if use_queue else None
+                    if self._miss(deadline, now, own_s, estimate, cls.ttft_slo_s) is None:
                         return Downgrade(rid, cls.name, cls.ttft_slo_s)
                 miss += "; no looser SLO class would make it"
         return Reject(rid, reason=miss, retry_after_s=cfg.retry_after_s)
@@ -307,11 +330,21 @@ class AdmissionControl:
         if not self._looser_classes(rec):
             return None
         tier = queue.tier_view(rec.ttft_slo_s)
-        if tier is None or self._miss(deadline_s, now, own_s, tier) is not None:
+        if tier is None or self._miss(deadline_s, now, own_s, tier, rec.ttft_slo_s) is not None:
             return None
-        wait_s = queue.work_ahead_s(deadline_s, now) + self._reserved_s(deadline_s, now, queue)
+        cost = self.waiting_cost(rec.ttft_slo_s, now)
+        wait_s = queue.work_ahead_s(deadline_s, now, cost)
+        wait_s += self._reserved_s(deadline_s, now, queue)
         short_s = now + wait_s + own_s - deadline_s  # per worker, on the whole queue
-        return Overtake(max(short_s, 0.0) * queue.worker_count)
+        # Demotion frees predicted seconds; the shortfall is in discounted ones.
+        return Overtake(max(short_s, 0.0) * queue.worker_count / cost)
+
+    def waiting_cost(self, target_s: float, now: float) -> float:
+        """What a predicted second of waiting work ahead of an arrival with ``target_s``
+        costs (``queue_cost``): 1, or the measured ratio in [``MIN_QUEUE_COST``, 1]."""
+        if self.config.queue_cost != "measured":
+            return 1.0
+        return min(1.0, max(MIN_QUEUE_COST, self.arrivals.cost_ratio_upto(target_s, now)))
 
     def _reserved_s(self, deadline_s: float, now: float, queue: QueueEstimate) -> float:
         """Seconds per worker kept for tighter classes before ``deadline_s``."""
@@ -322,10 +355,18 @@ class AdmissionControl:
         return reserved_s * self.config.reserve_factor / max(1, queue.worker_count)
 
     def _miss(
-        self, deadline_s: float, now: float, own_s: float, queue: QueueEstimate | None
+        self,
+        deadline_s: float,
+        now: float,
+        own_s: float,
+        queue: QueueEstimate | None,
+        target_s: float,
     ) -> str | None:
-        """Why a request due at ``deadline_s`` needing ``own_s`` seconds would miss, or None."""
-        wait_s = queue.work_ahead_s(deadline_s, now) if queue is not None else 0.0
+        """Why a request due at ``deadline_s`` needing ``own_s`` seconds would miss, or None
+        (``target_s``: its TTFT target, which prices the waiting work under ``queue_cost``)."""
+        wait_s = 0.0
+        if queue is not None:
+            wait_s = queue.work_ahead_s(deadline_s, now, self.waiting_cost(target_s, now))
         reserved_s = self._reserved_s(deadline_s, now, queue) if queue is not None else 0.0
         if slack_s(deadline_s, now + wait_s + reserved_s, own_s) < 0.0:
             after = f" after {wait_s:.3f}s of earlier work" if queue is not None else ""
@@ -352,9 +393,11 @@ class AdmissionControl:
         now: float,
     ) -> None:
         """A unit of ``items`` took ``executed_s`` of compute: each member's share (by
-        predicted prefill) feeds ``reserve_cost: measured`` under its target on arrival."""
+        predicted prefill) feeds ``reserve_cost`` and ``queue_cost: measured`` under its
+        target on arrival."""
         cfg = self.config
-        if not (cfg.reserve_for_tighter and cfg.reserve_cost == "measured"):
+        reserve = cfg.reserve_for_tighter and cfg.reserve_cost == "measured"
+        if not (reserve or cfg.queue_cost == "measured"):
             return
         predicted = [self.predictor.predict(item.tokens) for item in items]
         total = sum(predicted)
@@ -371,66 +414,3 @@ class AdmissionControl:
         if own is None or not math.isclose(own.ttft_slo_s, rec.ttft_slo_s, rel_tol=1e-9):
             return None
         return [c for c in self._classes if c.ttft_slo_s > rec.ttft_slo_s]
-
-
-class ArrivalRates:
-    """Recent arrival rate of predicted prefill work per TTFT target (seconds of work per
-    second), an exponentially decaying sum with time constant ``window_s``.
-
-    ``expected_tighter_s(horizon_s)``: the work expected to arrive, and to be due, within
-    ``horizon_s`` from requests with a tighter target ``T < horizon_s``: a request arriving
-    at ``t`` is due at ``t + T``, so arrivals in the first ``horizon_s - T`` seconds are due
-    within the horizon: ``sum(rate_T * (horizon_s - T))``. Under earliest-deadline-first they
-    run before a request due at the horizon, so admitting it must leave that much room."""
-
-    # Targets are kept on a 5 % logarithmic grid: explicit per-request targets then add at
-    # most a few hundred entries, however many distinct values clients send.
-    _GRID = math.log(1.05)
-
-    def __init__(self, window_s: float) -> None:
-        self.window_s = window_s
-        # grid step -> [rate, last update time, the largest target seen in the step]
-        self._rates: dict[int, list[float]] = {}
-        # grid step -> [compute, predicted, last update time]: decaying sums of what
-        # completed work of that target cost, and what it was predicted to cost.
-        self._costs: dict[int, list[float]] = {}
-
-    def add(self, target_s: float, work_s: float, now: float) -> None:
-        step = math.floor(math.log(target_s) / self._GRID)
-        entry = self._rates.setdefault(step, [0.0, now, target_s])
-        entry[0] = self._decayed(entry, now) + work_s / self.window_s
-        entry[1] = now
-        entry[2] = max(entry[2], target_s)  # exact for class targets; never too tight
-
-    def observe_cost(self, target_s: float, actual_s: float, predicted_s: float, now: float):
-        """Work of this target predicted at ``predicted_s`` took ``actual_s`` of compute."""
-        step = math.floor(math.log(target_s) / self._GRID)
-        cost = self._costs.setdefault(step, [0.0, 0.0, now])
-        keep = math.exp(-(now - cost[2]) / self.window_s) if now > cost[2] else 1.0
-        cost[0] = cost[0] * keep + actual_s
-        cost[1] = cost[1] * keep + predicted_s
-        cost[2] = now
-
-    def cost_ratio(self, target_s: float) -> float:
-        """Recent compute per predicted second of this target's work; 1 before any."""
-        cost = self._costs.get(math.floor(math.log(target_s) / self._GRID))
-        return cost[0] / cost[1] if cost is not None and cost[1] > 0.0 else 1.0
-
-    def _decayed(self, entry: list[float], now: float) -> float:
-        rate, then, _ = entry
-        return rate * math.exp(-(now - then) / self.window_s) if now > then else rate
-
-    def rate(self, target_s: float, now: float) -> float:
-        """Seconds of predicted prefill per second arriving with this target, recently."""
-        entry = self._rates.get(math.floor(math.log(target_s) / self._GRID))
-        return 0.0 if entry is None else self._decayed(entry, now)
-
-    def expected_tighter_s(self, horizon_s: float, now: float, measured: bool = False) -> float:
-        """(``measured``: each target's work priced at its ``cost_ratio``.)"""
-        total = 0.0
-        for entry in self._rates.values():
-            target = entry[2]
-            if target < horizon_s:
-                ratio = self.cost_ratio(target) if measured else 1.0
-                total += self._decayed(entry, now) * (horizon_s - target) * ratio
-        return total

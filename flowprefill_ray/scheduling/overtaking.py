@@ -121,8 +121,8 @@ class _TierView:
         self._policy = policy
         self._index = index
 
-    def work_ahead_s(self, deadline_s: float, now: float) -> float:
-        return self._policy.work_ahead_s(deadline_s, now, self._index)
+    def work_ahead_s(self, deadline_s: float, now: float, waiting_cost: float = 1.0) -> float:
+        return self._policy.work_ahead_s(deadline_s, now, waiting_cost, self._index)
 
     def spare_work_s(self, deadline_s: float, now: float) -> float:
         return self._policy.spare_work_s(deadline_s, now, self._index)

@@ -92,20 +92,31 @@ class WorkEstimates:
         return self._loads
 
     def work_ahead_s(
-        self, deadline_s: float, now: float, waiting: WaitingWork | None = None
+        self,
+        deadline_s: float,
+        now: float,
+        waiting_cost: float = 1.0,
+        waiting: WaitingWork | None = None,
     ) -> float:
         """Predicted seconds until a request due at ``deadline_s`` would start, if every
         worker shared the work that runs before it under earliest-deadline-first: running
         units' remaining compute (under a preemptive policy only those due no later and still
         feasible), paused units due no later and still feasible, and waiting feasible
-        requests due no later (the ``queue`` admission estimate, O(units + log n)).
+        requests due no later (the ``queue`` admission estimate, O(units + log n)), their
+        predicted prefill scaled by ``waiting_cost`` (``admission.queue_cost``).
         ``waiting``: another waiting-work index (one tier's, overtaking.py) than the queue's."""
         if waiting is None:  # (an empty index is falsy: test for None)
             waiting = self.waiting_work
-        total = self._work_before_s(deadline_s, now, waiting)
+        total = self._work_before_s(deadline_s, now, waiting, waiting_cost)
         return total / len(self.workers) if self.workers else float("inf")
 
-    def _work_before_s(self, deadline_s: float, now: float, waiting: WaitingWork | None) -> float:
+    def _work_before_s(
+        self,
+        deadline_s: float,
+        now: float,
+        waiting: WaitingWork | None,
+        waiting_cost: float = 1.0,
+    ) -> float:
         """``work_ahead_s``'s work, summed over the workers rather than spread over them."""
         total = 0.0
         # A running unit keeps its worker whatever its rank (flowprefill's preemption ablated).
@@ -114,7 +125,7 @@ class WorkEstimates:
             if (running and anyway) or (feasible and due <= deadline_s):
                 total += remaining
         if waiting is not None:
-            total += waiting.work_before_s(deadline_s, now)
+            total += waiting.work_before_s(deadline_s, now) * waiting_cost
         return total
 
     @property
