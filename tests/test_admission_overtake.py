@@ -11,7 +11,13 @@ import pytest
 from policy_helpers import arrive, policy, run
 from test_timeline import req
 
-from flowprefill_ray.scheduling import AdmissionConfig, PolicyConfig, SLOConfig, make_policy
+from flowprefill_ray.scheduling import (
+    AdmissionConfig,
+    PolicyConfig,
+    RequestStatus,
+    SLOConfig,
+    make_policy,
+)
 from flowprefill_ray.scheduling.events import Overtaken, Reject, UnitCompleted
 from flowprefill_ray.scheduling.slo import SLOClass
 from flowprefill_ray.scheduling.timeline import Timeline
@@ -29,14 +35,16 @@ TWO = SLOConfig(
 )
 
 
-def admission(overtake: bool) -> AdmissionConfig:
-    return AdmissionConfig(action="reject", estimate="queue", overtake_looser=overtake)
+def admission(overtake: bool, overtaken: str = "demote") -> AdmissionConfig:
+    return AdmissionConfig(
+        action="reject", estimate="queue", overtake_looser=overtake, overtaken=overtaken
+    )
 
 
-def relaxed_waiting_behind_a_long_unit(overtake: bool):
+def relaxed_waiting_behind_a_long_unit(overtake: bool, overtaken: str = "demote"):
     """w0 runs 7 s of work due at 7.5 s; a 1 s relaxed request due at 8 s waits behind it;
     at 6 s an urgent 1 s request due at 8 s finds 1 + 1 s of work due no later ahead."""
-    p = policy(slo=TWO, admission=admission(overtake))
+    p = policy(slo=TWO, admission=admission(overtake, overtaken))
     assert arrive(p, "long", 0.0, 7168, 7.5, "relaxed") == [run(1, "w0", ("long", 0, 7168))]
     assert arrive(p, "r1", 0.0, 1024, 8.0, "relaxed") == []  # 7 + 1 <= 8
     return p, arrive(p, "u", 6.0, 1024, 2.0, "urgent")
@@ -54,6 +62,21 @@ def test_an_urgent_arrival_refused_for_looser_work_overtakes_it():
     # The worker frees at 7 s: u runs first (done at 8 s), then r1 (which now misses 8 s).
     assert p.on_event(UnitCompleted("w0", 1, 7.0), 7.0) == [run(2, "w0", ("u", 0, 1024))]
     assert p.on_event(UnitCompleted("w0", 2, 1.0), 8.0) == [run(3, "w0", ("r1", 0, 1024))]
+
+
+def test_an_overtaken_request_can_be_refused_at_once_instead():
+    p, decisions = relaxed_waiting_behind_a_long_unit(overtake=True, overtaken="refuse")
+    overtaken, refused = decisions
+    assert overtaken == Overtaken("r1", "u")
+    assert isinstance(refused, Reject) and refused.request_id == "r1"
+    assert refused.reason.startswith("refused 6.0 s after arrival: a request with a tighter")
+    assert "admission.overtaken = refuse" in refused.reason
+    assert p.requests["r1"].status is RequestStatus.REJECTED
+    assert "r1" not in p.waiting_work and p.waiting == 1
+    assert p.counters["overtaken"] == 1 and p.counters["rejects"] == 1
+    # Only u is left to serve once the worker frees; then the worker goes idle.
+    assert p.on_event(UnitCompleted("w0", 1, 7.0), 7.0) == [run(2, "w0", ("u", 0, 1024))]
+    assert p.on_event(UnitCompleted("w0", 2, 1.0), 8.0) == []
 
 
 def test_only_enough_looser_work_is_demoted_largest_first():

@@ -76,7 +76,9 @@ Two checks, in this order:
    and looser requests due after it may be pushed past their deadlines. The tight class's
    promise is kept at the cost of the loose one's, and only when the two collide: a
    reservation (above) pays for collisions that may never come. FlowPrefill only (it needs
-   the late queue to demote into).
+   the late queue to demote into). With ``overtaken: refuse`` the overtaken requests are
+   refused at once instead (429): none of 44 demoted live ever met its target, and serving
+   them late spent compute the next arrivals needed.
 
    On a predicted miss ``reject`` refuses the request; ``downgrade`` moves it to the tightest
    looser SLO class (larger TTFT target) of the policy's ``SLOConfig`` under which the same
@@ -188,6 +190,12 @@ class AdmissionConfig(BaseModel):
         description="queue, flowprefill: admit a request that would be refused ahead of "
         "waiting requests of looser SLO classes when its own and tighter classes' work "
         "leaves it room; the looser requests it demotes behind feasible work may miss (tiering)",
+    )
+    overtaken: Literal["demote", "refuse"] = Field(
+        "demote",
+        description="overtake_looser: what happens to a looser waiting request an arrival "
+        "overtakes: 'demote' behind all feasible work (served late, when a worker has nothing "
+        "feasible), or 'refuse' it at once (HTTP 429 with Retry-After)",
     )
     headroom: float = Field(
         0.0,

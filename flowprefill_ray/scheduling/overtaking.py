@@ -10,7 +10,11 @@ whole queue's estimate fits: each leaves the indexes and joins FlowPrefill's lat
 for good (served only when nothing feasible waits; ``RequestRecord.overtaken`` keeps a fall
 of the online correction from making it feasible again), and an ``Overtaken`` decision names
 it. It stays admitted and is still judged by its own target; if it misses, the timeline
-attributes the miss to the overtaking (``why_late.py``).
+attributes the miss to the overtaking (``why_late.py``). With ``admission.overtaken:
+refuse`` it is refused instead (``Reject`` after the ``Overtaken``, HTTP 429): live, no
+demoted request met its target (0 of 44 on the two-tenant replay), and each served late
+took compute - its prefill when the worker found nothing feasible, and its decode on the
+shared cores all along - from the requests that could still make theirs.
 
 Why demote rather than only move them behind the newcomer: a request moved behind it had, by
 the same estimate, little chance left of its own deadline, yet kept its rank over every
@@ -30,7 +34,8 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
-from .events import Decision, Overtaken
+from .events import Decision, Overtaken, Reject
+from .request import RequestStatus
 from .waiting_work import WaitingWork
 
 if TYPE_CHECKING:
@@ -55,6 +60,7 @@ class Overtaking:
     requests: dict[str, RequestRecord]
     counters: dict[str, int]
     _demote: Callable[[RequestRecord], None]  # FlowPrefill's: into the late queue for good
+    _end_unserved: Callable[[RequestRecord, RequestStatus], None]
 
     def _init_overtaking(self) -> None:
         self.tier_work: dict[float, WaitingWork] = {}
@@ -98,17 +104,39 @@ class Overtaking:
         ]
         # Largest first; among equals the latest queued (the last the queue would serve).
         candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
+        refuse = self.config.admission.overtaken == "refuse"
         freed = 0.0
         for work, _, v in candidates:
             if freed >= work_s:
                 break
             freed += work
-            index.remove(v.request_id)
-            self._tiers_remove(v.request_id)
             v.overtaken = True
-            self._demote(v)
             self.counters["overtaken"] += 1
             out.append(Overtaken(v.request_id, rec.request_id))
+            if refuse:
+                self._refuse_overtaken(v, rec, now, out)
+                continue
+            index.remove(v.request_id)
+            self._tiers_remove(v.request_id)
+            self._demote(v)
+
+    def _refuse_overtaken(
+        self, v: RequestRecord, by: RequestRecord, now: float, out: list[Decision]
+    ) -> None:
+        self._end_unserved(v, RequestStatus.REJECTED)  # leaves the waiting indexes too
+        self.counters["rejects"] += 1
+        out.append(
+            Reject(
+                v.request_id,
+                reason=(
+                    f"refused {now - v.arrival_s:.1f} s after arrival: a request with a "
+                    f"tighter TTFT target ({by.ttft_slo_s:g} s) took its place and it was "
+                    f"predicted to miss its own {v.ttft_slo_s:g} s target (the server is "
+                    "overloaded; admission.overtaken = refuse)"
+                ),
+                retry_after_s=self.config.admission.retry_after_s,
+            )
+        )
 
 
 class _TierView:
