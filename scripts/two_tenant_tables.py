@@ -190,3 +190,29 @@ def protect_units_sim(report: dict[str, Any]) -> str:
             "refused urgent / relaxed (all rates, seeds)": refused_by_tenant,
         },
     )
+
+
+ADMISSION_VARIANTS = {
+    "shipped": "shipped (overtaking on, overtaken demoted)",
+    "queue_cost": "+ `queue_cost: measured`",
+    "refuse_overtaken": "+ `overtaken: refuse`",
+}
+
+
+@table("admission_variants_sim", "admission_variants_sim.json")
+def admission_variants_sim(report: dict[str, Any]) -> str:
+    """why_late_sim's columns, then the urgent requests admitted that missed, the relaxed
+    ones overtaken that missed, and the refusals per tenant (all rates and seeds)."""
+    return variant_table(
+        report,
+        ADMISSION_VARIANTS,
+        {
+            "urgent admitted, missed": urgent_missed,
+            "missed for `overtaken_by_tighter`": total("overtaken_by_tighter"),
+            "refused urgent / relaxed (all rates, seeds)": refused_by_tenant,
+        },
+    )
+
+
+def urgent_missed(seeds: list[dict[str, Any]], rates: list[str]) -> str:
+    return str(why_late_total(seeds, rates, "missed", "urgent"))

@@ -65,7 +65,9 @@ Two checks, in this order:
    short urgent prompts cost ~0.8x the sum of their members' predictions, and 17 of the 20
    urgent refusals at x0.38 had only urgent work ahead (issue 21). Running and paused units
    stay at their predicted remaining compute, and the arrival's own prefill too (it may run
-   alone); protection (``spare_work_s``) is not discounted.
+   alone); protection (``spare_work_s``) is not discounted. Measured, it lost: within a
+   burst it admits more of the first arrivals, which fill the window the later ones need
+   (live x0.38: urgent 0.949 against 0.971; docs/SCHEDULING.md), so it is off by default.
 
    With ``queue`` and ``overtake_looser`` a request of a class that has looser classes, refused
    by the tests above, is tested once more as if only its own and tighter classes were
