@@ -256,13 +256,16 @@ def overload_3x(*runs: dict[str, Any]) -> str:
         body.append(
             [
                 label,
+                # Each run measures its own capacity first, so the rates differ between runs.
+                f"{run['rate_rps']:.1f} req/s ({run['prefill_service_s'] * 1000:.0f} ms)",
                 " / ".join(f"{per_class[c]['attainment']:.3f}" for c in ("relaxed", "urgent")),
                 " / ".join(f"{per_class[c]['ttft_p99_s']:.1f} s" for c in ("relaxed", "urgent")),
                 why_late_summary(run["why_late"]["rows"]["all"]),
                 " / ".join(f"{nearest_rank(refusals, q) * 1000:.1f}" for q in (0.5, 0.99)) + " ms",
             ]
         )
-    header = ["run", "admitted on time, relaxed / urgent", "TTFT p99 relaxed / urgent"]
+    header = ["run", "offered: 3x capacity (service time)", "admitted on time, relaxed / urgent"]
+    header += ["TTFT p99 relaxed / urgent"]
     header += ["misses (why-late)", "429 decided p50 / p99"]
     return rows(header, body)
 
