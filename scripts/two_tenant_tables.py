@@ -63,10 +63,10 @@ def variant_table(report: dict[str, Any], labels: dict[str, str], extra: dict[st
     return rows(two_tenant_header(report, rates) + list(extra), body)
 
 
-def total(cause: str) -> Column:
-    """A column: ``cause``'s count (a why-late cause, or ``rejected``) over every seed and
-    rate."""
-    return lambda seeds, rates: str(why_late_total(seeds, rates, cause))
+def total(cause: str, cls: str = "all") -> Column:
+    """A column: ``cause``'s count (a why-late cause, ``missed`` or ``rejected``) of class
+    ``cls`` over every seed and rate."""
+    return lambda seeds, rates: str(why_late_total(seeds, rates, cause, cls))
 
 
 def refused_by_tenant(seeds: list[dict[str, Any]], rates: list[str]) -> str:
@@ -207,12 +207,8 @@ def admission_variants_sim(report: dict[str, Any]) -> str:
         report,
         ADMISSION_VARIANTS,
         {
-            "urgent admitted, missed": urgent_missed,
+            "urgent admitted, missed": total("missed", "urgent"),
             "missed for `overtaken_by_tighter`": total("overtaken_by_tighter"),
             "refused urgent / relaxed (all rates, seeds)": refused_by_tenant,
         },
     )
-
-
-def urgent_missed(seeds: list[dict[str, Any]], rates: list[str]) -> str:
-    return str(why_late_total(seeds, rates, "missed", "urgent"))

@@ -31,7 +31,6 @@ from __future__ import annotations
 import heapq
 from typing import TYPE_CHECKING
 
-from .events import Reject
 from .records import UnitState
 from .request import RequestStatus
 
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
 
 _WAITING = RequestStatus.WAITING
 _PAUSED = RequestStatus.PAUSED
-_REJECTED = RequestStatus.REJECTED
 
 
 class GiveUp:
@@ -102,19 +100,11 @@ class GiveUp:
         # Pushed back due: the next event looks at them again (not this one: the loop is over).
 
     def _refuse_late(self, rec: RequestRecord, now: float, out: list[Decision]) -> None:
-        self._end_unserved(rec, _REJECTED)  # type: ignore[attr-defined]
-        rec.worker_id = None
         self.counters["given_up"] += 1  # type: ignore[attr-defined]
-        self.counters["rejects"] += 1  # type: ignore[attr-defined]
         waited = now - rec.arrival_s
-        out.append(
-            Reject(
-                rec.request_id,
-                reason=(
-                    f"gave up after {waited:.1f} s without a first token: "
-                    f"{self._give_up_factor:g} x its {rec.ttft_slo_s:g} s TTFT target past "
-                    "its deadline (the server is overloaded; policy.late_give_up_factor)"
-                ),
-                retry_after_s=self.admission.config.retry_after_s,  # type: ignore[attr-defined]
-            )
+        reason = (
+            f"gave up after {waited:.1f} s without a first token: "
+            f"{self._give_up_factor:g} x its {rec.ttft_slo_s:g} s TTFT target past "
+            "its deadline (the server is overloaded; policy.late_give_up_factor)"
         )
+        self._refuse_admitted(rec, reason, out)  # type: ignore[attr-defined]

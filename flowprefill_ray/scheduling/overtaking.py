@@ -34,8 +34,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
-from .events import Decision, Overtaken, Reject
-from .request import RequestStatus
+from .events import Decision, Overtaken
 from .waiting_work import WaitingWork
 
 if TYPE_CHECKING:
@@ -60,7 +59,7 @@ class Overtaking:
     requests: dict[str, RequestRecord]
     counters: dict[str, int]
     _demote: Callable[[RequestRecord], None]  # FlowPrefill's: into the late queue for good
-    _end_unserved: Callable[[RequestRecord, RequestStatus], None]
+    _refuse_admitted: Callable[[RequestRecord, str, list[Decision]], None]
 
     def _init_overtaking(self) -> None:
         self.tier_work: dict[float, WaitingWork] = {}
@@ -123,20 +122,13 @@ class Overtaking:
     def _refuse_overtaken(
         self, v: RequestRecord, by: RequestRecord, now: float, out: list[Decision]
     ) -> None:
-        self._end_unserved(v, RequestStatus.REJECTED)  # leaves the waiting indexes too
-        self.counters["rejects"] += 1
-        out.append(
-            Reject(
-                v.request_id,
-                reason=(
-                    f"refused {now - v.arrival_s:.1f} s after arrival: a request with a "
-                    f"tighter TTFT target ({by.ttft_slo_s:g} s) took its place and it was "
-                    f"predicted to miss its own {v.ttft_slo_s:g} s target (the server is "
-                    "overloaded; admission.overtaken = refuse)"
-                ),
-                retry_after_s=self.config.admission.retry_after_s,
-            )
+        reason = (
+            f"refused {now - v.arrival_s:.1f} s after arrival: a request with a "
+            f"tighter TTFT target ({by.ttft_slo_s:g} s) took its place and it was "
+            f"predicted to miss its own {v.ttft_slo_s:g} s target (the server is "
+            "overloaded; admission.overtaken = refuse)"
         )
+        self._refuse_admitted(v, reason, out)  # leaves the waiting indexes too
 
 
 class _TierView:

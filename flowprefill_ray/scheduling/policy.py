@@ -346,6 +346,14 @@ class Policy(
         rec.status = status
         rec.queue_token = 0
 
+    def _refuse_admitted(self, rec: RequestRecord, reason: str, out: list[Decision]) -> None:
+        """Refuse ``rec`` after it was admitted (given up late, or overtaken): HTTP 429 with
+        ``reason`` and the admission config's Retry-After."""
+        self._end_unserved(rec, _REJECTED)
+        rec.worker_id = None
+        self.counters["rejects"] += 1
+        out.append(Reject(rec.request_id, reason, self.admission.config.retry_after_s))
+
     def _left_waiting(self, rec: RequestRecord) -> None:
         """``rec`` stops WAITING (it starts or is cancelled); its queue entry goes stale."""
         self.waiting -= 1
