@@ -154,32 +154,6 @@ def steady_trial(
     }
 
 
-def grid_goodput(trials: list[dict[str, Any]], target: float) -> dict[str, Any]:
-    """The highest rate of the grid at and below which every repeat of every rate held
-    ``target`` and was stable. ``censored``: the top rate passed too, so the goodput is only
-    a lower bound."""
-    rates = sorted({t["rate_rps"] for t in trials})
-    passed = {
-        rate: all(
-            (t["attainment"] or 0.0) >= target and t["stable"]
-            for t in trials
-            if t["rate_rps"] == rate
-        )
-        for rate in rates
-    }
-    first_fail = next((i for i, rate in enumerate(rates) if not passed[rate]), len(rates))
-    goodput = rates[first_fail - 1] if first_fail else 0.0
-    return {
-        "goodput_rps": goodput,
-        "censored": bool(rates) and first_fail == len(rates),
-        "passed_by_rate": {f"{rate:.4g}": passed[rate] for rate in rates},
-        "attainment_by_rate": {
-            f"{rate:.4g}": [t["attainment"] for t in trials if t["rate_rps"] == rate]
-            for rate in rates
-        },
-    }
-
-
 def grid_rates(capacity_rps: float, fractions: list[float]) -> list[float]:
     """The trial rates: ``fractions`` of ``capacity_rps``, ascending, rounded to 1e-3 req/s
     so every system's trials at one rate are grouped together."""

@@ -61,13 +61,14 @@ from cli_json import json_object, parse_variants  # noqa: E402
 from our_server import OurFlags, counts_over, our_app_args, scheduler_counts  # noqa: E402
 from peer_steady import (  # noqa: E402
     SteadyRules,
-    grid_goodput,
     grid_rates,
     measure_capacity,
     steady_trial,
     trace_offsets_s,
 )
 from vllm_server import VllmFlags  # noqa: E402
+
+from loadgen.steady_goodput import grid_goodput  # noqa: E402
 
 Flags = OurFlags | VllmFlags
 

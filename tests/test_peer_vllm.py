@@ -233,27 +233,7 @@ def test_a_trial_window_holds_the_target_rate_of_the_trace():
         steady.rate_scale_for(offsets[:10], 1.0, 100.0)
 
 
-def _trial(rate: float, attainment: float, stable: bool = True) -> dict:
-    return {"rate_rps": rate, "attainment": attainment, "stable": stable}
-
-
-def test_goodput_is_the_highest_rate_at_and_below_which_every_repeat_held():
-    trials = [
-        _trial(1.0, 0.97),
-        _trial(1.0, 0.95),
-        _trial(2.0, 0.93),
-        _trial(2.0, 0.91),
-        _trial(3.0, 0.95),
-        _trial(3.0, 0.80),  # one repeat missed: the rate fails
-        _trial(4.0, 0.92),  # above a failed rate: does not count
-        _trial(4.0, 0.92),
-    ]
-    result = steady.grid_goodput(trials, 0.9)
-    assert result["goodput_rps"] == 2.0 and not result["censored"]
-    # An unstable trial (backlog not drained) fails its rate whatever its attainment.
-    assert steady.grid_goodput([_trial(1.0, 0.99, stable=False)], 0.9)["goodput_rps"] == 0.0
-    top = steady.grid_goodput([_trial(1.0, 0.99), _trial(2.0, 0.95)], 0.9)
-    assert top["goodput_rps"] == 2.0 and top["censored"]
+def test_the_grid_is_fractions_of_the_capacity_rounded_and_ascending():
     assert steady.grid_rates(3.0, [1.0, 0.4, 0.6]) == [1.2, 1.8, 3.0]
 
 
