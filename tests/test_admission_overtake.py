@@ -95,6 +95,30 @@ def test_only_enough_looser_work_is_demoted_largest_first():
     assert order[:2] == ["r2", "u"] and sorted(order[2:]) == ["r1", "r3"]
 
 
+def test_an_arrival_that_would_overtake_more_than_max_overtaken_is_refused_instead():
+    def three_relaxed_waiting(cap: int | None):
+        adm = admission(True).model_copy(update={"max_overtaken": cap})
+        p = policy(slo=TWO, admission=adm)
+        arrive(p, "long", 0.0, 7168, 7.5, "relaxed")
+        for rid, tokens in (("r1", 512), ("r2", 256), ("r3", 256)):
+            arrive(p, rid, 0.0, tokens, 8.0, "relaxed")
+        return p, arrive(p, "u", 6.0, 768, 2.0, "urgent")
+
+    # Making room takes two demotions (as above): more than one, so the arrival is refused
+    # and every relaxed request keeps its place.
+    p, (refused,) = three_relaxed_waiting(cap=1)
+    assert isinstance(refused, Reject) and refused.request_id == "u"
+    assert "push 2 requests of looser classes" in refused.reason
+    assert "admission.max_overtaken = 1" in refused.reason
+    assert p.counters["overtakes_capped"] == 1 and p.counters["overtaken"] == 0
+    assert p.requests["u"].status is RequestStatus.REJECTED and p.waiting == 3
+    assert not any(p.requests[r].overtaken for r in ("r1", "r2", "r3"))
+    # Two are allowed: it overtakes exactly as with no limit.
+    p, decisions = three_relaxed_waiting(cap=2)
+    assert decisions == [Overtaken("r1", "u"), Overtaken("r3", "u")]
+    assert p.counters["overtakes_capped"] == 0
+
+
 def test_the_loosest_class_and_explicit_targets_never_overtake():
     p, _ = relaxed_waiting_behind_a_long_unit(overtake=True)
     # A relaxed request refused for the work ahead has no looser class to pass.

@@ -80,7 +80,9 @@ Two checks, in this order:
    reservation (above) pays for collisions that may never come. FlowPrefill only (it needs
    the late queue to demote into). With ``overtaken: refuse`` the overtaken requests are
    refused at once instead (429): none of 44 demoted live ever met its target, and serving
-   them late spent compute the next arrivals needed.
+   them late spent compute the next arrivals needed. ``max_overtaken: k`` refuses an arrival
+   that would overtake more than ``k`` requests: by count, one refusal costs less than two
+   demotions (live, 21 overtakers once demoted 34 requests, none of which met its target).
 
    On a predicted miss ``reject`` refuses the request; ``downgrade`` moves it to the tightest
    looser SLO class (larger TTFT target) of the policy's ``SLOConfig`` under which the same
@@ -198,6 +200,12 @@ class AdmissionConfig(BaseModel):
         description="overtake_looser: what happens to a looser waiting request an arrival "
         "overtakes: 'demote' behind all feasible work (served late, when a worker has nothing "
         "feasible), or 'refuse' it at once (HTTP 429 with Retry-After)",
+    )
+    max_overtaken: PositiveInt | None = Field(
+        None,
+        description="overtake_looser: most looser waiting requests one arrival may overtake; "
+        "an arrival that would need more is refused instead (one refusal costs fewer "
+        "requests than several demotions); None = no limit",
     )
     headroom: float = Field(
         0.0,

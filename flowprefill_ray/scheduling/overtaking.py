@@ -23,6 +23,10 @@ relaxed tenant up to a third of its attainment and the run a fifth of its goodpu
 df0c68d, docs/results/overtake_move_sim.json). Largest first, because each demoted request is one miss:
 the fewest requests free the room.
 
+``admission.max_overtaken`` bounds the trade: an arrival whose room would take more demotions
+than that is refused instead (``_overtake_capped``), since each demotion is a likely miss and
+the refusal only one.
+
 Finding the candidates scans the waiting requests (O(n), n at most ``admission.max_waiting``),
 only on an arrival the whole queue refuses; each demotion is O(log n). FlowPrefill only: it
 is the policy with a late queue to demote into.
@@ -70,6 +74,7 @@ class Overtaking:
         for target in targets[:-1]:
             self.tier_work[target] = WaitingWork(self.predictor, adm.headroom)
         self.counters["overtaken"] = 0
+        self.counters["overtakes_capped"] = 0  # arrivals refused by admission.max_overtaken
 
     def tier_view(self, target_s: float) -> _TierView | None:
         """The admission estimate over waiting requests with targets up to ``target_s``."""
@@ -87,12 +92,13 @@ class Overtaking:
         for index in self.tier_work.values():
             index.remove(request_id)
 
-    def _overtake(self, rec: RequestRecord, work_s: float, now: float, out: list[Decision]):
-        """Demote looser waiting requests due before ``rec``, largest first, until ``work_s``
-        seconds of their predicted prefill are out of its way (or none is left)."""
+    def _to_overtake(self, rec: RequestRecord, work_s: float) -> list[RequestRecord]:
+        """The looser waiting requests due before ``rec`` that make way for it: largest
+        first, until ``work_s`` seconds of their predicted prefill are out of its way (or
+        none is left)."""
         index = self.waiting_work
         if work_s <= 0.0 or index is None:
-            return
+            return []
         headroom = self.config.admission.headroom
         due = rec.deadline_s - headroom * rec.ttft_slo_s  # where it stands in the indexes
         predict = self.predictor.predict
@@ -103,21 +109,44 @@ class Overtaking:
         ]
         # Largest first; among equals the latest queued (the last the queue would serve).
         candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
-        refuse = self.config.admission.overtaken == "refuse"
+        chosen: list[RequestRecord] = []
         freed = 0.0
         for work, _, v in candidates:
             if freed >= work_s:
                 break
             freed += work
+            chosen.append(v)
+        return chosen
+
+    def _overtake(
+        self, rec: RequestRecord, victims: list[RequestRecord], now: float, out: list[Decision]
+    ) -> None:
+        """Demote (or refuse) ``victims`` (``_to_overtake``'s) in favour of ``rec``."""
+        refuse = self.config.admission.overtaken == "refuse"
+        for v in victims:
             v.overtaken = True
             self.counters["overtaken"] += 1
             out.append(Overtaken(v.request_id, rec.request_id))
             if refuse:
                 self._refuse_overtaken(v, rec, now, out)
                 continue
-            index.remove(v.request_id)
+            assert self.waiting_work is not None  # victims come from it
+            self.waiting_work.remove(v.request_id)
             self._tiers_remove(v.request_id)
             self._demote(v)
+
+    def _overtake_capped(self, rec: RequestRecord, victims: list[RequestRecord]) -> str | None:
+        """Why ``rec`` is refused rather than overtaking ``victims`` (more than
+        ``admission.max_overtaken``), or None when it may overtake them."""
+        cap = self.config.admission.max_overtaken
+        if cap is None or len(victims) <= cap:
+            return None
+        self.counters["overtakes_capped"] += 1
+        return (
+            f"predicted to miss its {rec.ttft_slo_s:g} s TTFT target behind the work already "
+            f"queued, and making room would push {len(victims)} requests of looser classes "
+            f"past theirs (admission.max_overtaken = {cap})"
+        )
 
     def _refuse_overtaken(
         self, v: RequestRecord, by: RequestRecord, now: float, out: list[Decision]

@@ -200,6 +200,12 @@ class Policy(
         self._prefix_arrived(rec)
         self.counters["arrivals"] += 1
         verdict = self.admission.decide(rec, now, self.waiting, self._saturated(), self)
+        victims: list[RequestRecord] = []
+        if isinstance(verdict, Overtake):
+            victims = self._to_overtake(rec, verdict.work_s)
+            capped = self._overtake_capped(rec, victims)
+            if capped is not None:
+                verdict = Reject(rid, capped, self.admission.config.retry_after_s)
         if isinstance(verdict, Reject):
             rec.status = _REJECTED
             self.counters["rejects"] += 1
@@ -215,8 +221,8 @@ class Policy(
             out.append(verdict)
         self._watch_give_up(rec)
         self._queue(rec, now)
-        if isinstance(verdict, Overtake):
-            self._overtake(rec, verdict.work_s, now, out)
+        if victims:
+            self._overtake(rec, victims, now, out)
 
     def _on_unit_completed(self, event: UnitCompleted, now: float, out: list[Decision]) -> None:
         u = self.units.get(event.unit_id)
