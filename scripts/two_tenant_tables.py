@@ -199,13 +199,28 @@ ADMISSION_VARIANTS = {
 }
 
 
+OVERTAKE_CAP_VARIANTS = {
+    "shipped": "shipped (no limit)",
+    "cap1": "`max_overtaken: 1`",
+    "cap2": "`max_overtaken: 2`",
+}
+
+
+@table("overtake_cap_sim", "overtake_cap_sim.json")
+def overtake_cap_sim(report: dict[str, Any]) -> str:
+    """admission_variants_sim's columns for the caps on overtaking."""
+    return admission_variants_sim(report, OVERTAKE_CAP_VARIANTS)
+
+
 @table("admission_variants_sim", "admission_variants_sim.json")
-def admission_variants_sim(report: dict[str, Any]) -> str:
+def admission_variants_sim(
+    report: dict[str, Any], variants: dict[str, str] = ADMISSION_VARIANTS
+) -> str:
     """why_late_sim's columns, then the urgent requests admitted that missed, the relaxed
     ones overtaken that missed, and the refusals per tenant (all rates and seeds)."""
     return variant_table(
         report,
-        ADMISSION_VARIANTS,
+        variants,
         {
             "urgent admitted, missed": total("missed", "urgent"),
             "missed for `overtaken_by_tighter`": total("overtaken_by_tighter"),
