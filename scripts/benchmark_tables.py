@@ -28,6 +28,7 @@ from pathlib import Path
 
 import live_result_tables  # noqa: F401  (registers its tables)
 import readme_headline  # noqa: F401  (registers the headline)
+import steady_result_tables  # noqa: F401  (registers its tables)
 import two_tenant_tables  # noqa: F401  (registers its tables)
 from result_tables import TABLES
 

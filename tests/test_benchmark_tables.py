@@ -161,10 +161,35 @@ def test_readme_headline_live_figures_are_the_jsons():
     assert (float(p50), float(p99)) == (round(hop["p50"], 1), round(hop["p99"], 1))
 
 
+def test_readme_headline_live_goodput_is_read_off_the_steady_trials():
+    from loadgen.steady_goodput import grid_goodput
+
+    line = next(row for row in headline().splitlines() if "Live, steady state" in row)
+    steady, high = results("live_goodput_steady.json"), results("live_goodput_steady_high.json")
+    target = steady["rules"]["target"]
+
+    def reading(name: str) -> dict:
+        trials = [t for r in (steady, high) for t in r["systems"].get(name, {}).get("trials", [])]
+        return grid_goodput(trials, target)
+
+    ours = reading("flowprefill")
+    others = {n: reading(n) for n in steady["systems"] if n != "flowprefill"}
+    best = max(others.values(), key=lambda g: g["goodput_mean_curve_rps"])
+    curve = [float(v) for v in re.findall(r"\*\*([\d.]+) req/s", line)]
+    assert curve == [round(ours["goodput_mean_curve_rps"], 2)]
+    ratio = ours["goodput_mean_curve_rps"] / best["goodput_mean_curve_rps"]
+    assert f"**{ratio:.2f}x**" in line
+    assert f"{best['goodput_mean_curve_rps']:.2f} req/s" in line
+    strict = f"{ours['goodput_rps']:.3f} against {best['goodput_rps']:.3f} req/s"
+    assert strict in line
+    bound = results("live_goodput_steady_capacity.json")["capacity_bound_rps_median"]
+    assert f"capacity bound ({bound:.2f} req/s" in line
+
+
 def test_readme_headline_links_each_figure_to_committed_json_and_has_no_burst_figures():
     text = headline()
     links = re.findall(r"\]\((docs/results/[\w.]+)\)", text)
-    assert len(links) == 4 and all((ROOT / link).is_file() for link in links)
+    assert len(links) == 7 and all((ROOT / link).is_file() for link in links)
     # The burst-drain goodputs have no raw data (issue 14): not in the headline.
     for burst in ("15.4", "8.0x", "6.70", "1.93"):
         assert burst not in text
