@@ -15,6 +15,7 @@ from repo_scripts import ROOT, load_script
 load_script("scripts/result_tables.py")
 load_script("scripts/live_result_tables.py")
 load_script("scripts/two_tenant_tables.py")
+load_script("scripts/steady_result_tables.py")
 load_script("scripts/readme_headline.py")
 tables = load_script("scripts/benchmark_tables.py")
 
