@@ -10,15 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from result_tables import pct, table, trace_name
-from steady_result_tables import steady_readings
+from steady_result_tables import STEADY_RUNS, steady_readings
 
 LINK = "[{0}](docs/results/{0})"
 
 
-def live_baselines_line(
-    steady: dict[str, Any], high: dict[str, Any], capacity: dict[str, Any]
-) -> str:
-    readings = steady_readings(steady, high)
+def live_baselines_line(runs: list[dict[str, Any]], capacity: dict[str, Any]) -> str:
+    steady = runs[0]
+    readings = steady_readings(*runs)
     ours = readings.pop("flowprefill")
     best_name = max(readings, key=lambda n: readings[n]["goodput_mean_curve_rps"])
     best = readings[best_name]
@@ -33,10 +32,10 @@ def live_baselines_line(
         "- **Live, steady state, against the strongest baselines** (the shipped "
         "`deployments/local.yaml`, SmolLM2 on 2 CPU cores, Azure conversation trace in four SLO "
         "classes, 1-24 s TTFT; the simulator's best baselines, shortest-remaining-first and EDF "
-        "that gives up, at 1,024-token chunks in the same runtime; >= 180 s and >= 300 requests "
-        f"per trial after a warm-up, {sessions} sessions per rate; "
-        f"{LINK.format('live_goodput_steady.json')}, "
-        f"{LINK.format('live_goodput_steady_high.json')}): goodput where the mean attainment "
+        "that gives up, at 1,024-token chunks, and the first at 512, in the same runtime; >= 180 "
+        f"s and >= 300 requests per trial after a warm-up, {sessions} sessions per rate; "
+        + ", ".join(LINK.format(name) for name in STEADY_RUNS)
+        + "): goodput where the mean attainment "
         f"curve crosses 90 % **{reading(ours)}** against {best_name.removeprefix('flowprefill+')} "
         f"{reading(best)}: **{ours['goodput_mean_curve_rps'] / best['goodput_mean_curve_rps']:.2f}x**"
         f"; by the strict rule (every session held) {ours['goodput_rps']:.3f} against "
@@ -134,8 +133,7 @@ def preemption_line(report: dict[str, Any]) -> str:
 
 @table(
     "readme_headline",
-    "live_goodput_steady.json",
-    "live_goodput_steady_high.json",
+    *STEADY_RUNS,
     "live_goodput_steady_capacity.json",
     "baselines_sim.json",
     "why_late.json",
@@ -145,6 +143,7 @@ def preemption_line(report: dict[str, Any]) -> str:
 def readme_headline(
     steady: dict[str, Any],
     steady_high: dict[str, Any],
+    steady_srpf512: dict[str, Any],
     capacity: dict[str, Any],
     baselines: dict[str, Any],
     why_late: dict[str, Any],
@@ -153,7 +152,7 @@ def readme_headline(
 ) -> str:
     return "\n".join(
         [
-            live_baselines_line(steady, steady_high, capacity),
+            live_baselines_line([steady, steady_high, steady_srpf512], capacity),
             simulator_line(baselines),
             two_tenant_line(why_late),
             prefix_line(prefix),

@@ -17,8 +17,13 @@ from result_tables import pct, rows, table
 # shipped app alone further up the same grid.
 table("live_steady_trials", "live_goodput_steady.json")(peer_overtake)
 table("live_steady_trials_high", "live_goodput_steady_high.json")(peer_overtake)
+table("live_steady_trials_srpf512", "live_goodput_steady_srpf512.json")(peer_overtake)
 
-STEADY_RUNS = ("live_goodput_steady.json", "live_goodput_steady_high.json")
+STEADY_RUNS = (
+    "live_goodput_steady.json",
+    "live_goodput_steady_high.json",
+    "live_goodput_steady_srpf512.json",
+)
 
 
 def steady_readings(*reports: dict[str, Any]) -> dict[str, dict[str, Any]]:
