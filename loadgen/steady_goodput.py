@@ -20,23 +20,30 @@ import statistics
 from typing import Any
 
 
-def _holds(trials: list[dict[str, Any]], target: float) -> bool:
-    return all((t["attainment"] or 0.0) >= target and t["stable"] for t in trials)
+def _by_rate(trials: list[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
+    """``trials`` grouped by rate, rates ascending."""
+    groups: dict[float, list[dict[str, Any]]] = {}
+    for t in sorted(trials, key=lambda t: t["rate_rps"]):
+        groups.setdefault(t["rate_rps"], []).append(t)
+    return groups
 
 
 def grid_goodput(trials: list[dict[str, Any]], target: float) -> dict[str, Any]:
     """The strict and the mean-curve readings of ``trials`` at ``target``. ``censored``: the
     top rate passed too, so the (strict) goodput is only a lower bound."""
-    rates = sorted({t["rate_rps"] for t in trials})
-    passed = {rate: _holds([t for t in trials if t["rate_rps"] == rate], target) for rate in rates}
+    groups = _by_rate(trials)
+    rates = list(groups)
+    passed = {
+        rate: all((t["attainment"] or 0.0) >= target and t["stable"] for t in at_rate)
+        for rate, at_rate in groups.items()
+    }
     first_fail = next((i for i, rate in enumerate(rates) if not passed[rate]), len(rates))
     return {
         "goodput_rps": rates[first_fail - 1] if first_fail else 0.0,
         "censored": bool(rates) and first_fail == len(rates),
         "passed_by_rate": {f"{rate:.4g}": passed[rate] for rate in rates},
         "attainment_by_rate": {
-            f"{rate:.4g}": [t["attainment"] for t in trials if t["rate_rps"] == rate]
-            for rate in rates
+            f"{rate:.4g}": [t["attainment"] for t in at_rate] for rate, at_rate in groups.items()
         },
         **mean_curve_goodput(trials, target),
     }
@@ -59,28 +66,26 @@ def curve_crossing(points: list[tuple[float, float | None]], target: float) -> f
     return points[-1][0] if points else 0.0
 
 
+def mean_curve(trials: list[dict[str, Any]]) -> list[tuple[float, float | None]]:
+    """(rate, mean attainment of its trials, or None if any was unstable), rates ascending."""
+    return [
+        (
+            rate,
+            statistics.fmean(t["attainment"] or 0.0 for t in at_rate)
+            if all(t["stable"] for t in at_rate)
+            else None,
+        )
+        for rate, at_rate in _by_rate(trials).items()
+    ]
+
+
 def mean_curve_goodput(trials: list[dict[str, Any]], target: float) -> dict[str, Any]:
     """``goodput_mean_curve_rps`` off the mean curve, ``goodput_by_repeat_rps`` off each
-    repeat's, and ``mean_curve`` itself ([rate, mean attainment or None if any repeat was
-    unstable])."""
-    rates = sorted({t["rate_rps"] for t in trials})
-
-    def point(at_rate: list[dict[str, Any]]) -> float | None:
-        if not all(t["stable"] for t in at_rate):
-            return None
-        return statistics.fmean(t["attainment"] or 0.0 for t in at_rate)
-
-    curve = [(rate, point([t for t in trials if t["rate_rps"] == rate])) for rate in rates]
+    repeat's own curve, and ``mean_curve`` itself ([rate, mean attainment or None])."""
+    curve = mean_curve(trials)
     repeats = sorted({t["repeat"] for t in trials if "repeat" in t})
     by_repeat = [
-        curve_crossing(
-            [
-                (t["rate_rps"], (t["attainment"] or 0.0) if t["stable"] else None)
-                for t in sorted(trials, key=lambda t: t["rate_rps"])
-                if t.get("repeat") == k
-            ],
-            target,
-        )
+        curve_crossing(mean_curve([t for t in trials if t.get("repeat") == k]), target)
         for k in repeats
     ]
     return {
