@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from conftest_ray import free_port, tiny_runtime_args
-from waiting import wait_until
+from waiting import async_wait_until, wait_until
 
 from flowprefill_ray.serve.app import REPLICA_HEADER
 from loadgen.client import sse_lines
@@ -144,12 +144,17 @@ class _Stream:
             self.first_token.set()
 
     @property
+    def finish_reason(self) -> str | None:
+        """The last chunk's, or what ended the stream otherwise (an error payload)."""
+        chunks = [p for p in self.payloads if p != "[DONE]"]
+        if not chunks:
+            return None
+        last = chunks[-1]
+        return last["choices"][0]["finish_reason"] if last.get("choices") else str(last)
+
+    @property
     def completed(self) -> bool:
-        chunks = [p for p in self.payloads if p != "[DONE]" and p["choices"]]
-        return (
-            self.payloads[-1:] == ["[DONE]"]
-            and chunks[-1]["choices"][0]["finish_reason"] == "length"
-        )
+        return self.payloads[-1:] == ["[DONE]"] and self.finish_reason == "length"
 
 
 def _settled(stats: dict, used_blocks_before: int) -> dict | None:
@@ -193,7 +198,9 @@ def test_a_killed_replica_loses_only_its_own_streams_and_the_engine_frees_them(t
     victim, streams = asyncio.run(scenario())
     lost = [s for s in streams if s.replica == victim]
     kept = [s for s in streams if s.replica != victim]
-    assert all(s.completed for s in kept), [s.payloads[-2:] for s in kept]
+    assert all(s.completed for s in kept), [
+        (s.finish_reason, two_replicas.lease_stats()) for s in kept if not s.completed
+    ]
     assert not any(s.completed for s in lost)
 
     # The service saw the lease lapse and released exactly the dead replica's requests ...
@@ -225,6 +232,66 @@ def test_a_killed_replica_loses_only_its_own_streams_and_the_engine_frees_them(t
             "a request to be served after the replica's death",
             poll_s=0.5,
         )
+
+
+def test_a_lapsed_lease_whose_replica_still_answers_keeps_its_requests(two_replicas):
+    """A replica starved of CPU can miss its renewals while its streams are being read: the
+    service asks Ray about the lease's holder first, and releases nothing while it answers.
+    Driven by hand: a live actor stands in for the replica and never renews; once it is
+    killed, the same lapse releases its request."""
+    import ray
+
+    from flowprefill_ray.sampling_params import SamplingParams
+
+    @ray.remote(num_cpus=0)
+    class _Replica:
+        def ready(self) -> bool:
+            return True
+
+    holder = _Replica.remote()
+    ray.get(holder.ready.remote())
+    client, service = two_replicas.client, two_replicas.service
+    before = two_replicas.lease_stats()
+    client_id = service.register_client.remote("stalled-replica", holder).result()
+    long = SamplingParams(max_tokens=STREAM_TOKENS, ignore_eos=True)
+
+    async def scenario() -> tuple[list, dict, dict]:
+        client.client_id = client_id
+        stream = client.submit("a request of a replica that stalled", long)
+        outs = [await stream.__anext__()]  # in decode now
+        client.client_id = None
+
+        async def leases_once(counter: str) -> dict | None:
+            stats = await service.lease_stats.remote()
+            return stats if stats[counter] > before[counter] else None
+
+        stats = await async_wait_until(
+            lambda: leases_once("lapsed_alive"),
+            LEASE_S + 30.0,
+            "the lapsed lease's holder to be asked and found alive",
+            poll_s=0.1,
+        )
+        outs.append(await stream.__anext__())  # still decoding: nothing was cancelled
+        ray.kill(holder)
+        outs.extend([out async for out in stream])
+        released = await async_wait_until(
+            lambda: leases_once("released_requests"),
+            LEASE_S + 30.0,
+            "the dead holder's lease to be released",
+            poll_s=0.1,
+        )
+        return outs, stats, released
+
+    try:
+        outs, extended, released = asyncio.run(scenario())
+    finally:
+        client.client_id = None
+    assert extended["expired_clients"] == before["expired_clients"]
+    assert client_id in extended["clients"]
+    assert outs[-1].finish_reason == "abort" and len(outs) < STREAM_TOKENS
+    assert released["released_requests"] - before["released_requests"] == 1
+    assert released["expired_clients"] - before["expired_clients"] == 1
+    assert client_id not in released["clients"]
 
 
 def test_cancelling_a_client_ends_every_request_it_stamped_and_refuses_its_next(two_replicas):

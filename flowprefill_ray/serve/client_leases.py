@@ -13,6 +13,13 @@ prefill) and on every decode worker (decoding, or a hand-off still on its way, w
 worker drops when it lands). The requests carry the id, so none escapes: not even one
 submitted just before the replica died, after its last renewal. ``ClientLeases`` is the
 service's record of the leases.
+
+A lapsed lease is a suspicion, not a verdict: a live replica starved of CPU for a moment (a
+replacement replica importing torch beside it, a long GC pause) can miss its renewals, and
+cancelling its streams then would hurt requests that are being read. So each lease names its
+holder, the replica's actor handle, and the service asks Ray about the holder before it
+releases anything (``EngineService._release_lapsed``): an actor that is dead, or that does not
+answer within a probe, is gone; one that answers keeps its lease for another ``lease_s``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +38,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Lease:
     renewed_s: float
+    holder: Any = None  # the client's actor handle, asked before a lapse is taken for death
     in_flight: int = 0  # as last reported, for stats
 
 
@@ -42,11 +51,13 @@ class ClientLeases:
         self._leases: dict[str, _Lease] = {}
         self.expired_clients = 0
         self.released_requests = 0
+        self.lapsed_alive = 0  # lapses whose holder still answered: kept, not released
 
-    def register(self, name: str) -> str:
-        """A new client's id (``name`` makes it readable in logs: the replica's id)."""
+    def register(self, name: str, holder: Any = None) -> str:
+        """A new client's id (``name`` makes it readable in logs: the replica's id).
+        ``holder``: its actor handle; without one a lapse is taken for death at once."""
         client_id = f"{name}-{uuid.uuid4().hex[:8]}"
-        self._leases[client_id] = _Lease(self._clock())
+        self._leases[client_id] = _Lease(self._clock(), holder)
         return client_id
 
     def renew(self, client_id: str, in_flight: int) -> bool:
@@ -64,15 +75,32 @@ class ClientLeases:
         """A client that shuts down cleanly ends its own requests; nothing to release."""
         self._leases.pop(client_id, None)
 
-    def expire(self) -> list[str]:
-        """Remove the leases not renewed for ``lease_s``; returns their client ids, whose
-        requests the caller must cancel."""
+    def lapsed(self) -> dict[str, Any]:
+        """The leases not renewed for ``lease_s``: client id -> holder (None if unknown). The
+        caller asks after each holder, then calls ``expire`` or ``extend``."""
         deadline = self._clock() - self.lease_s
-        gone = [cid for cid, lease in self._leases.items() if lease.renewed_s < deadline]
-        for client_id in gone:
-            del self._leases[client_id]
-        self.expired_clients += len(gone)
-        return gone
+        return {
+            cid: lease.holder for cid, lease in self._leases.items() if lease.renewed_s < deadline
+        }
+
+    def expire(self, client_id: str) -> bool:
+        """Take ``client_id`` for dead: its lease is removed (a late renewal is refused and the
+        client registers again), and the caller cancels its requests. False if it had gone
+        already (renewed, ended or expired meanwhile)."""
+        lease = self._leases.get(client_id)
+        if lease is None or lease.renewed_s >= self._clock() - self.lease_s:
+            return False
+        del self._leases[client_id]
+        self.expired_clients += 1
+        return True
+
+    def extend(self, client_id: str) -> None:
+        """``client_id``'s holder answered although its lease lapsed: it is alive, only late.
+        Its lease runs for another ``lease_s`` instead of its requests being cancelled."""
+        lease = self._leases.get(client_id)
+        if lease is not None:
+            lease.renewed_s = self._clock()
+            self.lapsed_alive += 1
 
     def count_released(self, requests: int) -> None:
         """How many requests cancelling an expired client's found (stats)."""
@@ -87,6 +115,7 @@ class ClientLeases:
             },
             "expired_clients": self.expired_clients,
             "released_requests": self.released_requests,
+            "lapsed_alive": self.lapsed_alive,
         }
 
 
@@ -130,7 +159,9 @@ class LeaseKeeper:
         return self._engine.client_id
 
     async def _register(self) -> None:
-        self._engine.client_id = await self._service.register_client.remote(self._name)
+        self._engine.client_id = await self._service.register_client.remote(
+            self._name, _current_actor()
+        )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -143,3 +174,13 @@ class LeaseKeeper:
                 await asyncio.wait_for(self._service.end_lease.remote(self.client_id), 2.0)
             except Exception:  # noqa: BLE001 - the service is gone too; nothing to end
                 logger.debug("ending lease %s failed", self.client_id, exc_info=True)
+
+
+def _current_actor() -> Any:
+    """This process's actor handle (an ingress replica is one), or None outside an actor."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().current_actor
+    except RuntimeError:  # not in an actor (a driver attaching by hand)
+        return None

@@ -57,6 +57,19 @@ async def dead_workers(workers: dict[str, object]) -> list[str]:
     return [wid for wid, dead in zip(workers, answers, strict=True) if dead]
 
 
+async def holder_alive(handle) -> bool:
+    """Whether a lease holder (an ingress replica's actor) still answers Ray within the probe
+    timeout. ``__ray_ready__`` runs on the actor's own loop, not on the replica's user-code
+    loop, so a replica busy serving still answers; a killed one raises at once."""
+    if handle is None:
+        return False
+    try:
+        await asyncio.wait_for(handle.__ray_ready__.remote(), timeout=PROBE_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - dead, gone with its node, or mute for the whole probe
+        return False
+    return True
+
+
 class RestartGrace:
     """Turns probe states into a health verdict: "down" fails at once, "restarting" only
     after ``grace_s`` of restarting without a break."""

@@ -19,7 +19,7 @@ from typing import Any
 from ray import serve
 
 from .config import ServeAppArgs
-from .engine_probe import RestartGrace, dead_workers, scheduler_state
+from .engine_probe import RestartGrace, dead_workers, holder_alive, scheduler_state
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,9 @@ class EngineService:
         """What ``FlowPrefillEngine.attach`` takes (config and actor handles)."""
         return self._attachment
 
-    def register_client(self, name: str) -> str:
-        return self._leases.register(name)
+    def register_client(self, name: str, holder=None) -> str:
+        """A lease for the ingress replica ``name``; ``holder`` is its actor handle."""
+        return self._leases.register(name, holder)
 
     def renew_lease(self, client_id: str, in_flight: int) -> bool:
         return self._leases.renew(client_id, in_flight)
@@ -72,14 +73,29 @@ class EngineService:
     async def _release_expired_forever(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self._leases.lease_s / 4))
-            for client_id in self._leases.expire():
-                released = await self._release(client_id)
-                self._leases.count_released(released)
-                logger.warning(
-                    "ingress client %s stopped renewing its lease: released its %d request(s)",
-                    client_id,
-                    released,
-                )
+            lapsed = self._leases.lapsed()
+            if lapsed:
+                await asyncio.gather(*(self._release_lapsed(c, h) for c, h in lapsed.items()))
+
+    async def _release_lapsed(self, client_id: str, holder) -> None:
+        """Release a lapsed client's requests once Ray confirms its holder gone; a holder that
+        answers was only late (a starved replica) and keeps its lease and its streams."""
+        if await holder_alive(holder):
+            self._leases.extend(client_id)
+            logger.warning(
+                "ingress client %s missed its lease renewals but answers: its lease is extended",
+                client_id,
+            )
+            return
+        if not self._leases.expire(client_id):
+            return  # it renewed while being probed
+        released = await self._release(client_id)
+        self._leases.count_released(released)
+        logger.warning(
+            "ingress client %s stopped renewing its lease and is gone: released its %d request(s)",
+            client_id,
+            released,
+        )
 
     async def _release(self, client_id: str) -> int:
         """Cancel every request of ``client_id`` wherever it is: in prefill (the scheduler),
