@@ -14,6 +14,7 @@ import json
 
 import pytest
 from policy_helpers import arrive, policy
+from repo_scripts import load_script
 
 from flowprefill_ray.__main__ import main as cli
 from flowprefill_ray.scheduling import KVBudget, PolicyConfig, Request, make_policy
@@ -300,3 +301,21 @@ def test_the_text_table_has_a_row_per_cause_and_a_column_per_class():
         "0",
         "1",
     ]
+
+
+def test_why_late_runs_keeps_each_trials_causes_and_where_its_misses_turned_late(tmp_path):
+    """scripts/why_late_runs.py: what the docs cite of a run's git-ignored timelines."""
+    runs = load_script("scripts/why_late_runs.py")
+    requests = [req("h", 0.0, 500, 0.3), req("u1", 0.01, 250, 0.15)]
+    requests += [req("u2", 0.14, 250, 0.15), req("u3", 0.2, 250, 0.15)]
+    _, timeline = simulate(requests)  # h: paused, turns late while paused, then stalls
+    timeline.save(tmp_path / "timeline.json")
+    out = tmp_path / "why_late.json"
+    assert runs.main([str(tmp_path / "timeline.json"), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (trial,) = report["trials"].values()
+    assert trial["summary"]["all"]["missed"] == 1
+    assert trial["summary"]["text"]["paused_after_late"] == 1
+    assert trial["misses_by_class_turned_late_in_cause"] == {"text/paused/paused_after_late": 1}
+    assert trial["paused_after_late_stalled_s_median"] == pytest.approx(0.2)
+    assert report["command"].endswith(f"--out {out}") and report["commit"]
