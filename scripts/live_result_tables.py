@@ -323,7 +323,11 @@ def prefix_goodput(report: dict[str, Any]) -> str:
                     " / ".join(pct(s) for s in served),
                     f"{statistics.median(t['ttft_s']['p50'] for t in trials) * 1000:,.0f} ms",
                     f"{statistics.median(t['ttft_s']['p90'] for t in trials) * 1000:,.0f} ms",
-                    " / ".join(str(t["server_counts"]["rejected"]) for t in trials),
+                    # vLLM has no admission control: it refuses nothing.
+                    " / ".join(
+                        str(t["server_counts"]["rejected"]) if "server_counts" in t else "-"
+                        for t in trials
+                    ),
                 ]
             )
     header = ["rate", "system", "attainment (repeats)", "prompt tokens from the cache"]
@@ -359,7 +363,11 @@ def peer_overtake(report: dict[str, Any]) -> str:
                         f"{statistics.mean(t['per_class'][c]['attainment'] for t in trials):.3f}"
                         for c in classes
                     ),
-                    " / ".join(str(t["server_counts"]["rejected"]) for t in trials),
+                    # vLLM has no admission control: it refuses nothing.
+                    " / ".join(
+                        str(t["server_counts"]["rejected"]) if "server_counts" in t else "-"
+                        for t in trials
+                    ),
                 ]
             )
     header = ["rate", "system", "attainment (sessions)"]

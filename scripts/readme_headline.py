@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from result_tables import pct, table, trace_name
-from steady_result_tables import STEADY_RUNS, steady_readings
+from steady_result_tables import STEADY_RUNS, STEADY_VLLM_RUNS, steady_readings
 
 LINK = "[{0}](docs/results/{0})"
 
@@ -23,11 +23,6 @@ def live_baselines_line(runs: list[dict[str, Any]], capacity: dict[str, Any]) ->
     best = readings[best_name]
     sessions = len(steady["systems"]["flowprefill"]["sessions"])
     bound = capacity["capacity_bound_rps_median"]
-
-    def reading(g: dict[str, Any]) -> str:
-        each = ", ".join(f"{x:.2f}" for x in g["goodput_by_repeat_rps"])
-        return f"{g['goodput_mean_curve_rps']:.2f} req/s (sessions: {each})"
-
     return (
         "- **Live, steady state, against the strongest baselines** (the shipped "
         "`deployments/local.yaml`, SmolLM2 on 2 CPU cores, Azure conversation trace in four SLO "
@@ -36,13 +31,49 @@ def live_baselines_line(runs: list[dict[str, Any]], capacity: dict[str, Any]) ->
         f"s and >= 300 requests per trial after a warm-up, {sessions} sessions per rate; "
         + ", ".join(LINK.format(name) for name in STEADY_RUNS)
         + "): goodput where the mean attainment "
-        f"curve crosses 90 % **{reading(ours)}** against {best_name.removeprefix('flowprefill+')} "
-        f"{reading(best)}: **{ours['goodput_mean_curve_rps'] / best['goodput_mean_curve_rps']:.2f}x**"
+        f"curve crosses 90 % **{_reading(ours)}** against {best_name.removeprefix('flowprefill+')} "
+        f"{_reading(best)}: **{ours['goodput_mean_curve_rps'] / best['goodput_mean_curve_rps']:.2f}x**"
         f"; by the strict rule (every session held) {ours['goodput_rps']:.3f} against "
         f"{best['goodput_rps']:.3f} req/s ({ours['goodput_rps'] / best['goodput_rps']:.2f}x). "
         f"Ours is {pct(ours['goodput_mean_curve_rps'] / bound)} of the capacity bound "
-        f"({bound:.2f} req/s, {LINK.format('live_goodput_steady_capacity.json')}). vLLM was not "
-        "run beside it (see below)."
+        f"({bound:.2f} req/s, {LINK.format('live_goodput_steady_capacity.json')})."
+    )
+
+
+def _reading(g: dict[str, Any]) -> str:
+    each = ", ".join(f"{x:.2f}" for x in g["goodput_by_repeat_rps"])
+    return f"{g['goodput_mean_curve_rps']:.2f} req/s (sessions: {each})"
+
+
+def _times(ours: float, other: float) -> str:
+    return f"{ours / other:.2f}x" if other else "- (it held no grid rate)"
+
+
+def live_vllm_line(runs: list[dict[str, Any]]) -> str:
+    readings = steady_readings(*runs)
+    ours = readings.pop("flowprefill")
+    sessions = len(runs[0]["systems"]["flowprefill"]["sessions"])
+    rates = ", ".join(f"{r:.3f}" for r in sorted({r for run in runs for r in run["rates_rps"]}))
+    top = max(t["rate_rps"] for run in runs for t in run["systems"]["flowprefill"]["trials"])
+    against = []
+    for name, vllm in readings.items():  # vllm-priority-mnbt512, vllm-fcfs-mnbt512
+        policy, budget = name.removeprefix("vllm-").split("-mnbt")
+        own_top = max(float(rate) for rate in vllm["passed_by_rate"])
+        # Not taken further up once it had fallen below 90 %.
+        budget += "-token budget" + (f", run up to {own_top:.3f} req/s" if own_top < top else "")
+        curve = ours["goodput_mean_curve_rps"], vllm["goodput_mean_curve_rps"]
+        strict = ours["goodput_rps"], vllm["goodput_rps"]
+        against.append(
+            f"vLLM {policy} ({budget}) {_reading(vllm)}: **{_times(*curve)}** "
+            f"(strict rule: {strict[0]:.3f} against {strict[1]:.3f} req/s, {_times(*strict)})"
+        )
+    return (
+        "- **Live, steady state, against vLLM on CPU** (vLLM 0.32 beside the shipped app, at "
+        "the token budget that was its best in earlier runs: the same 2 cores, model and "
+        f"requests, {sessions} sessions per rate at {rates} req/s; "
+        + ", ".join(LINK.format(name) for name in STEADY_VLLM_RUNS)
+        + "): goodput where the mean attainment curve crosses 90 % "
+        f"**{_reading(ours)}** against " + "; ".join(against) + "."
     )
 
 
@@ -135,6 +166,7 @@ def preemption_line(report: dict[str, Any]) -> str:
     "readme_headline",
     *STEADY_RUNS,
     "live_goodput_steady_capacity.json",
+    *STEADY_VLLM_RUNS,
     "baselines_sim.json",
     "why_late.json",
     "prefix_ttft.json",
@@ -145,6 +177,8 @@ def readme_headline(
     steady_high: dict[str, Any],
     steady_srpf512: dict[str, Any],
     capacity: dict[str, Any],
+    steady_vllm: dict[str, Any],
+    steady_vllm_high: dict[str, Any],
     baselines: dict[str, Any],
     why_late: dict[str, Any],
     prefix: dict[str, Any],
@@ -153,6 +187,7 @@ def readme_headline(
     return "\n".join(
         [
             live_baselines_line([steady, steady_high, steady_srpf512], capacity),
+            live_vllm_line([steady_vllm, steady_vllm_high]),
             simulator_line(baselines),
             two_tenant_line(why_late),
             prefix_line(prefix),

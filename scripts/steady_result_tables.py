@@ -19,6 +19,13 @@ table("live_steady_trials", "live_goodput_steady.json")(peer_overtake)
 table("live_steady_trials_high", "live_goodput_steady_high.json")(peer_overtake)
 table("live_steady_trials_srpf512", "live_goodput_steady_srpf512.json")(peer_overtake)
 
+# vLLM (priority and fcfs, at its best budget) beside the shipped app, and the two that were
+# still above 90 % further up the grid: read together, not merged with the runs above (a ratio
+# needs both sides measured in the same runs).
+STEADY_VLLM_RUNS = ("live_goodput_steady_vllm.json", "live_goodput_steady_vllm_high.json")
+table("live_steady_trials_vllm", STEADY_VLLM_RUNS[0])(peer_overtake)
+table("live_steady_trials_vllm_high", STEADY_VLLM_RUNS[1])(peer_overtake)
+
 STEADY_RUNS = (
     "live_goodput_steady.json",
     "live_goodput_steady_high.json",
@@ -48,8 +55,17 @@ def live_steady_goodput(*reports: dict[str, Any]) -> str:
     """Per system: the strict grid goodput, the mean-curve goodput with each session's own
     crossing, over the capacity bound, and the shipped app's ratios over it."""
     *runs, capacity = reports
-    bound = capacity["capacity_bound_rps_median"]
-    readings = steady_readings(*runs)
+    return goodput_rows(steady_readings(*runs), capacity["capacity_bound_rps_median"])
+
+
+@table("live_steady_vllm_goodput", *STEADY_VLLM_RUNS, "live_goodput_steady_capacity.json")
+def live_steady_vllm_goodput(*reports: dict[str, Any]) -> str:
+    """The same readings for the shipped app and vLLM, run side by side."""
+    *runs, capacity = reports
+    return goodput_rows(steady_readings(*runs), capacity["capacity_bound_rps_median"])
+
+
+def goodput_rows(readings: dict[str, dict[str, Any]], bound: float) -> str:
     ours = readings["flowprefill"]
     body = []
     for name, g in readings.items():

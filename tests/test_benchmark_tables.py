@@ -187,10 +187,35 @@ def test_readme_headline_live_goodput_is_read_off_the_steady_trials():
     assert f"capacity bound ({bound:.2f} req/s" in line
 
 
+def test_readme_headline_vllm_goodput_is_read_off_the_side_by_side_trials():
+    from loadgen.steady_goodput import grid_goodput
+
+    line = next(row for row in headline().splitlines() if "against vLLM on CPU" in row)
+    runs = [results(f"live_goodput_steady_vllm{part}.json") for part in ("", "_high")]
+    target = runs[0]["rules"]["target"]
+
+    def reading(name: str) -> dict:
+        trials = [t for r in runs for t in r["systems"].get(name, {}).get("trials", [])]
+        return grid_goodput(trials, target)
+
+    ours = reading("flowprefill")
+    assert f"**{ours['goodput_mean_curve_rps']:.2f} req/s" in line
+    for name in ("vllm-priority-mnbt512", "vllm-fcfs-mnbt512"):
+        vllm = reading(name)
+        policy = name.split("-")[1]
+        assert re.search(
+            rf"vLLM {policy} \(512-token budget[^)]*\) {vllm['goodput_mean_curve_rps']:.2f}", line
+        )
+        if vllm["goodput_mean_curve_rps"]:
+            ratio = ours["goodput_mean_curve_rps"] / vllm["goodput_mean_curve_rps"]
+            assert f"**{ratio:.2f}x**" in line
+        assert f"{ours['goodput_rps']:.3f} against {vllm['goodput_rps']:.3f} req/s" in line
+
+
 def test_readme_headline_links_each_figure_to_committed_json_and_has_no_burst_figures():
     text = headline()
     links = re.findall(r"\]\((docs/results/[\w.]+)\)", text)
-    assert len(links) == 8 and all((ROOT / link).is_file() for link in links)
+    assert len(links) == 10 and all((ROOT / link).is_file() for link in links)
     # The burst-drain goodputs have no raw data (issue 14): not in the headline.
     for burst in ("15.4", "8.0x", "6.70", "1.93"):
         assert burst not in text
