@@ -71,6 +71,13 @@ def write_report(
     return path
 
 
+def measured_run(run_json: str | None) -> dict:
+    """For a script that reads what a benchmark run left (its timelines): ``run_json``, that
+    run's JSON, and ``run_commit``, the commit the run measured (None without a run JSON)."""
+    run = json.loads(Path(run_json).read_text()) if run_json else {}
+    return {"run_json": run_json, "run_commit": run.get("commit")}
+
+
 def commit() -> str:
     """The commit measured: the checkout's commit when this benchmark started (``COMMIT``).
 

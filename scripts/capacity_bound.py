@@ -68,7 +68,7 @@ def capacity_bound(timeline: dict[str, Any], share: float = 0.9) -> dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
-    from provenance import write_report
+    from provenance import measured_run, write_report
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("timelines", nargs="+", help="timeline.json of our steady trials")
@@ -88,14 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{bound['calibrating_units']} units)"
         )
     bounds = [b["capacity_bound_rps"] for b in trials.values()]
-    run = json.loads(Path(args.run_json).read_text()) if args.run_json else {}
     write_report(
         args.out,
         __file__,
         argv,
         "capacity_bound",
-        run_json=args.run_json,
-        run_commit=run.get("commit"),
+        **measured_run(args.run_json),
         trials=trials,
         capacity_bound_rps_median=statistics.median(bounds),
         capacity_bound_rps_range=[min(bounds), max(bounds)],

@@ -302,6 +302,14 @@ def soak_60min_rss(report: dict[str, Any]) -> str:
 # ------------------------------------------------------ prefix_goodput_multiturn.json
 
 
+def refused(trials: list[dict[str, Any]]) -> str:
+    """The requests each trial's server refused (429), "-" for vLLM: it has no admission
+    control, so it refuses nothing."""
+    return " / ".join(
+        str(t["server_counts"]["rejected"]) if "server_counts" in t else "-" for t in trials
+    )
+
+
 @table("prefix_goodput", "prefix_goodput_multiturn.json")
 def prefix_goodput(report: dict[str, Any]) -> str:
     """Per grid rate and system: attainment of each repeat, the prefill the cache served,
@@ -323,11 +331,7 @@ def prefix_goodput(report: dict[str, Any]) -> str:
                     " / ".join(pct(s) for s in served),
                     f"{statistics.median(t['ttft_s']['p50'] for t in trials) * 1000:,.0f} ms",
                     f"{statistics.median(t['ttft_s']['p90'] for t in trials) * 1000:,.0f} ms",
-                    # vLLM has no admission control: it refuses nothing.
-                    " / ".join(
-                        str(t["server_counts"]["rejected"]) if "server_counts" in t else "-"
-                        for t in trials
-                    ),
+                    refused(trials),
                 ]
             )
     header = ["rate", "system", "attainment (repeats)", "prompt tokens from the cache"]
@@ -363,11 +367,7 @@ def peer_overtake(report: dict[str, Any]) -> str:
                         f"{statistics.mean(t['per_class'][c]['attainment'] for t in trials):.3f}"
                         for c in classes
                     ),
-                    # vLLM has no admission control: it refuses nothing.
-                    " / ".join(
-                        str(t["server_counts"]["rejected"]) if "server_counts" in t else "-"
-                        for t in trials
-                    ),
+                    refused(trials),
                 ]
             )
     header = ["rate", "system", "attainment (sessions)"]

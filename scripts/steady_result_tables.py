@@ -55,17 +55,8 @@ def live_steady_goodput(*reports: dict[str, Any]) -> str:
     """Per system: the strict grid goodput, the mean-curve goodput with each session's own
     crossing, over the capacity bound, and the shipped app's ratios over it."""
     *runs, capacity = reports
-    return goodput_rows(steady_readings(*runs), capacity["capacity_bound_rps_median"])
-
-
-@table("live_steady_vllm_goodput", *STEADY_VLLM_RUNS, "live_goodput_steady_capacity.json")
-def live_steady_vllm_goodput(*reports: dict[str, Any]) -> str:
-    """The same readings for the shipped app and vLLM, run side by side."""
-    *runs, capacity = reports
-    return goodput_rows(steady_readings(*runs), capacity["capacity_bound_rps_median"])
-
-
-def goodput_rows(readings: dict[str, dict[str, Any]], bound: float) -> str:
+    bound = capacity["capacity_bound_rps_median"]
+    readings = steady_readings(*runs)
     ours = readings["flowprefill"]
     body = []
     for name, g in readings.items():
@@ -83,6 +74,12 @@ def goodput_rows(readings: dict[str, dict[str, Any]], bound: float) -> str:
     header = ["system", "goodput, every session held (req/s)", "goodput, mean curve (req/s)"]
     header += ["each session's crossing", f"mean curve / capacity bound ({bound:.2f} req/s)"]
     return rows(header + ["shipped / this (strict, curve)"], body)
+
+
+# The same readings for the shipped app and vLLM, run side by side.
+table("live_steady_vllm_goodput", *STEADY_VLLM_RUNS, "live_goodput_steady_capacity.json")(
+    live_steady_goodput
+)
 
 
 def ratio_pair(ours: dict[str, Any], other: dict[str, Any]) -> str:

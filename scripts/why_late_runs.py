@@ -39,7 +39,7 @@ def trial_reading(timeline: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from provenance import write_report
+    from provenance import measured_run, write_report
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("timelines", nargs="+", help="timeline.json of our trials")
@@ -52,14 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}: {row['missed']} missed, {row['rejected']} refused; causes:")
         for key, count in reading["misses_by_class_turned_late_in_cause"].items():
             print(f"    {count:4d} {key}")
-    run = json.loads(Path(args.run_json).read_text()) if args.run_json else {}
     write_report(
         args.out,
         __file__,
         argv,
         "why_late_runs",
-        run_json=args.run_json,
-        run_commit=run.get("commit"),
+        **measured_run(args.run_json),
         trials=trials,
     )
     return 0
